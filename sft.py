@@ -1,0 +1,404 @@
+"""
+sft.py -- supervised fine-tuning: the reference policy pi_ref.
+
+Trains a causal LM on {prompt, completion} rows with the loss on completion tokens only. The
+result is pi_ref: the policy every later stage starts from and measures its drift against.
+
+Run (embedded toy world, ~1 minute on a laptop CPU; first `python toy_tldr.py`):
+    python sft.py
+A real model and data set, same code (on a GPU):
+    python sft.py --model_name_or_path EleutherAI/pythia-1b --data trl-lib/tldr \
+        --max_prompt_len 512 --max_response_len 53 --truncate_prompts --batch_size 16 \
+        --grad_accum 8 --lr 1e-5 --steps 900 --out_dir out/sft_pythia
+
+This file also owns what every later stage needs to handle a policy: loading rows (toy directory,
+local json/jsonl/parquet, or a hub id, with a column mapping), tokenizing prompt + response with a
+response mask, batching, loading or building the model, and sampling with a KV cache.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import toy_tldr
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Args:
+    data: str = field(default="out/toy_tldr", metadata={"help": "toy_tldr output dir, a local .json/.jsonl/.parquet file, or a hub dataset id"})
+    split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
+    completion_column: str = field(default="completion", metadata={"help": "column holding the target summary"})
+    tokenizer_path: str = field(default="", metadata={"help": "tokenizer dir or hub id; default: <data>/tokenizer for the toy, else the model's"})
+    model_name_or_path: str = field(default="", metadata={"help": "hub id or local dir of a causal LM; empty = a tiny GPT-NeoX built from the flags below"})
+    n_layer: int = field(default=2, metadata={"help": "layers of the tiny model"})
+    n_embd: int = field(default=128, metadata={"help": "hidden size of the tiny model"})
+    n_head: int = field(default=4, metadata={"help": "attention heads of the tiny model"})
+    max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept (longer prompts: error, or see --truncate_prompts)"})
+    max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
+    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left (keeping 'TL;DR:') instead of refusing"})
+    steps: int = field(default=500, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps before the cosine decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    val_size: int = field(default=500, metadata={"help": "rows held out for the validation loss"})
+    num_sample_eval: int = field(default=256, metadata={"help": "toy only: eval prompts whose greedy samples get a true score"})
+    seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    out_dir: str = field(default="out/sft", metadata={"help": "where pi_ref is saved"})
+
+
+# ----------------------------------------------------------------------------------------------
+# plumbing shared by every stage: errors, seeds, devices, output directories
+
+
+def fail(message):
+    """Stop with one clear line (tests catch SystemExit)."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_positive(args, *names):
+    for name in names:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_and_autocast():
+    """CUDA with bf16 autocast when present; CPU float32 otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.device("cpu"), nullcontext()
+
+
+def start_output(out_dir):
+    """Everything is written to <out_dir>.tmp and renamed at the end: a stopped run leaves no
+    half-written <out_dir>."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def finish_output(tmp, out_dir):
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def save_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# data: rows from the toy, a local file or the hub; tokenized into (prompt_ids, response_ids)
+
+
+def load_rows(source, filename, split, columns):
+    """Rows as dicts with our column names.
+
+    source: a toy_tldr output dir (reads <source>/<filename>), a local .json/.jsonl/.parquet file,
+    or a hub dataset id. columns: {our_name: column_in_the_data}.
+    """
+    import datasets
+
+    if os.path.isdir(source):
+        source = os.path.join(source, filename)
+        if not os.path.isfile(source):
+            fail(f"{source} not found (run the stage that writes it first)")
+    if source.endswith((".json", ".jsonl", ".parquet")):
+        if not os.path.isfile(source):
+            fail(f"data file {source} not found")
+        kind = "parquet" if source.endswith(".parquet") else "json"
+        data = datasets.load_dataset(kind, data_files=source, split="train")
+    elif os.path.exists(source):
+        fail(f"{source}: expected a directory or a .json/.jsonl/.parquet file")
+    else:
+        try:
+            data = datasets.load_dataset(source, split=split)
+        except Exception as e:  # offline, unknown id, unknown split: all end here
+            fail(f"could not load dataset {source!r} split {split!r}: {type(e).__name__}: {str(e)[:200]}")
+    missing = [c for c in columns.values() if c not in data.column_names]
+    if missing:
+        fail(f"{source} lacks column(s) {missing}; it has {data.column_names} (map them with the --*_column flags)")
+    if len(data) == 0:
+        fail(f"{source} has no rows")
+    keep = {ours: data[theirs] for ours, theirs in columns.items()}
+    extra = {c: data[c] for c in data.column_names if c not in columns.values() and c not in columns}
+    keep.update(extra)  # extra columns (scores, behaviour log-probs) travel along
+    return [dict(zip(keep, values)) for values in zip(*keep.values())]
+
+
+def load_tokenizer(args):
+    """The toy's word-level tokenizer, or the model's own; a pad token is guaranteed."""
+    from transformers import AutoTokenizer
+
+    path = args.tokenizer_path
+    if not path:
+        toy = os.path.join(args.data, "tokenizer") if os.path.isdir(args.data) else ""
+        path = toy if toy and os.path.isdir(toy) else args.model_name_or_path
+    if not path:
+        fail("no tokenizer: pass --tokenizer_path or --model_name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load tokenizer {path!r}: {str(e).splitlines()[0][:200]}")
+    if tokenizer.pad_token is None:  # e.g. Pythia: padding is masked out, any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False, add_eos=True):
+    """(prompt_ids, response_ids): the response is ' ' + text + EOS, cut at max_response_len."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) > max_prompt_len:
+        if not truncate_prompts:
+            fail(f"a prompt has {len(prompt_ids)} tokens > --max_prompt_len {max_prompt_len} "
+                 f"(raise it, or pass --truncate_prompts to cut prompts from the left)")
+        prompt_ids = prompt_ids[-max_prompt_len:]  # keep the end: 'TL;DR:' is what cues the summary
+    text = response if response[:1].isspace() else " " + response
+    response_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_eos:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids[:max_response_len]
+
+
+def collate(examples, pad_id):
+    """Right-padded batch of prompt + response.
+
+    examples: list of (prompt_ids, response_ids). Returns input_ids [B, L], attention_mask [B, L]
+    and response_mask [B, L] (1 where the token is a response token, EOS included).
+    """
+    length = max(len(p) + len(r) for p, r in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    response_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for i, (p, r) in enumerate(examples):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[i, :len(p) + len(r)] = 1
+        response_mask[i, len(p):len(p) + len(r)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# model: load a causal LM or build the tiny GPT-NeoX; sample with a KV cache
+
+
+def load_causal_lm(args, tokenizer):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    if args.model_name_or_path:
+        try:
+            return AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        except (OSError, ValueError) as e:
+            fail(f"could not load model {args.model_name_or_path!r}: {str(e).splitlines()[0][:200]}")
+    check_positive(args, "n_layer", "n_embd", "n_head")
+    if args.n_embd % args.n_head:
+        fail(f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=args.n_embd, num_hidden_layers=args.n_layer,
+                           num_attention_heads=args.n_head, intermediate_size=4 * args.n_embd,
+                           max_position_embeddings=args.max_prompt_len + args.max_response_len,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(config)
+
+
+@torch.no_grad()
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batch_size=256, generator=None, desc=None):
+    """Sample one response per prompt, batched, with a KV cache.
+
+    prompts: list of token-id lists. Prompts are left-padded; the attention mask hides the
+    padding and position ids count real tokens only, so a row sees exactly what it would see
+    alone (tests check this against teacher forcing). temperature 0 = greedy.
+    Returns (responses, logps): responses are id lists cut after the first EOS (EOS kept);
+    logps are the summed log-probs of the sampled tokens under the temperature-1 policy.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    responses, logps = [], []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        total = torch.zeros(len(chunk), device=device)
+        out_tokens, cache = [], None
+        for _ in range(max_new_tokens):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            total += torch.where(done, 0.0, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
+            out_tokens.append(token)
+            done |= token == eos_id
+            if done.all():
+                break
+            ids, position = token[:, None], position[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        tokens = torch.stack(out_tokens, dim=1).tolist()
+        for row in tokens:
+            cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+            responses.append(row[:cut])
+        logps += total.tolist()
+    model.train(was_training)
+    return responses, logps
+
+
+def decode_response(tokenizer, ids):
+    """(text, finished): text without special tokens; finished = ended with EOS."""
+    finished = bool(ids) and ids[-1] == tokenizer.eos_token_id
+    return tokenizer.decode(ids, skip_special_tokens=True).strip(), finished
+
+
+# ----------------------------------------------------------------------------------------------
+# the SFT loss
+
+
+def completion_loss(model, batch):
+    """Mean negative log-likelihood of the response tokens (prompt and padding masked out)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["response_mask"][:, 1:]  # logits at t predict token t+1
+    return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask])
+
+
+@torch.no_grad()
+def validation_loss(model, examples, pad_id, batch_size, device, autocast):
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = to_device(collate(examples[start:start + batch_size], pad_id), device)
+        n = int(batch["response_mask"][:, 1:].sum())
+        with autocast:
+            total += completion_loss(model, batch).item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_response_len):
+    """Toy only: mean true score of greedy samples vs the references' on held-out prompts."""
+    rows = load_rows(data_dir, "eval.jsonl", None, {"prompt": "prompt", "reference": "reference"})[:n]
+    prompts = [encode(tokenizer, r["prompt"], "", max_prompt_len, 1)[0] for r in rows]
+    outs, _ = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_response_len, temperature=0)
+    scores = [toy_tldr.true_score(r["prompt"], *decode_response(tokenizer, o)) for r, o in zip(rows, outs)]
+    refs = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in rows]
+    example = decode_response(tokenizer, outs[0])[0]
+    return {"sample_true_score": float(np.mean(scores)), "reference_true_score": float(np.mean(refs)),
+            "example_prompt": rows[0]["prompt"], "example_sample": example}
+
+
+def is_toy(data):
+    return os.path.isdir(data) and os.path.isfile(os.path.join(data, "eval.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    from transformers import get_cosine_schedule_with_warmup
+
+    check_positive(args, "steps", "batch_size", "grad_accum", "lr", "max_prompt_len", "max_response_len")
+    if args.val_size < 0 or args.warmup_steps < 0:
+        fail("--val_size and --warmup_steps must be >= 0")
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, autocast = device_and_autocast()
+    rows = load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column, "completion": args.completion_column})
+    tokenizer = load_tokenizer(args)
+    examples = [encode(tokenizer, r["prompt"], r["completion"], args.max_prompt_len, args.max_response_len,
+                       args.truncate_prompts) for r in rows]
+    if len(examples) <= args.val_size:
+        fail(f"{len(examples)} rows is not more than --val_size {args.val_size}")
+    train, val = examples[:len(examples) - args.val_size], examples[len(examples) - args.val_size:]
+    model = load_causal_lm(args, tokenizer).to(device)
+    model.train()
+    print(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train)} train rows, device {device}")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    tmp = start_output(args.out_dir)
+    log_path = os.path.join(tmp, "train_log.jsonl")
+    order, cursor = [], 0
+    t0 = time.time()
+    bar = tqdm(range(1, args.steps + 1), desc="sft")
+    for step in bar:
+        for _ in range(args.grad_accum):
+            if cursor + args.batch_size > len(order):  # a fresh shuffle each pass over the data
+                order, cursor = random.sample(range(len(train)), len(train)), 0
+            batch = to_device(collate([train[i] for i in order[cursor:cursor + args.batch_size]], tokenizer.pad_token_id), device)
+            cursor += args.batch_size
+            with autocast:
+                loss = completion_loss(model, batch) / args.grad_accum
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step, "loss": loss.item() * args.grad_accum, "grad_norm": float(grad_norm),
+               "lr": scheduler.get_last_lr()[0]}
+        append_jsonl(log_path, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+
+    metrics = {"train_seconds": time.time() - t0}
+    if val:
+        metrics["val_loss"] = validation_loss(model, val, tokenizer.pad_token_id, args.batch_size, device, autocast)
+    if is_toy(args.data) and args.num_sample_eval > 0:
+        metrics.update(toy_sample_report(model, tokenizer, args.data, args.num_sample_eval,
+                                         args.max_prompt_len, args.max_response_len))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
+    save_json(os.path.join(tmp, "metrics.json"), metrics)
+    finish_output(tmp, args.out_dir)
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"sft: saved {args.out_dir}: {summary}")
+    if "example_sample" in metrics:
+        print(f"  greedy sample: {metrics['example_sample']!r}")
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
