@@ -51,7 +51,7 @@ class Args:
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept (longer prompts: error, or see --truncate_prompts)"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
     truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left (keeping 'TL;DR:') instead of refusing"})
-    steps: int = field(default=500, metadata={"help": "optimizer steps"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})

@@ -40,7 +40,7 @@ class Args:
     num_sft: int = field(default=20000, metadata={"help": "prompts with a reference summary (SFT + DAA prompts)"})
     num_human_pairs: int = field(default=12000, metadata={"help": "'human' preference pairs for the gold RM"})
     num_eval: int = field(default=512, metadata={"help": "held-out evaluation prompts with a reference"})
-    bt_temperature: float = field(default=0.5, metadata={"help": "Bradley-Terry temperature of the human labels (lower = less noise)"})
+    bt_temperature: float = field(default=0.3, metadata={"help": "Bradley-Terry temperature of the human labels (lower = less noise)"})
 
 
 # ----------------------------------------------------------------------------------------------

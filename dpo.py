@@ -1,0 +1,350 @@
+"""
+dpo.py -- direct alignment on offline preference pairs: DPO, IPO, RPO, R-DPO, chi-PO.
+
+The policy starts at pi_ref (sft.py) and learns from {prompt, chosen, rejected} pairs that
+reward.py sampled from pi_ref and labelled with the gold reward model. Every loss is a function
+of the sequence log-ratios r(y) = log pi_theta(y|x) - log pi_ref(y|x) (shared/METHOD.md).
+
+Run (after toy_tldr.py, sft.py, reward.py --mode train, reward.py --mode label; under a minute on CPU):
+    python dpo.py                               # DPO, beta 0.01 -> out/runs/dpo_beta0.01_seed0/
+    python dpo.py --loss_type ipo --beta 0.1
+Paper scale (Pythia + TL;DR on a GPU): --sft_path <sft> --data <prefs> --lr 1e-6 --num_epochs 1
+    --batch_size 8 --grad_accum 8 --max_prompt_len 512 --max_response_len 53 --truncate_prompts
+
+What is in here, top to bottom:
+  1. the fused log-prob gather: one forward over chosen and rejected together, the output layer
+     run over chunks of response tokens only, recomputed in the backward pass, so that no
+     [batch, time, vocab] tensor ever exists;
+  2. the DAA losses, each a small pure function;
+  3. reference log-probs computed once before training (no reference model during the loop);
+  4. the training loop, with checkpoints at evenly spaced fractions of training, step 0 included.
+is_dpo.py reuses all of it and passes `train` a function that weighs each pair.
+"""
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import sft
+from sft import fail
+
+LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Args:
+    sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py output): the starting policy and the reference"})
+    data: str = field(default="out/prefs", metadata={"help": "reward.py --mode label output dir, a local .json/.jsonl/.parquet file, or a hub id"})
+    split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
+    chosen_column: str = field(default="chosen", metadata={"help": "column holding the preferred response"})
+    rejected_column: str = field(default="rejected", metadata={"help": "column holding the other response"})
+    loss_type: str = field(default="dpo", metadata={"help": "dpo | ipo | rpo | rdpo | chipo"})
+    beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
+    ipo_sum: bool = field(default=False, metadata={"help": "ipo: summed log-ratios instead of length-averaged (TRL)"})
+    rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the summed NLL of the chosen response"})
+    rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length difference |y_w| - |y_l|"})
+    chipo_clip: float = field(default=5.0, metadata={"help": "chipo: clip c of the log-ratio inside exp()"})
+    num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps before the cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    num_checkpoints: int = field(default=8, metadata={"help": "checkpoints at evenly spaced fractions of training, plus step 0"})
+    logit_chunk: int = field(default=1024, metadata={"help": "response tokens per output-layer chunk in the fused log-prob gather"})
+    max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
+    max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
+    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
+    seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch (data order)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    runs_dir: str = field(default="out/runs", metadata={"help": "runs are written to <runs_dir>/<run_name>/"})
+    run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. log-probs of response tokens: the naive gather and the fused one
+
+
+def gather_logps_naive(hidden, weight, bias, targets):
+    """log softmax(hidden @ W^T + b)[target], the textbook way: builds the full [N, V] log-softmax.
+
+    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] (float32, or float64 for float64 input).
+    """
+    logits = F.linear(hidden, weight, bias).to(torch.promote_types(hidden.dtype, torch.float32))
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """The same numbers as `gather_logps_naive`, holding one [chunk, V] block of logits at a time.
+
+    Forward keeps only the per-token logsumexp. Backward recomputes each chunk's logits and uses
+    d logp_t / d logits = onehot(target) - softmax(logits), accumulating the output layer's
+    gradient in place: peak memory no longer grows with tokens x vocabulary.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are summed in float32
+        logps = torch.empty(len(targets), dtype=acc, device=hidden.device)
+        lse = torch.empty_like(logps)
+        for s in range(0, len(targets), chunk):
+            logits = F.linear(hidden[s:s + chunk], w, b).to(acc)
+            lse[s:s + chunk] = logits.logsumexp(-1)
+            logps[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = lse.dtype
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
+        for s in range(0, len(targets), ctx.chunk):
+            h, g, t = hidden[s:s + ctx.chunk], grad_logps[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+            probs = (F.linear(h, w, b).to(acc) - lse[s:s + ctx.chunk, None]).exp_()
+            grad_logits = probs.mul_(-g[:, None])  # -softmax * g ...
+            grad_logits[torch.arange(len(t), device=t.device), t] += g  # ... + onehot(target) * g
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk] = grad_logits.to(h.dtype) @ w
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h.to(acc))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def sequence_logps(model, batch, chunk=1024, fused=True):
+    """Summed log-probs of each row's response tokens, and their counts.
+
+    batch: sft.collate output (right-padded, response_mask marks response tokens, EOS included).
+    Returns logps [B] (float32 at least) and lengths [B]. The output layer runs only on response positions.
+    """
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["response_mask"][:, 1:]  # the hidden state at t predicts token t+1
+    h = hidden[:, :-1][mask]
+    targets = batch["input_ids"][:, 1:][mask]
+    head = model.get_output_embeddings()
+    if fused:
+        token_logps = ChunkedLogProbs.apply(h, head.weight, head.bias, targets, chunk)
+    else:
+        token_logps = gather_logps_naive(h, head.weight, head.bias, targets)
+    rows = mask.nonzero()[:, 0]
+    logps = torch.zeros(len(mask), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the DAA losses. Inputs are per pair, shape [B]: summed log-probs under the policy (pi_*)
+# and the reference (ref_*) of the chosen (w) and rejected (l) responses, and their lengths.
+
+
+def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
+    # -log sigmoid(beta * Delta),  Delta = r(y_w) - r(y_l)
+    return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
+
+
+def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=False):
+    # (Delta_avg - 1 / (2 beta))^2,  Delta_avg = r(y_w)/|y_w| - r(y_l)/|y_l|  (or summed: Delta)
+    if summed:
+        len_w, len_l = torch.ones_like(len_w), torch.ones_like(len_l)
+    delta = (pi_w - ref_w) / len_w - (pi_l - ref_l) / len_l
+    return (delta - 1 / (2 * beta)) ** 2
+
+
+def rpo_loss(pi_w, pi_l, ref_w, ref_l, beta, eta):
+    # DPO - eta * beta * log pi_theta(y_w | x): DPO plus a (summed) NLL on the chosen response
+    return dpo_loss(pi_w, pi_l, ref_w, ref_l, beta) - eta * beta * pi_w
+
+
+def rdpo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, alpha):
+    # -log sigmoid(beta * Delta + alpha * (|y_w| - |y_l|)), the sign of the IS-DAAs code
+    # (Park et al. write "- alpha": pass a negative --rdpo_alpha for theirs)
+    delta = (pi_w - ref_w) - (pi_l - ref_l)
+    return -F.logsigmoid(beta * delta + alpha * (len_w - len_l).to(delta.dtype))
+
+
+def chipo_loss(pi_w, pi_l, ref_w, ref_l, beta, clip):
+    # -log sigmoid(beta * (phi_w - phi_l)),  phi = r + exp(clip(r, -c, c)): the chi^2 + KL link
+    r_w, r_l = pi_w - ref_w, pi_l - ref_l
+    phi_w = r_w + torch.exp(r_w.clamp(-clip, clip))
+    phi_l = r_l + torch.exp(r_l.clamp(-clip, clip))
+    return -F.logsigmoid(beta * (phi_w - phi_l))
+
+
+def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
+    """Per-pair losses [B] of args.loss_type, and what is worth logging."""
+    if args.loss_type == "dpo":
+        losses = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
+    elif args.loss_type == "ipo":
+        losses = ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta, args.ipo_sum)
+    elif args.loss_type == "rpo":
+        losses = rpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.rpo_eta)
+    elif args.loss_type == "rdpo":
+        losses = rdpo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta, args.rdpo_alpha)
+    elif args.loss_type == "chipo":
+        losses = chipo_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.chipo_clip)
+    else:
+        fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
+    with torch.no_grad():  # implicit rewards beta * r(y), as in the DPO paper's trainer
+        reward_w, reward_l = args.beta * (pi_w - ref_w), args.beta * (pi_l - ref_l)
+        stats = {"margin": (reward_w - reward_l).mean().item(), "accuracy": (reward_w > reward_l).float().mean().item(),
+                 "reward_chosen": reward_w.mean().item(), "reward_rejected": reward_l.mean().item(),
+                 "logps_chosen": pi_w.mean().item(), "logps_rejected": pi_l.mean().item()}
+    return losses, stats
+
+
+def no_weights(args, batch_logps, batch_rows):
+    """Plain DAA: every pair counts once. is_dpo.py passes importance weights instead."""
+    return torch.ones_like(batch_logps["pi_w"]), {}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. data and reference log-probs
+
+
+def load_pairs(args, tokenizer):
+    cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
+    rows = sft.load_rows(args.data, "train.jsonl", args.split, cols)
+    pairs = [tuple(sft.encode(tokenizer, r["prompt"], r[k], args.max_prompt_len, args.max_response_len,
+                              args.truncate_prompts) for k in ("chosen", "rejected")) for r in rows]
+    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
+        print(f"note: {same} pairs have chosen == rejected (their loss is constant)")
+    return rows, pairs
+
+
+def pair_logps(model, pairs, pad_id, device, autocast, chunk):
+    """Chosen and rejected in one forward (concatenated on the batch axis)."""
+    batch = sft.to_device(sft.collate([p[0] for p in pairs] + [p[1] for p in pairs], pad_id), device)
+    with autocast:
+        logps, lengths = sequence_logps(model, batch, chunk)
+    (pi_w, pi_l), (len_w, len_l) = logps.chunk(2), lengths.chunk(2)
+    return pi_w, pi_l, len_w, len_l
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, pad_id, device, autocast, chunk, batch_size):
+    """log pi_ref of every chosen and rejected response, once, before training: [N], [N]."""
+    model.eval()
+    ref_w, ref_l = [], []
+    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False):
+        pi_w, pi_l, _, _ = pair_logps(model, pairs[s:s + batch_size], pad_id, device, autocast, chunk)
+        ref_w.append(pi_w)
+        ref_l.append(pi_l)
+    model.train()
+    return torch.cat(ref_w), torch.cat(ref_l)
+
+
+def method_name(args):
+    return args.loss_type
+
+
+def validate(args):
+    if args.loss_type not in LOSS_TYPES:
+        fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
+    if not args.beta > 0:
+        fail(f"--beta must be > 0, got {args.beta}")
+    sft.check_positive(args, "num_epochs", "batch_size", "grad_accum", "lr", "logit_chunk", "max_prompt_len", "max_response_len")
+    if args.num_checkpoints < 0:
+        fail(f"--num_checkpoints must be >= 0, got {args.num_checkpoints}")
+    if not os.path.isdir(args.sft_path):
+        fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. training
+
+
+def train(args, weigh=no_weights, method=None):
+    """The DAA loop. weigh(args, logps, rows) -> (weights [B], stats): all ones for plain DAAs."""
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    validate(args)
+    sft.seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, autocast = sft.device_and_autocast()
+    method = method or method_name(args)
+    run_name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
+    out_dir = os.path.join(args.runs_dir, run_name)
+
+    tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
+    rows, pairs = load_pairs(args, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(args.sft_path).to(device)
+    pad = tokenizer.pad_token_id
+    # pi_ref is the starting policy: its log-probs of the data never change, so take them now
+    ref_w, ref_l = reference_logps(model, pairs, pad, device, autocast, args.logit_chunk, 2 * args.batch_size)
+
+    pairs_per_step = args.batch_size * args.grad_accum
+    total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / pairs_per_step))
+    save_at = {round(k * total_steps / args.num_checkpoints) for k in range(args.num_checkpoints + 1)} if args.num_checkpoints else set()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    tmp = sft.start_output(out_dir)
+    sft.save_json(os.path.join(tmp, "args.json"), {**dataclasses.asdict(args), "method": method, "run_name": run_name,
+                                                  "total_steps": total_steps, "num_pairs": len(pairs)})
+
+    def save(step):
+        path = os.path.join(tmp, f"ckpt-{step}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    if 0 in save_at:
+        save(0)
+    print(f"{run_name}: {len(pairs)} pairs, {total_steps} steps of {pairs_per_step} pairs, device {device}")
+    order, cursor, t0 = [], 0, time.time()
+    bar = tqdm(range(1, total_steps + 1), desc=run_name)
+    for step in bar:
+        logged = {}
+        for _ in range(args.grad_accum):
+            if cursor + args.batch_size > len(order):  # reshuffle every pass
+                order, cursor = random.sample(range(len(pairs)), len(pairs)), 0
+            idx = order[cursor:cursor + args.batch_size]
+            cursor += args.batch_size
+            pi_w, pi_l, len_w, len_l = pair_logps(model, [pairs[i] for i in idx], pad, device, autocast, args.logit_chunk)
+            index = torch.tensor(idx, device=device)
+            logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w[index], "ref_l": ref_l[index],
+                     "len_w": len_w, "len_l": len_l}
+            losses, stats = daa_losses(args, **logps)
+            weights, weight_stats = weigh(args, logps, [rows[i] for i in idx])
+            loss = (weights * losses).mean() / args.grad_accum
+            loss.backward()
+            for k, v in {**stats, **weight_stats, "loss": loss.item() * args.grad_accum}.items():
+                logged[k] = logged.get(k, 0.0) + v / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step, "epoch": step * pairs_per_step / len(pairs), **logged, "grad_norm": float(grad_norm)}
+        sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}", acc=f"{row['accuracy']:.2f}")
+        if step in save_at:
+            save(step)
+    sft.finish_output(tmp, out_dir)
+    print(f"{run_name}: done in {time.time() - t0:.0f} s -> {out_dir}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    train(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -1,0 +1,267 @@
+"""
+reward.py -- the gold reward model, and the offline preference data it labels.
+
+Two modes, the two halves of Gao et al.'s synthetic set-up (shared/METHOD.md, "Evaluation"):
+
+  --mode train  a scalar-head model started from pi_ref, trained with the Bradley-Terry loss
+                -log sigmoid(r(x, y_w) - r(x, y_l)) on the "human" pairs; reports held-out accuracy
+                (and, on the toy, agreement with the hidden true scorer). -> out/gold_rm/
+  --mode label  for each training prompt, two samples from pi_ref at temperature 1, scored by the
+                gold model; the higher one is "chosen" (or a Bradley-Terry draw). -> out/prefs/train.jsonl
+                This is the offline data the DAAs train on: the gold model plays the human.
+
+Run (after toy_tldr.py and sft.py; each about a minute on a laptop CPU):
+    python reward.py --mode train
+    python reward.py --mode label
+"""
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import sft
+import toy_tldr
+from sft import fail
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Args:
+    mode: str = field(default="train", metadata={"help": "train: fit the gold RM on human pairs; label: sample pi_ref pairs and label them with it"})
+    sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py output): the RM's starting point and the sampler in --mode label"})
+    gold_path: str = field(default="out/gold_rm", metadata={"help": "--mode label: the trained gold reward model"})
+    data: str = field(default="out/toy_tldr", metadata={"help": "toy_tldr dir, local .json/.jsonl/.parquet, or hub id (train: human pairs; label: prompts)"})
+    split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
+    chosen_column: str = field(default="chosen", metadata={"help": "--mode train: column holding the preferred response"})
+    rejected_column: str = field(default="rejected", metadata={"help": "--mode train: column holding the other response"})
+    max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
+    max_response_len: int = field(default=24, metadata={"help": "response tokens kept (and sampled), EOS included"})
+    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
+    steps: int = field(default=400, metadata={"help": "--mode train: optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "--mode train: pairs per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "--mode train: micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "--mode train: peak learning rate (AdamW)"})
+    warmup_steps: int = field(default=20, metadata={"help": "--mode train: warmup steps before the cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "--mode train: max gradient norm"})
+    val_size: int = field(default=1000, metadata={"help": "--mode train: pairs held out for accuracy"})
+    num_prompts: int = field(default=4000, metadata={"help": "--mode label: training prompts to sample pairs for"})
+    temperature: float = field(default=1.0, metadata={"help": "--mode label: sampling temperature of pi_ref"})
+    label: str = field(default="argmax", metadata={"help": "--mode label: argmax (higher gold score wins) or bt (Bradley-Terry draw)"})
+    sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling / scoring batch"})
+    seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    out_dir: str = field(default="", metadata={"help": "output dir; default out/gold_rm (train) or out/prefs (label)"})
+
+
+# ----------------------------------------------------------------------------------------------
+# the reward model
+
+
+def load_reward_model(path, tokenizer=None, new_head=False):
+    """A scalar-head sequence classifier. new_head: start the head at zero (every score 0)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not os.path.isdir(path):
+        fail(f"model directory {path} not found")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    except (OSError, ValueError) as e:
+        fail(f"could not load a reward model from {path}: {str(e).splitlines()[0][:200]}")
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if new_head:
+        torch.nn.init.zeros_(model.score.weight)
+    return model
+
+
+def reward_scores(model, batch):
+    """r(x, y) for a right-padded batch: the scalar head on the last real token's hidden state.
+
+    We pick the token ourselves (attention_mask tells where each row ends) instead of trusting the
+    model to find it by pad id: with Pythia, pad == EOS and the final EOS would be skipped.
+    """
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    last = batch["attention_mask"].sum(1) - 1
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log sigmoid(r_w - r_l), averaged over pairs; shapes [B]."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pair_batch(pairs, pad_id):
+    """Chosen and rejected of every pair in one batch: rows [0, B) chosen, [B, 2B) rejected."""
+    return sft.collate([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts, responses, args, device, autocast, desc=None):
+    """Gold scores of (prompt, response) texts, EOS appended to each response."""
+    model.eval()
+    examples = [sft.encode(tokenizer, p, r, args.max_prompt_len, args.max_response_len, args.truncate_prompts)
+                for p, r in zip(prompts, responses)]
+    scores = []
+    starts = range(0, len(examples), args.sample_batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+        batch = sft.to_device(sft.collate(examples[start:start + args.sample_batch_size], tokenizer.pad_token_id), device)
+        with autocast:
+            scores += reward_scores(model, batch).tolist()
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# mode train
+
+
+def train(args, device, autocast):
+    from transformers import get_cosine_schedule_with_warmup
+
+    sft.check_positive(args, "steps", "batch_size", "grad_accum", "lr", "val_size")
+    cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
+    rows = sft.load_rows(args.data, "prefs_human.jsonl", args.split, cols)
+    if len(rows) <= args.val_size:
+        fail(f"{len(rows)} pairs is not more than --val_size {args.val_size}")
+    tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
+    pairs = [tuple(sft.encode(tokenizer, r["prompt"], r[k], args.max_prompt_len, args.max_response_len,
+                              args.truncate_prompts) for k in ("chosen", "rejected")) for r in rows]
+    train_pairs, val_rows = pairs[:-args.val_size], rows[-args.val_size:]
+    model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    tmp = sft.start_output(args.out_dir)
+    t0 = time.time()
+    order, cursor = [], 0
+    bar = tqdm(range(1, args.steps + 1), desc="gold rm")
+    for step in bar:
+        for _ in range(args.grad_accum):
+            if cursor + args.batch_size > len(order):
+                order, cursor = random.sample(range(len(train_pairs)), len(train_pairs)), 0
+            batch = sft.to_device(pair_batch([train_pairs[i] for i in order[cursor:cursor + args.batch_size]],
+                                             tokenizer.pad_token_id), device)
+            cursor += args.batch_size
+            with autocast:
+                r = reward_scores(model, batch)
+            r_chosen, r_rejected = r.chunk(2)
+            loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        accuracy = (r_chosen > r_rejected).float().mean().item()
+        sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
+        bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
+
+    prompts = [r["prompt"] for r in val_rows]
+    s_chosen = np.array(score_texts(model, tokenizer, prompts, [r["chosen"] for r in val_rows], args, device, autocast))
+    s_rejected = np.array(score_texts(model, tokenizer, prompts, [r["rejected"] for r in val_rows], args, device, autocast))
+    metrics = {"train_seconds": time.time() - t0, "val_accuracy": float(np.mean(s_chosen > s_rejected)), "val_pairs": len(val_rows)}
+    if sft.is_toy(args.data):  # the toy knows the truth: how often does the RM order pairs as the true scorer does?
+        t_chosen = np.array([toy_tldr.true_score(r["prompt"], r["chosen"]) for r in val_rows])
+        t_rejected = np.array([toy_tldr.true_score(r["prompt"], r["rejected"]) for r in val_rows])
+        differ = t_chosen != t_rejected
+        metrics["val_true_accuracy"] = float(np.mean((s_chosen > s_rejected)[differ] == (t_chosen > t_rejected)[differ]))
+        metrics["human_label_true_accuracy"] = float(np.mean((t_chosen > t_rejected)[differ]))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    sft.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
+    sft.save_json(os.path.join(tmp, "metrics.json"), metrics)
+    sft.finish_output(tmp, args.out_dir)
+    print(f"gold rm: saved {args.out_dir}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# mode label
+
+
+def label(args, device, autocast):
+    from transformers import AutoModelForCausalLM
+
+    sft.check_positive(args, "num_prompts", "sample_batch_size", "temperature")
+    if args.label not in ("argmax", "bt"):
+        fail(f"--label must be argmax or bt, got {args.label!r}")
+    for path in (args.sft_path, args.gold_path):
+        if not os.path.isdir(path):
+            fail(f"model directory {path} not found")
+    tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
+    gold_tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
+    if gold_tokenizer.get_vocab() != tokenizer.get_vocab():
+        fail(f"the gold model's tokenizer ({args.gold_path}) differs from pi_ref's ({args.sft_path})")
+    rows = sft.load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column})
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:args.num_prompts]  # unique, in order
+    policy = AutoModelForCausalLM.from_pretrained(args.sft_path).to(device)
+    gold = load_reward_model(args.gold_path, tokenizer).to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    ids = [sft.encode(tokenizer, p, "", args.max_prompt_len, 1, args.truncate_prompts)[0] for p in prompts]
+    t0 = time.time()
+    with autocast:  # two samples per prompt: rows 2i and 2i+1
+        outs, logps = sft.sample(policy, [i for i in ids for _ in range(2)], tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                 args.max_response_len, args.temperature, args.sample_batch_size, generator, desc="sampling")
+    texts = [sft.decode_response(tokenizer, o) for o in outs]
+    keep, dropped = [], {"unfinished": 0, "identical": 0}
+    for i, prompt in enumerate(prompts):
+        (a, fa), (b, fb) = texts[2 * i], texts[2 * i + 1]
+        if not (fa and fb):
+            dropped["unfinished"] += 1  # a response cut by the length limit has no EOS to learn from
+        elif a == b:
+            dropped["identical"] += 1  # chosen == rejected carries no preference
+        else:
+            keep.append((prompt, a, b, logps[2 * i], logps[2 * i + 1]))
+    if not keep:
+        fail("no usable pairs: every sample was unfinished or identical")
+    scores_a = score_texts(gold, tokenizer, [k[0] for k in keep], [k[1] for k in keep], args, device, autocast, desc="scoring")
+    scores_b = score_texts(gold, tokenizer, [k[0] for k in keep], [k[2] for k in keep], args, device, autocast)
+    rng = random.Random(args.seed)
+    toy = sft.is_toy(args.data)
+    out_rows, agree = [], []
+    for (prompt, a, b, lp_a, lp_b), sa, sb in zip(keep, scores_a, scores_b):
+        a_wins = sa > sb if args.label == "argmax" else rng.random() < 1 / (1 + np.exp(-(sa - sb)))
+        if not a_wins:
+            a, b, sa, sb, lp_a, lp_b = b, a, sb, sa, lp_b, lp_a
+        row = {"prompt": prompt, "chosen": a, "rejected": b, "chosen_score": sa, "rejected_score": sb,
+               "chosen_behaviour_logp": lp_a, "rejected_behaviour_logp": lp_b}
+        if toy:
+            row["chosen_true_score"], row["rejected_true_score"] = toy_tldr.true_score(prompt, a), toy_tldr.true_score(prompt, b)
+            if row["chosen_true_score"] != row["rejected_true_score"]:
+                agree.append(row["chosen_true_score"] > row["rejected_true_score"])
+        out_rows.append(row)
+    tmp = sft.start_output(args.out_dir)
+    toy_tldr.write_jsonl(os.path.join(tmp, "train.jsonl"), out_rows)
+    metrics = {"pairs": len(out_rows), "dropped": dropped, "seconds": time.time() - t0}
+    if agree:
+        metrics["gold_true_agreement"] = float(np.mean(agree))
+    sft.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
+    sft.save_json(os.path.join(tmp, "metrics.json"), metrics)
+    sft.finish_output(tmp, args.out_dir)
+    print(f"label: wrote {len(out_rows)} pairs to {args.out_dir}/train.jsonl (dropped {dropped})"
+          + (f"; gold label agrees with the true scorer on {metrics['gold_true_agreement']:.1%}" if agree else ""))
+
+
+def main(args):
+    if args.mode not in ("train", "label"):
+        fail(f"--mode must be train or label, got {args.mode!r}")
+    args.out_dir = args.out_dir or ("out/gold_rm" if args.mode == "train" else "out/prefs")
+    if not os.path.isdir(args.sft_path):
+        fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
+    sft.seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, autocast = sft.device_and_autocast()
+    (train if args.mode == "train" else label)(args, device, autocast)
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -1,0 +1,342 @@
+"""dpo.py and is_dpo.py: the fused gather, the losses, the importance weights, the scripts end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpo
+import is_dpo
+import sft
+import toy_tldr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused log-prob gather
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_logps_equal_naive_values_and_gradients(bias, chunk):
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 23, 8, 11
+    hidden = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, dtype=torch.float64, generator=g)
+
+    def grads(fn):
+        for t in (hidden, weight, b):
+            if t is not None:
+                t.grad = None
+        out = fn()
+        (out * upstream).sum().backward()
+        return out.detach(), [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+
+    # independent reference: log_softmax written out, in float64
+    def by_hand():
+        logits = hidden @ weight.T + (b if b is not None else 0)
+        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, 1)
+
+    ref_out, ref_grads = grads(by_hand)
+    fused = lambda: dpo.ChunkedLogProbs.apply(hidden, weight, b, targets, chunk)  # noqa: E731
+    out, fused_grads = grads(fused)
+    assert torch.allclose(out, ref_out, atol=1e-12)  # float64 in, float64 out
+    for a, r in zip(fused_grads, ref_grads):
+        assert torch.allclose(a, r, atol=1e-10, rtol=1e-10)
+    naive_out, naive_grads = grads(lambda: dpo.gather_logps_naive(hidden, weight, b, targets))
+    assert torch.allclose(naive_out.double(), ref_out, atol=1e-6)
+
+
+def test_chunked_logps_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 5, (6,), generator=g)
+    # output is float32 by design, so check the backward against finite differences of the naive
+    # float64 formula instead of torch.autograd.gradcheck on the Function itself
+    upstream = torch.randn(6, dtype=torch.float64, generator=g)
+    (dpo.ChunkedLogProbs.apply(hidden, weight, bias, targets, 4).double() * upstream).sum().backward()
+    eps = 1e-6
+    for tensor in (hidden, weight, bias):
+        flat = tensor.detach().view(-1)
+        for i in range(0, flat.numel(), 3):
+            old = flat[i].item()
+            vals = []
+            for delta in (eps, -eps):
+                flat[i] = old + delta
+                vals.append((dpo.gather_logps_naive(hidden.detach(), weight.detach(), bias.detach(), targets).double() * upstream).sum().item())
+            flat[i] = old
+            fd = (vals[0] - vals[1]) / (2 * eps)
+            assert abs(fd - tensor.grad.view(-1)[i].item()) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    tokenizer = toy_tldr.build_tokenizer()
+    torch.manual_seed(0)
+    model = sft.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
+    return model.double(), tokenizer
+
+
+def toy_examples(tokenizer, n, seed=0):
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        facts, prompt = toy_tldr.make_post(rng)
+        out.append(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24))
+    return out
+
+
+def test_sequence_logps_match_full_forward(tiny_model):
+    model, tokenizer = tiny_model
+    examples = toy_examples(tokenizer, 6)
+    batch = sft.collate(examples, tokenizer.pad_token_id)
+    fused, lengths = dpo.sequence_logps(model, batch, chunk=7)
+    naive, _ = dpo.sequence_logps(model, batch, fused=False)
+    # independent: each example alone, full logits, log_softmax, sum over response positions
+    for i, (p, r) in enumerate(examples):
+        ids = torch.tensor([p + r])
+        logp = model(input_ids=ids).logits.log_softmax(-1)[0, len(p) - 1:-1].gather(-1, torch.tensor(r)[:, None]).sum()
+        assert abs(fused[i].item() - logp.item()) < 1e-5
+        assert lengths[i].item() == len(r)
+    assert torch.allclose(fused, naive, atol=1e-6)
+
+
+def test_sequence_logps_gradients_fused_equal_naive(tiny_model):
+    model, tokenizer = tiny_model
+    batch = sft.collate(toy_examples(tokenizer, 4, seed=1), tokenizer.pad_token_id)
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        logps, _ = dpo.sequence_logps(model, batch, chunk=5, fused=fused)
+        (logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the losses against hand computations
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+PI_W, PI_L, REF_W, REF_L, LEN_W, LEN_L = -10.0, -14.0, -12.0, -11.0, 5, 8
+
+
+def loss_of(loss_type, **kw):
+    args = dpo.Args(loss_type=loss_type, beta=kw.pop("beta", 0.1), **kw)
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    losses, stats = dpo.daa_losses(args, t(PI_W), t(PI_L), t(REF_W), t(REF_L), t(LEN_W), t(LEN_L))
+    return losses.item(), stats
+
+
+def test_losses_by_hand():
+    r_w, r_l = PI_W - REF_W, PI_L - REF_L  # 2, -3
+    delta = r_w - r_l  # 5
+    assert loss_of("dpo")[0] == pytest.approx(-math.log(sig(0.1 * 5)))
+    assert loss_of("ipo")[0] == pytest.approx((2 / 5 - (-3) / 8 - 1 / 0.2) ** 2)
+    assert loss_of("ipo", ipo_sum=True)[0] == pytest.approx((5 - 5.0) ** 2)
+    assert loss_of("rpo", rpo_eta=0.005)[0] == pytest.approx(-math.log(sig(0.5)) - 0.005 * 0.1 * (-10.0))
+    assert loss_of("rdpo", rdpo_alpha=0.01)[0] == pytest.approx(-math.log(sig(0.5 + 0.01 * (5 - 8))))
+    phi_w, phi_l = 2 + math.exp(1.0), -3 + math.exp(-1.0)  # clip c = 1: r_w 2 -> 1, r_l -3 -> -1
+    assert loss_of("chipo", chipo_clip=1.0)[0] == pytest.approx(-math.log(sig(0.1 * (phi_w - phi_l))))
+    _, stats = loss_of("dpo")
+    assert stats["margin"] == pytest.approx(0.1 * delta)
+    assert stats["accuracy"] == 1.0
+    assert delta == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# importance weights
+
+
+def r_tensors(n=64, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r_w, r_l = scale * torch.randn(n, generator=g, dtype=torch.float64), scale * torch.randn(n, generator=g, dtype=torch.float64)
+    len_w, len_l = torch.randint(1, 25, (n,), generator=g).double(), torch.randint(1, 25, (n,), generator=g).double()
+    return r_w, r_l, len_w, len_l
+
+
+def test_weight_modes_by_hand():
+    r_w, r_l, len_w, len_l = r_tensors()
+    lw = lambda mode, **kw: is_dpo.log_importance_weights(mode, r_w, r_l, len_w, len_l, **kw)  # noqa: E731
+    assert torch.equal(lw("none"), torch.zeros_like(r_w))
+    assert torch.allclose(lw("full"), r_w + r_l)
+    assert torch.allclose(lw("clipped", log_w_max=2.0), torch.minimum(r_w + r_l, torch.tensor(2.0, dtype=torch.float64)))
+    assert torch.allclose(lw("adaptive"), r_w / len_w + r_l / len_l)
+    assert torch.allclose(lw("fixed", alpha=0.2), 0.2 * (r_w + r_l))
+    assert torch.allclose(lw("sqrt"), r_w / len_w.sqrt() + r_l / len_l.sqrt())
+    assert torch.equal(lw("fixed", alpha=0.0), torch.zeros_like(r_w))  # alpha = 0: plain DAA
+    assert torch.equal(lw("fixed", alpha=1.0), lw("full"))  # alpha = 1: full IS
+
+
+@pytest.mark.parametrize("mode", is_dpo.WEIGHT_MODES)
+def test_weights_exactly_one_when_policy_is_reference(mode):
+    ref_w, ref_l = -20 * torch.rand(16), -20 * torch.rand(16)
+    logps = {"pi_w": ref_w.clone(), "pi_l": ref_l.clone(), "ref_w": ref_w, "ref_l": ref_l,
+             "len_w": torch.randint(1, 20, (16,)), "len_l": torch.randint(1, 20, (16,))}
+    w, stats = is_dpo.importance_weights(is_dpo.Args(weight=mode, alpha=0.3), logps, rows=None)
+    assert torch.equal(w, torch.ones(16))
+    assert stats["ess"] == pytest.approx(16)
+
+
+def test_clipped_weights_never_exceed_bound():
+    for seed in range(5):
+        r_w, r_l, len_w, len_l = r_tensors(256, scale=50.0, seed=seed)
+        for bound in (0.0, 2.0, 5.0):
+            w = is_dpo.log_importance_weights("clipped", r_w, r_l, len_w, len_l, log_w_max=bound).exp()
+            assert (w <= math.exp(bound)).all()
+
+
+def test_ess_by_hand():
+    log_w = torch.log(torch.tensor([1.0, 2.0, 3.0, 0.5]))
+    stats = is_dpo.weight_stats(log_w)
+    assert stats["ess"] == pytest.approx(6.5 ** 2 / (1 + 4 + 9 + 0.25))
+    assert stats["weight_mean"] == pytest.approx(6.5 / 4)
+    assert stats["weight_max"] == pytest.approx(3.0)
+
+
+def test_detached_weight_scales_the_gradient(tiny_model):
+    """grad of (w * loss) with w detached == w * grad of loss, w evaluated at the current policy."""
+    model, tokenizer = tiny_model
+    examples = toy_examples(tokenizer, 2, seed=3)
+    pairs = [(examples[0], examples[1])]
+    pad = tokenizer.pad_token_id
+    import contextlib
+    ref_w, ref_l, _, _ = dpo.pair_logps(model, pairs, pad, "cpu", contextlib.nullcontext(), 16)
+    ref_w, ref_l = ref_w.detach() + 0.7, ref_l.detach() - 0.4  # a policy that has moved from pi_ref
+
+    def grad_of(weighted):
+        model.zero_grad()
+        pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, pad, "cpu", contextlib.nullcontext(), 16)
+        logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w, "ref_l": ref_l, "len_w": len_w, "len_l": len_l}
+        args = is_dpo.Args(weight="adaptive", beta=0.1)
+        losses, _ = dpo.daa_losses(args, **logps)
+        w, _ = is_dpo.importance_weights(args, logps, None)
+        (w * losses if weighted else losses).mean().backward()
+        return w.item(), [p.grad.clone() for p in model.parameters()]
+
+    w, weighted = grad_of(True)
+    _, plain = grad_of(False)
+    assert w != pytest.approx(1.0)
+    for a, b in zip(weighted, plain):
+        assert torch.allclose(a, w * b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("loss_type", dpo.LOSS_TYPES)
+@pytest.mark.parametrize("mode", is_dpo.WEIGHT_MODES)
+def test_extreme_log_ratios_stay_finite(loss_type, mode):
+    pi = torch.tensor([1e4, -1e4, 1e4, -1e4], requires_grad=True)
+    pl = torch.tensor([-1e4, 1e4, 1e4, -1e4], requires_grad=True)
+    zeros = torch.zeros(4)
+    lens = torch.tensor([3, 7, 1, 24])
+    args = is_dpo.Args(loss_type=loss_type, weight=mode, beta=0.01, alpha=0.5)
+    logps = {"pi_w": pi, "pi_l": pl, "ref_w": zeros, "ref_l": zeros, "len_w": lens, "len_l": lens.flip(0)}
+    losses, _ = dpo.daa_losses(args, **logps)
+    w, stats = is_dpo.importance_weights(args, logps, None)
+    loss = (w * losses).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(w).all()
+    assert torch.isfinite(pi.grad).all() and torch.isfinite(pl.grad).all()
+    assert all(math.isfinite(v) for v in stats.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end through the command line
+
+
+def run(script, *flags):
+    return subprocess.run([sys.executable, script, *map(str, flags)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A tiny toy world, a 3-step SFT model, and preference pairs (the human ones, with fake
+    behaviour log-probs) -- everything dpo.py needs, in a few seconds."""
+    root = tmp_path_factory.mktemp("dpo")
+    world = toy_tldr.Args(out_dir=str(root / "world"), num_sft=120, num_human_pairs=48, num_eval=8)
+    toy_tldr.main(world)
+    sft.main(sft.Args(data=world.out_dir, out_dir=str(root / "sft"), steps=3, batch_size=8, val_size=8,
+                      num_sample_eval=0, n_layer=1, n_embd=32, n_head=2))
+    rows = [json.loads(line) for line in open(root / "world" / "prefs_human.jsonl")]
+    for i, r in enumerate(rows):
+        r["chosen_behaviour_logp"], r["rejected_behaviour_logp"] = -10.0 - i % 3, -12.0 + i % 2
+    rows[0]["rejected"] = rows[0]["chosen"]  # one identical pair: legal, loss constant
+    rows[1]["chosen"] = ""  # an empty response: just EOS
+    toy_tldr.write_jsonl(root / "prefs.jsonl", rows)
+    return root
+
+
+COMMON = ["--batch_size", 8, "--num_epochs", 1, "--num_checkpoints", 2, "--warmup_steps", 1, "--lr", 1e-3, "--seed", 3]
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
+
+
+def test_dpo_and_is_dpo_alpha0_write_the_same_log(tiny_world):
+    base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs", *COMMON]
+    a = run("dpo.py", *base)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = run("is_dpo.py", *base, "--weight", "fixed", "--alpha", 0)
+    assert b.returncode == 0, b.stderr[-2000:]
+    plain, weighted = read_log(tiny_world / "runs" / "dpo_beta0.01_seed3"), read_log(tiny_world / "runs" / "a0-dpo_beta0.01_seed3")
+    assert len(plain) == len(weighted) == 6  # ceil(48 / 8)
+    for p, w in zip(plain, weighted):
+        assert {k: w[k] for k in p} == p  # identical numbers, not just close
+        assert w["weight_mean"] == 1.0 and w["weight_max"] == 1.0
+    names = sorted(os.listdir(tiny_world / "runs" / "dpo_beta0.01_seed3"))
+    assert names == ["args.json", "ckpt-0", "ckpt-3", "ckpt-6", "train_log.jsonl"]
+    assert not [d for d in os.listdir(tiny_world / "runs") if d.endswith(".tmp")]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tiny_world / "runs" / "dpo_beta0.01_seed3" / "ckpt-6")
+
+
+@pytest.mark.parametrize("flags", [["--weight", "adaptive"], ["--weight", "clipped", "--loss_type", "ipo"],
+                                   ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"]])
+def test_is_dpo_runs_and_logs_weights(tiny_world, flags):
+    out = run("is_dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl",
+              "--runs_dir", tiny_world / "runs_is", *COMMON, "--num_checkpoints", 0, *flags)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name = [n for n in os.listdir(tiny_world / "runs_is") if n.startswith(is_dpo.method_name(is_dpo.Args(
+        weight=flags[1], loss_type=flags[flags.index("--loss_type") + 1] if "--loss_type" in flags else "dpo")))][0]
+    log = read_log(tiny_world / "runs_is" / name)
+    for row in log:
+        assert {"weight_mean", "weight_max", "ess", "loss", "margin", "accuracy", "epoch"} <= set(row)
+        assert all(math.isfinite(v) for v in row.values())
+    if "--behaviour_logps" not in flags:  # first step: the policy is pi_ref, every weight is 1
+        assert log[0]["weight_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("dpo.py", ["--beta", 0], "--beta"),
+    ("dpo.py", ["--beta", -0.1], "--beta"),
+    ("dpo.py", ["--loss_type", "kto"], "--loss_type"),
+    ("is_dpo.py", ["--weight", "huge"], "--weight"),
+    ("is_dpo.py", ["--weight", "fixed", "--alpha", 1.5], "--alpha"),
+    ("dpo.py", ["--sft_path", "/nonexistent/sft"], "not found"),
+    ("dpo.py", ["--data", "/nonexistent/prefs.jsonl"], "not found"),
+    ("dpo.py", ["--batch_size", 0], "--batch_size"),
+])
+def test_bad_input_gives_one_line(tiny_world, script, flags, message):
+    base = {"--sft_path": tiny_world / "sft", "--data": tiny_world / "prefs.jsonl", "--runs_dir": tiny_world / "bad"}
+    for k, v in zip(flags[::2], flags[1::2]):
+        base[k] = v
+    out = run(script, *[x for kv in base.items() for x in kv])
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last
+    assert not os.path.exists(tiny_world / "bad")
