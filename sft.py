@@ -137,7 +137,10 @@ def load_rows(source, filename, split, columns):
         if not os.path.isfile(source):
             fail(f"data file {source} not found")
         kind = "parquet" if source.endswith(".parquet") else "json"
-        data = datasets.load_dataset(kind, data_files=source, split="train")
+        try:
+            data = datasets.load_dataset(kind, data_files=source, split="train")
+        except Exception as e:  # an empty or malformed file ends here, not in a traceback
+            fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} {str(e)[:200]}".strip())
     elif os.path.exists(source):
         fail(f"{source}: expected a directory or a .json/.jsonl/.parquet file")
     else:
@@ -316,10 +319,10 @@ def validation_loss(model, examples, pad_id, batch_size, device, autocast):
     return total / count
 
 
-def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_response_len):
+def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_response_len, truncate_prompts=False):
     """Toy only: mean true score of greedy samples vs the references' on held-out prompts."""
     rows = load_rows(data_dir, "eval.jsonl", None, {"prompt": "prompt", "reference": "reference"})[:n]
-    prompts = [encode(tokenizer, r["prompt"], "", max_prompt_len, 1)[0] for r in rows]
+    prompts = [encode(tokenizer, r["prompt"], "", max_prompt_len, 1, truncate_prompts)[0] for r in rows]
     outs, _ = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_response_len, temperature=0)
     scores = [toy_tldr.true_score(r["prompt"], *decode_response(tokenizer, o)) for r, o in zip(rows, outs)]
     refs = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in rows]
@@ -386,7 +389,7 @@ def main(args):
         metrics["val_loss"] = validation_loss(model, val, tokenizer.pad_token_id, args.batch_size, device, autocast)
     if is_toy(args.data) and args.num_sample_eval > 0:
         metrics.update(toy_sample_report(model, tokenizer, args.data, args.num_sample_eval,
-                                         args.max_prompt_len, args.max_response_len))
+                                         args.max_prompt_len, args.max_response_len, args.truncate_prompts))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))

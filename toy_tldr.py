@@ -56,7 +56,7 @@ EVENTS = {"cheated": "cheated on me", "lied": "lied to me", "ghosted": "ghosted 
           "proposed": "proposed to me", "cancelled": "cancelled our trip",
           "insulted": "insulted my family", "snooped": "snooped through my phone",
           "quit": "quit their job", "moved": "moved out", "blamed": "blamed me",
-          "invited": "invited my ex", "skipped": "skipped my wedding", "sold": "sold my guitar",
+          "invited": "invited my rival", "skipped": "skipped my wedding", "sold": "sold my guitar",
           "read": "read my diary"}
 FEELINGS = ["angry", "sad", "confused", "hurt", "anxious", "betrayed", "lost", "stressed",
             "jealous", "scared", "guilty", "lonely", "furious", "worried", "embarrassed"]
@@ -205,7 +205,7 @@ def corrupt(prompt, summary, rng):
     facts, words = parse_facts(prompt), summary.split()
     post_words = [w for w in prompt.split("POST:")[1].split() if w != "TL;DR:"]
     kind = rng.choice(["drop_slot", "swap_slot", "distractor", "repeat", "copy_post", "truncate",
-                       "add_slot", "drop_end"])
+                       "add_slot", "drop_end", "drop_span", "drop_start", "loop", "off_topic"])
     slot_pos = [i for i, w in enumerate(words) if w in SLOT_WORDS]
     if kind == "drop_slot" and slot_pos:
         del words[rng.choice(slot_pos)]
@@ -230,13 +230,25 @@ def corrupt(prompt, summary, rng):
             words.insert(max(0, len(words) - 1), rng.choice(missing))
     elif kind == "drop_end" and words and words[-1] in (".", "?"):
         words = words[:-1]
+    elif kind == "drop_span" and len(words) > 3:
+        i = rng.randrange(len(words) - 2)
+        del words[i:i + rng.randint(2, 5)]
+    elif kind == "drop_start" and len(words) > 3:
+        words = words[rng.randint(2, min(6, len(words) - 1)):]
+    elif kind == "loop" and len(words) > 3:  # the degenerate loops of an over-optimised policy
+        i = rng.randrange(len(words) - 3)
+        span = words[i:i + rng.randint(3, 5)]
+        words = words[:i] + span * rng.randint(2, 4) + words[i + len(span):]
+    elif kind == "off_topic":  # a sentence of the post that is not the point
+        sentences = " ".join(post_words).replace("?", ".").split(".")
+        words = rng.choice([s for s in sentences if s.strip()]).split() + ["."]
     return " ".join(words)
 
 
 def human_pair(prompt, reference, rng, bt_temperature):
-    """Two versions of a reference with 0-3 edits each; the 'human' picks one by Bradley-Terry."""
+    """Two versions of a reference with 0-2 and 1-3 edits; the 'human' picks one by Bradley-Terry."""
     a, b = reference, reference
-    for _ in range(rng.randint(0, 3)):
+    for _ in range(rng.randint(0, 2)):
         a = corrupt(prompt, a, rng)
     for _ in range(rng.randint(1, 3)):
         b = corrupt(prompt, b, rng)

@@ -1,0 +1,318 @@
+"""
+evaluate.py -- gold win-rate and KL of every checkpoint, and the trade-off plots.
+
+For each checkpoint of each run (the paper's App. D and shared/METHOD.md, "Evaluation"):
+  * win_rate: sample a summary at temperature 0.01 for N eval prompts; the share of prompts where the
+    gold reward model scores it strictly higher than the human reference (ties lose);
+  * true_win_rate (toy world only): the same judged by the hidden true scorer -- when the two part
+    ways, the policy is exploiting the gold model, not getting better;
+  * kl: sample y ~ pi_theta at temperature 1 and sum over its tokens the full next-token KL
+    sum_v pi_theta(v|x,y<t) (log pi_theta - log pi_ref)(v|x,y<t); average over prompts;
+  * mean_length: response tokens, EOS included.
+One row per checkpoint goes to out/eval/results.jsonl (a re-run skips rows already there), then
+out/plots/tradeoff.png (win-rate vs KL) and dynamics.png (win-rate and KL vs fraction of training)
+and out/eval/summary.md (peak and final win-rate, final KL, mean +- std over seeds).
+
+Run (after dpo.py / is_dpo.py):
+    python evaluate.py                                    # every run in out/runs/
+    python evaluate.py --runs "out/runs/ais-dpo_*" --num_prompts 512
+    python evaluate.py --plots_only                       # redraw from results.jsonl
+"""
+import glob
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import reward
+import sft
+import toy_tldr
+from sft import fail
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Args:
+    runs: str = field(default="out/runs/*", metadata={"help": "glob of run directories (dpo.py / is_dpo.py outputs)"})
+    data: str = field(default="out/toy_tldr", metadata={"help": "toy_tldr dir (eval.jsonl), a local .json/.jsonl/.parquet file, or a hub id"})
+    split: str = field(default="test", metadata={"help": "split to read when --data is a hub id"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
+    reference_column: str = field(default="reference", metadata={"help": "column holding the human reference summary"})
+    gold_path: str = field(default="out/gold_rm", metadata={"help": "the gold reward model (reward.py --mode train)"})
+    sft_path: str = field(default="", metadata={"help": "pi_ref for the KL; default: the sft_path each run was trained from"})
+    num_prompts: int = field(default=256, metadata={"help": "eval prompts per checkpoint (the paper: 512)"})
+    temperature: float = field(default=0.01, metadata={"help": "sampling temperature for the win-rate (the paper: 0.01)"})
+    max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
+    max_response_len: int = field(default=24, metadata={"help": "response tokens sampled, EOS included"})
+    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
+    sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling / scoring batch"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (the same for every checkpoint: common random numbers)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    out_dir: str = field(default="out/eval", metadata={"help": "results.jsonl and summary.md go here"})
+    plots_dir: str = field(default="out/plots", metadata={"help": "tradeoff.png and dynamics.png go here"})
+    plots_only: bool = field(default=False, metadata={"help": "skip evaluation; redraw plots and summary from results.jsonl"})
+
+
+# ----------------------------------------------------------------------------------------------
+# the metrics
+
+
+def win_rate(policy_scores, reference_scores):
+    """Share of prompts where the policy's summary scores strictly higher (a tie is a loss)."""
+    return float(np.mean(np.asarray(policy_scores) > np.asarray(reference_scores)))
+
+
+@torch.no_grad()
+def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
+    """Per sequence, sum over response tokens of KL(pi_theta(.|x,y<t) || pi_ref(.|x,y<t)) over the full vocabulary.
+
+    examples: (prompt_ids, response_ids) with responses sampled from the policy. Returns [N].
+    Its mean over y ~ pi_theta is the sequence-level KL(pi_theta || pi_ref) (chain rule), with
+    far less variance than the mean of log pi_theta(y) - log pi_ref(y).
+    """
+    device = next(policy.parameters()).device
+    out = []
+    for s in range(0, len(examples), batch_size):
+        batch = sft.to_device(sft.collate(examples[s:s + batch_size], pad_id), device)
+        mask = batch["response_mask"][:, 1:]
+        logp = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].float().log_softmax(-1)
+        logq = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].float().log_softmax(-1)
+        kl_token = (logp.exp() * (logp - logq)).sum(-1)
+        rows = mask.nonzero()[:, 0]
+        out.append(torch.zeros(len(mask), dtype=kl_token.dtype, device=device).index_add(0, rows, kl_token))
+    return torch.cat(out).cpu()
+
+
+def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_scores, args, toy, device, autocast):
+    """One results row's metrics for one policy."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast:
+        outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, args.temperature, args.sample_batch_size, generator)
+        texts = [sft.decode_response(tokenizer, o) for o in outs]
+        scores = reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows], [t for t, _ in texts], args, device, autocast)
+        kl_outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size, generator)
+        kl = sequence_kl(policy, ref, list(zip(prompts, kl_outs)), pad, args.sample_batch_size)
+    metrics = {"kl": kl.mean().item(), "win_rate": win_rate(scores, ref_scores["gold"]),
+               "gold_score": float(np.mean(scores)), "mean_length": float(np.mean([len(o) for o in outs])),
+               "finished": float(np.mean([f for _, f in texts])), "example": texts[0][0]}
+    if toy:
+        true = [toy_tldr.true_score(r["prompt"], t, f) for r, (t, f) in zip(eval_rows, texts)]
+        metrics.update(true_win_rate=win_rate(true, ref_scores["true"]), true_score=float(np.mean(true)))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# runs, checkpoints, results rows
+
+
+def find_checkpoints(pattern):
+    """[(run_dir, run_args, [(step, ckpt_dir), ...])] for every run directory matching the glob."""
+    runs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d) and not d.endswith(".tmp"))
+    if not runs:
+        fail(f"--runs {pattern!r} matches no run directory (train with dpo.py / is_dpo.py first)")
+    found = []
+    for run in runs:
+        path = os.path.join(run, "args.json")
+        if not os.path.isfile(path):
+            fail(f"{run} has no args.json: not a dpo.py / is_dpo.py run")
+        ckpts = []
+        for d in glob.glob(os.path.join(run, "ckpt-*")):
+            m = re.fullmatch(r"ckpt-(\d+)", os.path.basename(d))
+            if m:
+                if not os.path.isfile(os.path.join(d, "config.json")):
+                    fail(f"checkpoint {d} holds no model (no config.json)")
+                ckpts.append((int(m.group(1)), d))
+        if not ckpts:
+            fail(f"{run} has no ckpt-<step> directories")
+        with open(path) as f:
+            found.append((run, json.load(f), sorted(ckpts)))
+    return found
+
+
+def read_results(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# summary table and plots
+
+
+def group_runs(rows):
+    """{(method, beta): {seed: [rows sorted by step]}}"""
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["method"], r["beta"])][r["seed"]].append(r)
+    for g in groups.values():
+        for seed in g:
+            g[seed].sort(key=lambda r: r["step"])
+    return groups
+
+
+def summary_table(rows):
+    """Markdown: per method and beta, mean +- std over seeds of peak / final win-rates and final KL."""
+    def ms(values):
+        return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+    has_true = any("true_win_rate" in r for r in rows)
+    head = "| method | beta | seeds | peak win-rate | final win-rate | peak - final | final KL |" + (" final true win-rate |" if has_true else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (method, beta), seeds in sorted(group_runs(rows).items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        runs = list(seeds.values())
+        peak = [max(r["win_rate"] for r in run) for run in runs]
+        final = [run[-1]["win_rate"] for run in runs]
+        line = (f"| {method} | {beta:g} | {len(runs)} | {ms(peak)} | {ms(final)} | {ms([p - f for p, f in zip(peak, final)])} "
+                f"| {ms([run[-1]['kl'] for run in runs])} |")
+        if has_true:
+            line += f" {ms([run[-1].get('true_win_rate', float('nan')) for run in runs])} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(seeds, key):
+    """Seed-averaged curve of `key` over the fraction of training (runs share their checkpoint grid)."""
+    runs = list(seeds.values())
+    n = min(len(run) for run in runs)
+    x = np.array([r["fraction"] for r in runs[0][:n]])
+    y = np.array([[r[key] for r in run[:n]] for run in runs])
+    return x, y.mean(0), y.std(0)
+
+
+def save_figure(fig, path):
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot(rows, plots_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plots_dir, exist_ok=True)
+    groups = group_runs(rows)
+    betas = sorted({beta for _, beta in groups})
+    methods = sorted({m for m, _ in groups})
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    has_true = any("true_win_rate" in r for r in rows)
+
+    # win-rate against KL: one panel per beta, one curve per method (seed-averaged)
+    fig, axes = plt.subplots(1, len(betas), figsize=(5 * len(betas), 4), squeeze=False)
+    for ax, beta in zip(axes[0], betas):
+        for method in methods:
+            if (method, beta) not in groups:
+                continue
+            seeds = groups[(method, beta)]
+            _, kl, _ = mean_curve(seeds, "kl")
+            _, wr, _ = mean_curve(seeds, "win_rate")
+            ax.plot(kl, wr, "o-", color=colors[method], label=f"{method} (gold)", ms=4)
+            if has_true:
+                _, tw, _ = mean_curve(seeds, "true_win_rate")
+                ax.plot(kl, tw, "x--", color=colors[method], alpha=0.6, label=f"{method} (true)", ms=4)
+        ax.set(title=f"beta = {beta:g}", xlabel="KL(pi_theta || pi_ref)", ylabel="win-rate vs reference")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Win-rate against KL budget (mean over seeds; solid: gold RM judge, dashed: true scorer)")
+    save_figure(fig, os.path.join(plots_dir, "tradeoff.png"))
+    plt.close(fig)
+
+    # dynamics: win-rate (gold, true) and KL against the fraction of training
+    keys = ["win_rate"] + (["true_win_rate"] if has_true else []) + ["kl"]
+    labels = {"win_rate": "gold win-rate", "true_win_rate": "true win-rate", "kl": "KL"}
+    fig, axes = plt.subplots(len(keys), len(betas), figsize=(5 * len(betas), 3 * len(keys)), squeeze=False, sharex=True)
+    for j, beta in enumerate(betas):
+        for i, key in enumerate(keys):
+            ax = axes[i][j]
+            for method in methods:
+                if (method, beta) not in groups:
+                    continue
+                x, mean, std = mean_curve(groups[(method, beta)], key)
+                ax.plot(x, mean, "o-", color=colors[method], label=method, ms=3)
+                ax.fill_between(x, mean - std, mean + std, color=colors[method], alpha=0.15)
+            ax.set(ylabel=labels[key])
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(f"beta = {beta:g}")
+                ax.legend(fontsize=7)
+            if i == len(keys) - 1:
+                ax.set_xlabel("fraction of training")
+    fig.suptitle("Training dynamics (mean ± std over seeds)")
+    save_figure(fig, os.path.join(plots_dir, "dynamics.png"))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    from transformers import AutoModelForCausalLM
+
+    results_path = os.path.join(args.out_dir, "results.jsonl")
+    if not args.plots_only:
+        sft.check_positive(args, "num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len")
+        if args.temperature < 0:
+            fail(f"--temperature must be >= 0, got {args.temperature}")
+        runs = find_checkpoints(args.runs)
+        if not os.path.isdir(args.gold_path):
+            fail(f"--gold_path {args.gold_path} not found (run reward.py --mode train first)")
+        eval_rows = sft.load_rows(args.data, "eval.jsonl", args.split,
+                                  {"prompt": args.prompt_column, "reference": args.reference_column})[:args.num_prompts]
+        sft.seed_everything(args.seed)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device, autocast = sft.device_and_autocast()
+        tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
+        gold = reward.load_reward_model(args.gold_path, tokenizer).to(device).eval()
+        toy = sft.is_toy(args.data)
+        prompts = [sft.encode(tokenizer, r["prompt"], "", args.max_prompt_len, 1, args.truncate_prompts)[0] for r in eval_rows]
+        with autocast:
+            ref_scores = {"gold": reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
+                                                     [r["reference"] for r in eval_rows], args, device, autocast)}
+        if toy:
+            ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in eval_rows]
+        for run, _, ckpts in runs:  # a policy must speak the gold model's vocabulary
+            if sft.load_tokenizer(sft.Args(tokenizer_path=ckpts[0][1])).get_vocab() != tokenizer.get_vocab():
+                fail(f"the gold model's tokenizer ({args.gold_path}) differs from the policy's ({ckpts[0][1]})")
+        done = {(r["run"], r["step"]) for r in read_results(results_path)}
+        todo = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts if (a["run_name"], step) not in done]
+        print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), {len(eval_rows)} prompts each")
+        os.makedirs(args.out_dir, exist_ok=True)
+        refs = {}
+        for run, a, step, ckpt in tqdm(todo, desc="checkpoints"):
+            sft_path = args.sft_path or a["sft_path"]
+            if sft_path not in refs:
+                refs[sft_path] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
+            policy = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
+            metrics = evaluate_checkpoint(policy, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
+                                          toy, device, autocast)
+            row = {"run": a["run_name"], "method": a["method"], "beta": a["beta"], "seed": a["seed"], "step": step,
+                   "fraction": step / a["total_steps"], "epoch": step / a["total_steps"] * a["num_epochs"],
+                   **metrics, "num_prompts": len(eval_rows)}
+            sft.append_jsonl(results_path, row)  # one complete line per checkpoint: a stop loses nothing done
+    rows = read_results(results_path)
+    if not rows:
+        fail(f"no results in {results_path}")
+    plot(rows, args.plots_dir)
+    table = summary_table(rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "summary.md.tmp"), "w") as f:
+        f.write(table)
+    os.replace(os.path.join(args.out_dir, "summary.md.tmp"), os.path.join(args.out_dir, "summary.md"))
+    print(table)
+    print(f"evaluate: {len(rows)} rows in {results_path}; plots in {args.plots_dir}/tradeoff.png and dynamics.png")
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
