@@ -55,7 +55,7 @@ class Args:
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length difference |y_w| - |y_l|"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo: clip c of the log-ratio inside exp()"})
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs)"})
-    batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps before the cosine decay"})

@@ -95,10 +95,13 @@ def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_sc
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with autocast:
-        outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, args.temperature, args.sample_batch_size, generator)
+        banned = sft.banned_ids(tokenizer)
+        outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, args.temperature, args.sample_batch_size,
+                             generator, suppress_ids=banned)
         texts = [sft.decode_response(tokenizer, o) for o in outs]
         scores = reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows], [t for t, _ in texts], args, device, autocast)
-        kl_outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size, generator)
+        kl_outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size, generator,
+                                suppress_ids=banned)
         kl = sequence_kl(policy, ref, list(zip(prompts, kl_outs)), pad, args.sample_batch_size)
     metrics = {"kl": kl.mean().item(), "win_rate": win_rate(scores, ref_scores["gold"]),
                "gold_score": float(np.mean(scores)), "mean_length": float(np.mean([len(o) for o in outs])),

@@ -46,7 +46,7 @@ class Args:
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept (and sampled), EOS included"})
     truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
-    steps: int = field(default=400, metadata={"help": "--mode train: optimizer steps"})
+    steps: int = field(default=300, metadata={"help": "--mode train: optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "--mode train: pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "--mode train: micro-batches per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "--mode train: peak learning rate (AdamW)"})
@@ -207,7 +207,8 @@ def label(args, device, autocast):
     t0 = time.time()
     with autocast:  # two samples per prompt: rows 2i and 2i+1
         outs, logps = sft.sample(policy, [i for i in ids for _ in range(2)], tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                 args.max_response_len, args.temperature, args.sample_batch_size, generator, desc="sampling")
+                                 args.max_response_len, args.temperature, args.sample_batch_size, generator, desc="sampling",
+                                 suppress_ids=sft.banned_ids(tokenizer))
     texts = [sft.decode_response(tokenizer, o) for o in outs]
     keep, dropped = [], {"unfinished": 0, "identical": 0}
     for i, prompt in enumerate(prompts):

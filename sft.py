@@ -237,20 +237,29 @@ def load_causal_lm(args, tokenizer):
     return GPTNeoXForCausalLM(config)
 
 
+def banned_ids(tokenizer):
+    """Special tokens a response must never contain: all but EOS (shared/TOY_TLDR.md, lesson 4)."""
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
+
+
 @torch.no_grad()
-def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batch_size=256, generator=None, desc=None):
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batch_size=256, generator=None, desc=None,
+           suppress_ids=()):
     """Sample one response per prompt, batched, with a KV cache.
 
     prompts: list of token-id lists. Prompts are left-padded; the attention mask hides the
     padding and position ids count real tokens only, so a row sees exactly what it would see
     alone (tests check this against teacher forcing). temperature 0 = greedy.
+    suppress_ids (e.g. banned_ids(tokenizer)) are never drawn.
     Returns (responses, logps): responses are id lists cut after the first EOS (EOS kept);
-    logps are the summed log-probs of the sampled tokens under the temperature-1 policy.
+    logps are the summed log-probs of the sampled tokens under the temperature-1 policy, exactly
+    what teacher forcing gives (the suppression only decides which token is drawn).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     responses, logps = [], []
+    banned = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
         chunk = prompts[start:start + batch_size]
@@ -265,10 +274,11 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batc
             out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1].float()
+            allowed = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
             if temperature == 0:
-                token = logits.argmax(-1)
+                token = allowed.argmax(-1)
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                probs = torch.softmax(allowed / temperature, dim=-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             total += torch.where(done, 0.0, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
@@ -323,7 +333,8 @@ def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_respons
     """Toy only: mean true score of greedy samples vs the references' on held-out prompts."""
     rows = load_rows(data_dir, "eval.jsonl", None, {"prompt": "prompt", "reference": "reference"})[:n]
     prompts = [encode(tokenizer, r["prompt"], "", max_prompt_len, 1, truncate_prompts)[0] for r in rows]
-    outs, _ = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_response_len, temperature=0)
+    outs, _ = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_response_len, temperature=0,
+                     suppress_ids=banned_ids(tokenizer))
     scores = [toy_tldr.true_score(r["prompt"], *decode_response(tokenizer, o)) for r, o in zip(rows, outs)]
     refs = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in rows]
     example = decode_response(tokenizer, outs[0])[0]
