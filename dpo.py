@@ -57,11 +57,11 @@ class Args:
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs)"})
     batch_size: int = field(default=16, metadata={"help": "pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     num_checkpoints: int = field(default=8, metadata={"help": "checkpoints at evenly spaced fractions of training, plus step 0"})
-    logit_chunk: int = field(default=1024, metadata={"help": "response tokens per output-layer chunk in the fused log-prob gather"})
+    logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk in the fused log-prob gather"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
     truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
@@ -118,7 +118,7 @@ class ChunkedLogProbs(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
         for s in range(0, len(targets), ctx.chunk):
             h, g, t = hidden[s:s + ctx.chunk], grad_logps[s:s + ctx.chunk], targets[s:s + ctx.chunk]
-            probs = (F.linear(h, w, b).to(acc) - lse[s:s + ctx.chunk, None]).exp_()
+            probs = F.linear(h, w, b).to(acc).sub_(lse[s:s + ctx.chunk, None]).exp_()  # in place: one [chunk, V] buffer
             grad_logits = probs.mul_(-g[:, None])  # -softmax * g ...
             grad_logits[torch.arange(len(t), device=t.device), t] += g  # ... + onehot(target) * g
             if grad_hidden is not None:
@@ -300,8 +300,9 @@ def train(args, weigh=no_weights, method=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
     tmp = sft.start_output(out_dir)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells evaluate.py a retrained run from the old one
     sft.save_json(os.path.join(tmp, "args.json"), {**dataclasses.asdict(args), "method": method, "run_name": run_name,
-                                                  "total_steps": total_steps, "num_pairs": len(pairs)})
+                                                  "run_id": run_id, "total_steps": total_steps, "num_pairs": len(pairs)})
 
     def save(step):
         path = os.path.join(tmp, f"ckpt-{step}")
@@ -345,6 +346,4 @@ def train(args, weigh=no_weights, method=None):
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    train(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    train(sft.parse_args(Args, __doc__))

@@ -147,6 +147,13 @@ def read_results(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_results(path, rows):
+    with open(path + ".tmp", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------------------------
 # summary table and plots
 
@@ -286,7 +293,13 @@ def main(args):
         for run, _, ckpts in runs:  # a policy must speak the gold model's vocabulary
             if sft.load_tokenizer(sft.Args(tokenizer_path=ckpts[0][1])).get_vocab() != tokenizer.get_vocab():
                 fail(f"the gold model's tokenizer ({args.gold_path}) differs from the policy's ({ckpts[0][1]})")
-        done = {(r["run"], r["step"]) for r in read_results(results_path)}
+        rows = read_results(results_path)
+        current = {a["run_name"]: a.get("run_id") for _, a, _ in runs}
+        fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
+        if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
+            print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
+            write_results(results_path, fresh)
+        done = {(r["run"], r["step"]) for r in fresh}
         todo = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts if (a["run_name"], step) not in done]
         print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), {len(eval_rows)} prompts each")
         os.makedirs(args.out_dir, exist_ok=True)
@@ -298,7 +311,7 @@ def main(args):
             policy = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
             metrics = evaluate_checkpoint(policy, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
                                           toy, device, autocast)
-            row = {"run": a["run_name"], "method": a["method"], "beta": a["beta"], "seed": a["seed"], "step": step,
+            row = {"run": a["run_name"], "run_id": a.get("run_id"), "method": a["method"], "beta": a["beta"], "seed": a["seed"], "step": step,
                    "fraction": step / a["total_steps"], "epoch": step / a["total_steps"] * a["num_epochs"],
                    **metrics, "num_prompts": len(eval_rows)}
             sft.append_jsonl(results_path, row)  # one complete line per checkpoint: a stop loses nothing done
@@ -316,6 +329,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(sft.parse_args(Args, __doc__))

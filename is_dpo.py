@@ -120,6 +120,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(dpo.sft.parse_args(Args, __doc__))

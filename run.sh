@@ -4,6 +4,7 @@
 #   bash run.sh                      # one seed, about 10 minutes on a 2-core laptop CPU
 #   SEEDS="0 1 2" bash run.sh        # the README's table (three seeds)
 #   OUT=/tmp/x BETAS=0.01 bash run.sh
+#   FROM=5 SEEDS="1 2" BETAS=0.01 bash run.sh   # reuse stages 1-4, train and evaluate more seeds
 #
 # Every stage also runs alone (python <stage>.py --help). Extra flags per stage can be passed in
 # WORLD_FLAGS, SFT_FLAGS, RM_FLAGS, LABEL_FLAGS, DAA_FLAGS, EVAL_FLAGS, GAUSS_FLAGS (the tests use
@@ -16,21 +17,29 @@ SEEDS=${SEEDS:-0}
 BETAS=${BETAS:-0.01 0.05 0.1}
 JOBS=${JOBS:-2}   # DAA runs side by side, one CPU thread each
 PY=${PYTHON:-python}
+FROM=${FROM:-1}   # first stage to run; the earlier stages' outputs in $OUT are reused
 start=$(date +%s)
 say() { echo "[run.sh $(( $(date +%s) - start ))s] $*"; }
 
-say "1/7 the toy world"
-$PY toy_tldr.py --out_dir "$OUT/toy_tldr" ${WORLD_FLAGS:-}
-say "2/7 SFT: pi_ref"
-$PY sft.py --data "$OUT/toy_tldr" --out_dir "$OUT/sft" ${SFT_FLAGS:-}
-say "3/7 the gold reward model"
-$PY reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" ${RM_FLAGS:-}
-say "4/7 offline pairs: pi_ref samples labelled by the gold RM"
-$PY reward.py --mode label --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" --data "$OUT/toy_tldr" --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
+if (( FROM <= 1 )); then
+  say "1/7 the toy world"
+  $PY toy_tldr.py --out_dir "$OUT/toy_tldr" ${WORLD_FLAGS:-}
+fi
+if (( FROM <= 2 )); then
+  say "2/7 SFT: pi_ref"
+  $PY sft.py --data "$OUT/toy_tldr" --out_dir "$OUT/sft" ${SFT_FLAGS:-}
+fi
+if (( FROM <= 3 )); then
+  say "3/7 the gold reward model"
+  $PY reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" ${RM_FLAGS:-}
+fi
+if (( FROM <= 4 )); then
+  say "4/7 offline pairs: pi_ref samples labelled by the gold RM"
+  $PY reward.py --mode label --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" --data "$OUT/toy_tldr" --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
+fi
 
 say "5/7 DPO, AIS-DPO and clipped IS-DPO for beta in {$BETAS}, seeds {$SEEDS} ($JOBS at a time; logs in $OUT/logs)"
 mkdir -p "$OUT/logs"
-rm -rf "$OUT/runs"
 common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --threads 1 ${DAA_FLAGS:-}"
 jobs_file="$OUT/logs/jobs.txt"
 : > "$jobs_file"
@@ -47,7 +56,6 @@ if ! xargs -P "$JOBS" -I{} bash -c "{}" < "$jobs_file"; then
 fi
 
 say "6/7 evaluation: gold win-rate, true win-rate and KL of every checkpoint"
-rm -rf "$OUT/eval" "$OUT/plots"
 $PY evaluate.py --runs "$OUT/runs/*" --data "$OUT/toy_tldr" --gold_path "$OUT/gold_rm" --out_dir "$OUT/eval" --plots_dir "$OUT/plots" ${EVAL_FLAGS:-}
 say "7/7 the two analytic toys"
 $PY toy_gaussian.py --out_dir "$OUT/toy_gaussian" ${GAUSS_FLAGS:-}

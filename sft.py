@@ -69,6 +69,18 @@ class Args:
 # plumbing shared by every stage: errors, seeds, devices, output directories
 
 
+def parse_args(config_class, doc):
+    """Flags from a config dataclass (every field's help and default show in --help), doc on top."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    return HfArgumentParser(config_class, description=doc, formatter_class=Formatter).parse_args_into_dataclasses()[0]
+
+
 def fail(message):
     """Stop with one clear line (tests catch SystemExit)."""
     raise SystemExit(f"error: {message}")
@@ -413,6 +425,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(parse_args(Args, __doc__))

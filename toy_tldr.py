@@ -324,6 +324,11 @@ def main(args):
 
 
 if __name__ == "__main__":
+    import argparse
+
     from transformers import HfArgumentParser
 
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    main(HfArgumentParser(Args, description=__doc__, formatter_class=Formatter).parse_args_into_dataclasses()[0])

@@ -322,21 +322,28 @@ def test_is_dpo_runs_and_logs_weights(tiny_world, flags):
 
 
 @pytest.mark.parametrize("script,flags,message", [
-    ("dpo.py", ["--beta", 0], "--beta"),
-    ("dpo.py", ["--beta", -0.1], "--beta"),
-    ("dpo.py", ["--loss_type", "kto"], "--loss_type"),
-    ("is_dpo.py", ["--weight", "huge"], "--weight"),
-    ("is_dpo.py", ["--weight", "fixed", "--alpha", 1.5], "--alpha"),
-    ("dpo.py", ["--sft_path", "/nonexistent/sft"], "not found"),
-    ("dpo.py", ["--data", "/nonexistent/prefs.jsonl"], "not found"),
-    ("dpo.py", ["--batch_size", 0], "--batch_size"),
+    ("dpo", {"beta": 0}, "--beta"),
+    ("dpo", {"beta": -0.1}, "--beta"),
+    ("dpo", {"loss_type": "kto"}, "--loss_type"),
+    ("is_dpo", {"weight": "huge"}, "--weight"),
+    ("is_dpo", {"weight": "fixed", "alpha": 1.5}, "--alpha"),
+    ("dpo", {"sft_path": "/nonexistent/sft"}, "not found"),
+    ("dpo", {"data": "/nonexistent/prefs.jsonl"}, "not found"),
+    ("dpo", {"batch_size": 0}, "--batch_size"),
+    ("is_dpo", {"behaviour_logps": True, "behaviour_chosen_column": "nope"}, "nope"),
 ])
 def test_bad_input_gives_one_line(tiny_world, script, flags, message):
-    base = {"--sft_path": tiny_world / "sft", "--data": tiny_world / "prefs.jsonl", "--runs_dir": tiny_world / "bad"}
-    for k, v in zip(flags[::2], flags[1::2]):
-        base[k] = v
-    out = run(script, *[x for kv in base.items() for x in kv])
-    assert out.returncode != 0
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and message in last
+    base = {"sft_path": str(tiny_world / "sft"), "data": str(tiny_world / "prefs.jsonl"), "runs_dir": str(tiny_world / "bad"), **flags}
+    with pytest.raises(SystemExit) as e:
+        if script == "dpo":
+            dpo.train(dpo.Args(**base))
+        else:
+            is_dpo.main(is_dpo.Args(**base))
+    assert str(e.value).startswith("error:") and message in str(e.value)
     assert not os.path.exists(tiny_world / "bad")
+
+
+def test_bad_input_on_the_command_line_is_one_line(tiny_world):
+    out = run("dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--beta", 0)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == ["error: --beta must be > 0, got 0.0"]

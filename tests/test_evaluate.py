@@ -152,3 +152,18 @@ def test_evaluate_bad_inputs(main_job, tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and message in last, last
         assert not (tmp_path / "e" / "results.jsonl").exists()
+
+
+def test_evaluate_replaces_rows_of_a_retrained_run(main_job):
+    out, _ = main_job
+    args = evaluate.Args(runs=str(out / "runs" / "*"), data=str(out / "toy_tldr"), gold_path=str(out / "gold_rm"),
+                         out_dir=str(out / "eval"), plots_dir=str(out / "plots"), num_prompts=6)
+    run_args = out / "runs" / "dpo_beta0.01_seed0" / "args.json"
+    a = json.loads(run_args.read_text())
+    a["run_id"] = "retrained"  # what dpo.py writes when the run is trained again
+    run_args.write_text(json.dumps(a))
+    evaluate.main(args)
+    rows = evaluate.read_results(out / "eval" / "results.jsonl")
+    mine = [r for r in rows if r["run"] == "dpo_beta0.01_seed0"]
+    assert len(rows) == 9 and len(mine) == 3
+    assert all(r["run_id"] == "retrained" for r in mine)
