@@ -206,7 +206,9 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     with torch.no_grad():  # implicit rewards beta * r(y), as in the DPO paper's trainer
         reward_w, reward_l = args.beta * (pi_w - ref_w), args.beta * (pi_l - ref_l)
-        stats = {"margin": (reward_w - reward_l).mean().item(), "accuracy": (reward_w > reward_l).float().mean().item(),
+        stats = {"daa_loss": losses.mean().item(),  # before any importance weight
+                 "margin": (reward_w - reward_l).mean().item(),
+                 "accuracy": (reward_w > reward_l).float().mean().item(),
                  "reward_chosen": reward_w.mean().item(), "reward_rejected": reward_l.mean().item(),
                  "logps_chosen": pi_w.mean().item(), "logps_rejected": pi_l.mean().item()}
     return losses, stats

@@ -82,8 +82,10 @@ def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
     for s in range(0, len(examples), batch_size):
         batch = sft.to_device(sft.collate(examples[s:s + batch_size], pad_id), device)
         mask = batch["response_mask"][:, 1:]
-        logp = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].float().log_softmax(-1)
-        logq = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].float().log_softmax(-1)
+        logits_p = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        logits_q = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
+        logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
         rows = mask.nonzero()[:, 0]
         out.append(torch.zeros(len(mask), dtype=kl_token.dtype, device=device).index_add(0, rows, kl_token))

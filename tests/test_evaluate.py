@@ -23,7 +23,7 @@ def tiny_lm(vocab, seed):
                            intermediate_size=32, max_position_embeddings=16, tie_word_embeddings=False)
     model = GPTNeoXForCausalLM(config).double().eval()
     with torch.no_grad():  # sharpen the random model so the two distributions differ clearly
-        model.embed_out.weight.mul_(40)
+        model.get_output_embeddings().weight.mul_(40)
     return model
 
 
@@ -107,7 +107,8 @@ def test_main_job_writes_the_contract(main_job):
         assert (out / path).is_file(), path
     rows = evaluate.read_results(out / "eval" / "results.jsonl")
     assert sorted({r["method"] for r in rows}) == ["ais-dpo", "dpo", "is-dpo"]
-    assert len(rows) == 3 * 3  # 3 runs x checkpoints at steps 0, half, end
+    ckpts = list(out.glob("runs/*/ckpt-*"))
+    assert len(rows) == len(ckpts) >= 3 * 2  # one row per checkpoint; each run has at least step 0 and its end
     for r in rows:
         assert {"run", "method", "beta", "seed", "step", "epoch", "kl", "win_rate", "true_win_rate", "mean_length"} <= set(r)
         assert 0 <= r["win_rate"] <= 1 and r["kl"] >= -1e-6
@@ -165,5 +166,6 @@ def test_evaluate_replaces_rows_of_a_retrained_run(main_job):
     evaluate.main(args)
     rows = evaluate.read_results(out / "eval" / "results.jsonl")
     mine = [r for r in rows if r["run"] == "dpo_beta0.01_seed0"]
-    assert len(rows) == 9 and len(mine) == 3
+    assert len(rows) == len(list(out.glob("runs/*/ckpt-*")))
+    assert len(mine) == len(list(out.glob("runs/dpo_beta0.01_seed0/ckpt-*")))
     assert all(r["run_id"] == "retrained" for r in mine)
