@@ -35,15 +35,6 @@ def cli_runs(tmp_path_factory):
     return submit_cases(tmp_path_factory, "reward.py", {k: [*base, *v] for k, v in cases.items()}, tmp), tmp
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run faster on one thread, and the command lines share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. the loss and the scores
 

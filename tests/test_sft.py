@@ -47,15 +47,6 @@ def cli_runs(tmp_path_factory):
     return submit_cases(tmp_path_factory, "sft.py", {k: [*SIZES, *v] for k, v in cases.items()}, tmp), tmp
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run faster on one thread, and the command lines share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------
 # helpers
 
