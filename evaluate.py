@@ -149,13 +149,6 @@ def read_results(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_results(path, rows):
-    with open(path + ".tmp", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
-
-
 # ----------------------------------------------------------------------------------------------
 # summary table and plots
 
@@ -286,7 +279,7 @@ def main(args):
         tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
         gold = reward.load_reward_model(args.gold_path, tokenizer).to(device).eval()
         toy = sft.is_toy(args.data)
-        prompts = [sft.encode(tokenizer, r["prompt"], "", args.max_prompt_len, 1, args.truncate_prompts)[0] for r in eval_rows]
+        prompts = [sft.encode_prompt(tokenizer, r["prompt"], args.max_prompt_len, args.truncate_prompts) for r in eval_rows]
         with autocast:
             ref_scores = {"gold": reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
                                                      [r["reference"] for r in eval_rows], args, device, autocast)}
@@ -300,7 +293,8 @@ def main(args):
         fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
         if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
             print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
-            write_results(results_path, fresh)
+            toy_tldr.write_jsonl(results_path + ".tmp", fresh)
+            os.replace(results_path + ".tmp", results_path)
         done = {(r["run"], r["step"]) for r in fresh}
         todo = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts if (a["run_name"], step) not in done]
         print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), {len(eval_rows)} prompts each")

@@ -203,7 +203,7 @@ def label(args, device, autocast):
     policy = AutoModelForCausalLM.from_pretrained(args.sft_path).to(device)
     gold = load_reward_model(args.gold_path, tokenizer).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = [sft.encode(tokenizer, p, "", args.max_prompt_len, 1, args.truncate_prompts)[0] for p in prompts]
+    ids = [sft.encode_prompt(tokenizer, p, args.max_prompt_len, args.truncate_prompts) for p in prompts]
     t0 = time.time()
     with autocast:  # two samples per prompt: rows 2i and 2i+1
         outs, logps = sft.sample(policy, [i for i in ids for _ in range(2)], tokenizer.eos_token_id, tokenizer.pad_token_id,

@@ -17,11 +17,9 @@ response mask, batching, loading or building the model, and sampling with a KV c
 """
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -190,14 +188,20 @@ def load_tokenizer(args):
     return tokenizer
 
 
-def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False, add_eos=True):
-    """(prompt_ids, response_ids): the response is ' ' + text + EOS, cut at max_response_len."""
+def encode_prompt(tokenizer, prompt, max_prompt_len, truncate_prompts=False):
+    """Prompt token ids; an over-long prompt is refused, or cut from the left if asked."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) > max_prompt_len:
         if not truncate_prompts:
             fail(f"a prompt has {len(prompt_ids)} tokens > --max_prompt_len {max_prompt_len} "
                  f"(raise it, or pass --truncate_prompts to cut prompts from the left)")
         prompt_ids = prompt_ids[-max_prompt_len:]  # keep the end: 'TL;DR:' is what cues the summary
+    return prompt_ids
+
+
+def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False, add_eos=True):
+    """(prompt_ids, response_ids): the response is ' ' + text + EOS, cut at max_response_len."""
+    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_len, truncate_prompts)
     text = response if response[:1].isspace() else " " + response
     response_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if add_eos:
@@ -344,7 +348,7 @@ def validation_loss(model, examples, pad_id, batch_size, device, autocast):
 def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_response_len, truncate_prompts=False):
     """Toy only: mean true score of greedy samples vs the references' on held-out prompts."""
     rows = load_rows(data_dir, "eval.jsonl", None, {"prompt": "prompt", "reference": "reference"})[:n]
-    prompts = [encode(tokenizer, r["prompt"], "", max_prompt_len, 1, truncate_prompts)[0] for r in rows]
+    prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_len, truncate_prompts) for r in rows]
     outs, _ = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_response_len, temperature=0,
                      suppress_ids=banned_ids(tokenizer))
     scores = [toy_tldr.true_score(r["prompt"], *decode_response(tokenizer, o)) for r, o in zip(rows, outs)]
