@@ -12,9 +12,10 @@ Paper scale (Pythia + TL;DR on a GPU): --sft_path <sft> --data <prefs> --lr 1e-6
     --batch_size 8 --grad_accum 8 --max_prompt_len 512 --max_response_len 53 --truncate_prompts
 
 What is in here, top to bottom:
-  1. the fused log-prob gather: one forward over chosen and rejected together, the output layer
-     run over chunks of response tokens only, recomputed in the backward pass, so that no
-     [batch, time, vocab] tensor ever exists;
+  1. the fused log-prob gather: the prompt of a pair runs once and its chosen and rejected
+     responses continue from it (sft.response_hidden); the output layer runs over chunks of
+     response tokens only, recomputed in the backward pass, so that no [batch, time, vocab]
+     tensor ever exists;
   2. the DAA losses, each a small pure function;
   3. reference log-probs computed once before training (no reference model during the loop);
   4. the training loop, with checkpoints at evenly spaced fractions of training, step 0 included.
@@ -54,13 +55,13 @@ class Args:
     rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the summed NLL of the chosen response"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length difference |y_w| - |y_l|"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo: clip c of the log-ratio inside exp()"})
-    num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs)"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per micro-batch"})
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    num_checkpoints: int = field(default=8, metadata={"help": "checkpoints at evenly spaced fractions of training, plus step 0"})
+    num_checkpoints: int = field(default=6, metadata={"help": "checkpoints at evenly spaced fractions of training, plus step 0"})
     logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk in the fused log-prob gather"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
@@ -135,13 +136,12 @@ class ChunkedLogProbs(torch.autograd.Function):
 def sequence_logps(model, batch, chunk=1024, fused=True):
     """Summed log-probs of each row's response tokens, and their counts.
 
-    batch: sft.collate output (right-padded, response_mask marks response tokens, EOS included).
-    Returns logps [B] (float32 at least) and lengths [B]. The output layer runs only on response positions.
+    batch: sft.collate_grouped output (a pair = one prompt, two responses; the prompt runs once).
+    Returns logps [P*k] (float32 at least) and lengths [P*k]. The output layer runs only on response positions.
     """
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    mask = batch["response_mask"][:, 1:]  # the hidden state at t predicts token t+1
-    h = hidden[:, :-1][mask]
-    targets = batch["input_ids"][:, 1:][mask]
+    mask = batch["response_mask"].bool()
+    h = sft.response_hidden(model.base_model, batch)[:, :-1][mask]  # h[:, t] predicts response token t
+    targets = batch["response_ids"][mask]
     head = model.get_output_embeddings()
     if fused:
         token_logps = ChunkedLogProbs.apply(h, head.weight, head.bias, targets, chunk)
@@ -226,8 +226,9 @@ def no_weights(args, batch_logps, batch_rows):
 def load_pairs(args, tokenizer):
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
     rows = sft.load_rows(args.data, "train.jsonl", args.split, cols)
-    pairs = [tuple(sft.encode(tokenizer, r["prompt"], r[k], args.max_prompt_len, args.max_response_len,
-                              args.truncate_prompts) for k in ("chosen", "rejected")) for r in rows]
+    chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
+                                        args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
+    pairs = list(zip(chosen, rejected))
     same = sum(r["chosen"] == r["rejected"] for r in rows)
     if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
         print(f"note: {same} pairs have chosen == rejected (their loss is constant)")
@@ -235,12 +236,11 @@ def load_pairs(args, tokenizer):
 
 
 def pair_logps(model, pairs, pad_id, device, autocast, chunk):
-    """Chosen and rejected in one forward (concatenated on the batch axis)."""
-    batch = sft.to_device(sft.collate([p[0] for p in pairs] + [p[1] for p in pairs], pad_id), device)
+    """Chosen and rejected of every pair in one pass: rows chosen, rejected, chosen, ... sharing their prompt."""
+    batch = sft.to_device(sft.collate_grouped([example for pair in pairs for example in pair], pad_id, k=2), device)
     with autocast:
         logps, lengths = sequence_logps(model, batch, chunk)
-    (pi_w, pi_l), (len_w, len_l) = logps.chunk(2), lengths.chunk(2)
-    return pi_w, pi_l, len_w, len_l
+    return logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
 
 
 @torch.no_grad()

@@ -80,10 +80,11 @@ def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
     device = next(policy.parameters()).device
     out = []
     for s in range(0, len(examples), batch_size):
-        batch = sft.to_device(sft.collate(examples[s:s + batch_size], pad_id), device)
-        mask = batch["response_mask"][:, 1:]
-        logits_p = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
-        logits_q = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        batch = sft.to_device(sft.collate_grouped(examples[s:s + batch_size], pad_id), device)
+        mask = batch["response_mask"].bool()
+        # logits at response positions only: h[:, t] predicts response token t
+        logits_p = policy.get_output_embeddings()(sft.response_hidden(policy.base_model, batch)[:, :-1][mask])
+        logits_q = ref.get_output_embeddings()(sft.response_hidden(ref.base_model, batch)[:, :-1][mask])
         acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
         logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
@@ -279,7 +280,7 @@ def main(args):
         tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
         gold = reward.load_reward_model(args.gold_path, tokenizer).to(device).eval()
         toy = sft.is_toy(args.data)
-        prompts = [sft.encode_prompt(tokenizer, r["prompt"], args.max_prompt_len, args.truncate_prompts) for r in eval_rows]
+        prompts = sft.encode_prompts(tokenizer, [r["prompt"] for r in eval_rows], args.max_prompt_len, args.truncate_prompts)
         with autocast:
             ref_scores = {"gold": reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
                                                      [r["reference"] for r in eval_rows], args, device, autocast)}
@@ -299,14 +300,20 @@ def main(args):
         todo = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts if (a["run_name"], step) not in done]
         print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), {len(eval_rows)} prompts each")
         os.makedirs(args.out_dir, exist_ok=True)
-        refs = {}
+        refs, starts = {}, {}
         for run, a, step, ckpt in tqdm(todo, desc="checkpoints"):
             sft_path = args.sft_path or a["sft_path"]
             if sft_path not in refs:
                 refs[sft_path] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
-            policy = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
-            metrics = evaluate_checkpoint(policy, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
-                                          toy, device, autocast)
+            start = (a["sft_path"], sft_path) if step == 0 else None
+            if start in starts:  # step 0 is the starting policy itself (dpo.py saves it before the first
+                metrics = starts[start]  # update) and the evaluation is seeded: the same row for every run
+            else:
+                policy = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
+                metrics = evaluate_checkpoint(policy, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
+                                              toy, device, autocast)
+                if start:
+                    starts[start] = metrics
             row = {"run": a["run_name"], "run_id": a.get("run_id"), "method": a["method"], "beta": a["beta"], "seed": a["seed"], "step": step,
                    "fraction": step / a["total_steps"], "epoch": step / a["total_steps"] * a["num_epochs"],
                    **metrics, "num_prompts": len(eval_rows)}

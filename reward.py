@@ -84,14 +84,14 @@ def load_reward_model(path, tokenizer=None, new_head=False):
 
 
 def reward_scores(model, batch):
-    """r(x, y) for a right-padded batch: the scalar head on the last real token's hidden state.
+    """r(x, y) for a sft.collate_grouped batch: the scalar head on the hidden state after the last response token.
 
-    We pick the token ourselves (attention_mask tells where each row ends) instead of trusting the
-    model to find it by pad id: with Pythia, pad == EOS and the final EOS would be skipped.
+    We pick that token ourselves (response_mask tells where each response ends) instead of trusting
+    the model to find it by pad id: with Pythia, pad == EOS and the final EOS would be skipped.
     """
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    last = batch["attention_mask"].sum(1) - 1
-    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+    hidden = sft.response_hidden(model.base_model, batch)  # hidden[:, t] has read t response tokens
+    length = batch["response_mask"].sum(1)
+    return model.score(hidden[torch.arange(len(length), device=length.device), length]).squeeze(-1).float()
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
@@ -100,20 +100,19 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 def pair_batch(pairs, pad_id):
-    """Chosen and rejected of every pair in one batch: rows [0, B) chosen, [B, 2B) rejected."""
-    return sft.collate([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    """Every pair's prompt once, with its two responses: rows chosen, rejected, chosen, rejected, ..."""
+    return sft.collate_grouped([example for pair in pairs for example in pair], pad_id, k=2)
 
 
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts, responses, args, device, autocast, desc=None):
     """Gold scores of (prompt, response) texts, EOS appended to each response."""
     model.eval()
-    examples = [sft.encode(tokenizer, p, r, args.max_prompt_len, args.max_response_len, args.truncate_prompts)
-                for p, r in zip(prompts, responses)]
+    examples = sft.encode_rows(tokenizer, prompts, responses, args.max_prompt_len, args.max_response_len, args.truncate_prompts)
     scores = []
     starts = range(0, len(examples), args.sample_batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        batch = sft.to_device(sft.collate(examples[start:start + args.sample_batch_size], tokenizer.pad_token_id), device)
+        batch = sft.to_device(sft.collate_grouped(examples[start:start + args.sample_batch_size], tokenizer.pad_token_id), device)
         with autocast:
             scores += reward_scores(model, batch).tolist()
     return scores
@@ -132,8 +131,9 @@ def train(args, device, autocast):
     if len(rows) <= args.val_size:
         fail(f"{len(rows)} pairs is not more than --val_size {args.val_size}")
     tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
-    pairs = [tuple(sft.encode(tokenizer, r["prompt"], r[k], args.max_prompt_len, args.max_response_len,
-                              args.truncate_prompts) for k in ("chosen", "rejected")) for r in rows]
+    chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
+                                        args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
+    pairs = list(zip(chosen, rejected))
     train_pairs, val_rows = pairs[:-args.val_size], rows[-args.val_size:]
     model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
     model.train()
@@ -152,7 +152,7 @@ def train(args, device, autocast):
             cursor += args.batch_size
             with autocast:
                 r = reward_scores(model, batch)
-            r_chosen, r_rejected = r.chunk(2)
+            r_chosen, r_rejected = r[0::2], r[1::2]
             loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -203,7 +203,7 @@ def label(args, device, autocast):
     policy = AutoModelForCausalLM.from_pretrained(args.sft_path).to(device)
     gold = load_reward_model(args.gold_path, tokenizer).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = [sft.encode_prompt(tokenizer, p, args.max_prompt_len, args.truncate_prompts) for p in prompts]
+    ids = sft.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
     t0 = time.time()
     with autocast:  # two samples per prompt: rows 2i and 2i+1
         outs, logps = sft.sample(policy, [i for i in ids for _ in range(2)], tokenizer.eos_token_id, tokenizer.pad_token_id,

@@ -188,25 +188,33 @@ def load_tokenizer(args):
     return tokenizer
 
 
-def encode_prompt(tokenizer, prompt, max_prompt_len, truncate_prompts=False):
-    """Prompt token ids; an over-long prompt is refused, or cut from the left if asked."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) > max_prompt_len:
-        if not truncate_prompts:
-            fail(f"a prompt has {len(prompt_ids)} tokens > --max_prompt_len {max_prompt_len} "
-                 f"(raise it, or pass --truncate_prompts to cut prompts from the left)")
-        prompt_ids = prompt_ids[-max_prompt_len:]  # keep the end: 'TL;DR:' is what cues the summary
-    return prompt_ids
+def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
+    """Token ids of each prompt (one batched tokenizer call); an over-long prompt is refused, or cut from the left if asked."""
+    out = []
+    for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []:
+        if not ids:
+            fail("a prompt is empty (no tokens): nothing to condition a summary on")
+        if len(ids) > max_prompt_len:
+            if not truncate_prompts:
+                fail(f"a prompt has {len(ids)} tokens > --max_prompt_len {max_prompt_len} "
+                     f"(raise it, or pass --truncate_prompts to cut prompts from the left)")
+            ids = ids[-max_prompt_len:]  # keep the end: 'TL;DR:' is what cues the summary
+        out.append(ids)
+    return out
+
+
+def encode_rows(tokenizer, prompts, responses, max_prompt_len, max_response_len, truncate_prompts=False, add_eos=True):
+    """[(prompt_ids, response_ids)] per row: each response is ' ' + text + EOS, cut at max_response_len."""
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts)
+    texts = [r if r[:1].isspace() else " " + r for r in responses]
+    eos = [tokenizer.eos_token_id] if add_eos else []
+    response_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [(p, (r + eos)[:max_response_len]) for p, r in zip(prompt_ids, response_ids)]
 
 
 def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False, add_eos=True):
-    """(prompt_ids, response_ids): the response is ' ' + text + EOS, cut at max_response_len."""
-    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_len, truncate_prompts)
-    text = response if response[:1].isspace() else " " + response
-    response_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if add_eos:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    return prompt_ids, response_ids[:max_response_len]
+    """One row of encode_rows: (prompt_ids, response_ids)."""
+    return encode_rows(tokenizer, [prompt], [response], max_prompt_len, max_response_len, truncate_prompts, add_eos)[0]
 
 
 def collate(examples, pad_id):
@@ -224,6 +232,47 @@ def collate(examples, pad_id):
         attention_mask[i, :len(p) + len(r)] = 1
         response_mask[i, len(p):len(p) + len(r)] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_grouped(examples, pad_id, k=1):
+    """A batch whose prompts are run once for k responses each (see response_hidden).
+
+    examples: (prompt_ids, response_ids), in groups of k consecutive rows sharing one prompt (k=2
+    for a preference pair: chosen, rejected). Prompts are left-padded as in `sample`; responses are
+    right-padded. Returns prompt_ids, prompt_mask [P, Lp] and response_ids, response_mask [P*k, Lr].
+    """
+    if len(examples) % k or any(examples[i][0] != examples[i - i % k][0] for i in range(len(examples))):
+        raise ValueError(f"examples must come in groups of {k} rows with the same prompt")
+    prompts, responses = [p for p, _ in examples[::k]], [r for _, r in examples]
+    width, length = max(map(len, prompts)), max(map(len, responses))
+    return {"prompt_ids": torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts]),
+            "prompt_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+            "response_ids": torch.tensor([r + [pad_id] * (length - len(r)) for r in responses]),
+            "response_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in responses])}
+
+
+def response_hidden(base_model, batch):
+    """Last-layer hidden states over the response positions; each prompt is run once for its k responses.
+
+    batch: collate_grouped output. Returns h [P*k, Lr + 1, H]: h[:, t] has read the prompt and the
+    first t response tokens, so h[:, t] predicts response token t (h[:, :-1] lines up with
+    response_ids), and h[i, len_i] has read all of response i (a reward model's score is read there).
+    How: the prompt goes through once with use_cache; its keys and values are repeated k times and
+    every response continues from its copy, with position ids that count real tokens only. A
+    preference pair so costs one prompt instead of two (the prompt is most of a TL;DR sequence).
+    """
+    prompt_mask, response_mask = batch["prompt_mask"], batch["response_mask"]
+    k = len(response_mask) // len(prompt_mask)
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = base_model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=position, use_cache=True)
+    cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # left padding: the last column is real
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        last, prompt_mask, position = (t.repeat_interleave(k, dim=0) for t in (last, prompt_mask, position))
+    position = position[:, -1:] + 1 + torch.arange(response_mask.shape[1], device=position.device)
+    out = base_model(input_ids=batch["response_ids"], attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+                     position_ids=position, past_key_values=cache)
+    return torch.cat([last, out.last_hidden_state], dim=1)
 
 
 def to_device(batch, device):
@@ -348,7 +397,7 @@ def validation_loss(model, examples, pad_id, batch_size, device, autocast):
 def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_response_len, truncate_prompts=False):
     """Toy only: mean true score of greedy samples vs the references' on held-out prompts."""
     rows = load_rows(data_dir, "eval.jsonl", None, {"prompt": "prompt", "reference": "reference"})[:n]
-    prompts = [encode_prompt(tokenizer, r["prompt"], max_prompt_len, truncate_prompts) for r in rows]
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_len, truncate_prompts)
     outs, _ = sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_response_len, temperature=0,
                      suppress_ids=banned_ids(tokenizer))
     scores = [toy_tldr.true_score(r["prompt"], *decode_response(tokenizer, o)) for r, o in zip(rows, outs)]
@@ -377,8 +426,8 @@ def main(args):
     device, autocast = device_and_autocast()
     rows = load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column, "completion": args.completion_column})
     tokenizer = load_tokenizer(args)
-    examples = [encode(tokenizer, r["prompt"], r["completion"], args.max_prompt_len, args.max_response_len,
-                       args.truncate_prompts) for r in rows]
+    examples = encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], args.max_prompt_len,
+                           args.max_response_len, args.truncate_prompts)
     if len(examples) <= args.val_size:
         fail(f"{len(examples)} rows is not more than --val_size {args.val_size}")
     train, val = examples[:len(examples) - args.val_size], examples[len(examples) - args.val_size:]

@@ -1,4 +1,5 @@
 """dpo.py and is_dpo.py: the fused gather, the losses, the importance weights, the scripts end to end."""
+import contextlib
 import json
 import math
 import os
@@ -96,24 +97,29 @@ def toy_examples(tokenizer, n, seed=0):
     return out
 
 
+def full_forward_logps(model, examples):
+    """Independent: each example alone, one full forward, full log_softmax, summed over response positions."""
+    out = []
+    for p, r in examples:
+        logp = model(input_ids=torch.tensor([p + r])).logits.log_softmax(-1)[0, len(p) - 1:-1]
+        out.append(logp.gather(-1, torch.tensor(r)[:, None]).sum())
+    return torch.stack(out)
+
+
 def test_sequence_logps_match_full_forward(tiny_model):
     model, tokenizer = tiny_model
     examples = toy_examples(tokenizer, 6)
-    batch = sft.collate(examples, tokenizer.pad_token_id)
+    batch = sft.collate_grouped(examples, tokenizer.pad_token_id)
     fused, lengths = dpo.sequence_logps(model, batch, chunk=7)
     naive, _ = dpo.sequence_logps(model, batch, fused=False)
-    # independent: each example alone, full logits, log_softmax, sum over response positions
-    for i, (p, r) in enumerate(examples):
-        ids = torch.tensor([p + r])
-        logp = model(input_ids=ids).logits.log_softmax(-1)[0, len(p) - 1:-1].gather(-1, torch.tensor(r)[:, None]).sum()
-        assert abs(fused[i].item() - logp.item()) < 1e-5
-        assert lengths[i].item() == len(r)
+    torch.testing.assert_close(fused.double(), full_forward_logps(model, examples), atol=1e-5, rtol=0)
+    assert lengths.tolist() == [len(r) for _, r in examples]
     assert torch.allclose(fused, naive, atol=1e-6)
 
 
 def test_sequence_logps_gradients_fused_equal_naive(tiny_model):
     model, tokenizer = tiny_model
-    batch = sft.collate(toy_examples(tokenizer, 4, seed=1), tokenizer.pad_token_id)
+    batch = sft.collate_grouped(toy_examples(tokenizer, 4, seed=1), tokenizer.pad_token_id)
     grads = []
     for fused in (True, False):
         model.zero_grad()
@@ -122,6 +128,33 @@ def test_sequence_logps_gradients_fused_equal_naive(tiny_model):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_pair_logps_share_the_prompt_and_equal_full_forwards_in_values_and_gradients(tiny_model):
+    """Chosen and rejected continue from one prompt pass; values and parameter gradients must be those
+    of two separate full sequences (prompts of different lengths, so left padding is exercised)."""
+    model, tokenizer = tiny_model
+    import random
+    rng = random.Random(3)
+    pairs = []
+    for _ in range(4):
+        facts, prompt = toy_tldr.make_post(rng)
+        pairs.append(tuple(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
+                           for _ in range(2)))
+    assert len({len(p[0][0]) for p in pairs}) > 1
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    model.zero_grad()
+    pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu", contextlib.nullcontext(), 5)
+    (upstream * (pi_w - 0.3 * pi_l)).sum().backward()
+    shared = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_w, ref_l = full_forward_logps(model, [p[0] for p in pairs]), full_forward_logps(model, [p[1] for p in pairs])
+    (upstream * (ref_w - 0.3 * ref_l)).sum().backward()
+    torch.testing.assert_close(pi_w.double(), ref_w.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pi_l.double(), ref_l.detach(), atol=1e-5, rtol=0)
+    assert len_w.tolist() == [len(p[0][1]) for p in pairs] and len_l.tolist() == [len(p[1][1]) for p in pairs]
+    for a, b in zip(shared, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +245,8 @@ def test_detached_weight_scales_the_gradient(tiny_model):
     """grad of (w * loss) with w detached == w * grad of loss, w evaluated at the current policy."""
     model, tokenizer = tiny_model
     examples = toy_examples(tokenizer, 2, seed=3)
-    pairs = [(examples[0], examples[1])]
+    pairs = [(examples[0], (examples[0][0], examples[1][1]))]  # one prompt, two responses
     pad = tokenizer.pad_token_id
-    import contextlib
     ref_w, ref_l, _, _ = dpo.pair_logps(model, pairs, pad, "cpu", contextlib.nullcontext(), 16)
     ref_w, ref_l = ref_w.detach() + 0.7, ref_l.detach() - 0.4  # a policy that has moved from pi_ref
 

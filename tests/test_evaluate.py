@@ -83,7 +83,7 @@ TINY = {
     "SFT_FLAGS": "--steps 20 --lr 0.01 --warmup_steps 0 --batch_size 16 --val_size 16 --num_sample_eval 4 --n_layer 1 --n_embd 32 --n_head 2",
     "RM_FLAGS": "--steps 3 --batch_size 8 --val_size 16",
     "LABEL_FLAGS": "--num_prompts 48",
-    "DAA_FLAGS": "--num_epochs 1 --batch_size 8 --num_checkpoints 2 --warmup_steps 1",
+    "DAA_FLAGS": "--num_epochs 4 --batch_size 2 --num_checkpoints 2 --warmup_steps 0 --lr 1e-2",
     "EVAL_FLAGS": "--num_prompts 6",
     "GAUSS_FLAGS": "--n_theta 5 --n_samples 100 --t_max 3 --n_mc 200",
     "BETAS": "0.01",
@@ -123,6 +123,23 @@ def test_evaluate_rerun_adds_no_rows(main_job):
     evaluate.main(evaluate.Args(runs=str(out / "runs" / "*"), data=str(out / "toy_tldr"), gold_path=str(out / "gold_rm"),
                                 out_dir=str(out / "eval"), plots_dir=str(out / "plots"), num_prompts=6))
     assert (out / "eval" / "results.jsonl").read_text() == before
+
+
+def test_step_0_is_evaluated_once_and_equals_a_fresh_evaluation(main_job, tmp_path):
+    """Every run starts at pi_ref, so evaluate.py evaluates step 0 once and shares the row: it must be what
+    evaluating one run's ckpt-0 alone gives."""
+    out, _ = main_job
+    metric_keys = ["kl", "win_rate", "true_win_rate", "gold_score", "mean_length", "example"]
+    rows = evaluate.read_results(out / "eval" / "results.jsonl")
+    starts = [r for r in rows if r["step"] == 0]
+    assert len(starts) == 3 and all([r[k] for k in metric_keys] == [starts[0][k] for k in metric_keys] for r in starts)
+    last = sorted(out.glob("runs/*"))[-1]
+    evaluate.main(evaluate.Args(runs=str(last), data=str(out / "toy_tldr"), gold_path=str(out / "gold_rm"),
+                                out_dir=str(tmp_path / "e"), plots_dir=str(tmp_path / "p"), num_prompts=6))
+    alone = [r for r in evaluate.read_results(tmp_path / "e" / "results.jsonl") if r["step"] == 0]
+    assert [alone[0][k] for k in metric_keys] == [starts[0][k] for k in metric_keys]
+    later = [r for r in rows if r["step"] > 0]
+    assert any(r["kl"] > 0 for r in later)  # later steps were evaluated for real, not copied from step 0
 
 
 def run_eval(*flags):

@@ -72,21 +72,23 @@ def toy_pairs(tokenizer, n):
 def test_reward_scores_read_the_last_real_token(tiny_rm):
     model, tokenizer, _ = tiny_rm
     pairs = toy_pairs(tokenizer, 3)
-    batch = reward.pair_batch(pairs, tokenizer.pad_token_id)  # right-padded: rows of different lengths
-    assert (batch["attention_mask"] == 0).any()
+    batch = reward.pair_batch(pairs, tokenizer.pad_token_id)  # one prompt, two responses of different lengths
+    assert (batch["response_mask"] == 0).any()
     scores = reward.reward_scores(model, batch)
     assert scores.shape == (6,)
-    rows = [p[0] for p in pairs] + [p[1] for p in pairs]  # pair_batch: chosen rows first, then rejected
-    alone = torch.cat([reward.reward_scores(model, sft.collate([row], tokenizer.pad_token_id)) for row in rows])
+    rows = [example for pair in pairs for example in pair]  # pair_batch: chosen, rejected, chosen, ...
+    alone = torch.cat([reward.reward_scores(model, sft.collate_grouped([row], tokenizer.pad_token_id)) for row in rows])
     torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
-    # the check has teeth: the head read at the last position (padding for the shorter rows) differs
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    at_end = model.score(hidden[:, -1]).squeeze(-1)
-    padded = batch["attention_mask"][:, -1] == 0
-    assert (at_end[padded] - scores[padded]).abs().min() > 1e-3
-    # with pad != EOS (the toy) the model's own pooling, which looks for the last non-pad id, agrees
-    torch.testing.assert_close(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.squeeze(-1),
+    # independent: the model's own pooling on full right-padded sequences (with pad != EOS, as on the
+    # toy, it finds the last non-pad token itself)
+    full = sft.collate(rows, tokenizer.pad_token_id)
+    torch.testing.assert_close(model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits.squeeze(-1),
                                scores, rtol=1e-5, atol=1e-5)
+    # the check has teeth: the head read at the last position (padding for the shorter rows) differs
+    hidden = model.base_model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).last_hidden_state
+    at_end = model.score(hidden[:, -1]).squeeze(-1)
+    padded = full["attention_mask"][:, -1] == 0
+    assert padded.any() and (at_end[padded] - scores[padded]).abs().min() > 1e-3
 
 
 @torch.no_grad()
@@ -124,10 +126,12 @@ def test_gold_rm_reopens_with_auto_classes_and_scores_the_same(tmp_path_factory)
     tokenizer = AutoTokenizer.from_pretrained(gold)
     assert auto_model.config.num_labels == 1 and auto_model.config.pad_token_id == tokenizer.pad_token_id
     rows = read_jsonl(world / "prefs_human.jsonl")[-6:]
-    batch = sft.collate([sft.encode(tokenizer, r["prompt"], r["chosen"], 64, 24) for r in rows], tokenizer.pad_token_id)
+    examples = [sft.encode(tokenizer, r["prompt"], r["chosen"], 64, 24) for r in rows]
+    batch = sft.collate_grouped(examples, tokenizer.pad_token_id)
     ours = reward.reward_scores(reward.load_reward_model(str(gold), tokenizer).eval(), batch)
     torch.testing.assert_close(reward.reward_scores(auto_model, batch), ours, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(auto_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0],
+    full = sft.collate(examples, tokenizer.pad_token_id)
+    torch.testing.assert_close(auto_model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, 0],
                                ours, rtol=1e-5, atol=1e-5)
     assert ours.std() > 0  # the head was trained away from zero
 

@@ -92,6 +92,18 @@ def test_encode_appends_eos_and_collate_masks_only_the_response(tokenizer):
     assert len(cut) == 3 and tokenizer.eos_token_id not in cut  # cut at max_response_len: no EOS
 
 
+def test_encode_rows_in_one_batch_equals_one_tokenizer_call_per_text(tokenizer):
+    rows = toy_rows(40)
+    got = sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 64, 12)
+    for r, (p, resp) in zip(rows, got):
+        assert p == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        assert resp == (tokenizer(" " + r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:12]
+    assert any(len(resp) == 12 for _, resp in got) and any(len(resp) < 12 for _, resp in got)
+    assert sft.encode_rows(tokenizer, [], [], 64, 12) == []
+    with pytest.raises(SystemExit, match="^error: a prompt is empty"):
+        sft.encode_rows(tokenizer, ["", rows[0]["prompt"]], ["a", "b"], 64, 12)
+
+
 def test_a_long_prompt_is_refused_or_cut_from_the_left(tokenizer):
     prompt = toy_rows(1)[0]["prompt"]
     with pytest.raises(SystemExit, match="^error: .*--max_prompt_len 10"):
@@ -186,6 +198,29 @@ def test_greedy_batch_equals_each_prompt_alone(tokenizer, peaked_lm, ragged_prom
         assert logp == pytest.approx(alone_logp, rel=1e-6, abs=1e-5)
     # batch_size splits the batch without changing a row
     assert sft.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0, batch_size=3)[0] == responses
+
+
+def test_collate_grouped_pads_prompts_left_and_responses_right(tokenizer):
+    examples = [([5, 6, 7], [8, 9]), ([5, 6, 7], [10]), ([11], [12, 13, 14]), ([11], [15])]
+    batch = sft.collate_grouped(examples, pad_id=0, k=2)
+    assert batch["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 11]]
+    assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["response_ids"].tolist() == [[8, 9, 0], [10, 0, 0], [12, 13, 14], [15, 0, 0]]
+    assert batch["response_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError):  # a group must share its prompt
+        sft.collate_grouped([([1], [2]), ([3], [4])], pad_id=0, k=2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@torch.no_grad()
+def test_response_hidden_equals_the_full_forward_of_each_sequence(tokenizer, peaked_lm, ragged_prompts, k):
+    rng = random.Random(k)
+    examples = [(p, [rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(1, 6))]) for p in ragged_prompts for _ in range(k)]
+    hidden = sft.response_hidden(peaked_lm.base_model, sft.collate_grouped(examples, tokenizer.pad_token_id, k=k))
+    for i, (p, r) in enumerate(examples):
+        alone = peaked_lm.base_model(input_ids=torch.tensor([p + r])).last_hidden_state[0]
+        # hidden[i, t] has read the prompt and t response tokens: the full forward's position len(p) - 1 + t
+        torch.testing.assert_close(hidden[i, :len(r) + 1], alone[len(p) - 1:], atol=1e-4, rtol=1e-4)
 
 
 def test_decode_response_reports_whether_eos_ended_it(tokenizer):
