@@ -17,7 +17,10 @@ Run (after dpo.py / is_dpo.py):
     python evaluate.py                                    # every run in out/runs/
     python evaluate.py --runs "out/runs/ais-dpo_*" --num_prompts 512
     python evaluate.py --plots_only                       # redraw from results.jsonl
+    python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait; python evaluate.py --plots_only
 """
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -56,6 +59,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "sampling seed (the same for every checkpoint: common random numbers)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="out/eval", metadata={"help": "results.jsonl and summary.md go here"})
+    shard: str = field(default="0/1", metadata={"help": "i/n: only every n-th checkpoint still to do, from the i-th, and no plots; "
+                                                       "run.sh runs n shards side by side (one thread each), then --plots_only"})
     plots_dir: str = field(default="out/plots", metadata={"help": "tradeoff.png and dynamics.png go here"})
     plots_only: bool = field(default=False, metadata={"help": "skip evaluation; redraw plots and summary from results.jsonl"})
 
@@ -141,6 +146,14 @@ def find_checkpoints(pattern):
         with open(path) as f:
             found.append((run, json.load(f), sorted(ckpts)))
     return found
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold an exclusive lock on <path>.lock: shards running side by side share one results file."""
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def read_results(path):
@@ -264,6 +277,10 @@ def main(args):
     from transformers import AutoModelForCausalLM
 
     results_path = os.path.join(args.out_dir, "results.jsonl")
+    shard = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if not shard or not int(shard.group(1)) < int(shard.group(2)):
+        fail(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
+    shard, num_shards = int(shard.group(1)), int(shard.group(2))
     if not args.plots_only:
         sft.check_positive(args, "num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len")
         if args.temperature < 0:
@@ -289,17 +306,20 @@ def main(args):
         for run, _, ckpts in runs:  # a policy must speak the gold model's vocabulary
             if sft.load_tokenizer(sft.Args(tokenizer_path=ckpts[0][1])).get_vocab() != tokenizer.get_vocab():
                 fail(f"the gold model's tokenizer ({args.gold_path}) differs from the policy's ({ckpts[0][1]})")
-        rows = read_results(results_path)
-        current = {a["run_name"]: a.get("run_id") for _, a, _ in runs}
-        fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
-        if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
-            print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
-            toy_tldr.write_jsonl(results_path + ".tmp", fresh)
-            os.replace(results_path + ".tmp", results_path)
-        done = {(r["run"], r["step"]) for r in fresh}
-        todo = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts if (a["run_name"], step) not in done]
-        print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), {len(eval_rows)} prompts each")
         os.makedirs(args.out_dir, exist_ok=True)
+        with locked(results_path):
+            rows = read_results(results_path)
+            current = {a["run_name"]: a.get("run_id") for _, a, _ in runs}
+            fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
+            if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
+                print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
+                toy_tldr.write_jsonl(results_path + ".tmp", fresh)
+                os.replace(results_path + ".tmp", results_path)
+        done = {(r["run"], r["step"]) for r in fresh}
+        every = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts]  # the same list in every shard
+        todo = [c for c in every[shard::num_shards] if (c[1]["run_name"], c[2]) not in done]
+        print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), {len(eval_rows)} prompts each"
+              + (f" (shard {shard}/{num_shards})" if num_shards > 1 else ""))
         refs, starts = {}, {}
         for run, a, step, ckpt in tqdm(todo, desc="checkpoints"):
             sft_path = args.sft_path or a["sft_path"]
@@ -317,7 +337,11 @@ def main(args):
             row = {"run": a["run_name"], "run_id": a.get("run_id"), "method": a["method"], "beta": a["beta"], "seed": a["seed"], "step": step,
                    "fraction": step / a["total_steps"], "epoch": step / a["total_steps"] * a["num_epochs"],
                    **metrics, "num_prompts": len(eval_rows)}
-            sft.append_jsonl(results_path, row)  # one complete line per checkpoint: a stop loses nothing done
+            with locked(results_path):
+                sft.append_jsonl(results_path, row)  # one complete line per checkpoint: a stop loses nothing done
+        if num_shards > 1:
+            print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every shard is")
+            return
     rows = read_results(results_path)
     if not rows:
         fail(f"no results in {results_path}")

@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out}
 SEEDS=${SEEDS:-0}
 BETAS=${BETAS:-0.01 0.05 0.1}
-JOBS=${JOBS:-2}   # DAA runs side by side, one CPU thread each
+JOBS=${JOBS:-2}   # DAA runs (and evaluation shards) side by side, one CPU thread each
 PY=${PYTHON:-python}
 FROM=${FROM:-1}   # first stage to run; the earlier stages' outputs in $OUT are reused
 start=$(date +%s)
@@ -55,8 +55,17 @@ if ! xargs -P "$JOBS" -I{} bash -c "{}" < "$jobs_file"; then
   exit 1
 fi
 
-say "6/7 evaluation: gold win-rate, true win-rate and KL of every checkpoint"
-$PY evaluate.py --runs "$OUT/runs/*" --data "$OUT/toy_tldr" --gold_path "$OUT/gold_rm" --out_dir "$OUT/eval" --plots_dir "$OUT/plots" ${EVAL_FLAGS:-}
+say "6/7 evaluation: gold win-rate, true win-rate and KL of every checkpoint ($JOBS shards side by side, one thread each)"
+eval_args=(--runs "$OUT/runs/*" --data "$OUT/toy_tldr" --gold_path "$OUT/gold_rm" --out_dir "$OUT/eval" --plots_dir "$OUT/plots")
+pids=()
+for (( i = 0; i < JOBS; i++ )); do
+  $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} > "$OUT/logs/eval_$i.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do
+  wait "$pid" || { echo "evaluation failed; see $OUT/logs/eval_*.log" >&2; exit 1; }
+done
+$PY evaluate.py "${eval_args[@]}" --plots_only ${EVAL_FLAGS:-}
 say "7/7 the two analytic toys"
 $PY toy_gaussian.py --out_dir "$OUT/toy_gaussian" ${GAUSS_FLAGS:-}
 

@@ -378,3 +378,12 @@ def test_bad_input_on_the_command_line_is_one_line(tiny_world):
     out = run("dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--beta", 0)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["error: --beta must be > 0, got 0.0"]
+
+
+def test_shared_prompt_benchmark_runs_and_its_variants_agree():
+    flags = ["--pairs", "3", "--prompt_len", "9", "--response_len", "4", "--n_embd", "32", "--reps", "1", "--threads", "1"]
+    proc = subprocess.run([sys.executable, "bench/shared_prompt.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diff = float(proc.stdout.split("max |difference| of the log-probs ")[1].split()[0])
+    assert diff < 1e-4
+    assert "two full sequences" in proc.stdout and "shared prompt (ours)" in proc.stdout

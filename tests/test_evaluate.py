@@ -142,6 +142,23 @@ def test_step_0_is_evaluated_once_and_equals_a_fresh_evaluation(main_job, tmp_pa
     assert any(r["kl"] > 0 for r in later)  # later steps were evaluated for real, not copied from step 0
 
 
+def test_shards_together_give_every_checkpoint_once_and_the_same_rows(main_job, tmp_path):
+    out, _ = main_job
+    kw = dict(runs=str(out / "runs" / "*"), data=str(out / "toy_tldr"), gold_path=str(out / "gold_rm"),
+              out_dir=str(tmp_path / "e"), plots_dir=str(tmp_path / "p"), num_prompts=6)
+    for i in (1, 0):  # the order does not matter: a shard's share is fixed by the list of all checkpoints
+        evaluate.main(evaluate.Args(**kw, shard=f"{i}/2"))
+    assert not (tmp_path / "p").exists()  # shards draw no plots
+    shards = {(r["run"], r["step"]): r for r in evaluate.read_results(tmp_path / "e" / "results.jsonl")}
+    assert len(shards) == len(list(out.glob("runs/*/ckpt-*"))) == len(evaluate.read_results(tmp_path / "e" / "results.jsonl"))
+    whole = evaluate.read_results(out / "eval" / "results.jsonl")  # run.sh's shards, one thread each, like these
+    for r in whole:
+        s = shards[(r["run"], r["step"])]
+        assert s["win_rate"] == r["win_rate"] and s["kl"] == pytest.approx(r["kl"], abs=1e-6)
+    evaluate.main(evaluate.Args(**kw, plots_only=True))
+    assert (tmp_path / "p" / "tradeoff.png").is_file() and (tmp_path / "e" / "summary.md").is_file()
+
+
 def run_eval(*flags):
     return subprocess.run([sys.executable, "evaluate.py", *map(str, flags)], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -164,6 +181,7 @@ def test_evaluate_bad_inputs(main_job, tmp_path):
     vocab["model"]["vocab"]["zzz_new_word"] = len(vocab["model"]["vocab"])
     (other_tok / "tokenizer.json").write_text(json.dumps(vocab))
     cases.append((["--runs", out / "runs" / "*", "--data", out / "toy_tldr", "--gold_path", other_tok, *base[4:]], "tokenizer"))
+    cases.append((["--runs", out / "runs" / "*", *base, "--shard", "2/2"], "--shard"))
     for flags, message in cases:
         proc = run_eval(*flags)
         assert proc.returncode != 0, flags
