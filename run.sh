@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The whole experiment on the embedded toy world, stage by stage: read it as the table of contents.
 #
-#   bash run.sh                      # one seed, about 10 minutes on a 2-core laptop CPU
-#   SEEDS="0 1 2" bash run.sh        # the README's table (three seeds)
+#   bash run.sh                      # one seed, about 11 minutes on a 2-core laptop CPU
+#   FROM=5 SEEDS="1 2" bash run.sh   # then two more seeds: the README's table (another 15 minutes)
 #   OUT=/tmp/x BETAS=0.01 bash run.sh
-#   FROM=5 SEEDS="1 2" BETAS=0.01 bash run.sh   # reuse stages 1-4, train and evaluate more seeds
 #
 # Every stage also runs alone (python <stage>.py --help). Extra flags per stage can be passed in
 # WORLD_FLAGS, SFT_FLAGS, RM_FLAGS, LABEL_FLAGS, DAA_FLAGS, EVAL_FLAGS, GAUSS_FLAGS (the tests use
