@@ -22,6 +22,8 @@ What is in here, top to bottom:
 is_dpo.py reuses all of it and passes `train` a function that weighs each pair.
 """
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import random
@@ -69,6 +71,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch (data order)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     runs_dir: str = field(default="out/runs", metadata={"help": "runs are written to <runs_dir>/<run_name>/"})
+    reference_cache: str = field(default="", metadata={"help": "a directory where runs that share pi_ref and the pairs share "
+                                                                "their reference log-probs (run.sh sets it); empty: compute them"})
     run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
 
 
@@ -256,6 +260,40 @@ def reference_logps(model, pairs, pad_id, device, autocast, chunk, batch_size):
     return torch.cat(ref_w), torch.cat(ref_l)
 
 
+def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
+    """reference_logps, computed by the first of several runs that need the same numbers and read by the rest.
+
+    run.sh trains nine runs from one pi_ref on one set of pairs: their reference log-probs are equal.
+    The file is named by a hash of everything the numbers depend on -- pi_ref's weights, every pair's
+    token ids, the batching, the thread count, the code of dpo.py and sft.py, the library versions --
+    so a run reads exactly what it would have computed, and a changed input or line of code misses.
+    """
+    import transformers
+
+    batch_size = 2 * args.batch_size
+    if not args.reference_cache:
+        return reference_logps(model, pairs, pad_id, device, autocast, args.logit_chunk, batch_size)
+    key = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        key.update(f"{name} {tensor.dtype}".encode())
+        key.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for path in (__file__, sft.__file__):
+        with open(path, "rb") as f:
+            key.update(f.read())
+    key.update(json.dumps([pairs, batch_size, args.logit_chunk, torch.get_num_threads(), str(device),  # cuda: bf16 autocast
+                           torch.__version__, transformers.__version__]).encode())
+    path = os.path.join(args.reference_cache, key.hexdigest()[:20] + ".pt")
+    if os.path.isfile(path):
+        print(f"reference log-probs: read from {path}")
+        saved = torch.load(path, weights_only=True)
+        return saved["ref_w"].to(device), saved["ref_l"].to(device)
+    ref_w, ref_l = reference_logps(model, pairs, pad_id, device, autocast, args.logit_chunk, batch_size)
+    os.makedirs(args.reference_cache, exist_ok=True)
+    torch.save({"ref_w": ref_w.cpu(), "ref_l": ref_l.cpu()}, f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)  # a whole file or none, even with runs side by side
+    return ref_w, ref_l
+
+
 def method_name(args):
     return args.loss_type
 
@@ -294,7 +332,7 @@ def train(args, weigh=no_weights, method=None):
     model = AutoModelForCausalLM.from_pretrained(args.sft_path).to(device)
     pad = tokenizer.pad_token_id
     # pi_ref is the starting policy: its log-probs of the data never change, so take them now
-    ref_w, ref_l = reference_logps(model, pairs, pad, device, autocast, args.logit_chunk, 2 * args.batch_size)
+    ref_w, ref_l = shared_reference_logps(args, model, pairs, pad, device, autocast)
 
     pairs_per_step = args.batch_size * args.grad_accum
     total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / pairs_per_step))

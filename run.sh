@@ -39,7 +39,8 @@ fi
 
 say "5/7 DPO, AIS-DPO and clipped IS-DPO for beta in {$BETAS}, seeds {$SEEDS} ($JOBS at a time; logs in $OUT/logs)"
 mkdir -p "$OUT/logs"
-common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --threads 1 ${DAA_FLAGS:-}"
+# the nine runs share pi_ref and the pairs: the first to need the reference log-probs saves them for the rest
+common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --reference_cache $OUT/reference_logps --threads 1 ${DAA_FLAGS:-}"
 jobs_file="$OUT/logs/jobs.txt"
 : > "$jobs_file"
 for seed in $SEEDS; do

@@ -336,6 +336,42 @@ def test_dpo_and_is_dpo_alpha0_write_the_same_log(tiny_world):
     AutoModelForCausalLM.from_pretrained(tiny_world / "runs" / "dpo_beta0.01_seed3" / "ckpt-6")
 
 
+def test_a_run_reading_shared_reference_logps_writes_the_same_log(tiny_world):
+    cache = tiny_world / "reference_cache"
+    base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs_cached",
+            "--reference_cache", cache, *COMMON]
+    first = run("dpo.py", *base, "--run_name", "first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert len(os.listdir(cache)) == 1 and "read from" not in first.stdout
+    second = run("dpo.py", *base, "--run_name", "second")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "reference log-probs: read from" in second.stdout and len(os.listdir(cache)) == 1
+    assert read_log(tiny_world / "runs_cached" / "first") == read_log(tiny_world / "runs_cached" / "second")
+
+
+def test_shared_reference_logps_miss_when_pi_ref_or_the_pairs_change(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    examples = toy_examples(tokenizer, 4, seed=5)
+    pairs = [(examples[0], (examples[0][0], examples[1][1])), (examples[2], (examples[2][0], examples[3][1]))]
+    args = dpo.Args(reference_cache=str(tmp_path), batch_size=1, logit_chunk=16)
+    pad, cpu, no_autocast = tokenizer.pad_token_id, torch.device("cpu"), contextlib.nullcontext()
+    ref_w, ref_l = dpo.shared_reference_logps(args, model, pairs, pad, cpu, no_autocast)
+    direct = dpo.reference_logps(model, pairs, pad, cpu, no_autocast, 16, 2)
+    assert torch.equal(ref_w, direct[0]) and torch.equal(ref_l, direct[1])
+    again = dpo.shared_reference_logps(args, model, pairs, pad, cpu, no_autocast)  # read back
+    assert torch.equal(again[0], ref_w) and torch.equal(again[1], ref_l) and len(os.listdir(tmp_path)) == 1
+    dpo.shared_reference_logps(args, model, pairs[:1], pad, cpu, no_autocast)  # other pairs: a new file
+    assert len(os.listdir(tmp_path)) == 2
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] += 1.0  # another pi_ref: a new file, new numbers
+    try:
+        moved = dpo.shared_reference_logps(args, model, pairs, pad, cpu, no_autocast)
+        assert len(os.listdir(tmp_path)) == 3 and not torch.equal(moved[0], ref_w)
+    finally:
+        with torch.no_grad():
+            model.get_output_embeddings().weight[0, 0] -= 1.0
+
+
 @pytest.mark.parametrize("flags", [["--weight", "adaptive"], ["--weight", "clipped", "--loss_type", "ipo"],
                                    ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"]])
 def test_is_dpo_runs_and_logs_weights(tiny_world, flags):
