@@ -17,7 +17,8 @@ What is in here, top to bottom:
      response tokens only, recomputed in the backward pass, so that no [batch, time, vocab]
      tensor ever exists;
   2. the DAA losses, each a small pure function;
-  3. reference log-probs computed once before training (no reference model during the loop);
+  3. reference log-probs computed once before training (no reference model during the loop), and
+     with --reference_cache once for all the runs that share pi_ref and the pairs (run.sh);
   4. the training loop, with checkpoints at evenly spaced fractions of training, step 0 included.
 is_dpo.py reuses all of it and passes `train` a function that weighs each pair.
 """
