@@ -47,7 +47,7 @@ class Args:
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept (and sampled), EOS included"})
     truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
     steps: int = field(default=300, metadata={"help": "--mode train: optimizer steps"})
-    batch_size: int = field(default=64, metadata={"help": "--mode train: pairs per micro-batch"})
+    batch_size: int = field(default=32, metadata={"help": "--mode train: pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "--mode train: micro-batches per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "--mode train: peak learning rate (AdamW)"})
     warmup_steps: int = field(default=20, metadata={"help": "--mode train: warmup steps before the cosine decay"})
@@ -118,6 +118,18 @@ def score_texts(model, tokenizer, prompts, responses, args, device, autocast, de
     return scores
 
 
+@torch.no_grad()
+def score_pairs(model, pairs, pad_id, batch_size, device, autocast):
+    """Gold scores (chosen, rejected) of encoded pairs, each pair's prompt run once (pair_batch)."""
+    model.eval()
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        batch = sft.to_device(pair_batch(pairs[start:start + batch_size], pad_id), device)
+        with autocast:
+            scores += reward_scores(model, batch).tolist()
+    return np.array(scores[0::2]), np.array(scores[1::2])
+
+
 # ----------------------------------------------------------------------------------------------
 # mode train
 
@@ -134,7 +146,7 @@ def train(args, device, autocast):
     chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
                                         args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
     pairs = list(zip(chosen, rejected))
-    train_pairs, val_rows = pairs[:-args.val_size], rows[-args.val_size:]
+    train_pairs, val_pairs, val_rows = pairs[:-args.val_size], pairs[-args.val_size:], rows[-args.val_size:]
     model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -163,9 +175,7 @@ def train(args, device, autocast):
         sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
         bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
 
-    prompts = [r["prompt"] for r in val_rows]
-    s_chosen = np.array(score_texts(model, tokenizer, prompts, [r["chosen"] for r in val_rows], args, device, autocast))
-    s_rejected = np.array(score_texts(model, tokenizer, prompts, [r["rejected"] for r in val_rows], args, device, autocast))
+    s_chosen, s_rejected = score_pairs(model, val_pairs, tokenizer.pad_token_id, args.sample_batch_size, device, autocast)
     metrics = {"train_seconds": time.time() - t0, "val_accuracy": float(np.mean(s_chosen > s_rejected)), "val_pairs": len(val_rows)}
     if sft.is_toy(args.data):  # the toy knows the truth: how often does the RM order pairs as the true scorer does?
         t_chosen = np.array([toy_tldr.true_score(r["prompt"], r["chosen"]) for r in val_rows])

@@ -91,6 +91,21 @@ def test_reward_scores_read_the_last_real_token(tiny_rm):
     assert padded.any() and (at_end[padded] - scores[padded]).abs().min() > 1e-3
 
 
+
+def test_score_pairs_equals_scoring_each_response_from_its_text(tiny_rm):
+    """The RM's validation scores (prompt run once per pair, batches of 2 pairs) against score_texts
+    (every prompt + response on its own row, from the texts) for chosen and rejected separately."""
+    model, tokenizer, _ = tiny_rm
+    human = toy_tldr.make_world(toy_tldr.Args(num_sft=1, num_human_pairs=5, num_eval=1))[1]
+    pairs = [tuple(sft.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected")) for r in human]
+    s_chosen, s_rejected = reward.score_pairs(model, pairs, tokenizer.pad_token_id, 2, "cpu", nullcontext())
+    args = reward.Args(sample_batch_size=3)
+    for side, ours in (("chosen", s_chosen), ("rejected", s_rejected)):
+        theirs = reward.score_texts(model, tokenizer, [r["prompt"] for r in human], [r[side] for r in human], args, "cpu", nullcontext())
+        assert ours.shape == (5,)
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert (s_chosen != s_rejected).all()  # so a swap of the two sides would show above
+
 @torch.no_grad()
 def test_a_new_head_scores_every_response_zero(tiny_rm):
     _, tokenizer, path = tiny_rm
