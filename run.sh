@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole experiment on the embedded toy world, stage by stage: read it as the table of contents.
 #
-#   bash run.sh                      # one seed, about 10 minutes on a 2-core laptop CPU
-#   FROM=5 SEEDS="1 2" bash run.sh   # then two more seeds: the README's table (another 15 minutes)
+#   bash run.sh                      # one seed, 8-10 minutes on a 2-core laptop CPU
+#   FROM=5 SEEDS="1 2" bash run.sh   # then two more seeds: the README's table (another 10 minutes)
 #   OUT=/tmp/x BETAS=0.01 bash run.sh
 #
 # Every stage also runs alone (python <stage>.py --help). Extra flags per stage can be passed in
