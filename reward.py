@@ -105,28 +105,27 @@ def pair_batch(pairs, pad_id):
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts, responses, args, device, autocast, desc=None):
-    """Gold scores of (prompt, response) texts, EOS appended to each response."""
+def score_examples(model, examples, pad_id, batch_size, device, autocast, k=1, desc=None):
+    """Gold scores of encoded (prompt, response) rows, in groups of k rows sharing a prompt (run once per group)."""
     model.eval()
-    examples = sft.encode_rows(tokenizer, prompts, responses, args.max_prompt_len, args.max_response_len, args.truncate_prompts)
     scores = []
-    starts = range(0, len(examples), args.sample_batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        batch = sft.to_device(sft.collate_grouped(examples[start:start + args.sample_batch_size], tokenizer.pad_token_id), device)
+    rows = batch_size * k
+    for start in tqdm(range(0, len(examples), rows), desc=desc, leave=False, disable=desc is None):
+        batch = sft.to_device(sft.collate_grouped(examples[start:start + rows], pad_id, k), device)
         with autocast:
             scores += reward_scores(model, batch).tolist()
     return scores
 
 
-@torch.no_grad()
+def score_texts(model, tokenizer, prompts, responses, args, device, autocast, desc=None):
+    """Gold scores of (prompt, response) texts, EOS appended to each response."""
+    examples = sft.encode_rows(tokenizer, prompts, responses, args.max_prompt_len, args.max_response_len, args.truncate_prompts)
+    return score_examples(model, examples, tokenizer.pad_token_id, args.sample_batch_size, device, autocast, desc=desc)
+
+
 def score_pairs(model, pairs, pad_id, batch_size, device, autocast):
-    """Gold scores (chosen, rejected) of encoded pairs, each pair's prompt run once (pair_batch)."""
-    model.eval()
-    scores = []
-    for start in range(0, len(pairs), batch_size):
-        batch = sft.to_device(pair_batch(pairs[start:start + batch_size], pad_id), device)
-        with autocast:
-            scores += reward_scores(model, batch).tolist()
+    """Gold scores (chosen, rejected) of encoded pairs, each pair's prompt run once (as in pair_batch)."""
+    scores = score_examples(model, [example for pair in pairs for example in pair], pad_id, batch_size, device, autocast, k=2)
     return np.array(scores[0::2]), np.array(scores[1::2])
 
 

@@ -91,7 +91,6 @@ def test_reward_scores_read_the_last_real_token(tiny_rm):
     assert padded.any() and (at_end[padded] - scores[padded]).abs().min() > 1e-3
 
 
-
 def test_score_pairs_equals_scoring_each_response_from_its_text(tiny_rm):
     """The RM's validation scores (prompt run once per pair, batches of 2 pairs) against score_texts
     (every prompt + response on its own row, from the texts) for chosen and rejected separately."""
@@ -105,6 +104,7 @@ def test_score_pairs_equals_scoring_each_response_from_its_text(tiny_rm):
         assert ours.shape == (5,)
         torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     assert (s_chosen != s_rejected).all()  # so a swap of the two sides would show above
+
 
 @torch.no_grad()
 def test_a_new_head_scores_every_response_zero(tiny_rm):
