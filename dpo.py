@@ -75,6 +75,8 @@ class Args:
     reference_cache: str = field(default="", metadata={"help": "a directory where runs that share pi_ref and the pairs share "
                                                                 "their reference log-probs (run.sh sets it); empty: compute them"})
     run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its last saved state"})
+    save_every: int = field(default=50, metadata={"help": "steps between saved states (for --resume; 0 = never)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +235,7 @@ def load_pairs(args, tokenizer):
     rows = sft.load_rows(args.data, "train.jsonl", args.split, cols)
     chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
                                         args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
+    sft.report_shaping("daa", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
     pairs = list(zip(chosen, rejected))
     same = sum(r["chosen"] == r["rejected"] for r in rows)
     if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
@@ -302,11 +305,11 @@ def method_name(args):
 def validate(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
-    if not args.beta > 0:
-        fail(f"--beta must be > 0, got {args.beta}")
-    sft.check_positive(args, "num_epochs", "batch_size", "grad_accum", "lr", "logit_chunk", "max_prompt_len", "max_response_len")
-    if args.num_checkpoints < 0:
-        fail(f"--num_checkpoints must be >= 0, got {args.num_checkpoints}")
+    sft.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip", "chipo_clip",
+                                   "logit_chunk", "max_prompt_len", "max_response_len"),
+                   non_negative=("rpo_eta", "warmup_steps", "num_checkpoints", "save_every"))
+    if args.run_name in (".", "..") or os.sep in args.run_name:
+        fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
     if not os.path.isdir(args.sft_path):
         fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
 
@@ -315,9 +318,10 @@ def validate(args):
 # 4. training
 
 
+@sft.cleans_up
 def train(args, weigh=no_weights, method=None):
     """The DAA loop. weigh(args, logps, rows) -> (weights [B], stats): all ones for plain DAAs."""
-    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     validate(args)
     sft.seed_everything(args.seed)
@@ -327,10 +331,13 @@ def train(args, weigh=no_weights, method=None):
     method = method or method_name(args)
     run_name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
     out_dir = os.path.join(args.runs_dir, run_name)
+    inputs = [args.sft_path, args.data, args.reference_cache]
+    sft.check_output(out_dir, "daa run", inputs)  # before any work: an output that must not be replaced is refused
 
     tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
     rows, pairs = load_pairs(args, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(args.sft_path).to(device)
+    tmp = sft.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)  # locked; kept across a kill
+    model = sft.load_policy(args.sft_path).to(device)
     pad = tokenizer.pad_token_id
     # pi_ref is the starting policy: its log-probs of the data never change, so take them now
     ref_w, ref_l = shared_reference_logps(args, model, pairs, pad, device, autocast)
@@ -340,8 +347,7 @@ def train(args, weigh=no_weights, method=None):
     save_at = {round(k * total_steps / args.num_checkpoints) for k in range(args.num_checkpoints + 1)} if args.num_checkpoints else set()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
-    tmp = sft.start_output(out_dir)
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # tells evaluate.py a retrained run from the old one
+    run_id = sft.read_marker(tmp)["run"]  # tells evaluate.py a retrained run from the old one
     sft.save_json(os.path.join(tmp, "args.json"), {**dataclasses.asdict(args), "method": method, "run_name": run_name,
                                                   "run_id": run_id, "total_steps": total_steps, "num_pairs": len(pairs)})
 
@@ -350,11 +356,12 @@ def train(args, weigh=no_weights, method=None):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
-    if 0 in save_at:
+    done, order, cursor = sft.restore_state(tmp, args, model, optimizer, scheduler)
+    if 0 in save_at and not done:
         save(0)
     print(f"{run_name}: {len(pairs)} pairs, {total_steps} steps of {pairs_per_step} pairs, device {device}")
-    order, cursor, t0 = [], 0, time.time()
-    bar = tqdm(range(1, total_steps + 1), desc=run_name)
+    t0 = time.time()
+    bar = tqdm(range(done + 1, total_steps + 1), desc=run_name)
     for step in bar:
         logged = {}
         for _ in range(args.grad_accum):
@@ -373,6 +380,7 @@ def train(args, weigh=no_weights, method=None):
             for k, v in {**stats, **weight_stats, "loss": loss.item() * args.grad_accum}.items():
                 logged[k] = logged.get(k, 0.0) + v / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        sft.check_finite(step, loss=logged["loss"], grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -381,6 +389,8 @@ def train(args, weigh=no_weights, method=None):
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}", acc=f"{row['accuracy']:.2f}")
         if step in save_at:
             save(step)
+        sft.save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
+    sft.remove_state(tmp)
     sft.finish_output(tmp, out_dir)
     print(f"{run_name}: done in {time.time() - t0:.0f} s -> {out_dir}")
     return out_dir

@@ -22,6 +22,7 @@ Run (after dpo.py / is_dpo.py):
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
@@ -126,7 +127,7 @@ def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_sc
 
 def find_checkpoints(pattern):
     """[(run_dir, run_args, [(step, ckpt_dir), ...])] for every run directory matching the glob."""
-    runs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d) and not d.endswith(".tmp"))
+    runs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d) and not d.endswith(".tmp"))  # .tmp: older versions
     if not runs:
         fail(f"--runs {pattern!r} matches no run directory (train with dpo.py / is_dpo.py first)")
     found = []
@@ -143,8 +144,16 @@ def find_checkpoints(pattern):
                 ckpts.append((int(m.group(1)), d))
         if not ckpts:
             fail(f"{run} has no ckpt-<step> directories")
-        with open(path) as f:
-            found.append((run, json.load(f), sorted(ckpts)))
+        try:
+            with open(path) as f:
+                run_args = json.load(f)
+        except ValueError as e:
+            fail(f"{path} is not valid JSON ({e}): a damaged run; train it again")
+        needed = ["run_name", "method", "beta", "seed", "total_steps", "num_epochs", "sft_path"]
+        if not isinstance(run_args, dict) or [k for k in needed if k not in run_args]:
+            fail(f"{path} lacks {[k for k in needed if k not in run_args] if isinstance(run_args, dict) else needed}: "
+                 f"not the args.json of a dpo.py / is_dpo.py run")
+        found.append((run, run_args, sorted(ckpts)))
     return found
 
 
@@ -156,11 +165,58 @@ def locked(path):
         yield
 
 
-def read_results(path):
+def read_results(path, repair=False):
+    """The rows of results.jsonl. A last line cut short (a stop or a full disk while it was written)
+    is dropped and reported, and with repair (under the lock, before appending) cut from the file;
+    any other line that is not a JSON object is refused with its number."""
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        data = f.read()
+    lines, rows = data.split(b"\n"), []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif n == len(lines):  # the last line, and no newline after it: its write was cut short
+            print(f"note: {path}: dropped a torn last line ({len(line)} bytes; an interrupted write)")
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(len(data) - len(line))
+        else:
+            fail(f"{path} line {n} is not a JSON object: fix or remove that line")
+    if repair and rows and not data.endswith(b"\n") and lines[-1].strip():  # a whole last row without its newline
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return rows
+
+
+def eval_settings(args, eval_rows):
+    """Everything a row's numbers depend on but the checkpoint: a row is reused only under equal settings,
+    and one results file holds rows of one setting. (Thread count and batch size move only the last bits.)"""
+    data = hashlib.sha256(json.dumps([[r["prompt"], r["reference"]] for r in eval_rows]).encode()).hexdigest()[:16]
+    gold = sft.read_marker(args.gold_path) or {}
+    return {"num_prompts": len(eval_rows), "temperature": args.temperature, "max_prompt_len": args.max_prompt_len,
+            "max_response_len": args.max_response_len, "truncate_prompts": args.truncate_prompts, "seed": args.seed,
+            "gold": f"{os.path.realpath(args.gold_path)} (run {gold.get('run')})", "data": data,
+            "kl_ref": os.path.realpath(args.sft_path) if args.sft_path else "each run's sft_path"}
+
+
+def checked_results(path, settings):
+    """results.jsonl's rows, read under its lock: a torn last line cut off, rows of other settings refused."""
+    rows = read_results(path, repair=True)
+    other = [r for r in rows if r.get("settings") != settings]
+    if other:
+        theirs = other[0].get("settings") or {}
+        changed = [k for k in settings if theirs.get(k) != settings[k]]
+        fail(f"{path} holds {len(other)} rows evaluated with other settings ({', '.join(changed)}): "
+             f"evaluate into another --out_dir, or move that file aside")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +274,7 @@ def plot(rows, plots_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(plots_dir, exist_ok=True)
+    sft.prepare_dir(plots_dir, "evaluate", own_files=OWN_FILES)
     groups = group_runs(rows)
     betas = sorted({beta for _, beta in groups})
     methods = sorted({m for m, _ in groups})
@@ -270,22 +326,28 @@ def plot(rows, plots_dir):
     plt.close(fig)
 
 
+# what evaluate.py writes in --out_dir and --plots_dir, which it adds to and never replaces: a directory holding
+# other files and no marker of evaluate.py is refused (these alone: an older version's output, taken as ours)
+OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png", "dynamics.png"}
+
+
 # ----------------------------------------------------------------------------------------------
 
 
+@sft.cleans_up
 def main(args):
-    from transformers import AutoModelForCausalLM
-
     results_path = os.path.join(args.out_dir, "results.jsonl")
     shard = re.fullmatch(r"(\d+)/(\d+)", args.shard)
     if not shard or not int(shard.group(1)) < int(shard.group(2)):
         fail(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     shard, num_shards = int(shard.group(1)), int(shard.group(2))
     if not args.plots_only:
-        sft.check_positive(args, "num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len")
-        if args.temperature < 0:
-            fail(f"--temperature must be >= 0, got {args.temperature}")
+        sft.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len"),
+                       non_negative=("temperature",))
         runs = find_checkpoints(args.runs)
+        inputs = [args.gold_path, args.data, args.sft_path] + [run for run, _, _ in runs]
+        for path in (args.out_dir, args.plots_dir):  # checked before any work, written to after it
+            sft.check_output(path, "evaluate", inputs, OWN_FILES)
         if not os.path.isdir(args.gold_path):
             fail(f"--gold_path {args.gold_path} not found (run reward.py --mode train first)")
         eval_rows = sft.load_rows(args.data, "eval.jsonl", args.split,
@@ -301,14 +363,18 @@ def main(args):
         with autocast:
             ref_scores = {"gold": reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
                                                      [r["reference"] for r in eval_rows], args, device, autocast)}
+        references = sft.encode_rows(tokenizer, [r["prompt"] for r in eval_rows], [r["reference"] for r in eval_rows],
+                                     args.max_prompt_len, args.max_response_len, args.truncate_prompts)
+        sft.report_shaping("evaluate", tokenizer, prompts, [r for _, r in references])
         if toy:
             ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in eval_rows]
         for run, _, ckpts in runs:  # a policy must speak the gold model's vocabulary
             if sft.load_tokenizer(sft.Args(tokenizer_path=ckpts[0][1])).get_vocab() != tokenizer.get_vocab():
                 fail(f"the gold model's tokenizer ({args.gold_path}) differs from the policy's ({ckpts[0][1]})")
-        os.makedirs(args.out_dir, exist_ok=True)
+        sft.prepare_dir(args.out_dir, "evaluate", inputs, OWN_FILES)
+        settings = eval_settings(args, eval_rows)
         with locked(results_path):
-            rows = read_results(results_path)
+            rows = checked_results(results_path, settings)
             current = {a["run_name"]: a.get("run_id") for _, a, _ in runs}
             fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
             if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
@@ -324,30 +390,36 @@ def main(args):
         for run, a, step, ckpt in tqdm(todo, desc="checkpoints"):
             sft_path = args.sft_path or a["sft_path"]
             if sft_path not in refs:
-                refs[sft_path] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
+                refs[sft_path] = sft.load_policy(sft_path).to(device).eval()
             start = (a["sft_path"], sft_path) if step == 0 else None
             if start in starts:  # step 0 is the starting policy itself (dpo.py saves it before the first
                 metrics = starts[start]  # update) and the evaluation is seeded: the same row for every run
             else:
-                policy = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
+                policy = sft.load_policy(ckpt).to(device).eval()
                 metrics = evaluate_checkpoint(policy, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
                                               toy, device, autocast)
                 if start:
                     starts[start] = metrics
             row = {"run": a["run_name"], "run_id": a.get("run_id"), "method": a["method"], "beta": a["beta"], "seed": a["seed"], "step": step,
                    "fraction": step / a["total_steps"], "epoch": step / a["total_steps"] * a["num_epochs"],
-                   **metrics, "num_prompts": len(eval_rows)}
-            with locked(results_path):
-                sft.append_jsonl(results_path, row)  # one complete line per checkpoint: a stop loses nothing done
+                   **metrics, "num_prompts": len(eval_rows), "settings": settings}
+            with locked(results_path):  # done meanwhile by an evaluation beside this one? then not twice
+                if any((r["run"], r.get("run_id"), r["step"]) == (row["run"], row["run_id"], step)
+                       for r in checked_results(results_path, settings)):
+                    print(f"evaluate: {row['run']} step {step} was written meanwhile by another evaluation")
+                else:
+                    sft.append_jsonl(results_path, row)  # one complete line per checkpoint: a stop loses nothing done
         if num_shards > 1:
             print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every shard is")
             return
     rows = read_results(results_path)
     if not rows:
         fail(f"no results in {results_path}")
+    for path in (args.out_dir, args.plots_dir):
+        sft.check_output(path, "evaluate", own_files=OWN_FILES)
+    sft.prepare_dir(args.out_dir, "evaluate", own_files=OWN_FILES)
     plot(rows, args.plots_dir)
     table = summary_table(rows)
-    os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "summary.md.tmp"), "w") as f:
         f.write(table)
     os.replace(os.path.join(args.out_dir, "summary.md.tmp"), os.path.join(args.out_dir, "summary.md"))

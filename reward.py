@@ -60,6 +60,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="", metadata={"help": "output dir; default out/gold_rm (train) or out/prefs (label)"})
+    resume: bool = field(default=False, metadata={"help": "--mode train: continue an interrupted run from its last saved state"})
+    save_every: int = field(default=50, metadata={"help": "--mode train: steps between saved states (for --resume; 0 = never)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,15 +69,14 @@ class Args:
 
 
 def load_reward_model(path, tokenizer=None, new_head=False):
-    """A scalar-head sequence classifier. new_head: start the head at zero (every score 0)."""
+    """A scalar-head sequence classifier. new_head: start the head at zero (every score 0); otherwise a
+    model without a trained head (pi_ref passed as the gold model) is refused."""
     from transformers import AutoModelForSequenceClassification
 
     if not os.path.isdir(path):
         fail(f"model directory {path} not found")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    except (OSError, ValueError) as e:
-        fail(f"could not load a reward model from {path}: {str(e).splitlines()[0][:200]}")
+    model = sft.load_pretrained(AutoModelForSequenceClassification, path, "a reward model (with its score head)",
+                                new_weights=["score."] if new_head else [], num_labels=1)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if new_head:
@@ -136,7 +137,9 @@ def score_pairs(model, pairs, pad_id, batch_size, device, autocast):
 def train(args, device, autocast):
     from transformers import get_cosine_schedule_with_warmup
 
-    sft.check_positive(args, "steps", "batch_size", "grad_accum", "lr", "val_size")
+    sft.check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "val_size"),
+                   non_negative=("warmup_steps", "save_every"))
+    sft.check_output(args.out_dir, "reward train", [args.sft_path, args.data])
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
     rows = sft.load_rows(args.data, "prefs_human.jsonl", args.split, cols)
     if len(rows) <= args.val_size:
@@ -144,16 +147,17 @@ def train(args, device, autocast):
     tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
     chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
                                         args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
+    sft.report_shaping("gold rm", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
     pairs = list(zip(chosen, rejected))
     train_pairs, val_pairs, val_rows = pairs[:-args.val_size], pairs[-args.val_size:], rows[-args.val_size:]
     model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
-    tmp = sft.start_output(args.out_dir)
+    tmp = sft.start_output(args.out_dir, "reward train", [args.sft_path, args.data], resumable=True, resume=args.resume)
     t0 = time.time()
-    order, cursor = [], 0
-    bar = tqdm(range(1, args.steps + 1), desc="gold rm")
+    done, order, cursor = sft.restore_state(tmp, args, model, optimizer, scheduler)
+    bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm")
     for step in bar:
         for _ in range(args.grad_accum):
             if cursor + args.batch_size > len(order):
@@ -166,13 +170,15 @@ def train(args, device, autocast):
             r_chosen, r_rejected = r[0::2], r[1::2]
             loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        sft.check_finite(step, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         accuracy = (r_chosen > r_rejected).float().mean().item()
         sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
         bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
+        sft.save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
 
     s_chosen, s_rejected = score_pairs(model, val_pairs, tokenizer.pad_token_id, args.sample_batch_size, device, autocast)
     metrics = {"train_seconds": time.time() - t0, "val_accuracy": float(np.mean(s_chosen > s_rejected)), "val_pairs": len(val_rows)}
@@ -186,6 +192,7 @@ def train(args, device, autocast):
     tokenizer.save_pretrained(tmp)
     sft.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
     sft.save_json(os.path.join(tmp, "metrics.json"), metrics)
+    sft.remove_state(tmp)
     sft.finish_output(tmp, args.out_dir)
     print(f"gold rm: saved {args.out_dir}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
@@ -195,9 +202,8 @@ def train(args, device, autocast):
 
 
 def label(args, device, autocast):
-    from transformers import AutoModelForCausalLM
-
-    sft.check_positive(args, "num_prompts", "sample_batch_size", "temperature")
+    sft.check_args(args, positive=("num_prompts", "sample_batch_size", "temperature"))
+    sft.check_output(args.out_dir, "reward label", [args.sft_path, args.gold_path, args.data])
     if args.label not in ("argmax", "bt"):
         fail(f"--label must be argmax or bt, got {args.label!r}")
     for path in (args.sft_path, args.gold_path):
@@ -209,10 +215,11 @@ def label(args, device, autocast):
         fail(f"the gold model's tokenizer ({args.gold_path}) differs from pi_ref's ({args.sft_path})")
     rows = sft.load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column})
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:args.num_prompts]  # unique, in order
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_path).to(device)
+    policy = sft.load_policy(args.sft_path).to(device)
     gold = load_reward_model(args.gold_path, tokenizer).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = sft.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
+    sft.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below ("unfinished")
     t0 = time.time()
     with autocast:  # two samples per prompt: rows 2i and 2i+1
         outs, logps = sft.sample(policy, [i for i in ids for _ in range(2)], tokenizer.eos_token_id, tokenizer.pad_token_id,
@@ -246,7 +253,7 @@ def label(args, device, autocast):
             if row["chosen_true_score"] != row["rejected_true_score"]:
                 agree.append(row["chosen_true_score"] > row["rejected_true_score"])
         out_rows.append(row)
-    tmp = sft.start_output(args.out_dir)
+    tmp = sft.start_output(args.out_dir, "reward label", [args.sft_path, args.gold_path, args.data])
     toy_tldr.write_jsonl(os.path.join(tmp, "train.jsonl"), out_rows)
     metrics = {"pairs": len(out_rows), "dropped": dropped, "seconds": time.time() - t0}
     if agree:
@@ -258,7 +265,9 @@ def label(args, device, autocast):
           + (f"; gold label agrees with the true scorer on {metrics['gold_true_agreement']:.1%}" if agree else ""))
 
 
+@sft.cleans_up
 def main(args):
+    sft.check_args(args, positive=("max_prompt_len", "max_response_len", "sample_batch_size"))
     if args.mode not in ("train", "label"):
         fail(f"--mode must be train or label, got {args.mode!r}")
     args.out_dir = args.out_dir or ("out/gold_rm" if args.mode == "train" else "out/prefs")

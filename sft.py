@@ -17,9 +17,9 @@ response mask, batching, loading or building the model, and sampling with a KV c
 """
 import dataclasses
 import json
+import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import toy_tldr
+# the plumbing every stage shares lives at the bottom of the pipeline; later stages take it from here
+from toy_tldr import (check_args, check_output, cleans_up, fail, finish_output, parse_args,  # noqa: F401
+                      prepare_dir, read_marker, start_output)
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -61,27 +64,12 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="out/sft", metadata={"help": "where pi_ref is saved"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its last saved state"})
+    save_every: int = field(default=50, metadata={"help": "steps between saved states (for --resume; 0 = never)"})
 
 
 # ----------------------------------------------------------------------------------------------
-# plumbing shared by every stage: errors, seeds, devices, output directories
-
-
-def parse_args(config_class, doc):
-    """Flags from a config dataclass (every field's help and default show in --help), doc on top."""
-    import argparse
-
-    from transformers import HfArgumentParser
-
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    return HfArgumentParser(config_class, description=doc, formatter_class=Formatter).parse_args_into_dataclasses()[0]
-
-
-def fail(message):
-    """Stop with one clear line (tests catch SystemExit)."""
-    raise SystemExit(f"error: {message}")
+# plumbing shared by every stage: errors, seeds, devices, output directories, resumable training
 
 
 def check_positive(args, *names):
@@ -103,70 +91,170 @@ def device_and_autocast():
     return torch.device("cpu"), nullcontext()
 
 
-def start_output(out_dir):
-    """Everything is written to <out_dir>.tmp and renamed at the end: a stopped run leaves no
-    half-written <out_dir>."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def finish_output(tmp, out_dir):
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-
-
 def save_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
 
 
 def append_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one row with one write() to a file opened for appending: rows written side by side never
+    interleave, and a stop tears at most the last line (evaluate.read_results drops it)."""
+    line = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, line) != len(line):
+            raise OSError(28, "short write (disk full?)", path)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# resumable training: the state of a run, saved every --save_every steps in its unfinished output
+# (start_output(..., resumable=True) keeps that directory across a kill)
+
+
+def check_finite(step, **values):
+    """Stop the run at the first non-finite loss or gradient norm: a NaN never heals, and nothing is published."""
+    for name, value in values.items():
+        value = float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not math.isfinite(value):
+            fail(f"non-finite {name} ({value}) at step {step}: training stopped, nothing saved")
+
+
+def _settings(args):
+    """What a resumed run must share with the interrupted one: every flag but --resume and --save_every."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
+
+
+def save_state(work, args, step, model, optimizer, scheduler, order, cursor):
+    """Every --save_every steps, all that the loop needs to go on after `step` exactly as if never stopped:
+    weights, optimizer moments, schedule, random generators, the data order and the place in it, and
+    how much of train_log.jsonl is written. Written aside and renamed: a kill leaves this state or the last."""
+    if not args.save_every or step % args.save_every:
+        return
+    numpy_rng = np.random.get_state()
+    state = {"step": step, "order": order, "cursor": cursor, "settings": _settings(args),
+             "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": {"python": random.getstate(), "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+                     "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    torch.save(state, os.path.join(work, "state.pt.tmp"))
+    os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
+
+
+def remove_state(work):
+    """The saved state is for --resume only: it is not part of the published output."""
+    if os.path.exists(os.path.join(work, "state.pt")):
+        os.remove(os.path.join(work, "state.pt"))
+
+
+def restore_state(work, args, model, optimizer, scheduler):
+    """(last step done, data order, cursor): from the saved state of an interrupted run if `work` holds
+    one (weights, optimizer, schedule and random generators are restored in place), else (0, [], 0)."""
+    path = os.path.join(work, "state.pt")
+    if not os.path.exists(path):
+        return 0, [], 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a state torn by a full disk: say so in one line
+        fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
+    changed = [k for k, v in _settings(args).items() if state["settings"].get(k) != v]
+    if changed:
+        fail(f"--resume with other settings than the interrupted run ({', '.join('--' + k for k in changed)}): "
+             f"use the same, or remove {work} to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    with open(os.path.join(work, "train_log.jsonl"), "r+b") as f:
+        f.truncate(state["log_bytes"])  # the rows of steps after the save are written again
+    print(f"resumed from the state saved at step {state['step']}")
+    return state["step"], state["order"], state["cursor"]
 
 
 # ----------------------------------------------------------------------------------------------
 # data: rows from the toy, a local file or the hub; tokenized into (prompt_ids, response_ids)
 
 
-def load_rows(source, filename, split, columns):
+def read_jsonl(path):
+    """The rows of a JSON-lines file; a line that is not a JSON object is refused with its number."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                torn = "" if line.endswith("\n") else " (a torn last line?)"
+                fail(f"{path} line {n} is not valid JSON{torn}: {e}")
+            if not isinstance(row, dict):
+                fail(f"{path} line {n} is not a JSON object: {line.strip()[:60]}")
+            rows.append(row)
+    return rows
+
+
+def load_rows(source, filename, split, columns, numeric=()):
     """Rows as dicts with our column names.
 
     source: a toy_tldr output dir (reads <source>/<filename>), a local .json/.jsonl/.parquet file,
-    or a hub dataset id. columns: {our_name: column_in_the_data}.
+    or a hub dataset id. columns: {our_name: column_in_the_data}. Every mapped field must be a string,
+    or a finite number for the names in `numeric`: the first that is not is refused with its row and column.
     """
-    import datasets
-
     if os.path.isdir(source):
         source = os.path.join(source, filename)
         if not os.path.isfile(source):
             fail(f"{source} not found (run the stage that writes it first)")
-    if source.endswith((".json", ".jsonl", ".parquet")):
+    if source.endswith(".jsonl"):
+        if not os.path.isfile(source):
+            fail(f"data file {source} not found")
+        rows = read_jsonl(source)
+        names = list(rows[0]) if rows else []
+    else:
+        data = load_dataset(source, split)
+        rows, names = data.to_list(), data.column_names
+    if not rows:
+        fail(f"{source} has no rows")
+    missing = [c for c in columns.values() if c not in names]
+    if missing:
+        fail(f"{source} lacks column(s) {missing}; it has {names} (map them with the --*_column flags)")
+    for i, row in enumerate(rows, 1):
+        for ours, theirs in columns.items():
+            value = row.get(theirs)
+            if ours in numeric:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                kind = "a finite number" if ours in numeric else "a string"
+                fail(f"{source} row {i}, column {theirs!r}: expected {kind}, got {json.dumps(value)[:60]}")
+    extra = [c for c in names if c not in columns.values() and c not in columns]  # scores, behaviour log-probs travel along
+    return [{**{ours: row[theirs] for ours, theirs in columns.items()}, **{c: row.get(c) for c in extra}} for row in rows]
+
+
+def load_dataset(source, split):
+    """A local .json/.parquet file or a hub data set, through the datasets library."""
+    import datasets
+
+    if source.endswith((".json", ".parquet")):
         if not os.path.isfile(source):
             fail(f"data file {source} not found")
         kind = "parquet" if source.endswith(".parquet") else "json"
         try:
-            data = datasets.load_dataset(kind, data_files=source, split="train")
+            return datasets.load_dataset(kind, data_files=source, split="train")
         except Exception as e:  # an empty or malformed file ends here, not in a traceback
             fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} {str(e)[:200]}".strip())
-    elif os.path.exists(source):
+    if os.path.exists(source):
         fail(f"{source}: expected a directory or a .json/.jsonl/.parquet file")
-    else:
-        try:
-            data = datasets.load_dataset(source, split=split)
-        except Exception as e:  # offline, unknown id, unknown split: all end here
-            fail(f"could not load dataset {source!r} split {split!r}: {type(e).__name__}: {str(e)[:200]}")
-    missing = [c for c in columns.values() if c not in data.column_names]
-    if missing:
-        fail(f"{source} lacks column(s) {missing}; it has {data.column_names} (map them with the --*_column flags)")
-    if len(data) == 0:
-        fail(f"{source} has no rows")
-    keep = {ours: data[theirs] for ours, theirs in columns.items()}
-    extra = {c: data[c] for c in data.column_names if c not in columns.values() and c not in columns}
-    keep.update(extra)  # extra columns (scores, behaviour log-probs) travel along
-    return [dict(zip(keep, values)) for values in zip(*keep.values())]
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all end here
+        fail(f"could not load dataset {source!r} split {split!r}: {type(e).__name__}: {str(e)[:200]}")
 
 
 def load_tokenizer(args):
@@ -186,6 +274,15 @@ def load_tokenizer(args):
     if tokenizer.pad_token is None:  # e.g. Pythia: padding is masked out, any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def report_shaping(stage, tokenizer, prompts, responses=()):
+    """Say, once per stage, what tokenizing did to its data: responses longer than --max_response_len
+    cut before their EOS, and words the tokenizer does not know turned into <unk>. Token id lists."""
+    cut = sum(not r or r[-1] != tokenizer.eos_token_id for r in responses)
+    unknown = 0 if tokenizer.unk_token_id is None else sum(ids.count(tokenizer.unk_token_id) for ids in [*prompts, *responses])
+    print(f"{stage}: {cut} of {len(responses)} responses were longer than --max_response_len and cut without EOS; "
+          f"{unknown} unknown tokens (<unk>) in {len(prompts)} prompts" + (" and their responses" if responses else ""))
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
@@ -283,14 +380,33 @@ def to_device(batch, device):
 # model: load a causal LM or build the tiny GPT-NeoX; sample with a KV cache
 
 
+def load_pretrained(auto_class, path, what, new_weights=(), **kwargs):
+    """A model whose every weight was in its files: a reward model read as a policy (no language-model
+    head) or pi_ref read as a reward model (no score head) is refused, not completed with random
+    weights; an unreadable or truncated checkpoint ends in one line. new_weights: names of weights
+    that may start fresh (the reward model's head, trained from pi_ref)."""
+    try:
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as e:  # missing, truncated, foreign: all end here
+        fail(f"could not load {what} from {path!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+    missing = [k for k in info["missing_keys"] if not k.startswith(tuple(new_weights))]
+    if missing:
+        fail(f"{path} is not {what}: its files lack the weights {', '.join(sorted(missing)[:3])}")
+    return model
+
+
+def load_policy(path):
+    """A causal LM (pi_ref, a checkpoint of a run) from a directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM with its output layer)")
+
+
 def load_causal_lm(args, tokenizer):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     if args.model_name_or_path:
-        try:
-            return AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-        except (OSError, ValueError) as e:
-            fail(f"could not load model {args.model_name_or_path!r}: {str(e).splitlines()[0][:200]}")
+        return load_policy(args.model_name_or_path)
     check_positive(args, "n_layer", "n_embd", "n_head")
     if args.n_embd % args.n_head:
         fail(f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
@@ -414,12 +530,14 @@ def is_toy(data):
 # ----------------------------------------------------------------------------------------------
 
 
+@cleans_up
 def main(args):
     from transformers import get_cosine_schedule_with_warmup
 
-    check_positive(args, "steps", "batch_size", "grad_accum", "lr", "max_prompt_len", "max_response_len")
-    if args.val_size < 0 or args.warmup_steps < 0:
-        fail("--val_size and --warmup_steps must be >= 0")
+    check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "max_prompt_len", "max_response_len"),
+               non_negative=("val_size", "warmup_steps", "weight_decay", "num_sample_eval", "save_every"))
+    inputs = [args.data, args.tokenizer_path, args.model_name_or_path]
+    check_output(args.out_dir, "sft", inputs)  # before any work: an output that must not be replaced is refused
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -428,6 +546,7 @@ def main(args):
     tokenizer = load_tokenizer(args)
     examples = encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], args.max_prompt_len,
                            args.max_response_len, args.truncate_prompts)
+    report_shaping("sft", tokenizer, [p for p, _ in examples], [r for _, r in examples])
     if len(examples) <= args.val_size:
         fail(f"{len(examples)} rows is not more than --val_size {args.val_size}")
     train, val = examples[:len(examples) - args.val_size], examples[len(examples) - args.val_size:]
@@ -437,11 +556,11 @@ def main(args):
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
-    tmp = start_output(args.out_dir)
+    tmp = start_output(args.out_dir, "sft", inputs, resumable=True, resume=args.resume)  # locked; kept across a kill
     log_path = os.path.join(tmp, "train_log.jsonl")
-    order, cursor = [], 0
+    done, order, cursor = restore_state(tmp, args, model, optimizer, scheduler)
     t0 = time.time()
-    bar = tqdm(range(1, args.steps + 1), desc="sft")
+    bar = tqdm(range(done + 1, args.steps + 1), desc="sft")
     for step in bar:
         for _ in range(args.grad_accum):
             if cursor + args.batch_size > len(order):  # a fresh shuffle each pass over the data
@@ -452,6 +571,7 @@ def main(args):
                 loss = completion_loss(model, batch) / args.grad_accum
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        check_finite(step, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -459,6 +579,7 @@ def main(args):
                "lr": scheduler.get_last_lr()[0]}
         append_jsonl(log_path, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
+        save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
 
     metrics = {"train_seconds": time.time() - t0}
     if val:
@@ -470,6 +591,7 @@ def main(args):
     tokenizer.save_pretrained(tmp)
     save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
     save_json(os.path.join(tmp, "metrics.json"), metrics)
+    remove_state(tmp)
     finish_output(tmp, args.out_dir)
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"sft: saved {args.out_dir}: {summary}")

@@ -29,6 +29,8 @@ matplotlib.use("Agg")  # write files only: works on a machine without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import toy_tldr  # noqa: E402  (its output checks; it imports neither torch nor transformers)
+
 
 @dataclass
 class Args:
@@ -56,6 +58,12 @@ def parse_args(argv=None) -> Args:
         kind = dict(type=float, nargs="+") if isinstance(default, list) else dict(type=type(default))
         parser.add_argument(f"--{f.name}", default=default, help=f.metadata["help"], **kind)
     args = Args(**vars(parser.parse_args(argv)))
+    for f in dataclasses.fields(Args):  # nan passes every comparison below unnoticed, inf breaks the grids
+        value = getattr(args, f.name)
+        if any(isinstance(v, float) and not np.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            parser.error(f"--{f.name} must be finite, got {value}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.n_samples < 1 or args.n_mc < 2:
         parser.error("--n_samples must be >= 1 and --n_mc >= 2")
     if args.theta_min >= args.theta_max or args.n_theta < 2:
@@ -220,12 +228,13 @@ def plot_variance(var, path, vocab_size, peak):
 
 
 def main(args: Args):
+    # added to, never replaced; a directory holding other files and no marker of this script is refused
+    toy_tldr.prepare_dir(args.out_dir, "toy_gaussian", own_files={"results.json", "correlation.png", "variance.png"})
     rng = np.random.default_rng(args.seed)  # the only source of randomness
     thetas = np.linspace(args.theta_min, args.theta_max, args.n_theta)
     corr = correlation_sweep(rng, thetas, args.n_samples)
     var = variance_sweep(rng, args.vocab_size, args.peak, args.t_max, args.alphas, args.n_mc)
 
-    os.makedirs(args.out_dir, exist_ok=True)
     plot_correlation(corr, os.path.join(args.out_dir, "correlation.png"))
     plot_variance(var, os.path.join(args.out_dir, "variance.png"), args.vocab_size, args.peak)
     # -inf (a zero variance at alpha = 0) is not valid JSON: it is written as null

@@ -330,7 +330,7 @@ def test_dpo_and_is_dpo_alpha0_write_the_same_log(tiny_world):
         assert {k: w[k] for k in p} == p  # identical numbers, not just close
         assert w["weight_mean"] == 1.0 and w["weight_max"] == 1.0
     names = sorted(os.listdir(tiny_world / "runs" / "dpo_beta0.01_seed3"))
-    assert names == ["args.json", "ckpt-0", "ckpt-3", "ckpt-6", "train_log.jsonl"]
+    assert names == [".stage.json", "args.json", "ckpt-0", "ckpt-3", "ckpt-6", "train_log.jsonl"]
     assert not [d for d in os.listdir(tiny_world / "runs") if d.endswith(".tmp")]
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tiny_world / "runs" / "dpo_beta0.01_seed3" / "ckpt-6")

@@ -57,7 +57,7 @@ def tiny_rm(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_lm")
     sft.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer).save_pretrained(path)
-    model = reward.load_reward_model(str(path), tokenizer).eval()
+    model = reward.load_reward_model(str(path), tokenizer, new_head=True).eval()
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)  # scores of order one: the position they are read at shows
     return model, tokenizer, path
