@@ -390,6 +390,7 @@ def train(args, weigh=no_weights, method=None):
         if step in save_at:
             save(step)
         sft.save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
+    sft.check_finite(total_steps, parameter_norm=sft.parameter_norm(model))
     sft.remove_state(tmp)
     sft.finish_output(tmp, out_dir)
     print(f"{run_name}: done in {time.time() - t0:.0f} s -> {out_dir}")

@@ -179,8 +179,10 @@ def train(args, device, autocast):
         sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
         bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
         sft.save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
+    sft.check_finite(args.steps, parameter_norm=sft.parameter_norm(model))
 
     s_chosen, s_rejected = score_pairs(model, val_pairs, tokenizer.pad_token_id, args.sample_batch_size, device, autocast)
+    sft.check_finite(args.steps, validation_scores=s_chosen.sum() + s_rejected.sum())
     metrics = {"train_seconds": time.time() - t0, "val_accuracy": float(np.mean(s_chosen > s_rejected)), "val_pairs": len(val_rows)}
     if sft.is_toy(args.data):  # the toy knows the truth: how often does the RM order pairs as the true scorer does?
         t_chosen = np.array([toy_tldr.true_score(r["prompt"], r["chosen"]) for r in val_rows])

@@ -121,6 +121,11 @@ def check_finite(step, **values):
             fail(f"non-finite {name} ({value}) at step {step}: training stopped, nothing saved")
 
 
+def parameter_norm(model):
+    """The norm of all weights: checked finite once training ends, since the last update is checked by no loss."""
+    return torch.sqrt(sum(p.detach().float().pow(2).sum() for p in model.parameters()))
+
+
 def _settings(args):
     """What a resumed run must share with the interrupted one: every flag but --resume and --save_every."""
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
@@ -580,10 +585,12 @@ def main(args):
         append_jsonl(log_path, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
+    check_finite(args.steps, parameter_norm=parameter_norm(model))
 
     metrics = {"train_seconds": time.time() - t0}
     if val:
         metrics["val_loss"] = validation_loss(model, val, tokenizer.pad_token_id, args.batch_size, device, autocast)
+        check_finite(args.steps, val_loss=metrics["val_loss"])  # finite weights can still overflow the logits
     if is_toy(args.data) and args.num_sample_eval > 0:
         metrics.update(toy_sample_report(model, tokenizer, args.data, args.num_sample_eval,
                                          args.max_prompt_len, args.max_response_len, args.truncate_prompts))

@@ -25,3 +25,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "after_the_rest: checks of command lines queued on the session's runner when the "
+                                       "session started; they run last, so that the runner works through those "
+                                       "command lines while the other tests run")
+
+
+def pytest_collection_modifyitems(items):
+    last = [item for item in items if item.get_closest_marker("after_the_rest")]
+    items[:] = [item for item in items if not item.get_closest_marker("after_the_rest")] + last

@@ -46,11 +46,13 @@ def run_cli(script, *args, home):
 # Reads one command line a line, [index, argv], and runs each in a forked child. The child of a fork
 # is the same interpreter: it runs the script as `python <argv>` would, with the script's own exit
 # status, stdout and stderr (sys.exit(message), an uncaught traceback), but without paying again for
-# the imports the parent did once.
+# the imports the parent did once, nor for the interpreter's teardown at its end.
 _FORKING_RUNNER = """
-import json, os, runpy, sys
+import json, os, runpy, sys, traceback
 import datasets, torch, transformers
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXForCausalLM,
+                          HfArgumentParser, get_cosine_schedule_with_warmup)
+import dpo, evaluate, is_dpo, reward, sft, toy_tldr  # the scripts' own modules, imported once for every command line
 out = sys.argv[1]
 for line in iter(sys.stdin.readline, ""):
     i, argv = json.loads(line)
@@ -61,8 +63,18 @@ for line in iter(sys.stdin.readline, ""):
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(os.path.join(out, f"{i}.{name}"), os.O_WRONLY | os.O_CREAT), fd)
         sys.argv = argv
-        runpy.run_path(argv[0], run_name="__main__")
-        sys.exit()
+        code = 0
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:  # answered as the interpreter answers it, but without its teardown (~2 s here)
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
     print("ended", i, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 _runner = {}
