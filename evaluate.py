@@ -173,7 +173,7 @@ def read_results(path, repair=False):
         return []
     with open(path, "rb") as f:
         data = f.read()
-    lines, rows = data.split(b"\n"), []
+    lines, rows = data.split(b"\n"), []  # the last item is what follows the last newline: b"" in a whole file
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -188,9 +188,10 @@ def read_results(path, repair=False):
             if repair:
                 with open(path, "r+b") as f:
                     f.truncate(len(data) - len(line))
+                return rows
         else:
             fail(f"{path} line {n} is not a JSON object: fix or remove that line")
-    if repair and rows and not data.endswith(b"\n") and lines[-1].strip():  # a whole last row without its newline
+    if repair and lines[-1].strip():  # a whole last row without its newline: the next row must not join it
         with open(path, "ab") as f:
             f.write(b"\n")
     return rows

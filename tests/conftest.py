@@ -28,11 +28,13 @@ def one_torch_thread():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "after_the_rest: checks of command lines queued on the session's runner when the "
-                                       "session started; they run last, so that the runner works through those "
-                                       "command lines while the other tests run")
+    config.addinivalue_line("markers", "before_the_rest: starts command lines (on the session's runner, or processes "
+                                       "of their own) whose checks are marked after_the_rest")
+    config.addinivalue_line("markers", "after_the_rest: checks of command lines started before the rest; they run "
+                                       "last, so that those command lines run while the other tests do")
 
 
 def pytest_collection_modifyitems(items):
+    first = [item for item in items if item.get_closest_marker("before_the_rest")]
     last = [item for item in items if item.get_closest_marker("after_the_rest")]
-    items[:] = [item for item in items if not item.get_closest_marker("after_the_rest")] + last
+    items[:] = first + [item for item in items if item not in first and item not in last] + last

@@ -190,6 +190,7 @@ def bad_runs(tmp_path_factory):
     return futures, cases, root / "inputs", snapshot(root / "inputs")
 
 
+@pytest.mark.before_the_rest
 def test_the_cases_are_many_and_queued_first(bad_runs):
     """Runs first (the cases then run on the runner while the other tests do): the table's size."""
     assert len(CASES) >= 40 and len({script for script, _, _ in CASES}) == len(BASE)

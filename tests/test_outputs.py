@@ -1,0 +1,247 @@
+"""Nothing lost: a run killed with SIGKILL and resumed equals a run never interrupted; two runs on one
+output (the second fails at once, the first publishes a clean run); a failed run leaves the old output
+whole; a torn last line of results.jsonl is dropped, reported and cut off before the next row.
+
+The killed and the concurrent runs need processes of their own (fresh interpreters, ~5 s of imports
+each). They start before the other tests, in threads that drive them, and are checked after the rest.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import sft
+import toy_tldr
+from test_toy_tldr import ROOT, TINY_MODEL, cli_env, pipeline_stage, read_jsonl, start_pipeline, submit_cli
+
+# ----------------------------------------------------------------------------------------------
+# the runs with processes of their own, started before the other tests
+
+
+def start_process(argv, log):
+    """`python <argv>` in a fresh interpreter, its output in `log` (a pipe nobody reads could fill and block it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=cli_env(log.parent / "hf_home"),
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def wait_for(path, process, log):
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared:\n{log.read_text()[-3000:]}"
+        time.sleep(0.01)
+
+
+def resumable_command(tmp_path_factory, script, root):
+    """A few hundred tiny steps of sft.py or dpo.py, a state saved every 10: (argv without its output, the flag
+    naming the output, and the output of a run as the flag's value)."""
+    world, pi_ref, prefs = (pipeline_stage(tmp_path_factory, s) for s in ("world", "sft", "prefs"))
+    if script == "sft":
+        argv = ["sft.py", "--data", world, "--steps", 200, "--batch_size", 4, "--val_size", 20, "--num_sample_eval", 0,
+                "--lr", 1e-3, "--warmup_steps", 10, *TINY_MODEL, "--save_every", 10]
+        return argv, lambda name: ["--out_dir", root / name], lambda name: root / name
+    epochs = math.ceil(200 / len(read_jsonl(prefs / "train.jsonl")))
+    argv = ["dpo.py", "--sft_path", pi_ref, "--data", prefs, "--batch_size", 1, "--num_epochs", epochs,
+            "--num_checkpoints", 4, "--warmup_steps", 10, "--lr", 1e-3, "--run_name", "run", "--save_every", 10]
+    return argv, lambda name: ["--runs_dir", root / name], lambda name: root / name / "run"
+
+
+def kill_and_resume(tmp_path_factory, root, script):
+    """A run never interrupted (on the runner); the same run in a process of its own, killed with SIGKILL soon
+    after it saved its first state, then resumed (on the runner)."""
+    argv, output_flag, output = resumable_command(tmp_path_factory, script, root)
+    whole = submit_cli(tmp_path_factory, *argv, *output_flag("whole"))
+    log = root / "killed.log"
+    process = start_process([*argv, *output_flag("killed")], log)
+    state = Path(toy_tldr.scratch_path(output("killed"), "partial")) / "state.pt"
+    wait_for(state, process, log)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(state, weights_only=True)
+    published = output("killed").exists()
+    resumed = submit_cli(tmp_path_factory, *argv, *output_flag("killed"), "--resume")
+    return {"whole": whole.result(timeout=600), "resumed": resumed.result(timeout=600), "saved_step": saved["step"],
+            "published_when_killed": published, "output": output, "log": log.read_text()}
+
+
+def two_runs_on_one_output(tmp_path_factory, root):
+    """The issue's example: two DPO runs of one run name at once. The first is frozen (SIGSTOP) as soon as it
+    holds the output, while the second, with another seed, tries the same output; then the first goes on."""
+    pi_ref, prefs = pipeline_stage(tmp_path_factory, "sft"), pipeline_stage(tmp_path_factory, "prefs")
+    argv = ["dpo.py", "--sft_path", pi_ref, "--data", prefs, "--runs_dir", root / "runs", "--run_name", "same",
+            "--batch_size", 1, "--num_checkpoints", 2]
+    log = root / "first.log"
+    first = start_process([*argv, "--seed", 1], log)
+    wait_for(root / "runs" / ".same.partial" / toy_tldr.MARKER, first, log)  # it holds the lock
+    first.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        second = submit_cli(tmp_path_factory, *argv, "--seed", 2).result(timeout=600)
+        waited = time.time() - t0
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.wait(timeout=600)
+    return {"first": first.returncode, "first_pid": first.pid, "log": log.read_text(), "second": second,
+            "second_seconds": waited, "runs": root / "runs"}
+
+
+@pytest.fixture(scope="session")
+def process_runs(tmp_path_factory):
+    start_pipeline(tmp_path_factory)
+    root = tmp_path_factory.mktemp("outputs")
+    for name in ("sft", "dpo", "concurrent"):
+        (root / name).mkdir()
+    threads = ThreadPoolExecutor(max_workers=3)
+    runs = {"sft": threads.submit(kill_and_resume, tmp_path_factory, root / "sft", "sft"),
+            "dpo": threads.submit(kill_and_resume, tmp_path_factory, root / "dpo", "dpo"),
+            "concurrent": threads.submit(two_runs_on_one_output, tmp_path_factory, root / "concurrent")}
+    threads.shutdown(wait=False)
+    return runs
+
+
+@pytest.mark.before_the_rest
+def test_the_runs_with_processes_of_their_own_start_first(process_runs):
+    assert set(process_runs) == {"sft", "dpo", "concurrent"}
+
+
+def weights(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+@pytest.mark.after_the_rest
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_a_run_killed_and_resumed_equals_a_run_never_interrupted(process_runs, script):
+    run = process_runs[script].result(timeout=600)
+    for name in ("whole", "resumed"):
+        assert run[name].returncode == 0, run[name].stderr[-3000:]
+    assert not run["published_when_killed"] and 10 <= run["saved_step"] < 200  # killed mid-training
+    assert f"resumed from the state saved at step {run['saved_step']}" in run["resumed"].stdout
+    whole, resumed = run["output"]("whole"), run["output"]("killed")
+    assert (whole / "train_log.jsonl").read_bytes() == (resumed / "train_log.jsonl").read_bytes()
+    assert [r["step"] for r in read_jsonl(resumed / "train_log.jsonl")] == list(range(1, len(read_jsonl(whole / "train_log.jsonl")) + 1))
+    models = ["."] if script == "sft" else sorted(p.name for p in whole.glob("ckpt-*"))
+    assert models == (["."] if script == "sft" else sorted(p.name for p in resumed.glob("ckpt-*")))
+    for model in models:
+        a, b = weights(whole / model), weights(resumed / model)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
+    if script == "sft":
+        val = [json.loads((d / "metrics.json").read_text())["val_loss"] for d in (whole, resumed)]
+        assert val[0] == val[1]
+    assert "state.pt" not in os.listdir(resumed)  # the state is not part of the output
+    assert not [name for name in os.listdir(resumed.parent) if name.startswith(".")]  # no lock, no unfinished copy
+
+
+@pytest.mark.after_the_rest
+def test_a_second_run_on_the_same_output_fails_at_once_and_the_first_publishes_a_clean_run(process_runs):
+    run = process_runs["concurrent"].result(timeout=600)
+    second = run["second"].stderr.strip().splitlines()
+    assert run["second"].returncode == 1 and second[-1].startswith("error:"), run["second"].stderr[-3000:]
+    assert f"being written by another run (pid {run['first_pid']})" in second[-1]
+    assert run["second_seconds"] < 60  # it did not wait for the first (frozen) run
+    assert run["first"] == 0, run["log"][-3000:]
+    out = run["runs"] / "same"
+    args = json.loads((out / "args.json").read_text())
+    assert args["seed"] == 1 and args["run_id"] == toy_tldr.read_marker(out)["run"]
+    log = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, args["total_steps"] + 1))  # steps 1, 2, ... once each
+    assert sorted(os.listdir(run["runs"])) == ["same"]  # no lock, no unfinished copy left
+
+
+# ----------------------------------------------------------------------------------------------
+# in-process: a failed run keeps the old output; leftovers; resume refused without --resume
+
+
+def small_world(out_dir, seed=0):
+    toy_tldr.main(toy_tldr.Args(out_dir=str(out_dir), seed=seed, num_sft=20, num_human_pairs=20, num_eval=5))
+
+
+def test_a_run_that_fails_while_writing_leaves_the_old_output_whole(tmp_path, monkeypatch):
+    small_world(tmp_path / "world")
+    before = {p: p.read_bytes() for p in (tmp_path / "world").rglob("*") if p.is_file()}
+
+    def full_disk(path, rows):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(toy_tldr, "write_jsonl", full_disk)
+    with pytest.raises(SystemExit, match=r"^error: No space left on device: .*sft\.jsonl$"):
+        small_world(tmp_path / "world", seed=1)
+    assert {p: p.read_bytes() for p in (tmp_path / "world").rglob("*") if p.is_file()} == before
+    assert os.listdir(tmp_path) == ["world"]  # the unfinished copy and the lock are gone
+
+
+def test_copies_left_by_a_killed_publish_are_removed_by_the_next_run(tmp_path, capsys):
+    small_world(tmp_path / "world")
+    for leftover in (".world.tmp-123-abcd", ".world.old-123-abcd"):  # what a kill between the two renames leaves
+        (tmp_path / leftover).mkdir()
+    small_world(tmp_path / "world", seed=1)
+    assert "left by an interrupted run" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["world"]
+    assert json.loads((tmp_path / "world" / "config.json").read_text())["seed"] == 1
+
+
+def test_a_saved_state_is_never_thrown_away_without_resume(tmp_path):
+    partial = tmp_path / ".run.partial"
+    partial.mkdir()
+    (partial / toy_tldr.MARKER).write_text(json.dumps({"stage": "sft", "run": "x"}))
+    (partial / "state.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="pass --resume to continue it"):
+        toy_tldr.start_output(str(tmp_path / "run"), "sft", resumable=True)
+    assert sorted(os.listdir(tmp_path)) == [".run.partial"] and (partial / "state.pt").exists()
+
+
+def test_a_lock_is_held_by_one_output_at_a_time(tmp_path):
+    work = toy_tldr.start_output(str(tmp_path / "out"), "toy_tldr")
+    try:
+        with pytest.raises(SystemExit, match=f"being written by another run \\(pid {os.getpid()}\\)"):
+            toy_tldr.Output(str(tmp_path / "out"), "toy_tldr")
+    finally:
+        toy_tldr.finish_output(work, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == [toy_tldr.MARKER]
+
+
+# ----------------------------------------------------------------------------------------------
+# results.jsonl: a torn last line
+
+
+def result_row(step, **extra):
+    return {"run": "dpo_beta0.1_seed0", "run_id": "a", "method": "dpo", "beta": 0.1, "seed": 0, "step": step,
+            "fraction": step / 2, "epoch": step / 2, "kl": 0.1 * step, "win_rate": 0.5, "mean_length": 9.0, **extra}
+
+
+def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next_row(tmp_path, capsys):
+    path = tmp_path / "eval" / "results.jsonl"
+    path.parent.mkdir()
+    rows = [result_row(0), result_row(1)]
+    whole = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(whole + json.dumps(result_row(2))[:40])  # the disk filled while the third row was written
+    assert evaluate.read_results(path) == rows
+    assert "dropped a torn last line" in capsys.readouterr().out
+    # --plots_only reads it too: plots and summary of the whole rows, the file left as it is
+    evaluate.main(evaluate.Args(out_dir=str(path.parent), plots_dir=str(tmp_path / "plots"), plots_only=True))
+    assert "dropped a torn last line" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "tradeoff.png").is_file() and "| dpo | 0.1 | 1 |" in (path.parent / "summary.md").read_text()
+    # before a row is appended (under the lock) the torn line is cut off, so the new row starts a line of its own
+    assert evaluate.read_results(path, repair=True) == rows and path.read_text() == whole
+    sft.append_jsonl(path, result_row(2))
+    assert evaluate.read_results(path) == rows + [result_row(2)]
+    path.write_text(whole.replace("}\n", "\n", 1) + json.dumps(result_row(2)) + "\n")  # damage inside the file: refused
+    with pytest.raises(SystemExit, match="line 1 is not a JSON object"):
+        evaluate.read_results(path)
+
+
+def test_rows_of_other_settings_are_refused_not_silently_kept(tmp_path):
+    path = tmp_path / "results.jsonl"
+    settings = {"num_prompts": 256, "temperature": 0.01}
+    toy_tldr.write_jsonl(path, [result_row(0, settings=settings)])
+    assert evaluate.checked_results(str(path), settings) == [result_row(0, settings=settings)]
+    with pytest.raises(SystemExit, match=r"1 rows evaluated with other settings \(num_prompts\)"):
+        evaluate.checked_results(str(path), {**settings, "num_prompts": 6})
