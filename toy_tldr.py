@@ -381,9 +381,9 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
         fail(f"--out_dir {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and not set(os.listdir(out_dir)) <= set(own_files):
         marker = read_marker(out_dir)
-        if marker is None:
+        if marker is None:  # (an output of this project written before the markers: remove it, or mark it)
             fail(f"--out_dir {out_dir} is a non-empty directory no stage of this project wrote (it has no "
-                 f"{MARKER}): choose another or empty it")
+                 f"{MARKER}): choose another, or empty it")
         if marker.get("stage") != stage:
             fail(f"--out_dir {out_dir} holds the output of another stage ({marker.get('stage')}), not of {stage}")
 
