@@ -75,8 +75,8 @@ class Args:
     reference_cache: str = field(default="", metadata={"help": "a directory where runs that share pi_ref and the pairs share "
                                                                 "their reference log-probs (run.sh sets it); empty: compute them"})
     run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its last saved state"})
-    save_every: int = field(default=50, metadata={"help": "steps between saved states (for --resume; 0 = never)"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its saved state"})
+    save_every: int = field(default=50, metadata={"help": "steps between states saved for --resume (0: no)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,8 +305,8 @@ def method_name(args):
 def validate(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
-    sft.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip", "chipo_clip",
-                                   "logit_chunk", "max_prompt_len", "max_response_len"),
+    sft.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
+                                   "chipo_clip", "logit_chunk", "max_prompt_len", "max_response_len"),
                    non_negative=("rpo_eta", "warmup_steps", "num_checkpoints", "save_every"))
     if args.run_name in (".", "..") or os.sep in args.run_name:
         fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
@@ -332,11 +332,12 @@ def train(args, weigh=no_weights, method=None):
     run_name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
     out_dir = os.path.join(args.runs_dir, run_name)
     inputs = [args.sft_path, args.data, args.reference_cache]
-    sft.check_output(out_dir, "daa run", inputs)  # before any work: an output that must not be replaced is refused
+    sft.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
 
     tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
     rows, pairs = load_pairs(args, tokenizer)
-    tmp = sft.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)  # locked; kept across a kill
+    # locked, and kept across a kill: --resume continues from the state saved in it
+    tmp = sft.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
     model = sft.load_policy(args.sft_path).to(device)
     pad = tokenizer.pad_token_id
     # pi_ref is the starting policy: its log-probs of the data never change, so take them now

@@ -127,7 +127,8 @@ def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_sc
 
 def find_checkpoints(pattern):
     """[(run_dir, run_args, [(step, ckpt_dir), ...])] for every run directory matching the glob."""
-    runs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d) and not d.endswith(".tmp"))  # .tmp: older versions
+    # (unfinished runs are hidden directories, which * does not match; .tmp: what older versions left)
+    runs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d) and not d.endswith(".tmp"))
     if not runs:
         fail(f"--runs {pattern!r} matches no run directory (train with dpo.py / is_dpo.py first)")
     found = []
@@ -150,9 +151,9 @@ def find_checkpoints(pattern):
         except ValueError as e:
             fail(f"{path} is not valid JSON ({e}): a damaged run; train it again")
         needed = ["run_name", "method", "beta", "seed", "total_steps", "num_epochs", "sft_path"]
-        if not isinstance(run_args, dict) or [k for k in needed if k not in run_args]:
-            fail(f"{path} lacks {[k for k in needed if k not in run_args] if isinstance(run_args, dict) else needed}: "
-                 f"not the args.json of a dpo.py / is_dpo.py run")
+        lacks = [k for k in needed if k not in run_args] if isinstance(run_args, dict) else needed
+        if lacks:
+            fail(f"{path} lacks {lacks}: not the args.json of a dpo.py / is_dpo.py run")
         found.append((run, run_args, sorted(ckpts)))
     return found
 
@@ -200,10 +201,12 @@ def read_results(path, repair=False):
 def eval_settings(args, eval_rows):
     """Everything a row's numbers depend on but the checkpoint: a row is reused only under equal settings,
     and one results file holds rows of one setting. (Thread count and batch size move only the last bits.)"""
-    data = hashlib.sha256(json.dumps([[r["prompt"], r["reference"]] for r in eval_rows]).encode()).hexdigest()[:16]
+    data = json.dumps([[r["prompt"], r["reference"]] for r in eval_rows])
+    data = hashlib.sha256(data.encode()).hexdigest()[:16]
     gold = sft.read_marker(args.gold_path) or {}
-    return {"num_prompts": len(eval_rows), "temperature": args.temperature, "max_prompt_len": args.max_prompt_len,
-            "max_response_len": args.max_response_len, "truncate_prompts": args.truncate_prompts, "seed": args.seed,
+    return {"num_prompts": len(eval_rows), "temperature": args.temperature,
+            "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len,
+            "truncate_prompts": args.truncate_prompts, "seed": args.seed,
             "gold": f"{os.path.realpath(args.gold_path)} (run {gold.get('run')})", "data": data,
             "kl_ref": os.path.realpath(args.sft_path) if args.sft_path else "each run's sft_path"}
 
@@ -265,7 +268,7 @@ def mean_curve(seeds, key):
 
 
 def save_figure(fig, path):
-    tmp = path + ".tmp.png"
+    tmp = f"{path}.{os.getpid()}.tmp.png"  # its own name: --plots_only side by side must not share one
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
 
@@ -327,8 +330,8 @@ def plot(rows, plots_dir):
     plt.close(fig)
 
 
-# what evaluate.py writes in --out_dir and --plots_dir, which it adds to and never replaces: a directory holding
-# other files and no marker of evaluate.py is refused (these alone: an older version's output, taken as ours)
+# what evaluate.py writes in --out_dir and --plots_dir, which it adds to and never replaces: a directory
+# holding other files and no marker of evaluate.py is refused (these alone: an older version's output)
 OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png", "dynamics.png"}
 
 
@@ -343,7 +346,8 @@ def main(args):
         fail(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     shard, num_shards = int(shard.group(1)), int(shard.group(2))
     if not args.plots_only:
-        sft.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len"),
+        sft.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len",
+                                       "max_response_len"),
                        non_negative=("temperature",))
         runs = find_checkpoints(args.runs)
         inputs = [args.gold_path, args.data, args.sft_path] + [run for run, _, _ in runs]
@@ -364,9 +368,9 @@ def main(args):
         with autocast:
             ref_scores = {"gold": reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
                                                      [r["reference"] for r in eval_rows], args, device, autocast)}
-        references = sft.encode_rows(tokenizer, [r["prompt"] for r in eval_rows], [r["reference"] for r in eval_rows],
-                                     args.max_prompt_len, args.max_response_len, args.truncate_prompts)
-        sft.report_shaping("evaluate", tokenizer, prompts, [r for _, r in references])
+        references = [sft.encode(tokenizer, r["prompt"], r["reference"], args.max_prompt_len,
+                                 args.max_response_len, args.truncate_prompts)[1] for r in eval_rows]
+        sft.report_shaping("evaluate", tokenizer, prompts, references)
         if toy:
             ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in eval_rows]
         for run, _, ckpts in runs:  # a policy must speak the gold model's vocabulary
@@ -409,7 +413,7 @@ def main(args):
                        for r in checked_results(results_path, settings)):
                     print(f"evaluate: {row['run']} step {step} was written meanwhile by another evaluation")
                 else:
-                    sft.append_jsonl(results_path, row)  # one complete line per checkpoint: a stop loses nothing done
+                    sft.append_jsonl(results_path, row)  # a line per checkpoint: a stop loses nothing done
         if num_shards > 1:
             print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every shard is")
             return
@@ -421,9 +425,10 @@ def main(args):
     sft.prepare_dir(args.out_dir, "evaluate", own_files=OWN_FILES)
     plot(rows, args.plots_dir)
     table = summary_table(rows)
-    with open(os.path.join(args.out_dir, "summary.md.tmp"), "w") as f:
+    summary = os.path.join(args.out_dir, "summary.md")
+    with open(f"{summary}.{os.getpid()}.tmp", "w") as f:
         f.write(table)
-    os.replace(os.path.join(args.out_dir, "summary.md.tmp"), os.path.join(args.out_dir, "summary.md"))
+    os.replace(f"{summary}.{os.getpid()}.tmp", summary)
     print(table)
     print(f"evaluate: {len(rows)} rows in {results_path}; plots in {args.plots_dir}/tradeoff.png and dynamics.png")
 

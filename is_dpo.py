@@ -114,7 +114,8 @@ def main(args):
         fail(f"--log_w_max must be finite, got {args.log_w_max}")
     if args.behaviour_logps:
         rows = dpo.sft.load_rows(args.data, "train.jsonl", args.split,
-                                 {"b_w": args.behaviour_chosen_column, "b_l": args.behaviour_rejected_column}, numeric=("b_w", "b_l"))
+                                 {"b_w": args.behaviour_chosen_column, "b_l": args.behaviour_rejected_column},
+                                 numeric=("b_w", "b_l"))
         del rows  # only checks that the columns exist and hold finite numbers, with a clear error if not
     return dpo.train(args, weigh=importance_weights, method=method_name(args))
 

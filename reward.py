@@ -60,8 +60,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="", metadata={"help": "output dir; default out/gold_rm (train) or out/prefs (label)"})
-    resume: bool = field(default=False, metadata={"help": "--mode train: continue an interrupted run from its last saved state"})
-    save_every: int = field(default=50, metadata={"help": "--mode train: steps between saved states (for --resume; 0 = never)"})
+    resume: bool = field(default=False, metadata={"help": "train: continue an interrupted run"})
+    save_every: int = field(default=50, metadata={"help": "train: steps between states saved for --resume"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def load_reward_model(path, tokenizer=None, new_head=False):
 
     if not os.path.isdir(path):
         fail(f"model directory {path} not found")
-    model = sft.load_pretrained(AutoModelForSequenceClassification, path, "a reward model (with its score head)",
+    model = sft.load_pretrained(AutoModelForSequenceClassification, path, "a reward model (a score head)",
                                 new_weights=["score."] if new_head else [], num_labels=1)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -154,7 +154,8 @@ def train(args, device, autocast):
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
-    tmp = sft.start_output(args.out_dir, "reward train", [args.sft_path, args.data], resumable=True, resume=args.resume)
+    tmp = sft.start_output(args.out_dir, "reward train", [args.sft_path, args.data], resumable=True,
+                           resume=args.resume)
     t0 = time.time()
     done, order, cursor = sft.restore_state(tmp, args, model, optimizer, scheduler)
     bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm")
@@ -221,7 +222,7 @@ def label(args, device, autocast):
     gold = load_reward_model(args.gold_path, tokenizer).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = sft.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
-    sft.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below ("unfinished")
+    sft.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below
     t0 = time.time()
     with autocast:  # two samples per prompt: rows 2i and 2i+1
         outs, logps = sft.sample(policy, [i for i in ids for _ in range(2)], tokenizer.eos_token_id, tokenizer.pad_token_id,

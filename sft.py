@@ -64,8 +64,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="out/sft", metadata={"help": "where pi_ref is saved"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its last saved state"})
-    save_every: int = field(default=50, metadata={"help": "steps between saved states (for --resume; 0 = never)"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its saved state"})
+    save_every: int = field(default=50, metadata={"help": "steps between states saved for --resume (0: no)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def append_jsonl(path, row):
 
 
 def check_finite(step, **values):
-    """Stop the run at the first non-finite loss or gradient norm: a NaN never heals, and nothing is published."""
+    """Stop the run at the first non-finite loss or gradient norm: a NaN never heals. Nothing is published."""
     for name, value in values.items():
         value = float(value.detach()) if torch.is_tensor(value) else float(value)
         if not math.isfinite(value):
@@ -122,7 +122,7 @@ def check_finite(step, **values):
 
 
 def parameter_norm(model):
-    """The norm of all weights: checked finite once training ends, since the last update is checked by no loss."""
+    """The norm of all weights, checked finite when training ends: no loss checks the last update."""
     return torch.sqrt(sum(p.detach().float().pow(2).sum() for p in model.parameters()))
 
 
@@ -134,15 +134,19 @@ def _settings(args):
 def save_state(work, args, step, model, optimizer, scheduler, order, cursor):
     """Every --save_every steps, all that the loop needs to go on after `step` exactly as if never stopped:
     weights, optimizer moments, schedule, random generators, the data order and the place in it, and
-    how much of train_log.jsonl is written. Written aside and renamed: a kill leaves this state or the last."""
+    how much of train_log.jsonl is written. Written aside and renamed: a kill leaves this state or the
+    one before."""
     if not args.save_every or step % args.save_every:
         return
     numpy_rng = np.random.get_state()
     state = {"step": step, "order": order, "cursor": cursor, "settings": _settings(args),
              "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": {"python": random.getstate(), "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
-                     "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(),
+             "rng": {"python": random.getstate(),
+                     "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+                     "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     torch.save(state, os.path.join(work, "state.pt.tmp"))
     os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
 
@@ -165,7 +169,8 @@ def restore_state(work, args, model, optimizer, scheduler):
         fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
     changed = [k for k, v in _settings(args).items() if state["settings"].get(k) != v]
     if changed:
-        fail(f"--resume with other settings than the interrupted run ({', '.join('--' + k for k in changed)}): "
+        changed = ", ".join("--" + k for k in changed)
+        fail(f"--resume with other settings than the interrupted run ({changed}): "
              f"use the same, or remove {work} to start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -238,8 +243,10 @@ def load_rows(source, filename, split, columns, numeric=()):
             if not ok:
                 kind = "a finite number" if ours in numeric else "a string"
                 fail(f"{source} row {i}, column {theirs!r}: expected {kind}, got {json.dumps(value)[:60]}")
-    extra = [c for c in names if c not in columns.values() and c not in columns]  # scores, behaviour log-probs travel along
-    return [{**{ours: row[theirs] for ours, theirs in columns.items()}, **{c: row.get(c) for c in extra}} for row in rows]
+    # extra columns (scores, behaviour log-probs) travel along
+    extra = [c for c in names if c not in columns.values() and c not in columns]
+    return [{**{ours: row[theirs] for ours, theirs in columns.items()}, **{c: row.get(c) for c in extra}}
+            for row in rows]
 
 
 def load_dataset(source, split):
@@ -285,9 +292,11 @@ def report_shaping(stage, tokenizer, prompts, responses=()):
     """Say, once per stage, what tokenizing did to its data: responses longer than --max_response_len
     cut before their EOS, and words the tokenizer does not know turned into <unk>. Token id lists."""
     cut = sum(not r or r[-1] != tokenizer.eos_token_id for r in responses)
-    unknown = 0 if tokenizer.unk_token_id is None else sum(ids.count(tokenizer.unk_token_id) for ids in [*prompts, *responses])
-    print(f"{stage}: {cut} of {len(responses)} responses were longer than --max_response_len and cut without EOS; "
-          f"{unknown} unknown tokens (<unk>) in {len(prompts)} prompts" + (" and their responses" if responses else ""))
+    unk = tokenizer.unk_token_id
+    unknown = 0 if unk is None else sum(ids.count(unk) for ids in [*prompts, *responses])
+    print(f"{stage}: {cut} of {len(responses)} responses were longer than --max_response_len and cut without "
+          f"EOS; {unknown} unknown tokens (<unk>) in {len(prompts)} prompts"
+          + (" and their responses" if responses else ""))
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
@@ -393,7 +402,8 @@ def load_pretrained(auto_class, path, what, new_weights=(), **kwargs):
     try:
         model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:  # missing, truncated, foreign: all end here
-        fail(f"could not load {what} from {path!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        fail(f"could not load {what} from {path!r}: {type(e).__name__}: {first_line}")
     missing = [k for k in info["missing_keys"] if not k.startswith(tuple(new_weights))]
     if missing:
         fail(f"{path} is not {what}: its files lack the weights {', '.join(sorted(missing)[:3])}")
@@ -539,10 +549,11 @@ def is_toy(data):
 def main(args):
     from transformers import get_cosine_schedule_with_warmup
 
-    check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "max_prompt_len", "max_response_len"),
+    check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "max_prompt_len",
+                               "max_response_len"),
                non_negative=("val_size", "warmup_steps", "weight_decay", "num_sample_eval", "save_every"))
     inputs = [args.data, args.tokenizer_path, args.model_name_or_path]
-    check_output(args.out_dir, "sft", inputs)  # before any work: an output that must not be replaced is refused
+    check_output(args.out_dir, "sft", inputs)  # before any work: an output not to be replaced is refused
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -561,7 +572,8 @@ def main(args):
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
-    tmp = start_output(args.out_dir, "sft", inputs, resumable=True, resume=args.resume)  # locked; kept across a kill
+    # locked, and kept across a kill: --resume continues from the state saved in it
+    tmp = start_output(args.out_dir, "sft", inputs, resumable=True, resume=args.resume)
     log_path = os.path.join(tmp, "train_log.jsonl")
     done, order, cursor = restore_state(tmp, args, model, optimizer, scheduler)
     t0 = time.time()

@@ -60,7 +60,8 @@ def parse_args(argv=None) -> Args:
     args = Args(**vars(parser.parse_args(argv)))
     for f in dataclasses.fields(Args):  # nan passes every comparison below unnoticed, inf breaks the grids
         value = getattr(args, f.name)
-        if any(isinstance(v, float) and not np.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not np.isfinite(v) for v in values):
             parser.error(f"--{f.name} must be finite, got {value}")
     if not 0 <= args.seed < 2 ** 32:
         parser.error(f"--seed must be in [0, 2^32), got {args.seed}")
@@ -189,8 +190,9 @@ def variance_sweep(rng, vocab_size, peak, t_max, alphas, n_mc):
 # ---------------------------------------------------------------- plots and output files
 def save_atomic(path, write):
     """Write through a temporary name, then rename: a reader never sees a half-written file."""
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # its own name: two runs side by side must not write one file
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def plot_correlation(corr, path):
@@ -229,7 +231,8 @@ def plot_variance(var, path, vocab_size, peak):
 
 def main(args: Args):
     # added to, never replaced; a directory holding other files and no marker of this script is refused
-    toy_tldr.prepare_dir(args.out_dir, "toy_gaussian", own_files={"results.json", "correlation.png", "variance.png"})
+    own_files = {"results.json", "correlation.png", "variance.png"}
+    toy_tldr.prepare_dir(args.out_dir, "toy_gaussian", own_files=own_files)
     rng = np.random.default_rng(args.seed)  # the only source of randomness
     thetas = np.linspace(args.theta_min, args.theta_max, args.n_theta)
     corr = correlation_sweep(rng, thetas, args.n_samples)

@@ -376,7 +376,8 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
         if path and os.path.exists(path):
             real = os.path.realpath(path)
             if out == real or real.startswith(out + os.sep) or out.startswith(real + os.sep):
-                fail(f"--out_dir {out_dir} is or overlaps an input of this run ({path}): it would be overwritten")
+                fail(f"--out_dir {out_dir} is or overlaps an input of this run ({path}): "
+                     f"it would be overwritten")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out_dir {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and not set(os.listdir(out_dir)) <= set(own_files):
@@ -385,7 +386,8 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
             fail(f"--out_dir {out_dir} is a non-empty directory no stage of this project wrote (it has no "
                  f"{MARKER}): choose another, or empty it")
         if marker.get("stage") != stage:
-            fail(f"--out_dir {out_dir} holds the output of another stage ({marker.get('stage')}), not of {stage}")
+            fail(f"--out_dir {out_dir} holds the output of another stage ({marker.get('stage')}), "
+                 f"not of {stage}")
 
 
 def take_lock(path, what):
@@ -400,7 +402,8 @@ def take_lock(path, what):
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
-            fail(f"{what} is being written by another run ({holder or 'starting'}); wait for it or choose another")
+            fail(f"{what} is being written by another run ({holder or 'starting'}); "
+                 f"wait for it or choose another")
         try:  # the file we locked must still be the one at `path` (its last holder removes it)
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -457,9 +460,11 @@ class Output:
         try:
             check_output(out_dir, stage, inputs)  # again, under the lock: another run may have published
             self._remove_leftovers()
-            self.work = scratch_path(out_dir, "partial" if resumable else f"tmp-{os.getpid()}-{os.urandom(4).hex()}")
+            unique = f"tmp-{os.getpid()}-{os.urandom(4).hex()}"
+            self.work = scratch_path(out_dir, "partial" if resumable else unique)
             marker = read_marker(self.work) if os.path.isdir(self.work) else None
-            if marker and marker.get("stage") == stage and os.path.exists(os.path.join(self.work, "state.pt")):
+            saved = os.path.exists(os.path.join(self.work, "state.pt"))
+            if marker and marker.get("stage") == stage and saved:
                 if not resume:
                     fail(f"{self.work} holds the saved state of an interrupted run of {out_dir}: "
                          f"pass --resume to continue it, or remove it to start over")

@@ -28,10 +28,10 @@ def one_torch_thread():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "before_the_rest: starts command lines (on the session's runner, or processes "
-                                       "of their own) whose checks are marked after_the_rest")
-    config.addinivalue_line("markers", "after_the_rest: checks of command lines started before the rest; they run "
-                                       "last, so that those command lines run while the other tests do")
+    config.addinivalue_line("markers", "before_the_rest: starts command lines (on the session's runner, or "
+                                       "processes of their own) whose checks are marked after_the_rest")
+    config.addinivalue_line("markers", "after_the_rest: checks of command lines started before the rest; "
+                                       "they run last: those command lines run while the other tests do")
 
 
 def pytest_collection_modifyitems(items):

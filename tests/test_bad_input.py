@@ -20,23 +20,25 @@ import reward
 import sft
 from test_toy_tldr import TINY_MODEL, read_jsonl, start_pipeline, submit_cli, write_small_world
 
-# the placeholders: W world, S pi_ref, G gold RM, P pairs, D bad data files, R a run to evaluate, T a run whose
-# args.json is torn, C the case's own directory, O its output, U the user's folder (C/thesis, holding a file)
+# the placeholders: W world, S pi_ref, G gold RM, P pairs, D bad data files, R a run to evaluate, T a run
+# whose args.json is torn, C the case's own directory, O its output, U the user's folder (C/thesis: a file)
 BASE = {
-    "toy_tldr": ["toy_tldr.py", "--out_dir", "{O}", "--num_sft", 20, "--num_human_pairs", 20, "--num_eval", 5],
+    "toy_tldr": ["toy_tldr.py", "--out_dir", "{O}", "--num_sft", 20, "--num_human_pairs", 20,
+                 "--num_eval", 5],
     "sft": ["sft.py", "--data", "{W}", "--out_dir", "{O}", "--steps", 2, "--batch_size", 4, "--val_size", 4,
             "--num_sample_eval", 0, *TINY_MODEL],
-    "rm": ["reward.py", "--mode", "train", "--sft_path", "{S}", "--data", "{W}", "--out_dir", "{O}", "--steps", 1,
-           "--batch_size", 4, "--val_size", 4],
+    "rm": ["reward.py", "--mode", "train", "--sft_path", "{S}", "--data", "{W}", "--out_dir", "{O}",
+           "--steps", 1, "--batch_size", 4, "--val_size", 4],
     "label": ["reward.py", "--mode", "label", "--sft_path", "{S}", "--gold_path", "{G}", "--data", "{W}",
               "--out_dir", "{O}", "--num_prompts", 4],
-    "dpo": ["dpo.py", "--sft_path", "{S}", "--data", "{P}", "--runs_dir", "{O}", "--run_name", "run", "--batch_size", 4,
-            "--num_checkpoints", 0],
+    "dpo": ["dpo.py", "--sft_path", "{S}", "--data", "{P}", "--runs_dir", "{O}", "--run_name", "run",
+            "--batch_size", 4, "--num_checkpoints", 0],
     "is_dpo": ["is_dpo.py", "--sft_path", "{S}", "--data", "{P}", "--runs_dir", "{O}", "--run_name", "run",
                "--batch_size", 4, "--num_checkpoints", 0],
     "evaluate": ["evaluate.py", "--runs", "{R}", "--data", "{W}", "--gold_path", "{G}", "--out_dir", "{O}",
                  "--plots_dir", "{O}_plots", "--num_prompts", 2],
-    "toy_gaussian": ["toy_gaussian.py", "--out_dir", "{O}", "--n_theta", 3, "--n_samples", 10, "--t_max", 2, "--n_mc", 10],
+    "toy_gaussian": ["toy_gaussian.py", "--out_dir", "{O}", "--n_theta", 3, "--n_samples", 10, "--t_max", 2,
+                     "--n_mc", 10],
 }
 USAGE = None  # argparse's answer: usage, then "<script>: error: ...", exit 2
 
@@ -98,8 +100,10 @@ CASES = [  # (script, flags added to its BASE, words the error line must hold)
     ("is_dpo", ["--alpha", "nan"], ["--alpha"]),
     ("is_dpo", ["--weight", "fixed", "--alpha", 2], ["--alpha"]),
     ("is_dpo", ["--log_w_max", "inf"], ["--log_w_max"]),
-    ("is_dpo", ["--behaviour_logps", "--data", "{D}/nan_behaviour.jsonl"], ["row 3", "'chosen_behaviour_logp'", "NaN"]),
-    ("is_dpo", ["--behaviour_logps", "--data", "{D}/text_behaviour.jsonl"], ["row 1", "'rejected_behaviour_logp'"]),
+    ("is_dpo", ["--behaviour_logps", "--data", "{D}/nan_behaviour.jsonl"],
+     ["row 3", "'chosen_behaviour_logp'", "NaN"]),
+    ("is_dpo", ["--behaviour_logps", "--data", "{D}/text_behaviour.jsonl"],
+     ["row 1", "'rejected_behaviour_logp'"]),
     ("evaluate", ["--temperature", "nan"], ["--temperature"]),
     ("evaluate", ["--num_prompts", -1], ["--num_prompts"]),
     ("evaluate", ["--seed", -1], ["--seed"]),
@@ -156,10 +160,10 @@ def write_bad_data(d, world):
 def build_inputs(root):
     """World, pi_ref, gold RM, pairs and a run, in-process at tiny sizes (a few seconds)."""
     world = write_small_world(root / "world")
-    sft.main(sft.Args(data=str(world), out_dir=str(root / "sft"), steps=2, batch_size=8, val_size=8, num_sample_eval=0,
-                      n_layer=1, n_embd=32, n_head=2))
-    reward.main(reward.Args(mode="train", sft_path=str(root / "sft"), data=str(world), out_dir=str(root / "gold"),
-                            steps=1, batch_size=8, val_size=8))
+    sft.main(sft.Args(data=str(world), out_dir=str(root / "sft"), steps=2, batch_size=8, val_size=8,
+                      num_sample_eval=0, n_layer=1, n_embd=32, n_head=2))
+    reward.main(reward.Args(mode="train", sft_path=str(root / "sft"), data=str(world),
+                            out_dir=str(root / "gold"), steps=1, batch_size=8, val_size=8))
     write_bad_data(root / "data", world)
     for name, args_json in (("run", None), ("torn_run", '{"run_name": "torn", "method": ')):
         run = root / "runs" / name
@@ -167,14 +171,14 @@ def build_inputs(root):
         (run / "args.json").write_text(args_json or json.dumps(
             {"run_name": name, "method": "dpo", "beta": 0.1, "seed": 0, "total_steps": 1, "num_epochs": 1.0,
              "sft_path": str(root / "sft")}))
-    return {"W": world, "S": root / "sft", "G": root / "gold", "P": root / "data" / "prefs.jsonl", "D": root / "data",
-            "R": root / "runs" / "run", "T": root / "runs" / "torn_run"}
+    return {"W": world, "S": root / "sft", "G": root / "gold", "P": root / "data" / "prefs.jsonl",
+            "D": root / "data", "R": root / "runs" / "run", "T": root / "runs" / "torn_run"}
 
 
 @pytest.fixture(scope="session")
 def bad_runs(tmp_path_factory):
-    """Queues every case on the session's runner (after the pipeline the other files wait for):
-    ([Future of each case's CompletedProcess], [each case's directory and its snapshot], inputs, their snapshot)."""
+    """Queues every case on the session's runner (after the pipeline the other files wait for): [Future of
+    each case's CompletedProcess], [each case's directory and its snapshot], the inputs, their snapshot."""
     start_pipeline(tmp_path_factory)
     root = tmp_path_factory.mktemp("bad_input")
     inputs = build_inputs(root / "inputs")
@@ -206,7 +210,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(bad_runs, i):
     assert result.returncode != 0, result.stdout[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     if words is USAGE:  # argparse: "usage: ..." (toy_gaussian.py prints none), then one error line, exit 2
-        assert result.returncode == 2 and lines and re.match(r"\S+\.py: error: ", lines[-1]), result.stderr[-2000:]
+        assert result.returncode == 2 and lines, result.stderr[-2000:]
+        assert re.match(r"\S+\.py: error: ", lines[-1]), result.stderr[-2000:]
         assert "usage:" in result.stderr or script == "toy_gaussian"
     else:  # "error: ...", or toy_gaussian.py's own argparse line "toy_gaussian.py: error: ..."
         error = re.compile(r"(toy_gaussian\.py: )?error: ")

@@ -29,10 +29,10 @@ from test_toy_tldr import ROOT, TINY_MODEL, cli_env, pipeline_stage, read_jsonl,
 
 
 def start_process(argv, log):
-    """`python <argv>` in a fresh interpreter, its output in `log` (a pipe nobody reads could fill and block it)."""
+    """`python <argv>` in a fresh interpreter, its output in `log` (a pipe nobody reads could fill up)."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=cli_env(log.parent / "hf_home"),
-                                stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, env=cli_env(log.parent / "hf_home"))
 
 
 def wait_for(path, process, log):
@@ -42,16 +42,17 @@ def wait_for(path, process, log):
 
 
 def resumable_command(tmp_path_factory, script, root):
-    """A few hundred tiny steps of sft.py or dpo.py, a state saved every 10: (argv without its output, the flag
-    naming the output, and the output of a run as the flag's value)."""
+    """A few hundred tiny steps of sft.py or dpo.py, a state saved every 10: argv without its output, the
+    flags naming an output (a function of a name), and where that output is."""
     world, pi_ref, prefs = (pipeline_stage(tmp_path_factory, s) for s in ("world", "sft", "prefs"))
     if script == "sft":
-        argv = ["sft.py", "--data", world, "--steps", 200, "--batch_size", 4, "--val_size", 20, "--num_sample_eval", 0,
-                "--lr", 1e-3, "--warmup_steps", 10, *TINY_MODEL, "--save_every", 10]
+        argv = ["sft.py", "--data", world, "--steps", 200, "--batch_size", 4, "--val_size", 20,
+                "--num_sample_eval", 0, "--lr", 1e-3, "--warmup_steps", 10, *TINY_MODEL, "--save_every", 10]
         return argv, lambda name: ["--out_dir", root / name], lambda name: root / name
     epochs = math.ceil(200 / len(read_jsonl(prefs / "train.jsonl")))
     argv = ["dpo.py", "--sft_path", pi_ref, "--data", prefs, "--batch_size", 1, "--num_epochs", epochs,
-            "--num_checkpoints", 4, "--warmup_steps", 10, "--lr", 1e-3, "--run_name", "run", "--save_every", 10]
+            "--num_checkpoints", 4, "--warmup_steps", 10, "--lr", 1e-3, "--run_name", "run",
+            "--save_every", 10]
     return argv, lambda name: ["--runs_dir", root / name], lambda name: root / name / "run"
 
 
@@ -69,16 +70,16 @@ def kill_and_resume(tmp_path_factory, root, script):
     saved = torch.load(state, weights_only=True)
     published = output("killed").exists()
     resumed = submit_cli(tmp_path_factory, *argv, *output_flag("killed"), "--resume")
-    return {"whole": whole.result(timeout=600), "resumed": resumed.result(timeout=600), "saved_step": saved["step"],
-            "published_when_killed": published, "output": output, "log": log.read_text()}
+    return {"whole": whole.result(timeout=600), "resumed": resumed.result(timeout=600),
+            "saved_step": saved["step"], "published_when_killed": published, "output": output}
 
 
 def two_runs_on_one_output(tmp_path_factory, root):
     """The issue's example: two DPO runs of one run name at once. The first is frozen (SIGSTOP) as soon as it
     holds the output, while the second, with another seed, tries the same output; then the first goes on."""
     pi_ref, prefs = pipeline_stage(tmp_path_factory, "sft"), pipeline_stage(tmp_path_factory, "prefs")
-    argv = ["dpo.py", "--sft_path", pi_ref, "--data", prefs, "--runs_dir", root / "runs", "--run_name", "same",
-            "--batch_size", 1, "--num_checkpoints", 2]
+    argv = ["dpo.py", "--sft_path", pi_ref, "--data", prefs, "--runs_dir", root / "runs",
+            "--run_name", "same", "--batch_size", 1, "--num_checkpoints", 2]
     log = root / "first.log"
     first = start_process([*argv, "--seed", 1], log)
     wait_for(root / "runs" / ".same.partial" / toy_tldr.MARKER, first, log)  # it holds the lock
@@ -123,11 +124,12 @@ def test_a_run_killed_and_resumed_equals_a_run_never_interrupted(process_runs, s
     run = process_runs[script].result(timeout=600)
     for name in ("whole", "resumed"):
         assert run[name].returncode == 0, run[name].stderr[-3000:]
-    assert not run["published_when_killed"] and 10 <= run["saved_step"] < 200  # killed mid-training
-    assert f"resumed from the state saved at step {run['saved_step']}" in run["resumed"].stdout
     whole, resumed = run["output"]("whole"), run["output"]("killed")
+    steps = len(read_jsonl(whole / "train_log.jsonl"))
+    assert not run["published_when_killed"] and 10 <= run["saved_step"] < steps  # killed mid-training
+    assert f"resumed from the state saved at step {run['saved_step']}" in run["resumed"].stdout
     assert (whole / "train_log.jsonl").read_bytes() == (resumed / "train_log.jsonl").read_bytes()
-    assert [r["step"] for r in read_jsonl(resumed / "train_log.jsonl")] == list(range(1, len(read_jsonl(whole / "train_log.jsonl")) + 1))
+    assert [r["step"] for r in read_jsonl(resumed / "train_log.jsonl")] == list(range(1, steps + 1))
     models = ["."] if script == "sft" else sorted(p.name for p in whole.glob("ckpt-*"))
     assert models == (["."] if script == "sft" else sorted(p.name for p in resumed.glob("ckpt-*")))
     for model in models:
@@ -137,7 +139,7 @@ def test_a_run_killed_and_resumed_equals_a_run_never_interrupted(process_runs, s
         val = [json.loads((d / "metrics.json").read_text())["val_loss"] for d in (whole, resumed)]
         assert val[0] == val[1]
     assert "state.pt" not in os.listdir(resumed)  # the state is not part of the output
-    assert not [name for name in os.listdir(resumed.parent) if name.startswith(".")]  # no lock, no unfinished copy
+    assert not [name for name in os.listdir(resumed.parent) if name.startswith(".")]  # no lock or copy left
 
 
 @pytest.mark.after_the_rest
@@ -180,7 +182,7 @@ def test_a_run_that_fails_while_writing_leaves_the_old_output_whole(tmp_path, mo
 
 def test_copies_left_by_a_killed_publish_are_removed_by_the_next_run(tmp_path, capsys):
     small_world(tmp_path / "world")
-    for leftover in (".world.tmp-123-abcd", ".world.old-123-abcd"):  # what a kill between the two renames leaves
+    for leftover in (".world.tmp-123-abcd", ".world.old-123-abcd"):  # what a kill between the renames leaves
         (tmp_path / leftover).mkdir()
     small_world(tmp_path / "world", seed=1)
     assert "left by an interrupted run" in capsys.readouterr().out
@@ -214,7 +216,8 @@ def test_a_lock_is_held_by_one_output_at_a_time(tmp_path):
 
 def result_row(step, **extra):
     return {"run": "dpo_beta0.1_seed0", "run_id": "a", "method": "dpo", "beta": 0.1, "seed": 0, "step": step,
-            "fraction": step / 2, "epoch": step / 2, "kl": 0.1 * step, "win_rate": 0.5, "mean_length": 9.0, **extra}
+            "fraction": step / 2, "epoch": step / 2, "kl": 0.1 * step, "win_rate": 0.5, "mean_length": 9.0,
+            **extra}
 
 
 def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next_row(tmp_path, capsys):
@@ -228,12 +231,13 @@ def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next
     # --plots_only reads it too: plots and summary of the whole rows, the file left as it is
     evaluate.main(evaluate.Args(out_dir=str(path.parent), plots_dir=str(tmp_path / "plots"), plots_only=True))
     assert "dropped a torn last line" in capsys.readouterr().out
-    assert (tmp_path / "plots" / "tradeoff.png").is_file() and "| dpo | 0.1 | 1 |" in (path.parent / "summary.md").read_text()
-    # before a row is appended (under the lock) the torn line is cut off, so the new row starts a line of its own
+    assert (tmp_path / "plots" / "tradeoff.png").is_file()
+    assert "| dpo | 0.1 | 1 |" in (path.parent / "summary.md").read_text()
+    # before a row is appended (under the lock) the torn line is cut off: the new row starts a line of its own
     assert evaluate.read_results(path, repair=True) == rows and path.read_text() == whole
     sft.append_jsonl(path, result_row(2))
     assert evaluate.read_results(path) == rows + [result_row(2)]
-    path.write_text(whole.replace("}\n", "\n", 1) + json.dumps(result_row(2)) + "\n")  # damage inside the file: refused
+    path.write_text(whole.replace("}\n", "\n", 1) + json.dumps(result_row(2)) + "\n")  # damaged inside
     with pytest.raises(SystemExit, match="line 1 is not a JSON object"):
         evaluate.read_results(path)
 

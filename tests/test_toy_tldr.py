@@ -50,9 +50,9 @@ def run_cli(script, *args, home):
 _FORKING_RUNNER = """
 import json, os, runpy, sys, traceback
 import datasets, torch, transformers
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXForCausalLM,
-                          HfArgumentParser, get_cosine_schedule_with_warmup)
-import dpo, evaluate, is_dpo, reward, sft, toy_tldr  # the scripts' own modules, imported once for every command line
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GPTNeoXForCausalLM, HfArgumentParser, get_cosine_schedule_with_warmup)
+import dpo, evaluate, is_dpo, reward, sft, toy_tldr  # the scripts' modules, imported once for all of them
 out = sys.argv[1]
 for line in iter(sys.stdin.readline, ""):
     i, argv = json.loads(line)
@@ -66,7 +66,7 @@ for line in iter(sys.stdin.readline, ""):
         code = 0
         try:
             runpy.run_path(argv[0], run_name="__main__")
-        except SystemExit as e:  # answered as the interpreter answers it, but without its teardown (~2 s here)
+        except SystemExit as e:  # answered as the interpreter would, without its teardown (~2 s here)
             code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
             if not isinstance(e.code, (int, type(None))):
                 print(e.code, file=sys.stderr)
