@@ -390,7 +390,7 @@ def train(args, weigh=no_weights, method=None):
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}", acc=f"{row['accuracy']:.2f}")
         if step in save_at:
             save(step)
-        sft.save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
+        sft.save_state(tmp, args, step, total_steps, model, optimizer, scheduler, order, cursor)
     sft.check_finite(total_steps, parameter_norm=sft.parameter_norm(model))
     sft.remove_state(tmp)
     sft.finish_output(tmp, out_dir)

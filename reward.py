@@ -179,7 +179,7 @@ def train(args, device, autocast):
         accuracy = (r_chosen > r_rejected).float().mean().item()
         sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
         bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
-        sft.save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
+        sft.save_state(tmp, args, step, args.steps, model, optimizer, scheduler, order, cursor)
     sft.check_finite(args.steps, parameter_norm=sft.parameter_norm(model))
 
     s_chosen, s_rejected = score_pairs(model, val_pairs, tokenizer.pad_token_id, args.sample_batch_size, device, autocast)
@@ -206,7 +206,8 @@ def train(args, device, autocast):
 
 def label(args, device, autocast):
     sft.check_args(args, positive=("num_prompts", "sample_batch_size", "temperature"))
-    sft.check_output(args.out_dir, "reward label", [args.sft_path, args.gold_path, args.data])
+    # the output, locked before the sampling: a second labelling of it fails now, not at its end
+    tmp = sft.start_output(args.out_dir, "reward label", [args.sft_path, args.gold_path, args.data])
     if args.label not in ("argmax", "bt"):
         fail(f"--label must be argmax or bt, got {args.label!r}")
     for path in (args.sft_path, args.gold_path):
@@ -256,7 +257,6 @@ def label(args, device, autocast):
             if row["chosen_true_score"] != row["rejected_true_score"]:
                 agree.append(row["chosen_true_score"] > row["rejected_true_score"])
         out_rows.append(row)
-    tmp = sft.start_output(args.out_dir, "reward label", [args.sft_path, args.gold_path, args.data])
     toy_tldr.write_jsonl(os.path.join(tmp, "train.jsonl"), out_rows)
     metrics = {"pairs": len(out_rows), "dropped": dropped, "seconds": time.time() - t0}
     if agree:

@@ -131,12 +131,12 @@ def _settings(args):
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
 
 
-def save_state(work, args, step, model, optimizer, scheduler, order, cursor):
-    """Every --save_every steps, all that the loop needs to go on after `step` exactly as if never stopped:
-    weights, optimizer moments, schedule, random generators, the data order and the place in it, and
-    how much of train_log.jsonl is written. Written aside and renamed: a kill leaves this state or the
-    one before."""
-    if not args.save_every or step % args.save_every:
+def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor):
+    """Every --save_every steps (but the last of `total`), all that the loop needs to go on after `step`
+    exactly as if never stopped: weights, optimizer moments, schedule, random generators, the data order
+    and the place in it, and how much of train_log.jsonl is written. Written aside and renamed: a kill
+    leaves this state or the one before."""
+    if not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
     state = {"step": step, "order": order, "cursor": cursor, "settings": _settings(args),
@@ -147,14 +147,18 @@ def save_state(work, args, step, model, optimizer, scheduler, order, cursor):
                      "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
                      "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    torch.save(state, os.path.join(work, "state.pt.tmp"))
+    try:
+        torch.save(state, os.path.join(work, "state.pt.tmp"))
+    except RuntimeError as e:  # torch reports a full disk so; an OSError ends the run in one line
+        raise OSError(f"could not save the training state in {work}: {e}") from e
     os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
 
 
 def remove_state(work):
     """The saved state is for --resume only: it is not part of the published output."""
-    if os.path.exists(os.path.join(work, "state.pt")):
-        os.remove(os.path.join(work, "state.pt"))
+    for name in ("state.pt", "state.pt.tmp"):  # .tmp: a save cut short by a kill
+        if os.path.exists(os.path.join(work, name)):
+            os.remove(os.path.join(work, name))
 
 
 def restore_state(work, args, model, optimizer, scheduler):
@@ -596,7 +600,7 @@ def main(args):
                "lr": scheduler.get_last_lr()[0]}
         append_jsonl(log_path, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
-        save_state(tmp, args, step, model, optimizer, scheduler, order, cursor)
+        save_state(tmp, args, step, args.steps, model, optimizer, scheduler, order, cursor)
     check_finite(args.steps, parameter_norm=parameter_norm(model))
 
     metrics = {"train_seconds": time.time() - t0}

@@ -458,8 +458,8 @@ class Output:
         self.lock_path = scratch_path(out_dir, "lock")
         self.lock = take_lock(self.lock_path, f"--out_dir {out_dir}")
         try:
+            self._clear_leftovers()
             check_output(out_dir, stage, inputs)  # again, under the lock: another run may have published
-            self._remove_leftovers()
             unique = f"tmp-{os.getpid()}-{os.urandom(4).hex()}"
             self.work = scratch_path(out_dir, "partial" if resumable else unique)
             marker = read_marker(self.work) if os.path.isdir(self.work) else None
@@ -468,7 +468,7 @@ class Output:
                 if not resume:
                     fail(f"{self.work} holds the saved state of an interrupted run of {out_dir}: "
                          f"pass --resume to continue it, or remove it to start over")
-                self.run = marker["run"]
+                self.run = marker.get("run", "")
                 return
             if os.path.lexists(self.work):  # not ours, or nothing saved yet: nothing to continue
                 if marker is None or marker.get("stage") != stage:
@@ -485,13 +485,18 @@ class Output:
             remove_empty(self.made)
             raise
 
-    def _remove_leftovers(self):
-        """Copies left by a run of this output that was killed (we hold the lock: no one writes them)."""
+    def _clear_leftovers(self):
+        """Copies left by a killed run of this output (we hold the lock: no one is writing them). The old
+        output that a publish killed between its two renames had moved aside is put back."""
         parent, name = os.path.split(scratch_path(self.out_dir, ""))
-        for entry in os.listdir(parent):
-            if entry.startswith((f"{name}tmp-", f"{name}old-")):
-                print(f"note: removing {os.path.join(parent, entry)}, left by an interrupted run")
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        for entry in sorted(os.listdir(parent)):
+            path = os.path.join(parent, entry)
+            if entry.startswith(f"{name}old-") and not os.path.lexists(self.out_dir):
+                print(f"note: putting back {self.out_dir}, moved aside by an interrupted run")
+                os.replace(path, self.out_dir)
+            elif entry.startswith((f"{name}tmp-", f"{name}old-")):
+                print(f"note: removing {path}, left by an interrupted run")
+                shutil.rmtree(path, ignore_errors=True)
 
     def publish(self):
         aside = None

@@ -180,12 +180,21 @@ def test_a_run_that_fails_while_writing_leaves_the_old_output_whole(tmp_path, mo
     assert os.listdir(tmp_path) == ["world"]  # the unfinished copy and the lock are gone
 
 
-def test_copies_left_by_a_killed_publish_are_removed_by_the_next_run(tmp_path, capsys):
+def test_copies_left_by_a_killed_publish_are_cleared_by_the_next_run(tmp_path, capsys, monkeypatch):
     small_world(tmp_path / "world")
-    for leftover in (".world.tmp-123-abcd", ".world.old-123-abcd"):  # what a kill between the renames leaves
+    for leftover in (".world.tmp-123-abcd", ".world.old-123-abcd"):  # a killed run, a killed publish
         (tmp_path / leftover).mkdir()
     small_world(tmp_path / "world", seed=1)
     assert "left by an interrupted run" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["world"]
+    assert json.loads((tmp_path / "world" / "config.json").read_text())["seed"] == 1
+    # a publish killed between its two renames: the old output aside, none in place. The next run puts it
+    # back first, so that it is there even when that run fails
+    os.rename(tmp_path / "world", tmp_path / ".world.old-123-abcd")
+    monkeypatch.setattr(toy_tldr, "write_jsonl", lambda path, rows: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        small_world(tmp_path / "world", seed=2)
+    assert "putting back" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["world"]
     assert json.loads((tmp_path / "world" / "config.json").read_text())["seed"] == 1
 
