@@ -3,8 +3,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,9 +11,7 @@ import dpo
 import is_dpo
 import sft
 import toy_tldr
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from test_toy_tldr import submit_cli
 
 # ---------------------------------------------------------------------------------------------
 # the fused log-prob gather
@@ -289,8 +285,9 @@ def test_extreme_log_ratios_stay_finite(loss_type, mode):
 # end to end through the command line
 
 
-def run(script, *flags):
-    return subprocess.run([sys.executable, script, *map(str, flags)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run(tmp_path_factory, script, *flags):
+    """`python <script> <flags>` on the session's runner (see test_toy_tldr.py): no fresh interpreter to start."""
+    return submit_cli(tmp_path_factory, script, *flags).result(timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -318,11 +315,11 @@ def read_log(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
 
 
-def test_dpo_and_is_dpo_alpha0_write_the_same_log(tiny_world):
+def test_dpo_and_is_dpo_alpha0_write_the_same_log(tmp_path_factory, tiny_world):
     base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs", *COMMON]
-    a = run("dpo.py", *base)
+    a = run(tmp_path_factory, "dpo.py", *base)
     assert a.returncode == 0, a.stderr[-2000:]
-    b = run("is_dpo.py", *base, "--weight", "fixed", "--alpha", 0)
+    b = run(tmp_path_factory, "is_dpo.py", *base, "--weight", "fixed", "--alpha", 0)
     assert b.returncode == 0, b.stderr[-2000:]
     plain, weighted = read_log(tiny_world / "runs" / "dpo_beta0.01_seed3"), read_log(tiny_world / "runs" / "a0-dpo_beta0.01_seed3")
     assert len(plain) == len(weighted) == 6  # ceil(48 / 8)
@@ -336,14 +333,14 @@ def test_dpo_and_is_dpo_alpha0_write_the_same_log(tiny_world):
     AutoModelForCausalLM.from_pretrained(tiny_world / "runs" / "dpo_beta0.01_seed3" / "ckpt-6")
 
 
-def test_a_run_reading_shared_reference_logps_writes_the_same_log(tiny_world):
+def test_a_run_reading_shared_reference_logps_writes_the_same_log(tmp_path_factory, tiny_world):
     cache = tiny_world / "reference_cache"
     base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs_cached",
             "--reference_cache", cache, *COMMON]
-    first = run("dpo.py", *base, "--run_name", "first")
+    first = run(tmp_path_factory, "dpo.py", *base, "--run_name", "first")
     assert first.returncode == 0, first.stderr[-2000:]
     assert len(os.listdir(cache)) == 1 and "read from" not in first.stdout
-    second = run("dpo.py", *base, "--run_name", "second")
+    second = run(tmp_path_factory, "dpo.py", *base, "--run_name", "second")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "reference log-probs: read from" in second.stdout and len(os.listdir(cache)) == 1
     assert read_log(tiny_world / "runs_cached" / "first") == read_log(tiny_world / "runs_cached" / "second")
@@ -374,8 +371,8 @@ def test_shared_reference_logps_miss_when_pi_ref_or_the_pairs_change(tiny_model,
 
 @pytest.mark.parametrize("flags", [["--weight", "adaptive"], ["--weight", "clipped", "--loss_type", "ipo"],
                                    ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"]])
-def test_is_dpo_runs_and_logs_weights(tiny_world, flags):
-    out = run("is_dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl",
+def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
+    out = run(tmp_path_factory, "is_dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl",
               "--runs_dir", tiny_world / "runs_is", *COMMON, "--num_checkpoints", 0, *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     name = [n for n in os.listdir(tiny_world / "runs_is") if n.startswith(is_dpo.method_name(is_dpo.Args(
@@ -410,15 +407,15 @@ def test_bad_input_gives_one_line(tiny_world, script, flags, message):
     assert not os.path.exists(tiny_world / "bad")
 
 
-def test_bad_input_on_the_command_line_is_one_line(tiny_world):
-    out = run("dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--beta", 0)
+def test_bad_input_on_the_command_line_is_one_line(tmp_path_factory, tiny_world):
+    out = run(tmp_path_factory, "dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--beta", 0)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["error: --beta must be > 0, got 0.0"]
 
 
-def test_shared_prompt_benchmark_runs_and_its_variants_agree():
+def test_shared_prompt_benchmark_runs_and_its_variants_agree(tmp_path_factory):
     flags = ["--pairs", "3", "--prompt_len", "9", "--response_len", "4", "--n_embd", "32", "--reps", "1", "--threads", "1"]
-    proc = subprocess.run([sys.executable, "bench/shared_prompt.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run(tmp_path_factory, "bench/shared_prompt.py", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     diff = float(proc.stdout.split("max |difference| of the log-probs ")[1].split()[0])
     assert diff < 1e-4

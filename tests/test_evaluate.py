@@ -11,6 +11,7 @@ import torch
 
 import evaluate
 import sft
+from test_toy_tldr import submit_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,11 +160,12 @@ def test_shards_together_give_every_checkpoint_once_and_the_same_rows(main_job, 
     assert (tmp_path / "p" / "tradeoff.png").is_file() and (tmp_path / "e" / "summary.md").is_file()
 
 
-def run_eval(*flags):
-    return subprocess.run([sys.executable, "evaluate.py", *map(str, flags)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_eval(tmp_path_factory, *flags):
+    """`python evaluate.py <flags>` on the session's runner (see test_toy_tldr.py)."""
+    return submit_cli(tmp_path_factory, "evaluate.py", *flags).result(timeout=600)
 
 
-def test_evaluate_bad_inputs(main_job, tmp_path):
+def test_evaluate_bad_inputs(tmp_path_factory, main_job, tmp_path):
     out, _ = main_job
     base = ["--data", out / "toy_tldr", "--gold_path", out / "gold_rm", "--out_dir", tmp_path / "e", "--plots_dir", tmp_path / "p"]
     cases = []
@@ -183,7 +185,7 @@ def test_evaluate_bad_inputs(main_job, tmp_path):
     cases.append((["--runs", out / "runs" / "*", "--data", out / "toy_tldr", "--gold_path", other_tok, *base[4:]], "tokenizer"))
     cases.append((["--runs", out / "runs" / "*", *base, "--shard", "2/2"], "--shard"))
     for flags, message in cases:
-        proc = run_eval(*flags)
+        proc = run_eval(tmp_path_factory, *flags)
         assert proc.returncode != 0, flags
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and message in last, last
