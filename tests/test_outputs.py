@@ -219,6 +219,44 @@ def test_a_lock_is_held_by_one_output_at_a_time(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == [toy_tldr.MARKER]
 
 
+def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp_path_factory, monkeypatch):
+    """In-process, reward.py --mode train: a KeyboardInterrupt at step 8 (a state was saved at step 5) keeps
+    the state; a new run without --resume refuses to throw it away, one with other flags refuses to go on;
+    --resume ends where an uninterrupted run does."""
+    import reward
+
+    world, pi_ref = pipeline_stage(tmp_path_factory, "world"), pipeline_stage(tmp_path_factory, "sft")
+    root = tmp_path_factory.mktemp("rm_resume")
+
+    def args(name, **kw):
+        return reward.Args(mode="train", sft_path=str(pi_ref), data=str(world), out_dir=str(root / name),
+                           steps=12, batch_size=8, val_size=20, save_every=5, **kw)
+
+    reward.main(args("whole"))
+    append = sft.append_jsonl
+
+    def interrupted_at_step_8(path, row):
+        if row.get("step") == 8:
+            raise KeyboardInterrupt
+        append(path, row)
+
+    monkeypatch.setattr(sft, "append_jsonl", interrupted_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        reward.main(args("stopped"))
+    monkeypatch.setattr(sft, "append_jsonl", append)
+    assert not (root / "stopped").exists() and (root / ".stopped.partial" / "state.pt").exists()
+    with pytest.raises(SystemExit, match="pass --resume to continue it"):
+        reward.main(args("stopped"))
+    with pytest.raises(SystemExit, match=r"other settings than the interrupted run \(--lr\)"):
+        reward.main(args("stopped", resume=True, lr=0.5))
+    reward.main(args("stopped", resume=True))
+    whole, resumed = root / "whole", root / "stopped"
+    assert (whole / "train_log.jsonl").read_bytes() == (resumed / "train_log.jsonl").read_bytes()
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(root)) == ["stopped", "whole"]
+
+
 # ----------------------------------------------------------------------------------------------
 # results.jsonl: a torn last line
 
