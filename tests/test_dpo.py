@@ -286,7 +286,7 @@ def test_extreme_log_ratios_stay_finite(loss_type, mode):
 
 
 def run(tmp_path_factory, script, *flags):
-    """`python <script> <flags>` on the session's runner (see test_toy_tldr.py): no fresh interpreter to start."""
+    """`python <script> <flags>` on the session's runner (see test_toy_tldr.py): no interpreter to start."""
     return submit_cli(tmp_path_factory, script, *flags).result(timeout=600)
 
 
@@ -372,8 +372,9 @@ def test_shared_reference_logps_miss_when_pi_ref_or_the_pairs_change(tiny_model,
 @pytest.mark.parametrize("flags", [["--weight", "adaptive"], ["--weight", "clipped", "--loss_type", "ipo"],
                                    ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"]])
 def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
-    out = run(tmp_path_factory, "is_dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl",
-              "--runs_dir", tiny_world / "runs_is", *COMMON, "--num_checkpoints", 0, *flags)
+    out = run(tmp_path_factory, "is_dpo.py", "--sft_path", tiny_world / "sft", "--data",
+              tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs_is", *COMMON,
+              "--num_checkpoints", 0, *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     name = [n for n in os.listdir(tiny_world / "runs_is") if n.startswith(is_dpo.method_name(is_dpo.Args(
         weight=flags[1], loss_type=flags[flags.index("--loss_type") + 1] if "--loss_type" in flags else "dpo")))][0]
@@ -408,7 +409,8 @@ def test_bad_input_gives_one_line(tiny_world, script, flags, message):
 
 
 def test_bad_input_on_the_command_line_is_one_line(tmp_path_factory, tiny_world):
-    out = run(tmp_path_factory, "dpo.py", "--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--beta", 0)
+    out = run(tmp_path_factory, "dpo.py", "--sft_path", tiny_world / "sft", "--data",
+              tiny_world / "prefs.jsonl", "--beta", 0)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["error: --beta must be > 0, got 0.0"]
 
