@@ -211,16 +211,24 @@ def eval_settings(args, eval_rows):
             "kl_ref": os.path.realpath(args.sft_path) if args.sft_path else "each run's sft_path"}
 
 
-def checked_results(path, settings):
-    """results.jsonl's rows, read under its lock: a torn last line cut off, rows of other settings refused."""
+def current_results(path, runs, settings):
+    """The rows of results.jsonl that describe the runs as they are now, read under its lock: a torn last
+    line is cut off, rows of runs trained again since are dropped from the file, and rows of other settings
+    are refused (one file holds one setting: a re-run with others must not silently keep or mix old rows)."""
     rows = read_results(path, repair=True)
-    other = [r for r in rows if r.get("settings") != settings]
+    current = {a["run_name"]: a.get("run_id") for _, a, _ in runs}
+    fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
+    if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
+        print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
+        toy_tldr.write_jsonl(path + ".tmp", fresh)
+        os.replace(path + ".tmp", path)
+    other = [r for r in fresh if r.get("settings") != settings]
     if other:
         theirs = other[0].get("settings") or {}
         changed = [k for k in settings if theirs.get(k) != settings[k]]
         fail(f"{path} holds {len(other)} rows evaluated with other settings ({', '.join(changed)}): "
              f"evaluate into another --out_dir, or move that file aside")
-    return rows
+    return fresh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,13 +387,7 @@ def main(args):
         sft.prepare_dir(args.out_dir, "evaluate", inputs, OWN_FILES)
         settings = eval_settings(args, eval_rows)
         with locked(results_path):
-            rows = checked_results(results_path, settings)
-            current = {a["run_name"]: a.get("run_id") for _, a, _ in runs}
-            fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
-            if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
-                print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
-                toy_tldr.write_jsonl(results_path + ".tmp", fresh)
-                os.replace(results_path + ".tmp", results_path)
+            fresh = current_results(results_path, runs, settings)
         done = {(r["run"], r["step"]) for r in fresh}
         every = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts]  # the same list in every shard
         todo = [c for c in every[shard::num_shards] if (c[1]["run_name"], c[2]) not in done]
@@ -410,7 +412,7 @@ def main(args):
                    **metrics, "num_prompts": len(eval_rows), "settings": settings}
             with locked(results_path):  # done meanwhile by an evaluation beside this one? then not twice
                 if any((r["run"], r.get("run_id"), r["step"]) == (row["run"], row["run_id"], step)
-                       for r in checked_results(results_path, settings)):
+                       for r in current_results(results_path, runs, settings)):
                     print(f"evaluate: {row['run']} step {step} was written meanwhile by another evaluation")
                 else:
                     sft.append_jsonl(results_path, row)  # a line per checkpoint: a stop loses nothing done

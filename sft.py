@@ -298,9 +298,11 @@ def report_shaping(stage, tokenizer, prompts, responses=()):
     cut = sum(not r or r[-1] != tokenizer.eos_token_id for r in responses)
     unk = tokenizer.unk_token_id
     unknown = 0 if unk is None else sum(ids.count(unk) for ids in [*prompts, *responses])
-    print(f"{stage}: {cut} of {len(responses)} responses were longer than --max_response_len and cut without "
-          f"EOS; {unknown} unknown tokens (<unk>) in {len(prompts)} prompts"
-          + (" and their responses" if responses else ""))
+    said = f"{unknown} unknown tokens (<unk>) in {len(prompts)} prompts"
+    if responses:
+        said = (f"{cut} of {len(responses)} responses were longer than --max_response_len and cut without EOS; "
+                f"{said} and their responses")
+    print(f"{stage}: {said}")
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
