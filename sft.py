@@ -300,8 +300,8 @@ def report_shaping(stage, tokenizer, prompts, responses=()):
     unknown = 0 if unk is None else sum(ids.count(unk) for ids in [*prompts, *responses])
     said = f"{unknown} unknown tokens (<unk>) in {len(prompts)} prompts"
     if responses:
-        said = (f"{cut} of {len(responses)} responses were longer than --max_response_len and cut without EOS; "
-                f"{said} and their responses")
+        said = (f"{cut} of {len(responses)} responses were longer than --max_response_len and cut without "
+                f"EOS; {said} and their responses")
     print(f"{stage}: {said}")
 
 

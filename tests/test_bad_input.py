@@ -21,7 +21,8 @@ import sft
 from test_toy_tldr import TINY_MODEL, read_jsonl, start_pipeline, submit_cli, write_small_world
 
 # the placeholders: W world, S pi_ref, G gold RM, P pairs, D bad data files, R a run to evaluate, T a run
-# whose args.json is torn, C the case's own directory, O its output, U the user's folder (C/thesis: a file)
+# whose args.json is torn, X a truncated pi_ref, C the case's own directory, O its output, U the user's folder
+# (C/thesis, holding a file)
 BASE = {
     "toy_tldr": ["toy_tldr.py", "--out_dir", "{O}", "--num_sft", 20, "--num_human_pairs", 20,
                  "--num_eval", 5],
@@ -66,6 +67,7 @@ CASES = [  # (script, flags added to its BASE, words the error line must hold)
     ("sft", ["--data", "{D}/number_prompt.jsonl"], ["row 1", "'prompt'", "a string"]),
     ("sft", ["--data", "{D}/list_completion.jsonl"], ["row 3", "'completion'"]),
     ("sft", ["--data", "{D}/torn.jsonl"], ["line 4", "torn"]),
+    ("sft", ["--data", "{D}/null_completion.json"], ["row 2", "'completion'"]),  # read by datasets
     ("sft", ["--model_name_or_path", "{G}"], ["not a policy"]),
     ("sft", ["--lr", 1e10], ["non-finite"]),
     ("rm", ["--grad_clip", "nan"], ["--grad_clip"]),
@@ -92,6 +94,7 @@ CASES = [  # (script, flags added to its BASE, words the error line must hold)
     ("dpo", ["--threads", -1], ["--threads"]),
     ("dpo", ["--betas", 0.1], USAGE),
     ("dpo", ["--sft_path", "{G}"], ["not a policy"]),
+    ("dpo", ["--sft_path", "{X}"], ["could not load a policy"]),
     ("dpo", ["--runs_dir", "{C}", "--run_name", "thesis"], ["thesis", "no stage"]),
     ("dpo", ["--run_name", "../escape"], ["--run_name"]),
     ("dpo", ["--runs_dir", "{W}", "--run_name", "tokenizer"], ["input"]),
@@ -144,6 +147,7 @@ def write_bad_data(d, world):
             f.write("".join(json.dumps(r) + "\n" for r in rows) + raw_tail)
 
     write("null_completion.jsonl", [rows[0], {**rows[1], "completion": None}, *rows[2:]])
+    (d / "null_completion.json").write_text(json.dumps([rows[0], {**rows[1], "completion": None}, *rows[2:]]))
     write("number_prompt.jsonl", [{**rows[0], "prompt": 42}, *rows[1:]])
     write("list_completion.jsonl", [*rows[:2], {**rows[2], "completion": ["my", "mom"]}, *rows[3:]])
     write("torn.jsonl", rows[:3], raw_tail=json.dumps(rows[3])[:25])  # a fourth line cut short
@@ -165,6 +169,9 @@ def build_inputs(root):
     reward.main(reward.Args(mode="train", sft_path=str(root / "sft"), data=str(world),
                             out_dir=str(root / "gold"), steps=1, batch_size=8, val_size=8))
     write_bad_data(root / "data", world)
+    shutil.copytree(root / "sft", root / "truncated_sft")  # a checkpoint cut short (a full disk at its save)
+    weights = root / "truncated_sft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     for name, args_json in (("run", None), ("torn_run", '{"run_name": "torn", "method": ')):
         run = root / "runs" / name
         shutil.copytree(root / "sft", run / "ckpt-0")
@@ -172,7 +179,8 @@ def build_inputs(root):
             {"run_name": name, "method": "dpo", "beta": 0.1, "seed": 0, "total_steps": 1, "num_epochs": 1.0,
              "sft_path": str(root / "sft")}))
     return {"W": world, "S": root / "sft", "G": root / "gold", "P": root / "data" / "prefs.jsonl",
-            "D": root / "data", "R": root / "runs" / "run", "T": root / "runs" / "torn_run"}
+            "D": root / "data", "R": root / "runs" / "run", "T": root / "runs" / "torn_run",
+            "X": root / "truncated_sft"}
 
 
 @pytest.fixture(scope="session")
