@@ -440,7 +440,7 @@ def load_causal_lm(args, tokenizer):
 
 
 def banned_ids(tokenizer):
-    """Special tokens a response must never contain: all but EOS (shared/TOY_TLDR.md, lesson 4)."""
+    """Special tokens a response must never contain: all but EOS: a response ends with EOS and holds no other special token."""
     return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
 
 

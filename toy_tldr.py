@@ -16,7 +16,7 @@ builds a small world with the same shape that runs on a laptop and whose *truth 
 
 Run:   python toy_tldr.py                      (writes out/toy_tldr/, a few seconds)
        python toy_tldr.py --num_sft 2000 --out_dir /tmp/w
-Output (see ../shared/DESIGN.md): sft.jsonl {prompt, completion}; prefs_human.jsonl
+Output: sft.jsonl {prompt, completion}; prefs_human.jsonl
 {prompt, chosen, rejected, chosen_score, rejected_score}; eval.jsonl {prompt, reference};
 tokenizer/; config.json.
 """
@@ -92,7 +92,7 @@ FUNCTION_WORDS = {"my", "i", "me", "and", "or", "not", "to", "the", "a", ".", ",
                   "is", "do", "should", "feel", "feeling", "now", "on", "at", "our", "their"}
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 
-# the true scorer's weights (shared/TOY_TLDR.md)
+# the true scorer's weights (METHOD.md, section 8)
 GAIN = {"who": 1.0, "event": 1.0, "feeling": 0.8, "question": 0.8}
 WRONG_SLOT, REPEAT, GOOD_END, NO_EOS = -1.0, -0.6, 0.5, -1.5
 LONG_AFTER, LONG_COST, SHORT_BEFORE, SHORT_COST = 14, -0.15, 5, -0.3
