@@ -2,10 +2,10 @@
 dpo.py -- direct alignment on offline preference pairs: DPO, IPO, RPO, R-DPO, chi-PO.
 
 The policy starts at pi_ref (sft.py) and learns from {prompt, chosen, rejected} pairs that
-reward.py sampled from pi_ref and labelled with the gold reward model. Every loss is a function
-of the sequence log-ratios r(y) = log pi_theta(y|x) - log pi_ref(y|x) (shared/METHOD.md).
+reward.py sampled from pi_ref and labelled with a judge (the toy's true scorer, or a gold reward model). Every loss is a function
+of the sequence log-ratios r(y) = log pi_theta(y|x) - log pi_ref(y|x) (METHOD.md, sections 1 and 5).
 
-Run (after toy_tldr.py, sft.py, reward.py --mode train, reward.py --mode label; under a minute on CPU):
+Run (after toy_tldr.py, sft.py, reward.py --mode label; about 40 s on one CPU thread):
     python dpo.py                               # DPO, beta 0.01 -> out/runs/dpo_beta0.01_seed0/
     python dpo.py --loss_type ipo --beta 0.1
 Paper scale (Pythia + TL;DR on a GPU): --sft_path <sft> --data <prefs> --lr 1e-6 --num_epochs 1
@@ -55,16 +55,18 @@ class Args:
     loss_type: str = field(default="dpo", metadata={"help": "dpo | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
     ipo_sum: bool = field(default=False, metadata={"help": "ipo: summed log-ratios instead of length-averaged (TRL)"})
-    rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the summed NLL of the chosen response"})
+    rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the summed NLL of the chosen response "
+                                                            "(the NLL term is multiplied by beta too)"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length difference |y_w| - |y_l|"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo: clip c of the log-ratio inside exp()"})
-    num_epochs: float = field(default=1.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs)"})
+    num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs; the toy needs 2 to drift far)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps before the cosine decay"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (to 0) or constant (the DPO paper's)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    num_checkpoints: int = field(default=6, metadata={"help": "checkpoints at evenly spaced fractions of training, plus step 0"})
+    num_checkpoints: int = field(default=11, metadata={"help": "checkpoints at evenly spaced fractions of training, plus step 0"})
     logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk in the fused log-prob gather"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
@@ -183,8 +185,7 @@ def rpo_loss(pi_w, pi_l, ref_w, ref_l, beta, eta):
 
 
 def rdpo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, alpha):
-    # -log sigmoid(beta * Delta + alpha * (|y_w| - |y_l|)), the sign of the IS-DAAs code
-    # (Park et al. write "- alpha": pass a negative --rdpo_alpha for theirs)
+    # -log sigmoid(beta * Delta + alpha * (|y_w| - |y_l|)), the sign of Park et al. and the IS-DAAs code
     delta = (pi_w - ref_w) - (pi_l - ref_l)
     return -F.logsigmoid(beta * delta + alpha * (len_w - len_l).to(delta.dtype))
 
@@ -308,6 +309,8 @@ def validate(args):
     sft.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
                                    "chipo_clip", "logit_chunk", "max_prompt_len", "max_response_len"),
                    non_negative=("rpo_eta", "warmup_steps", "num_checkpoints", "save_every"))
+    if args.lr_schedule not in ("constant", "cosine"):
+        fail(f"--lr_schedule must be constant or cosine, got {args.lr_schedule!r}")
     if args.run_name in (".", "..") or os.sep in args.run_name:
         fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
     if not os.path.isdir(args.sft_path):
@@ -321,7 +324,7 @@ def validate(args):
 @sft.cleans_up
 def train(args, weigh=no_weights, method=None):
     """The DAA loop. weigh(args, logps, rows) -> (weights [B], stats): all ones for plain DAAs."""
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     validate(args)
     sft.seed_everything(args.seed)
@@ -347,7 +350,10 @@ def train(args, weigh=no_weights, method=None):
     total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / pairs_per_step))
     save_at = {round(k * total_steps / args.num_checkpoints) for k in range(args.num_checkpoints + 1)} if args.num_checkpoints else set()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    if args.lr_schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
     run_id = sft.read_marker(tmp)["run"]  # tells evaluate.py a retrained run from the old one
     sft.save_json(os.path.join(tmp, "args.json"), {**dataclasses.asdict(args), "method": method, "run_name": run_name,
                                                   "run_id": run_id, "total_steps": total_steps, "num_pairs": len(pairs)})

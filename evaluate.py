@@ -1,11 +1,12 @@
 """
-evaluate.py -- gold win-rate and KL of every checkpoint, and the trade-off plots.
+evaluate.py -- win-rate and KL of every checkpoint, the trade-off plots, and the lesson's claims.
 
-For each checkpoint of each run (the paper's App. D and shared/METHOD.md, "Evaluation"):
+For each checkpoint of each run (the paper's App. D; METHOD.md, section 7):
   * win_rate: sample a summary at temperature 0.01 for N eval prompts; the share of prompts where the
-    gold reward model scores it strictly higher than the human reference (ties lose);
-  * true_win_rate (toy world only): the same judged by the hidden true scorer -- when the two part
-    ways, the policy is exploiting the gold model, not getting better;
+    judge scores it higher than the human reference, a tie counting half. The judge is the toy's
+    hidden true scorer (--judge true, the default) or a gold reward model (--judge rm, as on real data);
+  * true_win_rate, true_score (toy world only): the true scorer's verdict, also beside a gold RM's
+    (gold_win_rate) -- when the two part ways, the policy is exploiting the gold model;
   * kl: sample y ~ pi_theta at temperature 1 and sum over its tokens the full next-token KL
     sum_v pi_theta(v|x,y<t) (log pi_theta - log pi_ref)(v|x,y<t); average over prompts;
   * mean_length: response tokens, EOS included.
@@ -17,6 +18,7 @@ Run (after dpo.py / is_dpo.py):
     python evaluate.py                                    # every run in out/runs/
     python evaluate.py --runs "out/runs/ais-dpo_*" --num_prompts 512
     python evaluate.py --plots_only                       # redraw from results.jsonl
+    python evaluate.py --check                            # the claims over the seeds, with 95% CIs
     python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait; python evaluate.py --plots_only
 """
 import contextlib
@@ -49,14 +51,16 @@ class Args:
     split: str = field(default="test", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
     reference_column: str = field(default="reference", metadata={"help": "column holding the human reference summary"})
-    gold_path: str = field(default="out/gold_rm", metadata={"help": "the gold reward model (reward.py --mode train)"})
+    judge: str = field(default="true", metadata={"help": "who judges the win-rate: true (the toy's hidden scorer) or rm "
+                                                        "(the gold reward model at --gold_path, as on real data)"})
+    gold_path: str = field(default="out/gold_rm", metadata={"help": "--judge rm: the gold reward model (reward.py --mode train)"})
     sft_path: str = field(default="", metadata={"help": "pi_ref for the KL; default: the sft_path each run was trained from"})
     num_prompts: int = field(default=256, metadata={"help": "eval prompts per checkpoint (the paper: 512)"})
     temperature: float = field(default=0.01, metadata={"help": "sampling temperature for the win-rate (the paper: 0.01)"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens sampled, EOS included"})
     truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
-    sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling / scoring batch"})
+    sample_batch_size: int = field(default=64, metadata={"help": "prompts per sampling / scoring batch (64 is the fastest on a small CPU)"})
     seed: int = field(default=0, metadata={"help": "sampling seed (the same for every checkpoint: common random numbers)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="out/eval", metadata={"help": "results.jsonl and summary.md go here"})
@@ -64,6 +68,8 @@ class Args:
                                                        "run.sh runs n shards side by side (one thread each), then --plots_only"})
     plots_dir: str = field(default="out/plots", metadata={"help": "tradeoff.png and dynamics.png go here"})
     plots_only: bool = field(default=False, metadata={"help": "skip evaluation; redraw plots and summary from results.jsonl"})
+    check: bool = field(default=False, metadata={"help": "skip evaluation; print the lesson's claims over the seeds in "
+                                                        "results.jsonl, each with its 95% CI (also to check.md); exit 1 if one fails"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,8 +77,13 @@ class Args:
 
 
 def win_rate(policy_scores, reference_scores):
-    """Share of prompts where the policy's summary scores strictly higher (a tie is a loss)."""
-    return float(np.mean(np.asarray(policy_scores) > np.asarray(reference_scores)))
+    """Share of prompts where the policy's summary scores higher than the reference; a tie counts half.
+
+    The toy's true scorer gives discrete scores, so ties are common (the same facts covered): a tie
+    is neither a win nor a loss. A reward model's continuous scores almost never tie.
+    """
+    policy, reference = np.asarray(policy_scores), np.asarray(reference_scores)
+    return float(np.mean((policy > reference) + 0.5 * (policy == reference)))
 
 
 @torch.no_grad()
@@ -100,24 +111,28 @@ def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
 
 
 def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_scores, args, toy, device, autocast):
-    """One results row's metrics for one policy."""
+    """One results row's metrics for one policy. gold is None when the true scorer judges."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # common random numbers for every checkpoint
     with autocast:
         banned = sft.banned_ids(tokenizer)
         outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, args.temperature, args.sample_batch_size,
                              generator, suppress_ids=banned)
         texts = [sft.decode_response(tokenizer, o) for o in outs]
-        scores = reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows], [t for t, _ in texts], args, device, autocast)
         kl_outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size, generator,
                                 suppress_ids=banned)
         kl = sequence_kl(policy, ref, list(zip(prompts, kl_outs)), pad, args.sample_batch_size)
-    metrics = {"kl": kl.mean().item(), "win_rate": win_rate(scores, ref_scores["gold"]),
-               "gold_score": float(np.mean(scores)), "mean_length": float(np.mean([len(o) for o in outs])),
+    metrics = {"kl": kl.mean().item(), "mean_length": float(np.mean([len(o) for o in outs])),
                "finished": float(np.mean([f for _, f in texts])), "example": texts[0][0]}
-    if toy:
+    if toy:  # the hidden scorer: an unfinished summary is scored as such
         true = [toy_tldr.true_score(r["prompt"], t, f) for r, (t, f) in zip(eval_rows, texts)]
         metrics.update(true_win_rate=win_rate(true, ref_scores["true"]), true_score=float(np.mean(true)))
+    if gold is not None:
+        with autocast:
+            scores = reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows], [t for t, _ in texts], args,
+                                        device, autocast)
+        metrics.update(gold_win_rate=win_rate(scores, ref_scores["gold"]), gold_score=float(np.mean(scores)))
+    metrics["win_rate"] = metrics["true_win_rate" if args.judge == "true" else "gold_win_rate"]
     return metrics
 
 
@@ -203,11 +218,14 @@ def eval_settings(args, eval_rows):
     and one results file holds rows of one setting. (Thread count and batch size move only the last bits.)"""
     data = json.dumps([[r["prompt"], r["reference"]] for r in eval_rows])
     data = hashlib.sha256(data.encode()).hexdigest()[:16]
-    gold = sft.read_marker(args.gold_path) or {}
+    if args.judge == "rm":
+        gold = sft.read_marker(args.gold_path) or {}
+        judge = f"{os.path.realpath(args.gold_path)} (run {gold.get('run')})"
+    else:
+        judge = "the true scorer"
     return {"num_prompts": len(eval_rows), "temperature": args.temperature,
             "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len,
-            "truncate_prompts": args.truncate_prompts, "seed": args.seed,
-            "gold": f"{os.path.realpath(args.gold_path)} (run {gold.get('run')})", "data": data,
+            "truncate_prompts": args.truncate_prompts, "seed": args.seed, "judge": judge, "data": data,
             "kl_ref": os.path.realpath(args.sft_path) if args.sft_path else "each run's sft_path"}
 
 
@@ -266,6 +284,62 @@ def summary_table(rows):
     return "\n".join(lines) + "\n"
 
 
+# Student t quantiles t_{0.975, df} for df = 1..30 (beyond, the normal 1.96 is within 4%)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci(values):
+    """Mean and 95% confidence interval (Student t) of independent replicates: (mean, low, high)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), float("nan"), float("nan")
+    half = (T975[len(x) - 2] if len(x) <= 31 else 1.96) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def claims(rows, beta_low=0.01, beta_high=0.1):
+    """The lesson's claims, each over replicates (seeds), paired by seed where two methods are compared.
+
+    Returns [(claim, replicates, (mean, low, high) or None, holds or None)]; None where a run is missing.
+    "hump" is a run's peak win-rate minus its final one; KL is the final checkpoint's.
+    """
+    groups = group_runs(rows)
+
+    def runs(method, beta):
+        return groups.get((method, beta), {})
+
+    def hump(run):
+        return max(r["win_rate"] for r in run) - run[-1]["win_rate"]
+
+    out = []
+    dpo_low, ais_low, dpo_high = runs("dpo", beta_low), runs("ais-dpo", beta_low), runs("dpo", beta_high)
+    paired = sorted(set(dpo_low) & set(ais_low))
+    if dpo_low:
+        m = mean_ci([hump(r) for r in dpo_low.values()])
+        out.append((f"DPO at beta {beta_low:g} over-optimises: peak - final win-rate >= 0.10, CI above 0.05",
+                    len(dpo_low), m, m[0] >= 0.10 and m[1] > 0.05))
+    if paired:
+        m = mean_ci([ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired])
+        out.append((f"AIS-DPO ends above DPO at beta {beta_low:g}: final win-rate difference >= 0.10, CI above 0",
+                    len(paired), m, m[0] >= 0.10 and m[1] > 0))
+        m = mean_ci([ais_low[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in paired])
+        out.append((f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5", len(paired), m, m[0] <= 0.5))
+    if dpo_high:
+        m = mean_ci([hump(r) for r in dpo_high.values()])
+        out.append((f"stronger regularisation holds DPO: at beta {beta_high:g} peak - final <= 0.05", len(dpo_high), m,
+                    m[0] <= 0.05))
+    return out
+
+
+def check_table(rows):
+    """Markdown table of claims(rows), and whether all of them hold."""
+    lines = ["| claim | replicates | mean [95% CI] | holds |", "|---|---|---|---|"]
+    for claim, n, (mean, low, high), holds in claims(rows):
+        lines.append(f"| {claim} | {n} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {'yes' if holds else 'NO'} |")
+    return "\n".join(lines) + "\n", all(c[3] for c in claims(rows))
+
+
 def mean_curve(seeds, key):
     """Seed-averaged curve of `key` over the fraction of training (runs share their checkpoint grid)."""
     runs = list(seeds.values())
@@ -302,20 +376,20 @@ def plot(rows, plots_dir):
             seeds = groups[(method, beta)]
             _, kl, _ = mean_curve(seeds, "kl")
             _, wr, _ = mean_curve(seeds, "win_rate")
-            ax.plot(kl, wr, "o-", color=colors[method], label=f"{method} (gold)", ms=4)
+            ax.plot(kl, wr, "o-", color=colors[method], label=f"{method} (judge)", ms=4)
             if has_true:
                 _, tw, _ = mean_curve(seeds, "true_win_rate")
                 ax.plot(kl, tw, "x--", color=colors[method], alpha=0.6, label=f"{method} (true)", ms=4)
         ax.set(title=f"beta = {beta:g}", xlabel="KL(pi_theta || pi_ref)", ylabel="win-rate vs reference")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Win-rate against KL budget (mean over seeds; solid: gold RM judge, dashed: true scorer)")
+    fig.suptitle("Win-rate against KL budget (mean over seeds; solid: the judge's win-rate, dashed: the true scorer's)")
     save_figure(fig, os.path.join(plots_dir, "tradeoff.png"))
     plt.close(fig)
 
     # dynamics: win-rate (gold, true) and KL against the fraction of training
     keys = ["win_rate"] + (["true_win_rate"] if has_true else []) + ["kl"]
-    labels = {"win_rate": "gold win-rate", "true_win_rate": "true win-rate", "kl": "KL"}
+    labels = {"win_rate": "win-rate (judge)", "true_win_rate": "true win-rate", "kl": "KL"}
     fig, axes = plt.subplots(len(keys), len(betas), figsize=(5 * len(betas), 3 * len(keys)), squeeze=False, sharex=True)
     for j, beta in enumerate(betas):
         for i, key in enumerate(keys):
@@ -346,6 +420,23 @@ OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png"
 # ----------------------------------------------------------------------------------------------
 
 
+def check(results_path, out_dir):
+    """--check: the claims table of results.jsonl, printed and written to check.md; exit 1 if a claim fails."""
+    rows = read_results(results_path)
+    if not rows:
+        fail(f"no results in {results_path} (run evaluate.py first)")
+    table, holds = check_table(rows)
+    if not claims(rows):
+        fail(f"{results_path} has no runs of the claims (dpo and ais-dpo at beta 0.01, dpo at beta 0.1)")
+    with open(os.path.join(out_dir, "check.md.tmp"), "w") as f:
+        f.write(table)
+    os.replace(os.path.join(out_dir, "check.md.tmp"), os.path.join(out_dir, "check.md"))
+    print(table)
+    print("every claim holds" if holds else "some claims do not hold (NO above)")
+    if not holds:
+        raise SystemExit(1)
+
+
 @sft.cleans_up
 def main(args):
     results_path = os.path.join(args.out_dir, "results.jsonl")
@@ -353,6 +444,8 @@ def main(args):
     if not shard or not int(shard.group(1)) < int(shard.group(2)):
         fail(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     shard, num_shards = int(shard.group(1)), int(shard.group(2))
+    if args.check:
+        return check(results_path, args.out_dir)
     if not args.plots_only:
         sft.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len",
                                        "max_response_len"),
@@ -361,7 +454,12 @@ def main(args):
         inputs = [args.gold_path, args.data, args.sft_path] + [run for run, _, _ in runs]
         for path in (args.out_dir, args.plots_dir):  # checked before any work, written to after it
             sft.check_output(path, "evaluate", inputs, OWN_FILES)
-        if not os.path.isdir(args.gold_path):
+        if args.judge not in ("true", "rm"):
+            fail(f"--judge must be true or rm, got {args.judge!r}")
+        toy = sft.is_toy(args.data)
+        if args.judge == "true" and not toy:
+            fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir (use --judge rm)")
+        if args.judge == "rm" and not os.path.isdir(args.gold_path):
             fail(f"--gold_path {args.gold_path} not found (run reward.py --mode train first)")
         eval_rows = sft.load_rows(args.data, "eval.jsonl", args.split,
                                   {"prompt": args.prompt_column, "reference": args.reference_column})[:args.num_prompts]
@@ -369,21 +467,23 @@ def main(args):
         if args.threads:
             torch.set_num_threads(args.threads)
         device, autocast = sft.device_and_autocast()
-        tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
-        gold = reward.load_reward_model(args.gold_path, tokenizer).to(device).eval()
-        toy = sft.is_toy(args.data)
+        tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path if args.judge == "rm" else runs[0][2][0][1]))
         prompts = sft.encode_prompts(tokenizer, [r["prompt"] for r in eval_rows], args.max_prompt_len, args.truncate_prompts)
-        with autocast:
-            ref_scores = {"gold": reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
-                                                     [r["reference"] for r in eval_rows], args, device, autocast)}
         references = [sft.encode(tokenizer, r["prompt"], r["reference"], args.max_prompt_len,
                                  args.max_response_len, args.truncate_prompts)[1] for r in eval_rows]
         sft.report_shaping("evaluate", tokenizer, prompts, references)
+        gold, ref_scores = None, {}
+        if args.judge == "rm":
+            gold = reward.load_reward_model(args.gold_path, tokenizer).to(device).eval()
+            with autocast:
+                ref_scores["gold"] = reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
+                                                        [r["reference"] for r in eval_rows], args, device, autocast)
         if toy:
             ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in eval_rows]
-        for run, _, ckpts in runs:  # a policy must speak the gold model's vocabulary
+        for run, _, ckpts in runs:  # every policy must speak the judge's (and the first run's) vocabulary
             if sft.load_tokenizer(sft.Args(tokenizer_path=ckpts[0][1])).get_vocab() != tokenizer.get_vocab():
-                fail(f"the gold model's tokenizer ({args.gold_path}) differs from the policy's ({ckpts[0][1]})")
+                fail(f"the tokenizer of {ckpts[0][1]} differs from the judge's "
+                     f"({args.gold_path if gold else runs[0][2][0][1]})")
         sft.prepare_dir(args.out_dir, "evaluate", inputs, OWN_FILES)
         settings = eval_settings(args, eval_rows)
         with locked(results_path):

@@ -27,13 +27,15 @@ How this departs from dpo.py and from the papers:
      checkpoints are dpo.py's, called through `dpo.train(args, weigh=importance_weights)`.
   2. log w is computed in log space and exponentiated last; it never multiplies probabilities.
   3. w is detached by default (--weight_grad keeps its gradient). With the gradient, the loss is
-     lowered by making *every* response unlikely: the policy collapses (shared/TOY_TLDR.md).
+     lowered by making *every* response unlikely: the policy collapses (METHOD.md, section 6).
   4. Every mode's log w is also capped at 50 (w < 6e21) so that float32 cannot overflow on
      extreme log-ratios; only `full` can reach the cap, and it is reported, not hidden.
   5. The papers weigh against pi_ref; --behaviour_logps uses the log-probs of the policy that
      generated the data (columns written by reward.py --mode label) in place of log pi_ref.
-  6. The weights are not normalised: Adam's step is invariant to the loss's overall scale, so they
-     act as relative weights within a batch (AIS log w drifts to -6..-10 and training goes on).
+  6. The weights are not normalised, as in the papers. Adam ignores a constant loss scale, but AIS's
+     log w drifts down during training (to about -2.6 at the end of the toy's runs) while Adam's
+     second-moment average remembers ~1000 steps: the steps shrink, like a learning-rate decay.
+     --self_normalise (w divided by its batch mean) is the control that removes that part.
 """
 import math
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ class Args(dpo.Args):
     weight: str = field(default="adaptive", metadata={"help": "none | full | clipped | adaptive | fixed | sqrt"})
     alpha: float = field(default=0.1, metadata={"help": "--weight fixed: the exponent alpha in [0, 1]"})
     log_w_max: float = field(default=2.0, metadata={"help": "--weight clipped: upper clip of log w"})
+    self_normalise: bool = field(default=False, metadata={"help": "a control: divide w by its batch mean, so only the "
+                                                                    "weights' relative sizes act (the papers do not)"})
     weight_grad: bool = field(default=False, metadata={"help": "let gradients flow through w (not recommended)"})
     behaviour_logps: bool = field(default=False, metadata={"help": "use the data's behaviour log-probs instead of log pi_ref in w"})
     behaviour_chosen_column: str = field(default="chosen_behaviour_logp", metadata={"help": "column of the chosen response's behaviour log-prob"})
@@ -96,13 +100,16 @@ def importance_weights(args, logps, rows):
                                    args.alpha, args.log_w_max)
     if not args.weight_grad:
         log_w = log_w.detach()
-    return torch.exp(log_w), weight_stats(log_w)
+    stats = weight_stats(log_w)  # diagnostics of the paper's weights, before any normalisation
+    if args.self_normalise:  # w / mean_batch(w), in log space
+        log_w = log_w - torch.logsumexp(log_w, 0) + math.log(len(log_w))
+    return torch.exp(log_w), stats
 
 
 def method_name(args):
     prefix = {"none": "w1", "full": "fullis", "clipped": "is", "adaptive": "ais",
               "fixed": f"a{args.alpha:g}", "sqrt": "sqrtis"}[args.weight]
-    return f"{prefix}-{args.loss_type}"
+    return f"{prefix}{'-sn' if args.self_normalise else ''}-{args.loss_type}"
 
 
 def main(args):

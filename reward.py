@@ -1,14 +1,15 @@
 """
 reward.py -- the gold reward model, and the offline preference data it labels.
 
-Two modes, the two halves of Gao et al.'s synthetic set-up (shared/METHOD.md, "Evaluation"):
+Two modes, the two halves of Gao et al.'s synthetic set-up (METHOD.md, section 4):
 
   --mode train  a scalar-head model started from pi_ref, trained with the Bradley-Terry loss
                 -log sigmoid(r(x, y_w) - r(x, y_l)) on the "human" pairs; reports held-out accuracy
                 (and, on the toy, agreement with the hidden true scorer). -> out/gold_rm/
-  --mode label  for each training prompt, two samples from pi_ref at temperature 1, scored by the
-                gold model; the higher one is "chosen" (or a Bradley-Terry draw). -> out/prefs/train.jsonl
-                This is the offline data the DAAs train on: the gold model plays the human.
+  --mode label  for each training prompt, two samples from pi_ref at temperature 1, scored by a
+                judge: the toy's hidden true scorer (--judge true, the default) or the gold model
+                (--judge rm); the higher one is "chosen" (or a Bradley-Terry draw). -> out/prefs/train.jsonl
+                This is the offline data the DAAs train on: the judge plays the human.
 
 Run (after toy_tldr.py and sft.py; each about a minute on a laptop CPU):
     python reward.py --mode train
@@ -37,7 +38,9 @@ from sft import fail
 class Args:
     mode: str = field(default="train", metadata={"help": "train: fit the gold RM on human pairs; label: sample pi_ref pairs and label them with it"})
     sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py output): the RM's starting point and the sampler in --mode label"})
-    gold_path: str = field(default="out/gold_rm", metadata={"help": "--mode label: the trained gold reward model"})
+    judge: str = field(default="true", metadata={"help": "--mode label: who labels the pairs: true (the toy's hidden "
+                                                        "scorer) or rm (the gold reward model at --gold_path)"})
+    gold_path: str = field(default="out/gold_rm", metadata={"help": "--mode label --judge rm: the trained gold reward model"})
     data: str = field(default="out/toy_tldr", metadata={"help": "toy_tldr dir, local .json/.jsonl/.parquet, or hub id (train: human pairs; label: prompts)"})
     split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
@@ -55,7 +58,9 @@ class Args:
     val_size: int = field(default=1000, metadata={"help": "--mode train: pairs held out for accuracy"})
     num_prompts: int = field(default=4000, metadata={"help": "--mode label: training prompts to sample pairs for"})
     temperature: float = field(default=1.0, metadata={"help": "--mode label: sampling temperature of pi_ref"})
-    label: str = field(default="argmax", metadata={"help": "--mode label: argmax (higher gold score wins) or bt (Bradley-Terry draw)"})
+    label: str = field(default="argmax", metadata={"help": "--mode label: argmax (higher score wins; ties dropped) or bt "
+                                                          "(Bradley-Terry draw at --bt_temperature)"})
+    bt_temperature: float = field(default=1.0, metadata={"help": "--mode label --label bt: P(a wins) = sigmoid((s_a - s_b) / T)"})
     sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling / scoring batch"})
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
@@ -205,22 +210,28 @@ def train(args, device, autocast):
 
 
 def label(args, device, autocast):
-    sft.check_args(args, positive=("num_prompts", "sample_batch_size", "temperature"))
-    # the output, locked before the sampling: a second labelling of it fails now, not at its end
-    tmp = sft.start_output(args.out_dir, "reward label", [args.sft_path, args.gold_path, args.data])
+    sft.check_args(args, positive=("num_prompts", "sample_batch_size", "temperature", "bt_temperature"))
     if args.label not in ("argmax", "bt"):
         fail(f"--label must be argmax or bt, got {args.label!r}")
-    for path in (args.sft_path, args.gold_path):
-        if not os.path.isdir(path):
-            fail(f"model directory {path} not found")
+    if args.judge not in ("true", "rm"):
+        fail(f"--judge must be true or rm, got {args.judge!r}")
+    # the output, locked before the sampling: a second labelling of it fails now, not at its end
+    inputs = [args.sft_path, args.data] + ([args.gold_path] if args.judge == "rm" else [])
+    tmp = sft.start_output(args.out_dir, "reward label", inputs)
+    if args.judge == "rm" and not os.path.isdir(args.gold_path):
+        fail(f"model directory {args.gold_path} not found")
     tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
-    gold_tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
-    if gold_tokenizer.get_vocab() != tokenizer.get_vocab():
-        fail(f"the gold model's tokenizer ({args.gold_path}) differs from pi_ref's ({args.sft_path})")
+    if args.judge == "rm":
+        gold_tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
+        if gold_tokenizer.get_vocab() != tokenizer.get_vocab():
+            fail(f"the gold model's tokenizer ({args.gold_path}) differs from pi_ref's ({args.sft_path})")
     rows = sft.load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column})
+    toy = sft.is_toy(args.data)
+    if args.judge == "true" and not toy:
+        fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir (use --judge rm)")
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:args.num_prompts]  # unique, in order
     policy = sft.load_policy(args.sft_path).to(device)
-    gold = load_reward_model(args.gold_path, tokenizer).to(device)
+    gold = load_reward_model(args.gold_path, tokenizer).to(device) if args.judge == "rm" else None  # refused early
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = sft.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
     sft.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below
@@ -230,7 +241,7 @@ def label(args, device, autocast):
                                  args.max_response_len, args.temperature, args.sample_batch_size, generator, desc="sampling",
                                  suppress_ids=sft.banned_ids(tokenizer))
     texts = [sft.decode_response(tokenizer, o) for o in outs]
-    keep, dropped = [], {"unfinished": 0, "identical": 0}
+    keep, dropped = [], {"unfinished": 0, "identical": 0, "tied": 0}
     for i, prompt in enumerate(prompts):
         (a, fa), (b, fb) = texts[2 * i], texts[2 * i + 1]
         if not (fa and fb):
@@ -241,13 +252,23 @@ def label(args, device, autocast):
             keep.append((prompt, a, b, logps[2 * i], logps[2 * i + 1]))
     if not keep:
         fail("no usable pairs: every sample was unfinished or identical")
-    scores_a = score_texts(gold, tokenizer, [k[0] for k in keep], [k[1] for k in keep], args, device, autocast, desc="scoring")
-    scores_b = score_texts(gold, tokenizer, [k[0] for k in keep], [k[2] for k in keep], args, device, autocast)
+    prompts_kept = [k[0] for k in keep]
+    if args.judge == "true":  # the toy's hidden scorer plays the human
+        scores_a = [toy_tldr.true_score(p, k[1]) for p, k in zip(prompts_kept, keep)]
+        scores_b = [toy_tldr.true_score(p, k[2]) for p, k in zip(prompts_kept, keep)]
+    else:
+        scores_a = score_texts(gold, tokenizer, prompts_kept, [k[1] for k in keep], args, device, autocast, desc="scoring")
+        scores_b = score_texts(gold, tokenizer, prompts_kept, [k[2] for k in keep], args, device, autocast)
     rng = random.Random(args.seed)
-    toy = sft.is_toy(args.data)
     out_rows, agree = [], []
     for (prompt, a, b, lp_a, lp_b), sa, sb in zip(keep, scores_a, scores_b):
-        a_wins = sa > sb if args.label == "argmax" else rng.random() < 1 / (1 + np.exp(-(sa - sb)))
+        if args.label == "argmax":
+            if sa == sb:
+                dropped["tied"] += 1  # equal scores carry no preference
+                continue
+            a_wins = sa > sb
+        else:
+            a_wins = rng.random() < 1 / (1 + np.exp(-(sa - sb) / args.bt_temperature))
         if not a_wins:
             a, b, sa, sb, lp_a, lp_b = b, a, sb, sa, lp_b, lp_a
         row = {"prompt": prompt, "chosen": a, "rejected": b, "chosen_score": sa, "rejected_score": sb,
@@ -257,15 +278,17 @@ def label(args, device, autocast):
             if row["chosen_true_score"] != row["rejected_true_score"]:
                 agree.append(row["chosen_true_score"] > row["rejected_true_score"])
         out_rows.append(row)
+    if not out_rows:
+        fail("no usable pairs: every pair was unfinished, identical or tied")
     toy_tldr.write_jsonl(os.path.join(tmp, "train.jsonl"), out_rows)
-    metrics = {"pairs": len(out_rows), "dropped": dropped, "seconds": time.time() - t0}
+    metrics = {"pairs": len(out_rows), "dropped": dropped, "judge": args.judge, "seconds": time.time() - t0}
     if agree:
-        metrics["gold_true_agreement"] = float(np.mean(agree))
+        metrics["label_true_agreement"] = float(np.mean(agree))
     sft.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
     sft.save_json(os.path.join(tmp, "metrics.json"), metrics)
     sft.finish_output(tmp, args.out_dir)
     print(f"label: wrote {len(out_rows)} pairs to {args.out_dir}/train.jsonl (dropped {dropped})"
-          + (f"; gold label agrees with the true scorer on {metrics['gold_true_agreement']:.1%}" if agree else ""))
+          + (f"; the label agrees with the true scorer on {metrics['label_true_agreement']:.1%}" if agree else ""))
 
 
 @sft.cleans_up

@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # The whole experiment on the embedded toy world, stage by stage: read it as the table of contents.
 #
-#   bash run.sh                      # one seed, 8-10 minutes on a 2-core laptop CPU
-#   FROM=5 SEEDS="1 2" bash run.sh   # then two more seeds: the README's table (another 10 minutes)
-#   OUT=/tmp/x BETAS=0.01 bash run.sh
+#   bash run.sh                           # 5 seeds of DPO and AIS-DPO at beta 0.01, DPO at 0.1; about 10 minutes
+#   SEEDS="5 6 7 8 9" FROM=5 bash run.sh  # other seeds of the DAA runs, reusing stages 1-4
+#   WORLD_FLAGS="--seed 3" OUT=out_w3 bash run.sh   # another world (posts, pi_ref, pairs: everything)
+#   RUNS="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01" bash run.sh   # other methods (see below)
 #
-# Every stage also runs alone (python <stage>.py --help). Extra flags per stage can be passed in
-# WORLD_FLAGS, SFT_FLAGS, RM_FLAGS, LABEL_FLAGS, DAA_FLAGS, EVAL_FLAGS, GAUSS_FLAGS (the tests use
-# them to run everything at a tiny size).
+# Stages (FROM=n starts at stage n and reuses the earlier stages' outputs in $OUT):
+#   1 the toy world   2 SFT: pi_ref   3 the gold reward model (only with JUDGE=rm)
+#   4 offline pairs: two pi_ref samples a prompt, labelled by the judge   5 the DAA runs
+#   6 evaluation of every checkpoint   7 the claims with their confidence intervals, and the analytic toys
+#
+# RUNS lists method:beta pairs, each trained once per seed. Methods: dpo, ais-dpo (adaptive weights),
+# is-dpo (clipped weights), ais-sn-dpo (adaptive weights divided by their batch mean: a control).
+# METHODS="..." and BETAS="..." instead build every method x beta pair.
+# JUDGE=true (default): the toy's hidden true scorer labels the pairs and judges the win-rate.
+# JUDGE=rm: a gold reward model is trained on the "human" pairs and plays both parts, as on real data.
+# Extra flags per stage: WORLD_FLAGS, SFT_FLAGS, RM_FLAGS, LABEL_FLAGS, DAA_FLAGS, EVAL_FLAGS, GAUSS_FLAGS.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 OUT=${OUT:-out}
-SEEDS=${SEEDS:-0}
-BETAS=${BETAS:-0.01 0.05 0.1}
+SEEDS=${SEEDS:-0 1 2 3 4}
+RUNS=${RUNS:-dpo:0.01 ais-dpo:0.01 dpo:0.1}
+if [[ -n "${METHODS:-}${BETAS:-}" ]]; then
+  RUNS=$(for m in ${METHODS:-dpo ais-dpo}; do for b in ${BETAS:-0.01 0.1}; do echo -n "$m:$b "; done; done)
+fi
+JUDGE=${JUDGE:-true}
 JOBS=${JOBS:-2}   # DAA runs (and evaluation shards) side by side, one CPU thread each
 PY=${PYTHON:-python}
-FROM=${FROM:-1}   # first stage to run; the earlier stages' outputs in $OUT are reused
+FROM=${FROM:-1}
 start=$(date +%s)
 say() { echo "[run.sh $(( $(date +%s) - start ))s] $*"; }
 
@@ -28,45 +41,55 @@ if (( FROM <= 2 )); then
   say "2/7 SFT: pi_ref"
   $PY sft.py --data "$OUT/toy_tldr" --out_dir "$OUT/sft" ${SFT_FLAGS:-}
 fi
-if (( FROM <= 3 )); then
+if (( FROM <= 3 )) && [[ "$JUDGE" == rm ]]; then
   say "3/7 the gold reward model"
   $PY reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" ${RM_FLAGS:-}
 fi
 if (( FROM <= 4 )); then
-  say "4/7 offline pairs: pi_ref samples labelled by the gold RM"
-  $PY reward.py --mode label --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" --data "$OUT/toy_tldr" --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
+  say "4/7 offline pairs: pi_ref samples labelled by the judge ($JUDGE)"
+  $PY reward.py --mode label --judge "$JUDGE" --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" --data "$OUT/toy_tldr" \
+    --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
 fi
 
-say "5/7 DPO, AIS-DPO and clipped IS-DPO for beta in {$BETAS}, seeds {$SEEDS} ($JOBS at a time; logs in $OUT/logs)"
+say "5/7 DAA runs {$RUNS} x seeds {$SEEDS} ($JOBS at a time, one thread each; logs in $OUT/logs)"
 mkdir -p "$OUT/logs"
-# the nine runs share pi_ref and the pairs: the first to need the reference log-probs saves them for the rest
-common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --reference_cache $OUT/reference_logps --threads 1 ${DAA_FLAGS:-}"
+# the runs share pi_ref and the pairs: the first to need the reference log-probs saves them for the rest
+common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --reference_cache $OUT/reference_logps --threads 1"
 jobs_file="$OUT/logs/jobs.txt"
 : > "$jobs_file"
 for seed in $SEEDS; do
-  for beta in $BETAS; do
-    echo "$PY dpo.py    $common --beta $beta --seed $seed                    > $OUT/logs/dpo_${beta}_${seed}.log 2>&1" >> "$jobs_file"
-    echo "$PY is_dpo.py $common --beta $beta --seed $seed --weight adaptive > $OUT/logs/ais_${beta}_${seed}.log 2>&1" >> "$jobs_file"
-    echo "$PY is_dpo.py $common --beta $beta --seed $seed --weight clipped  > $OUT/logs/is_${beta}_${seed}.log 2>&1" >> "$jobs_file"
+  for run in $RUNS; do
+    method=${run%%:*} beta=${run##*:}
+    case $method in
+      dpo)        cmd="dpo.py" ;;
+      ais-dpo)    cmd="is_dpo.py --weight adaptive" ;;
+      is-dpo)     cmd="is_dpo.py --weight clipped" ;;
+      ais-sn-dpo) cmd="is_dpo.py --weight adaptive --self_normalise" ;;
+      *) echo "error: unknown method $method in RUNS (dpo, ais-dpo, is-dpo, ais-sn-dpo)" >&2; exit 2 ;;
+    esac
+    echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $OUT/logs/${method}_${beta}_${seed}.log 2>&1" >> "$jobs_file"
   done
 done
 if ! xargs -P "$JOBS" -I{} bash -c "{}" < "$jobs_file"; then
-  echo "a training run failed; see the logs in $OUT/logs" >&2
+  echo "error: a training run failed; see the logs in $OUT/logs" >&2
   exit 1
 fi
 
-say "6/7 evaluation: gold win-rate, true win-rate and KL of every checkpoint ($JOBS shards side by side, one thread each)"
-eval_args=(--runs "$OUT/runs/*" --data "$OUT/toy_tldr" --gold_path "$OUT/gold_rm" --out_dir "$OUT/eval" --plots_dir "$OUT/plots")
+say "6/7 evaluation of every checkpoint: win-rate (judge: $JUDGE) and KL ($JOBS shards side by side)"
+eval_args=(--runs "$OUT/runs/*" --data "$OUT/toy_tldr" --judge "$JUDGE" --gold_path "$OUT/gold_rm" --out_dir "$OUT/eval"
+           --plots_dir "$OUT/plots")
 pids=()
 for (( i = 0; i < JOBS; i++ )); do
   $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} > "$OUT/logs/eval_$i.log" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do
-  wait "$pid" || { echo "evaluation failed; see $OUT/logs/eval_*.log" >&2; exit 1; }
+  wait "$pid" || { echo "error: evaluation failed; see $OUT/logs/eval_*.log" >&2; exit 1; }
 done
-$PY evaluate.py "${eval_args[@]}" --plots_only ${EVAL_FLAGS:-}
-say "7/7 the two analytic toys"
+$PY evaluate.py "${eval_args[@]}" --plots_only ${EVAL_FLAGS:-} > "$OUT/logs/plots.log"
+
+say "7/7 the claims, over the seeds (out/eval/check.md), and the analytic toys"
+$PY evaluate.py --out_dir "$OUT/eval" --check || echo "(some claims do not hold in this run: see above)"
 $PY toy_gaussian.py --out_dir "$OUT/toy_gaussian" ${GAUSS_FLAGS:-}
 
-say "done. Figures: $OUT/plots/tradeoff.png, $OUT/plots/dynamics.png, $OUT/toy_gaussian/*.png; table: $OUT/eval/summary.md"
+say "done. Figures: $OUT/plots/dynamics.png, $OUT/plots/tradeoff.png, $OUT/toy_gaussian/*.png; tables: $OUT/eval/summary.md, $OUT/eval/check.md"

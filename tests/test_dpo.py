@@ -221,6 +221,21 @@ def test_weights_exactly_one_when_policy_is_reference(mode):
     assert stats["ess"] == pytest.approx(16)
 
 
+def test_self_normalised_weights_by_hand():
+    """--self_normalise: w_i / mean_j(w_j), from the same log w; the diagnostics stay those of the raw weights."""
+    g = torch.Generator().manual_seed(1)
+    ref_w, ref_l = -20 * torch.rand(16, generator=g), -20 * torch.rand(16, generator=g)
+    logps = {"pi_w": ref_w - 8 * torch.rand(16, generator=g), "pi_l": ref_l - 8 * torch.rand(16, generator=g),
+             "ref_w": ref_w, "ref_l": ref_l, "len_w": torch.randint(1, 20, (16,), generator=g),
+             "len_l": torch.randint(1, 20, (16,), generator=g)}
+    raw, raw_stats = is_dpo.importance_weights(is_dpo.Args(weight="adaptive"), logps, rows=None)
+    w, stats = is_dpo.importance_weights(is_dpo.Args(weight="adaptive", self_normalise=True), logps, rows=None)
+    assert raw.mean() < 0.5  # the raw weights have drifted below 1 ...
+    assert torch.allclose(w, raw / raw.mean(), rtol=1e-5) and w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert stats == raw_stats  # ... and the logged diagnostics say so
+    assert is_dpo.method_name(is_dpo.Args(weight="adaptive", self_normalise=True)) == "ais-sn-dpo"
+
+
 def test_clipped_weights_never_exceed_bound():
     for seed in range(5):
         r_w, r_l, len_w, len_l = r_tensors(256, scale=50.0, seed=seed)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,11 +27,6 @@ def tiny_lm(vocab, seed):
     with torch.no_grad():  # sharpen the random model so the two distributions differ clearly
         model.get_output_embeddings().weight.mul_(40)
     return model
-
-
-def test_win_rate_ties_count_as_losses():
-    assert evaluate.win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 3.5, -1.0]) == 0.5
-    assert evaluate.win_rate([2.0, 2.0], [2.0, 2.0]) == 0.0
 
 
 def test_kl_of_policy_against_itself_is_zero():
@@ -87,7 +83,8 @@ TINY = {
     "DAA_FLAGS": "--num_epochs 4 --batch_size 2 --num_checkpoints 2 --warmup_steps 0 --lr 1e-2",
     "EVAL_FLAGS": "--num_prompts 6",
     "GAUSS_FLAGS": "--n_theta 5 --n_samples 100 --t_max 3 --n_mc 200",
-    "BETAS": "0.01",
+    "SEEDS": "0",
+    "RUNS": "dpo:0.01 ais-dpo:0.01 is-dpo:0.01",
 }
 
 
@@ -102,7 +99,7 @@ def main_job(tmp_path_factory):
 
 def test_main_job_writes_the_contract(main_job):
     out, stdout = main_job
-    for path in ["toy_tldr/sft.jsonl", "sft/metrics.json", "gold_rm/metrics.json", "prefs/train.jsonl",
+    for path in ["toy_tldr/sft.jsonl", "sft/metrics.json", "prefs/train.jsonl", "eval/check.md",
                  "eval/results.jsonl", "eval/summary.md", "plots/tradeoff.png", "plots/dynamics.png",
                  "toy_gaussian/results.json", "toy_gaussian/correlation.png", "toy_gaussian/variance.png"]:
         assert (out / path).is_file(), path
@@ -115,7 +112,10 @@ def test_main_job_writes_the_contract(main_job):
         assert 0 <= r["win_rate"] <= 1 and r["kl"] >= -1e-6
         if r["step"] == 0:  # the step-0 checkpoint is pi_ref itself
             assert abs(r["kl"]) < 1e-5
-    assert "tradeoff.png" in stdout
+    assert "tradeoff.png" in stdout and "| claim |" in stdout
+    assert not (out / "gold_rm").exists()  # the true scorer judged: no gold reward model was trained
+    prefs = [json.loads(line) for line in open(out / "prefs" / "train.jsonl")]
+    assert all(r["chosen_score"] == r["chosen_true_score"] > r["rejected_score"] == r["rejected_true_score"] for r in prefs)
 
 
 def test_evaluate_rerun_adds_no_rows(main_job):
@@ -130,7 +130,7 @@ def test_step_0_is_evaluated_once_and_equals_a_fresh_evaluation(main_job, tmp_pa
     """Every run starts at pi_ref, so evaluate.py evaluates step 0 once and shares the row: it must be what
     evaluating one run's ckpt-0 alone gives."""
     out, _ = main_job
-    metric_keys = ["kl", "win_rate", "true_win_rate", "gold_score", "mean_length", "example"]
+    metric_keys = ["kl", "win_rate", "true_win_rate", "true_score", "mean_length", "example"]
     rows = evaluate.read_results(out / "eval" / "results.jsonl")
     starts = [r for r in rows if r["step"] == 0]
     assert len(starts) == 3 and all([r[k] for k in metric_keys] == [starts[0][k] for k in metric_keys] for r in starts)
@@ -176,13 +176,17 @@ def test_evaluate_bad_inputs(tmp_path_factory, main_job, tmp_path):
     cases.append((["--runs", broken, *base], "holds no model"))
     noref = tmp_path / "noref.jsonl"
     noref.write_text(json.dumps({"prompt": "SUBREDDIT: r/tifu TITLE: x POST: hi . TL;DR:"}) + "\n")
-    cases.append((["--runs", out / "runs" / "*", "--data", noref, *base[2:]], "reference"))
-    other_tok = tmp_path / "gold_other"
-    subprocess.run(["cp", "-r", str(out / "gold_rm"), str(other_tok)], check=True)
-    vocab = json.loads((other_tok / "tokenizer.json").read_text())
-    vocab["model"]["vocab"]["zzz_new_word"] = len(vocab["model"]["vocab"])
-    (other_tok / "tokenizer.json").write_text(json.dumps(vocab))
-    cases.append((["--runs", out / "runs" / "*", "--data", out / "toy_tldr", "--gold_path", other_tok, *base[4:]], "tokenizer"))
+    cases.append((["--runs", out / "runs" / "*", "--data", noref, *base[2:]], "hidden scorer"))
+    mixed = tmp_path / "mixed"  # two runs, the second with a tokenizer of another vocabulary
+    mixed.mkdir()
+    for name in ("a", "b"):
+        subprocess.run(["cp", "-r", str(out / "runs" / "dpo_beta0.01_seed0"), str(mixed / name)], check=True)
+    for ckpt in (mixed / "b").glob("ckpt-*"):
+        vocab = json.loads((ckpt / "tokenizer.json").read_text())
+        vocab["model"]["vocab"]["zzz_new_word"] = len(vocab["model"]["vocab"])
+        (ckpt / "tokenizer.json").write_text(json.dumps(vocab))
+    cases.append((["--runs", mixed / "*", *base], "tokenizer"))
+    cases.append((["--runs", out / "runs" / "*", *base, "--judge", "rm", "--gold_path", tmp_path / "no_rm"], "not found"))
     cases.append((["--runs", out / "runs" / "*", *base, "--shard", "2/2"], "--shard"))
     for flags, message in cases:
         proc = run_eval(tmp_path_factory, *flags)
@@ -206,3 +210,91 @@ def test_evaluate_replaces_rows_of_a_retrained_run(main_job):
     assert len(rows) == len(list(out.glob("runs/*/ckpt-*")))
     assert len(mine) == len(list(out.glob("runs/dpo_beta0.01_seed0/ckpt-*")))
     assert all(r["run_id"] == "retrained" for r in mine)
+
+
+def test_win_rate_counts_a_tie_as_half():
+    assert evaluate.win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 3.5, -1.0]) == (0.5 + 1 + 0 + 1) / 4
+    assert evaluate.win_rate([2.0, 2.0], [2.0, 2.0]) == 0.5
+    assert evaluate.win_rate([3.0, 1.0], [2.0, 2.0]) == 0.5
+
+
+def student_t_cdf(x, df, steps=200_000):
+    """P(T <= x) for Student's t, by the trapezoid rule on its density (an independent check of the table)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    grid = torch.linspace(0.0, x, steps, dtype=torch.float64)
+    density = c * (1 + grid ** 2 / df) ** (-(df + 1) / 2)
+    return 0.5 + torch.trapezoid(density, grid).item()
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
+def test_t_quantiles_are_the_975_points(df):
+    q = evaluate.T975[df - 1]
+    assert student_t_cdf(q, df) == pytest.approx(0.975, abs=2e-4)
+
+
+def test_mean_ci_by_hand():
+    mean, low, high = evaluate.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)  # sample sd sqrt(2.5), t_{0.975, 4} = 2.776
+    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+    assert math.isnan(evaluate.mean_ci([1.0])[1])
+
+
+def synthetic_rows(curves):
+    """results rows from {(method, beta, seed): [(win_rate, kl), ...]} over evenly spaced steps."""
+    return [{"run": f"{m}_{b}_{s}", "method": m, "beta": b, "seed": s, "step": i, "fraction": i / (len(c) - 1),
+             "win_rate": w, "kl": kl} for (m, b, s), c in curves.items() for i, (w, kl) in enumerate(c)]
+
+
+def test_claims_hold_for_a_clear_effect_and_fail_without_one():
+    clear = {}
+    for s in range(5):
+        e = 0.01 * s  # replicates differ a little
+        clear[("dpo", 0.01, s)] = [(0.40, 0.0), (0.60 + e, 2.0), (0.42 + e, 10.0)]  # hump 0.18
+        clear[("ais-dpo", 0.01, s)] = [(0.40, 0.0), (0.58, 1.0), (0.57 - e, 3.0)]   # ends 0.15 - 2e above, KL 0.3
+        clear[("dpo", 0.1, s)] = [(0.40, 0.0), (0.50, 1.0), (0.49 + e / 2, 1.5)]     # hump 0.01 - e/2
+    results = evaluate.claims(synthetic_rows(clear))
+    assert [c[1] for c in results] == [5, 5, 5, 5] and all(c[3] for c in results)
+    hump = results[0][2]
+    assert hump[0] == pytest.approx(0.18 - 0.0) and hump[1] < hump[0] < hump[2]
+    diff = results[1][2]
+    assert diff[0] == pytest.approx(np.mean([0.15 - 2 * 0.01 * s for s in range(5)]))
+    assert results[2][2][0] == pytest.approx(0.3)
+    # no hump, AIS no better, same KL: every claim but the beta-0.1 one fails
+    flat = {k: [(0.40, 0.0), (0.50, 2.0), (0.50 + 0.01 * k[2], 4.0)] for k in clear}
+    results = evaluate.claims(synthetic_rows(flat))
+    assert [c[3] for c in results] == [False, False, False, True]
+    # one seed alone carries a hump: the mean passes 0.10 but the CI does not clear 0.05
+    lucky = dict(clear)
+    for s in range(1, 5):
+        lucky[("dpo", 0.01, s)] = [(0.40, 0.0), (0.50, 2.0), (0.50, 4.0)]
+    lucky[("dpo", 0.01, 0)] = [(0.40, 0.0), (0.90, 2.0), (0.40, 4.0)]
+    assert evaluate.claims(synthetic_rows(lucky))[0][3] is False
+
+
+def test_claims_pair_methods_by_seed():
+    """AIS-DPO's seeds are compared with DPO's seeds of the same number: a difference between replicates
+    that both methods share cancels."""
+    curves = {}
+    for s in range(5):
+        base = 0.1 * s  # a strong replicate effect, the same for both methods
+        curves[("dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.3 + base, 2.0)]
+        curves[("ais-dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.42 + base, 1.0)]
+    results = evaluate.claims(synthetic_rows(curves))
+    mean, low, high = results[1][2]
+    assert mean == pytest.approx(0.12) and low == pytest.approx(0.12) and high == pytest.approx(0.12)
+
+
+def test_a_gold_reward_model_can_judge_and_the_truth_is_reported_beside_it(tmp_path_factory, main_job, tmp_path):
+    """--judge rm: win_rate is the gold RM's (a tie would count half); true_win_rate is still the scorer's."""
+    from test_toy_tldr import pipeline_stage
+
+    out, _ = main_job
+    gold = pipeline_stage(tmp_path_factory, "gold_rm")  # another world's RM: the toy vocabulary is fixed
+    evaluate.main(evaluate.Args(runs=str(out / "runs" / "dpo_*"), data=str(out / "toy_tldr"), judge="rm",
+                                gold_path=str(gold), out_dir=str(tmp_path / "e"), plots_dir=str(tmp_path / "p"),
+                                num_prompts=6))
+    rows = evaluate.read_results(tmp_path / "e" / "results.jsonl")
+    truth = {(r["run"], r["step"]): r for r in evaluate.read_results(out / "eval" / "results.jsonl")}
+    assert rows and all(r["win_rate"] == r["gold_win_rate"] for r in rows)
+    for r in rows:  # same samples (same seed and prompts), so the truth's verdict is unchanged
+        assert r["true_win_rate"] == truth[(r["run"], r["step"])]["true_win_rate"]

@@ -28,7 +28,7 @@ def cli_runs(tmp_path_factory):
     base = ["--sft_path", tmp / "empty_sft", "--data", tmp / "no_such_world"]
     cases = {
         "unknown mode": ["--mode", "evaluate"],
-        "label without a gold model": ["--mode", "label", "--gold_path", tmp / "no_such_gold_rm"],
+        "label without a gold model": ["--mode", "label", "--judge", "rm", "--gold_path", tmp / "no_such_gold_rm"],
         "negative batch size": ["--mode", "train", "--batch_size", -1],
         "missing data dir": ["--mode", "train"],
     }

@@ -179,7 +179,8 @@ def start_pipeline(tmp_path_factory):
                 "--batch_size", 8, "--val_size", 20, "--num_sample_eval", 8, *TINY_MODEL],
         "gold_rm": ["reward.py", "--mode", "train", "--sft_path", d["sft"], "--data", d["world"], "--out_dir", d["gold_rm"],
                     "--steps", 5, "--batch_size", 8, "--val_size", 20],
-        "prefs": ["reward.py", "--mode", "label", "--sft_path", d["sft"], "--gold_path", d["gold_rm"], "--data", d["world"],
+        "prefs": ["reward.py", "--mode", "label", "--judge", "rm", "--sft_path", d["sft"], "--gold_path", d["gold_rm"],
+                  "--data", d["world"],
                   "--out_dir", d["prefs"], "--num_prompts", 20],
     }
     for name, command in commands.items():
@@ -274,7 +275,7 @@ def test_parse_facts_of_a_hand_written_prompt_ignores_the_distractor():
 
 
 @pytest.mark.parametrize("summary, finished, expected", [
-    # weights of shared/TOY_TLDR.md: +1 who, +1 event, +0.8 feeling, +0.8 question; -1 a wrong slot word;
+    # weights of METHOD.md, section 8: +1 who, +1 event, +0.8 feeling, +0.8 question; -1 a wrong slot word;
     # -0.6 a repeated content word; -0.15 a word over 14, -0.3 a word under 5; +0.5 '.'/'?' then EOS; -1.5 no EOS
     ("my roommate lied to me . i feel sad . should i confront ?", True, 1 + 1 + 0.8 + 0.8 + 0.5),  # 13 words
     ("my boss lied to me . should i leave ?", True, 1 - 1 - 1 + 0.5),  # event; 'boss', 'leave' are the distractor's
