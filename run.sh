@@ -88,7 +88,7 @@ for pid in "${pids[@]}"; do
 done
 $PY evaluate.py "${eval_args[@]}" --plots_only ${EVAL_FLAGS:-} > "$OUT/logs/plots.log"
 
-say "7/7 the claims, over the seeds (out/eval/check.md), and the analytic toys"
+say "7/7 the claims over the seeds ($OUT/eval/check.md), and the analytic toys"
 $PY evaluate.py --out_dir "$OUT/eval" --check || echo "(some claims do not hold in this run: see above)"
 $PY toy_gaussian.py --out_dir "$OUT/toy_gaussian" ${GAUSS_FLAGS:-}
 
