@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import toy_tldr
-# the plumbing every stage shares lives at the bottom of the pipeline; later stages take it from here
-from toy_tldr import (check_args, check_output, cleans_up, fail, finish_output, parse_args,  # noqa: F401
+# the plumbing every stage shares (stage.py); later stages take it from here
+from stage import (check_args, check_output, cleans_up, fail, finish_output, parse_args,  # noqa: F401
                       prepare_dir, read_marker, start_output)
 
 # ----------------------------------------------------------------------------------------------

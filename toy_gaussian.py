@@ -29,7 +29,7 @@ matplotlib.use("Agg")  # write files only: works on a machine without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import toy_tldr  # noqa: E402  (its output checks; it imports neither torch nor transformers)
+import stage  # noqa: E402  (output checks; it imports neither torch nor transformers)
 
 
 @dataclass
@@ -232,7 +232,7 @@ def plot_variance(var, path, vocab_size, peak):
 def main(args: Args):
     # added to, never replaced; a directory holding other files and no marker of this script is refused
     own_files = {"results.json", "correlation.png", "variance.png"}
-    toy_tldr.prepare_dir(args.out_dir, "toy_gaussian", own_files=own_files)
+    stage.prepare_dir(args.out_dir, "toy_gaussian", own_files=own_files)
     rng = np.random.default_rng(args.seed)  # the only source of randomness
     thetas = np.linspace(args.theta_min, args.theta_max, args.n_theta)
     corr = correlation_sweep(rng, thetas, args.n_samples)

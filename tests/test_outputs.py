@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import evaluate
 import sft
+import stage
 import toy_tldr
 from test_toy_tldr import ROOT, TINY_MODEL, cli_env, pipeline_stage, read_jsonl, start_pipeline, submit_cli
 
@@ -63,7 +64,7 @@ def kill_and_resume(tmp_path_factory, root, script):
     whole = submit_cli(tmp_path_factory, *argv, *output_flag("whole"))
     log = root / "killed.log"
     process = start_process([*argv, *output_flag("killed")], log)
-    state = Path(toy_tldr.scratch_path(output("killed"), "partial")) / "state.pt"
+    state = Path(stage.scratch_path(output("killed"), "partial")) / "state.pt"
     wait_for(state, process, log)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -82,7 +83,7 @@ def two_runs_on_one_output(tmp_path_factory, root):
             "--run_name", "same", "--batch_size", 1, "--num_checkpoints", 2]
     log = root / "first.log"
     first = start_process([*argv, "--seed", 1], log)
-    wait_for(root / "runs" / ".same.partial" / toy_tldr.MARKER, first, log)  # it holds the lock
+    wait_for(root / "runs" / ".same.partial" / stage.MARKER, first, log)  # it holds the lock
     first.send_signal(signal.SIGSTOP)
     try:
         t0 = time.time()
@@ -152,7 +153,7 @@ def test_a_second_run_on_the_same_output_fails_at_once_and_the_first_publishes_a
     assert run["first"] == 0, run["log"][-3000:]
     out = run["runs"] / "same"
     args = json.loads((out / "args.json").read_text())
-    assert args["seed"] == 1 and args["run_id"] == toy_tldr.read_marker(out)["run"]
+    assert args["seed"] == 1 and args["run_id"] == stage.read_marker(out)["run"]
     log = read_jsonl(out / "train_log.jsonl")
     assert [r["step"] for r in log] == list(range(1, args["total_steps"] + 1))  # steps 1, 2, ... once each
     assert sorted(os.listdir(run["runs"])) == ["same"]  # no lock, no unfinished copy left
@@ -202,21 +203,21 @@ def test_copies_left_by_a_killed_publish_are_cleared_by_the_next_run(tmp_path, c
 def test_a_saved_state_is_never_thrown_away_without_resume(tmp_path):
     partial = tmp_path / ".run.partial"
     partial.mkdir()
-    (partial / toy_tldr.MARKER).write_text(json.dumps({"stage": "sft", "run": "x"}))
+    (partial / stage.MARKER).write_text(json.dumps({"stage": "sft", "run": "x"}))
     (partial / "state.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="pass --resume to continue it"):
-        toy_tldr.start_output(str(tmp_path / "run"), "sft", resumable=True)
+        stage.start_output(str(tmp_path / "run"), "sft", resumable=True)
     assert sorted(os.listdir(tmp_path)) == [".run.partial"] and (partial / "state.pt").exists()
 
 
 def test_a_lock_is_held_by_one_output_at_a_time(tmp_path):
-    work = toy_tldr.start_output(str(tmp_path / "out"), "toy_tldr")
+    work = stage.start_output(str(tmp_path / "out"), "toy_tldr")
     try:
         with pytest.raises(SystemExit, match=f"being written by another run \\(pid {os.getpid()}\\)"):
-            toy_tldr.Output(str(tmp_path / "out"), "toy_tldr")
+            stage.Output(str(tmp_path / "out"), "toy_tldr")
     finally:
-        toy_tldr.finish_output(work, str(tmp_path / "out"))
-    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == [toy_tldr.MARKER]
+        stage.finish_output(work, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == [stage.MARKER]
 
 
 def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp_path_factory, monkeypatch):
