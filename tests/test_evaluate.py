@@ -254,6 +254,12 @@ def test_claims_hold_for_a_clear_effect_and_fail_without_one():
         clear[("dpo", 0.1, s)] = [(0.40, 0.0), (0.50, 1.0), (0.49 + e / 2, 1.5)]     # hump 0.01 - e/2
     results = evaluate.claims(synthetic_rows(clear))
     assert [c[1] for c in results] == [5, 5, 5, 5] and all(c[3] for c in results)
+    control = dict(clear)  # another method beside the claims: compared with DPO by seed, never a verdict
+    for s in range(5):
+        control[("ais-sn-dpo", 0.01, s)] = [(0.40, 0.0), (0.55, 2.0), (0.45 + 0.01 * s, 5.0)]
+    extra = [c for c in evaluate.claims(synthetic_rows(control)) if c[3] is None]
+    assert len(extra) == 2 and extra[0][2][0] == pytest.approx(0.45 - 0.42) and extra[1][2][0] == pytest.approx(0.5)
+    assert evaluate.check_table(synthetic_rows(control))[1] is True
     hump = results[0][2]
     assert hump[0] == pytest.approx(0.18 - 0.0) and hump[1] < hump[0] < hump[2]
     diff = results[1][2]
