@@ -268,21 +268,26 @@ def group_runs(rows):
 
 
 def summary_table(rows):
-    """Markdown: per method and beta, mean +- std over seeds of peak / final win-rates and final KL."""
+    """Markdown: per method and beta, mean +- std over seeds of peak / final win-rates, final KL and, on the
+    toy, the true score of pi_ref's samples (step 0) and of the final ones."""
     def ms(values):
         return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    has_true = any("gold_win_rate" in r for r in rows)  # a gold RM judged: show the truth beside it
-    head = "| method | beta | seeds | peak win-rate | final win-rate | peak - final | final KL |" + (" final true win-rate |" if has_true else "")
+    has_gold = any("gold_win_rate" in r for r in rows)  # a gold RM judged: show the truth's win-rate beside it
+    has_score = all("true_score" in r for r in rows)
+    head = ("| method | beta | seeds | peak win-rate | final win-rate | peak - final | final KL |"
+            + (" final true win-rate |" if has_gold else "") + (" true score: start, final |" if has_score else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (method, beta), seeds in sorted(group_runs(rows).items(), key=lambda kv: (kv[0][1], kv[0][0])):
         runs = list(seeds.values())
         peak = [max(r["win_rate"] for r in run) for run in runs]
         final = [run[-1]["win_rate"] for run in runs]
-        line = (f"| {method} | {beta:g} | {len(runs)} | {ms(peak)} | {ms(final)} | {ms([p - f for p, f in zip(peak, final)])} "
-                f"| {ms([run[-1]['kl'] for run in runs])} |")
-        if has_true:
+        line = (f"| {method} | {beta:g} | {len(runs)} | {ms(peak)} | {ms(final)} | "
+                f"{ms([p - f for p, f in zip(peak, final)])} | {ms([run[-1]['kl'] for run in runs])} |")
+        if has_gold:
             line += f" {ms([run[-1].get('true_win_rate', float('nan')) for run in runs])} |"
+        if has_score:
+            line += f" {np.mean([run[0]['true_score'] for run in runs]):.2f}, {ms([run[-1]['true_score'] for run in runs])} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -304,7 +309,7 @@ def mean_ci(values):
 def claims(rows, beta_low=0.01, beta_high=0.1):
     """The lesson's claims, each over replicates (seeds), paired by seed where two methods are compared.
 
-    Returns [(claim, replicates, (mean, low, high), holds)]: a claim whose runs are missing is left out;
+    Returns [(claim, replicates, (mean, low, high), holds, values by seed)]: a claim whose runs are missing is left out;
     other methods at the low beta (is-dpo, the ais-sn-dpo control) are compared with DPO too, holds None.
     "hump" is a run's peak win-rate minus its final one; KL is the final checkpoint's.
     """
@@ -320,36 +325,44 @@ def claims(rows, beta_low=0.01, beta_high=0.1):
     dpo_low, ais_low, dpo_high = runs("dpo", beta_low), runs("ais-dpo", beta_low), runs("dpo", beta_high)
     paired = sorted(set(dpo_low) & set(ais_low))
     if dpo_low:
-        m = mean_ci([hump(r) for r in dpo_low.values()])
+        v = [hump(dpo_low[s]) for s in sorted(dpo_low)]
+        m = mean_ci(v)
         out.append((f"DPO at beta {beta_low:g} over-optimises: peak - final win-rate >= 0.10, CI above 0.05",
-                    len(dpo_low), m, m[0] >= 0.10 and m[1] > 0.05))
+                    len(dpo_low), m, m[0] >= 0.10 and m[1] > 0.05, v))
     if paired:
-        m = mean_ci([ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired])
+        v = [ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired]
+        m = mean_ci(v)
         out.append((f"AIS-DPO ends above DPO at beta {beta_low:g}: final win-rate difference >= 0.10, CI above 0",
-                    len(paired), m, m[0] >= 0.10 and m[1] > 0))
-        m = mean_ci([ais_low[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in paired])
-        out.append((f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5", len(paired), m, m[0] <= 0.5))
+                    len(paired), m, m[0] >= 0.10 and m[1] > 0, v))
+        v = [ais_low[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in paired]
+        m = mean_ci(v)
+        out.append((f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5", len(paired), m,
+                    m[0] <= 0.5, v))
     for method in sorted(m for m, b in groups if b == beta_low and m not in ("dpo", "ais-dpo")):
         other = runs(method, beta_low)  # e.g. is-dpo, or the ais-sn-dpo control: reported, not claimed
         common = sorted(set(dpo_low) & set(other))
         if common:
+            v = [other[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in common]
             out.append((f"(beside the claims) {method} final win-rate - DPO's at beta {beta_low:g}", len(common),
-                        mean_ci([other[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in common]), None))
+                        mean_ci(v), None, v))
+            v = [other[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in common]
             out.append((f"(beside the claims) {method} final KL / DPO's at beta {beta_low:g}", len(common),
-                        mean_ci([other[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in common]), None))
+                        mean_ci(v), None, v))
     if dpo_high:
-        m = mean_ci([hump(r) for r in dpo_high.values()])
+        v = [hump(dpo_high[s]) for s in sorted(dpo_high)]
+        m = mean_ci(v)
         out.append((f"stronger regularisation holds DPO: at beta {beta_high:g} peak - final <= 0.05", len(dpo_high), m,
-                    m[0] <= 0.05))
+                    m[0] <= 0.05, v))
     return out
 
 
 def check_table(rows):
     """Markdown table of claims(rows), and whether all of them hold."""
-    lines = ["| claim | replicates | mean [95% CI] | holds |", "|---|---|---|---|"]
-    for claim, n, (mean, low, high), holds in claims(rows):
+    lines = ["| claim | replicates | mean [95% CI] | by seed | holds |", "|---|---|---|---|---|"]
+    for claim, n, (mean, low, high), holds, values in claims(rows):
         verdict = "-" if holds is None else "yes" if holds else "NO"
-        lines.append(f"| {claim} | {n} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} |")
+        by_seed = " ".join(f"{v:+.2f}" for v in values)
+        lines.append(f"| {claim} | {n} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {by_seed} | {verdict} |")
     return "\n".join(lines) + "\n", all(c[3] for c in claims(rows) if c[3] is not None)
 
 
