@@ -409,7 +409,8 @@ def plot(rows, plots_dir):
         ax.set(title=f"beta = {beta:g}", xlabel="KL(pi_theta || pi_ref)", ylabel="win-rate vs reference")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Win-rate against KL budget (mean over seeds; solid: the judge's win-rate, dashed: the true scorer's)")
+    fig.suptitle("Win-rate against KL budget (mean over seeds"
+                 + ("; solid: the gold RM's win-rate, dashed: the true scorer's)" if has_true else ")"))
     save_figure(fig, os.path.join(plots_dir, "tradeoff.png"))
     plt.close(fig)
 
