@@ -71,7 +71,7 @@ class Args:
     plots_dir: str = field(default="out/plots", metadata={"help": "tradeoff.png and dynamics.png go here"})
     plots_only: bool = field(default=False, metadata={"help": "skip evaluation; redraw plots and summary from results.jsonl"})
     check: bool = field(default=False, metadata={"help": "skip evaluation; print the lesson's claims over the seeds in "
-                                                        "results.jsonl, each with its 95% CI (also to check.md); exit 1 if one fails"})
+                                                        "results.jsonl, each with its 95%% CI (also to check.md); exit 1 if one fails"})
 
 
 # ----------------------------------------------------------------------------------------------
