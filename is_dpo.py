@@ -33,7 +33,7 @@ How this departs from dpo.py and from the papers:
   5. The papers weigh against pi_ref; --behaviour_logps uses the log-probs of the policy that
      generated the data (columns written by reward.py --mode label) in place of log pi_ref.
   6. The weights are not normalised, as in the papers. Adam ignores a constant loss scale, but AIS's
-     log w drifts down during training (to about -2.6 at the end of the toy's runs) while Adam's
+     log w drifts down during training (to about -2.6 by the end of run.sh's seed-0 run) while Adam's
      second-moment average remembers ~1000 steps: the steps shrink, like a learning-rate decay.
      --self_normalise (w divided by its batch mean) is the control that removes that part.
 """

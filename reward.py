@@ -273,8 +273,9 @@ def label(args, device, autocast):
             a, b, sa, sb, lp_a, lp_b = b, a, sb, sa, lp_b, lp_a
         row = {"prompt": prompt, "chosen": a, "rejected": b, "chosen_score": sa, "rejected_score": sb,
                "chosen_behaviour_logp": lp_a, "rejected_behaviour_logp": lp_b}
-        if toy:
-            row["chosen_true_score"], row["rejected_true_score"] = toy_tldr.true_score(prompt, a), toy_tldr.true_score(prompt, b)
+        if toy:  # when the true scorer judged, its scores are already sa, sb
+            row["chosen_true_score"], row["rejected_true_score"] = ((sa, sb) if args.judge == "true" else
+                                                                    (toy_tldr.true_score(prompt, a), toy_tldr.true_score(prompt, b)))
             if row["chosen_true_score"] != row["rejected_true_score"]:
                 agree.append(row["chosen_true_score"] > row["rejected_true_score"])
         out_rows.append(row)
