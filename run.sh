@@ -5,18 +5,22 @@
 #   SEEDS="5 6 7 8 9" FROM=5 bash run.sh  # other seeds of the DAA runs, reusing stages 1-4
 #   WORLD_FLAGS="--seed 3" OUT=out_w3 bash run.sh   # another world (posts, pi_ref, pairs: everything)
 #   RUNS="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01" bash run.sh   # other methods (see below)
+#   FROM=8 bash run.sh                    # only the categorical toy and the analytic toys: under a minute
+#   FROM=8 CAT_FLAGS="--world_seed 3" SEEDS="5 6 7 8 9" bash run.sh   # the categorical toy elsewhere
 #
 # Stages (FROM=n starts at stage n and reuses the earlier stages' outputs in $OUT):
 #   1 the toy world   2 SFT: pi_ref   3 the gold reward model (only with JUDGE=rm)
 #   4 offline pairs: two pi_ref samples a prompt, labelled by the judge   5 the DAA runs
-#   6 evaluation of every checkpoint   7 the claims with their confidence intervals, and the analytic toys
+#   6 evaluation of every checkpoint   7 the claims with their confidence intervals
+#   8 the categorical toy (the same claims, computed exactly; SEEDS apply) and the analytic toys
 #
 # RUNS lists method:beta pairs, each trained once per seed. Methods: dpo, ais-dpo (adaptive weights),
 # is-dpo (clipped weights), ais-sn-dpo (adaptive weights divided by their batch mean: a control).
 # METHODS="..." and BETAS="..." instead build every method x beta pair.
 # JUDGE=true (default): the toy's hidden true scorer labels the pairs and judges the win-rate.
 # JUDGE=rm: a gold reward model is trained on the "human" pairs and plays both parts, as on real data.
-# Extra flags per stage: WORLD_FLAGS, SFT_FLAGS, RM_FLAGS, LABEL_FLAGS, DAA_FLAGS, EVAL_FLAGS, GAUSS_FLAGS.
+# Extra flags per stage: WORLD_FLAGS, SFT_FLAGS, RM_FLAGS, LABEL_FLAGS, DAA_FLAGS, EVAL_FLAGS, CAT_FLAGS
+# (the categorical toy: CAT_FLAGS="--world_seed 3" for another of its worlds), GAUSS_FLAGS.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,62 +38,76 @@ start=$(date +%s)
 say() { echo "[run.sh $(( $(date +%s) - start ))s] $*"; }
 
 if (( FROM <= 1 )); then
-  say "1/7 the toy world"
+  say "1/8 the toy world"
   $PY toy_tldr.py --out_dir "$OUT/toy_tldr" ${WORLD_FLAGS:-}
 fi
 if (( FROM <= 2 )); then
-  say "2/7 SFT: pi_ref"
+  say "2/8 SFT: pi_ref"
   $PY sft.py --data "$OUT/toy_tldr" --out_dir "$OUT/sft" ${SFT_FLAGS:-}
 fi
 if (( FROM <= 3 )) && [[ "$JUDGE" == rm ]]; then
-  say "3/7 the gold reward model"
+  say "3/8 the gold reward model"
   $PY reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" ${RM_FLAGS:-}
 fi
 if (( FROM <= 4 )); then
-  say "4/7 offline pairs: pi_ref samples labelled by the judge ($JUDGE)"
+  say "4/8 offline pairs: pi_ref samples labelled by the judge ($JUDGE)"
   $PY reward.py --mode label --judge "$JUDGE" --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" --data "$OUT/toy_tldr" \
     --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
 fi
 
-say "5/7 DAA runs {$RUNS} x seeds {$SEEDS} ($JOBS at a time, one thread each; logs in $OUT/logs)"
 mkdir -p "$OUT/logs"
-# the runs share pi_ref and the pairs: the first to need the reference log-probs saves them for the rest
-common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --reference_cache $OUT/reference_logps --threads 1"
-jobs_file="$OUT/logs/jobs.txt"
-: > "$jobs_file"
-for seed in $SEEDS; do
-  for run in $RUNS; do
-    method=${run%%:*} beta=${run##*:}
-    case $method in
-      dpo)        cmd="dpo.py" ;;
-      ais-dpo)    cmd="is_dpo.py --weight adaptive" ;;
-      is-dpo)     cmd="is_dpo.py --weight clipped" ;;
-      ais-sn-dpo) cmd="is_dpo.py --weight adaptive --self_normalise" ;;
-      *) echo "error: unknown method $method in RUNS (dpo, ais-dpo, is-dpo, ais-sn-dpo)" >&2; exit 2 ;;
-    esac
-    echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $OUT/logs/${method}_${beta}_${seed}.log 2>&1" >> "$jobs_file"
+if (( FROM <= 5 )); then
+  say "5/8 DAA runs {$RUNS} x seeds {$SEEDS} ($JOBS at a time, one thread each; logs in $OUT/logs)"
+  # the runs share pi_ref and the pairs: the first to need the reference log-probs saves them for the rest
+  common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --reference_cache $OUT/reference_logps --threads 1"
+  jobs_file="$OUT/logs/jobs.txt"
+  : > "$jobs_file"
+  for seed in $SEEDS; do
+    for run in $RUNS; do
+      method=${run%%:*} beta=${run##*:}
+      case $method in
+        dpo)        cmd="dpo.py" ;;
+        ais-dpo)    cmd="is_dpo.py --weight adaptive" ;;
+        is-dpo)     cmd="is_dpo.py --weight clipped" ;;
+        ais-sn-dpo) cmd="is_dpo.py --weight adaptive --self_normalise" ;;
+        *) echo "error: unknown method $method in RUNS (dpo, ais-dpo, is-dpo, ais-sn-dpo)" >&2; exit 2 ;;
+      esac
+      echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $OUT/logs/${method}_${beta}_${seed}.log 2>&1" >> "$jobs_file"
+    done
   done
-done
-if ! xargs -P "$JOBS" -I{} bash -c "{}" < "$jobs_file"; then
-  echo "error: a training run failed; see the logs in $OUT/logs" >&2
-  exit 1
+  if ! xargs -P "$JOBS" -I{} bash -c "{}" < "$jobs_file"; then
+    echo "error: a training run failed; see the logs in $OUT/logs" >&2
+    exit 1
+  fi
 fi
 
-say "6/7 evaluation of every checkpoint: win-rate (judge: $JUDGE) and KL ($JOBS shards side by side)"
-eval_args=(--runs "$OUT/runs/*" --data "$OUT/toy_tldr" --judge "$JUDGE" --gold_path "$OUT/gold_rm" --out_dir "$OUT/eval"
-           --plots_dir "$OUT/plots")
-pids=()
-for (( i = 0; i < JOBS; i++ )); do
-  $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} > "$OUT/logs/eval_$i.log" 2>&1 &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do
-  wait "$pid" || { echo "error: evaluation failed; see $OUT/logs/eval_*.log" >&2; exit 1; }
-done
-$PY evaluate.py "${eval_args[@]}" --plots_only ${EVAL_FLAGS:-} > "$OUT/logs/plots.log"
+if (( FROM <= 6 )); then
+  say "6/8 evaluation of every checkpoint: win-rate (judge: $JUDGE) and KL ($JOBS shards side by side)"
+  eval_args=(--runs "$OUT/runs/*" --data "$OUT/toy_tldr" --judge "$JUDGE" --gold_path "$OUT/gold_rm"
+             --out_dir "$OUT/eval" --plots_dir "$OUT/plots")
+  pids=()
+  for (( i = 0; i < JOBS; i++ )); do
+    $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} > "$OUT/logs/eval_$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" || { echo "error: evaluation failed; see $OUT/logs/eval_*.log" >&2; exit 1; }
+  done
+  $PY evaluate.py "${eval_args[@]}" --plots_only ${EVAL_FLAGS:-} > "$OUT/logs/plots.log"
+fi
+if (( FROM <= 7 )); then
+  say "7/8 the claims over the seeds ($OUT/eval/check.md)"
+  $PY evaluate.py --out_dir "$OUT/eval" --check || echo "(some claims do not hold in this run: see above)"
+fi
 
-say "7/7 the claims over the seeds ($OUT/eval/check.md), and the analytic toys"
-$PY evaluate.py --out_dir "$OUT/eval" --check || echo "(some claims do not hold in this run: see above)"
+say "8/8 the categorical toy: the same claims, computed exactly; the analytic toys"
+# shellcheck disable=SC2086
+$PY toy_categorical.py --out_dir "$OUT/toy_categorical" --seeds $SEEDS ${CAT_FLAGS:-} \
+  || echo "(some claims of the categorical toy do not hold in this run: see above)"
 $PY toy_gaussian.py --out_dir "$OUT/toy_gaussian" ${GAUSS_FLAGS:-}
 
-say "done. Figures: $OUT/plots/dynamics.png, $OUT/plots/tradeoff.png, $OUT/toy_gaussian/*.png; tables: $OUT/eval/summary.md, $OUT/eval/check.md"
+say "done. Figures and tables:"
+for f in "$OUT"/plots/{dynamics,tradeoff}.png "$OUT"/eval/{summary,check}.md \
+         "$OUT"/toy_categorical/{dynamics.png,summary.md,check.md} "$OUT"/toy_gaussian/{correlation,variance}.png; do
+  if [[ -e "$f" ]]; then echo "  $f"; fi
+done

@@ -7,7 +7,7 @@ import pytest
 
 from test_toy_tldr import submit_cli
 
-SCRIPTS = ["toy_tldr", "sft", "reward", "dpo", "is_dpo", "evaluate", "toy_gaussian"]
+SCRIPTS = ["toy_tldr", "sft", "reward", "dpo", "is_dpo", "evaluate", "toy_gaussian", "toy_categorical"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

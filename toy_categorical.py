@@ -1,0 +1,324 @@
+"""
+toy_categorical.py -- over-optimisation without sampling noise: DPO and the importance weights on a policy
+over a finite set of responses, where every probability, KL and win-rate is an exact sum.
+
+The language toy (run.sh stages 1-7) is the honest, noisy version of the experiment: its effects are a
+few points of win-rate and vary with the seed and the world. Here the same mechanism is laid bare.
+
+The world. A response is a summary y = (length l, quality q): l = 1..max_len words, q one of
+num_qualities levels in [-3, 3]. pi_ref writes short summaries of middling quality, long ones rarely:
+
+    log pi_ref(y) = -(l - ref_len)^2 / (2 ref_sd^2) - q^2 / 2 + ref_noise * e_y  (+ a constant)
+    true reward    r(y) = quality_weight * q - length_weight * (l - best_len)^2 + reward_noise * e'_y
+
+Quality always helps; length helps up to best_len words and hurts after. e, e' ~ N(0, 1) per response
+are the world's idiosyncrasies (--world_seed draws them). The offline data are num_pairs pairs, both
+responses drawn from pi_ref, labelled by Bradley-Terry on r: P(y1 preferred) = sigmoid(r(y1) - r(y2)).
+
+The policy has two knobs shared by every response, as a language model's weights are shared:
+
+    log pi_theta(y) = log pi_ref(y) + theta . phi(y) - log Z(theta),   phi(y) = (l, q)
+
+so r_theta(y) = log pi_theta(y) - log pi_ref(y) moves for responses the data never shows, too.
+
+Why DPO over-optimises here. Delta = r_theta(y_w) - r_theta(y_l) = theta . (phi(y_w) - phi(y_l)): log Z
+cancels, and DPO's loss -log sigmoid(beta Delta) is a logistic regression of the preferences on the
+feature differences with coefficients beta theta. Its minimiser is theta* = u / beta, u the fitted slope.
+Among pi_ref's short summaries longer is better, so u's length slope is positive (about
+2 length_weight (best_len - ref_len)), and DPO tilts pi_ref toward longer summaries 1/beta times as far:
+at beta 0.1 to about best_len (the world's length_weight is set so: beta 0.1 is the right strength here);
+at beta 0.01 ten times as far, to the longest summaries, which no pair contains. On the way the
+win-rate rises, then falls while the KL keeps growing.
+
+What the weights do. w = exp(log w) of is_dpo.py, with r_theta and alpha = 1/l (AIS) or the clip
+log w <= 2 (IS-DPO). Pairs of responses the policy has moved away from lose weight, pairs where the
+policy now is gain it: the preferences count where the policy writes, and there longer stops being
+better. The weights of the paper are not normalised: as the policy leaves the data their mean falls,
+which also slows the drift; ais-sn-dpo divides w by its mean (a control) to show what is left
+without that.
+
+Exact: the win-rate sum_{y,y'} pi_theta(y) pi_ref(y') (1[r(y) > r(y')] + 1[r(y) = r(y')] / 2), the KL
+sum_y pi_theta(y) (log pi_theta(y) - log pi_ref(y)), the mass on responses no pair contains. Training is
+full-batch Adam on the empirical loss (no minibatch noise). Only the data are random: each seed draws
+new pairs and labels. The claims are those of evaluate.py --check, over the seeds.
+
+Run:  python toy_categorical.py                # 5 seeds x 5 runs, about 30 s on a laptop CPU
+      python toy_categorical.py --world_seed 3 --seeds 5 6 7 8 9
+See:  out/toy_categorical/check.md       the claims with their 95% confidence intervals
+      out/toy_categorical/summary.md     peak and final win-rates, KL and true reward per method and beta
+      out/toy_categorical/dynamics.png   win-rate and KL over training; where each policy's mass ends up
+      out/toy_categorical/results.jsonl  one row per checkpoint
+Exit status 1 when a claim does not hold (after writing everything).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dpo
+import evaluate
+import is_dpo
+import stage
+
+METHODS = {  # method -> (is_dpo.py's --weight, self-normalised)
+    "dpo": ("none", False),
+    "ais-dpo": ("adaptive", False),
+    "is-dpo": ("clipped", False),
+    "ais-sn-dpo": ("adaptive", True),
+}
+
+
+@dataclass
+class Args:
+    out_dir: str = field(default="out/toy_categorical", metadata={"help": "where the results and figure go"})
+    runs: str = field(default="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01 dpo:0.1",
+                      metadata={"help": "method:beta pairs, each trained once per seed (methods: "
+                                        + ", ".join(METHODS) + ")"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4],
+                             metadata={"help": "replicates: each seed draws new pairs and labels"})
+    world_seed: int = field(default=0, metadata={"help": "draws the world's per-response noise e, e'"})
+    num_pairs: int = field(default=3000, metadata={"help": "offline pairs drawn from pi_ref (identical pairs "
+                                                                  "dropped)"})
+    steps: int = field(default=200, metadata={"help": "full-batch Adam steps"})
+    lr: float = field(default=0.05, metadata={"help": "Adam learning rate on theta"})
+    num_checkpoints: int = field(default=21, metadata={"help": "evaluations, evenly spaced from the first "
+                                                                     "step to the last"})
+    log_w_max: float = field(default=2.0, metadata={"help": "is-dpo: upper clip of log w"})
+    max_len: int = field(default=40, metadata={"help": "the longest response, in words"})
+    num_qualities: int = field(default=21, metadata={"help": "quality levels, evenly spaced in [-3, 3]"})
+    ref_len: float = field(default=8.0, metadata={"help": "pi_ref's typical length"})
+    ref_sd: float = field(default=2.5, metadata={"help": "spread of pi_ref's lengths"})
+    best_len: float = field(default=12.0, metadata={"help": "the length the true reward likes best"})
+    length_weight: float = field(default=0.008, metadata={"help": "r's penalty per squared word away from "
+                                                                      "best_len"})
+    quality_weight: float = field(default=0.5, metadata={"help": "r's reward per quality point"})
+    ref_noise: float = field(default=0.5, metadata={"help": "sd of the per-response noise in log pi_ref"})
+    reward_noise: float = field(default=0.3, metadata={"help": "sd of the per-response noise in r"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (0 = torch's default)"})
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. the world and its data
+
+
+def make_world(args):
+    """Every response's features phi [K, 2] = (length, quality), log pi_ref [K] and true reward r [K]."""
+    rng = np.random.default_rng([args.world_seed])
+    length = np.repeat(np.arange(1, args.max_len + 1), args.num_qualities).astype(float)
+    quality = np.tile(np.linspace(-3, 3, args.num_qualities), args.max_len)
+    log_ref = (-(length - args.ref_len) ** 2 / (2 * args.ref_sd ** 2) - quality ** 2 / 2
+               + args.ref_noise * rng.standard_normal(len(length)))
+    log_ref -= np.logaddexp.reduce(log_ref)
+    reward = (args.quality_weight * quality - args.length_weight * (length - args.best_len) ** 2
+              + args.reward_noise * rng.standard_normal(len(length)))
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    return {"phi": t(np.stack([length, quality], 1)), "log_ref": t(log_ref), "reward": t(reward)}
+
+
+def sample_pairs(world, num_pairs, world_seed, seed):
+    """(chosen, rejected) response indices [N]: two draws from pi_ref, a Bradley-Terry label on r."""
+    rng = np.random.default_rng([world_seed, seed])
+    p_ref = world["log_ref"].exp().numpy()
+    y1 = rng.choice(len(p_ref), size=num_pairs, p=p_ref / p_ref.sum())
+    y2 = rng.choice(len(p_ref), size=num_pairs, p=p_ref / p_ref.sum())
+    y1, y2 = y1[y1 != y2], y2[y1 != y2]
+    r = world["reward"].numpy()
+    first_wins = rng.random(len(y1)) < 1 / (1 + np.exp(-(r[y1] - r[y2])))
+    return torch.tensor(np.where(first_wins, y1, y2)), torch.tensor(np.where(first_wins, y2, y1))
+
+
+def policy_logps(theta, world):
+    """log pi_theta(y) [K] = log pi_ref(y) + theta . phi(y) - log Z(theta)."""
+    logits = world["log_ref"] + world["phi"] @ theta
+    return logits - torch.logsumexp(logits, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. exact measurements
+
+
+def beats_matrix(reward):
+    """G [K, K]: 1 where r(y) > r(y'), 1/2 on ties, so that win-rate = pi_theta^T G pi_ref."""
+    return (reward[:, None] > reward[None, :]).double() + 0.5 * (reward[:, None] == reward[None, :]).double()
+
+
+def measure(logp, world, beats, unseen):
+    """Exact win-rate against pi_ref, KL(pi_theta || pi_ref), expected r and length, and the mass on
+    responses that no pair contains."""
+    p = logp.exp()
+    return {"win_rate": float(p @ beats @ world["log_ref"].exp()),
+            "kl": float((p * (logp - world["log_ref"])).sum()),
+            "true_score": float(p @ world["reward"]),
+            "mean_length": float(p @ world["phi"][:, 0]),
+            "unseen_mass": float(p[unseen].sum())}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. training: dpo.py's loss, is_dpo.py's weights, on the whole data at every step
+
+
+def train(world, chosen, rejected, method, beta, args):
+    """One run: rows {step, fraction, win_rate, kl, ...} at num_checkpoints evenly spaced steps, and the
+    final policy's probabilities [K]."""
+    weight, self_normalise = METHODS[method]
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=args.lr)
+    log_ref, length = world["log_ref"], world["phi"][:, 0]
+    beats = beats_matrix(world["reward"])
+    unseen = torch.ones(len(log_ref), dtype=torch.bool)
+    unseen[chosen] = unseen[rejected] = False
+    checkpoints = {round(i * args.steps / (args.num_checkpoints - 1)) for i in range(args.num_checkpoints)}
+    rows = []
+    for step in range(args.steps + 1):
+        logp = policy_logps(theta, world)
+        if step in checkpoints:
+            rows.append({"step": step, "fraction": step / args.steps, "theta_length": theta[0].item(),
+                         "theta_quality": theta[1].item(), **measure(logp.detach(), world, beats, unseen)})
+        if step == args.steps:
+            return rows, logp.detach().exp().numpy()
+        # --- the algorithm: DPO's loss per pair, times a detached importance weight ---
+        losses = dpo.dpo_loss(logp[chosen], logp[rejected], log_ref[chosen], log_ref[rejected], beta)
+        log_w = is_dpo.log_importance_weights(weight, logp[chosen] - log_ref[chosen],
+                                              logp[rejected] - log_ref[rejected], length[chosen],
+                                              length[rejected], log_w_max=args.log_w_max).detach()
+        raw_mean = log_w.exp().mean().item()
+        if self_normalise:  # the control: w divided by its mean over the data
+            log_w = log_w - torch.logsumexp(log_w, 0) + math.log(len(log_w))
+        loss = (log_w.exp() * losses).mean()
+        # ---
+        if step in checkpoints:  # the loss and the weights' mean (before any normalisation) at this theta
+            rows[-1].update(loss=loss.item(), weight_mean=raw_mean)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the figure
+
+
+def plot(rows, finals, world, runs, best_len, path):
+    """Win-rate and KL over training (mean +- std over seeds), and the final policies' length distribution."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = evaluate.group_runs(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    length = world["phi"][:, 0].numpy()
+    lengths = np.arange(1, int(length.max()) + 1)
+    by_length = lambda p: np.bincount(length.astype(int) - 1, weights=p, minlength=len(lengths))  # noqa: E731
+    axes[2].fill_between(lengths, by_length(world["log_ref"].exp().numpy()), color="grey", alpha=0.3,
+                         label="pi_ref (where the pairs come from)")
+    for i, (method, beta) in enumerate(runs):
+        color = plt.cm.tab10(i)
+        label = f"{method}, beta {beta:g}"
+        for ax, key in zip(axes[:2], ["win_rate", "kl"]):
+            x, mean, std = evaluate.mean_curve(groups[(method, beta)], key)
+            ax.plot(x, mean, "o-", ms=3, color=color, label=label)
+            low, high = (0, 1) if key == "win_rate" else (0, None)
+            ax.fill_between(x, np.clip(mean - std, low, high), np.clip(mean + std, low, high), color=color,
+                            alpha=0.15)
+        axes[2].plot(lengths, by_length(np.mean(finals[(method, beta)], 0)), color=color, label=label)
+    axes[2].axvline(best_len, color="k", ls=":", label="the length r likes best")
+    for ax, title, ylabel in zip(axes, ["exact win-rate against pi_ref", "KL(pi_theta || pi_ref)",
+                                        "where the final policy puts its mass"],
+                                 ["win-rate", "KL (nats)", "probability of a length"]):
+        ax.set(title=title, ylabel=ylabel,
+               xlabel="fraction of training" if ax is not axes[2] else "length (words)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("The categorical toy: exact values, mean ± std over seeds (each seed draws new pairs)")
+    evaluate.save_figure(fig, path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_runs(text):
+    runs = []
+    for item in text.split():
+        method, _, beta = item.partition(":")
+        if method not in METHODS:
+            stage.fail(f"--runs: unknown method {method!r} in {item!r} (methods: {', '.join(METHODS)})")
+        try:
+            beta = float(beta)
+        except ValueError:
+            stage.fail(f"--runs: {item!r} is not method:beta")
+        if not (math.isfinite(beta) and beta > 0):
+            stage.fail(f"--runs: beta must be a finite number > 0 in {item!r}")
+        runs.append((method, beta))
+    if not runs or len(set(runs)) < len(runs):
+        stage.fail(f"--runs must list distinct method:beta pairs, got {text!r}")
+    return runs
+
+
+def check(args):
+    stage.check_args(args, positive=("num_pairs", "steps", "lr", "max_len", "ref_sd", "quality_weight"),
+                     non_negative=("length_weight", "ref_noise", "reward_noise", "threads"))
+    if not args.seeds or len(set(args.seeds)) < len(args.seeds):
+        stage.fail(f"--seeds must list distinct seeds, got {args.seeds}")
+    for seed in args.seeds + [args.world_seed]:
+        if not 0 <= seed < 2 ** 32:
+            stage.fail(f"seeds must be in [0, 2^32), got {seed}")
+    if args.num_qualities < 2:
+        stage.fail(f"--num_qualities must be >= 2, got {args.num_qualities}")
+    if not 2 <= args.num_checkpoints <= args.steps + 1:
+        stage.fail(f"--num_checkpoints must be in [2, steps + 1 = {args.steps + 1}], "
+                   f"got {args.num_checkpoints}")
+    return parse_runs(args.runs)
+
+
+def write_outputs(work, rows, finals, world, runs, args):
+    """config.json, results.jsonl, summary.md, check.md and dynamics.png into work; the two tables."""
+    with open(os.path.join(work, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    plot(rows, finals, world, runs, args.best_len, os.path.join(work, "dynamics.png"))
+    with open(os.path.join(work, "results.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    table, holds = evaluate.check_table(rows)
+    summary = evaluate.summary_table(rows)
+    with open(os.path.join(work, "check.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(work, "summary.md"), "w") as f:
+        f.write(summary)
+    return summary, table, holds
+
+
+@stage.cleans_up
+def main(args):
+    runs = check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = make_world(args)
+    work = stage.start_output(args.out_dir, "toy_categorical")
+    rows, finals = [], {run: [] for run in runs}
+    with tqdm(total=len(args.seeds) * len(runs), desc="toy_categorical runs") as bar:
+        for seed in args.seeds:
+            chosen, rejected = sample_pairs(world, args.num_pairs, args.world_seed, seed)
+            for method, beta in runs:
+                run_rows, final = train(world, chosen, rejected, method, beta, args)
+                finals[(method, beta)].append(final)
+                for row in run_rows:
+                    row.update(run=f"{method}_beta{beta:g}_seed{seed}", method=method, beta=beta, seed=seed,
+                               world_seed=args.world_seed, pairs=len(chosen))
+                rows += run_rows
+                bar.update()
+    summary, table, holds = write_outputs(work, rows, finals, world, runs, args)
+    stage.finish_output(work, args.out_dir)
+    print(summary)
+    print(table)
+    print("every claim holds" if holds else "some claims do not hold (NO above)")
+    if not holds:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main(stage.parse_args(Args, __doc__))
