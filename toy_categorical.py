@@ -2,8 +2,9 @@
 toy_categorical.py -- over-optimisation without sampling noise: DPO and the importance weights on a policy
 over a finite set of responses, where every probability, KL and win-rate is an exact sum.
 
-The language toy (run.sh stages 1-7) is the honest, noisy version of the experiment: its effects are a
-few points of win-rate and vary with the seed and the world. Here the same mechanism is laid bare.
+The formulas are in METHOD.md, section 10. The language toy (run.sh stages 1-7) is the honest, noisy
+version of the experiment: its effects are a few points of win-rate and vary with the seed and the
+world. Here the same mechanism is laid bare.
 
 The world. A response is a summary y = (length l, quality q): l = 1..max_len words, q one of
 num_qualities levels in [-3, 3]. pi_ref writes short summaries of middling quality, long ones rarely:
