@@ -65,20 +65,37 @@ import evaluate
 import is_dpo
 import stage
 
-METHODS = {  # method -> (is_dpo.py's --weight, self-normalised)
-    "dpo": ("none", False),
-    "ais-dpo": ("adaptive", False),
-    "is-dpo": ("clipped", False),
-    "ais-sn-dpo": ("adaptive", True),
-}
+# A method is named as is_dpo.py names its runs: [weight prefix-][sn-]loss, e.g. dpo, ais-dpo, is-dpo,
+# ais-sn-dpo, a0.1-dpo (fixed alpha 0.1), sqrtis-dpo, ais-ipo, rpo.
+PREFIXES = {"ais": "adaptive", "is": "clipped", "fullis": "full", "sqrtis": "sqrt"}  # -> is_dpo.py's --weight
+LOSSES = ("dpo", "ipo", "rpo")
+METHOD_HELP = ("dpo, ipo or rpo, optionally after a weight: ais- (alpha = 1/|y|), is- (clipped), fullis-, "
+               "sqrtis-, a<alpha>- (fixed alpha), and -sn- for the self-normalised control: ais-sn-dpo")
+
+
+def parse_method(name):
+    """(loss, is_dpo.py's weight mode, alpha, self_normalise) of a method name, or None if it is not one."""
+    parts = name.split("-")
+    loss, sn = parts.pop(), len(parts) == 2 and parts[1] == "sn"
+    if loss not in LOSSES or len(parts) > 1 + sn:
+        return None
+    if not parts:
+        return loss, "none", 0.0, False
+    prefix = parts[0]
+    if prefix in PREFIXES:
+        return loss, PREFIXES[prefix], 0.0, sn
+    try:
+        alpha = float(prefix[1:]) if prefix.startswith("a") else float("nan")
+    except ValueError:
+        return None
+    return (loss, "fixed", alpha, sn) if 0 <= alpha <= 1 else None
 
 
 @dataclass
 class Args:
     out_dir: str = field(default="out/toy_categorical", metadata={"help": "where the results and figure go"})
     runs: str = field(default="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01 dpo:0.1",
-                      metadata={"help": "method:beta pairs, each trained once per seed (methods: "
-                                        + ", ".join(METHODS) + ")"})
+                      metadata={"help": "method:beta pairs, each trained once per seed. Methods: " + METHOD_HELP})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4],
                              metadata={"help": "replicates: each seed draws new pairs and labels"})
     world_seed: int = field(default=0, metadata={"help": "draws the world's per-response noise e, e'"})
@@ -89,6 +106,13 @@ class Args:
     num_checkpoints: int = field(default=21, metadata={"help": "evaluations, evenly spaced from the first "
                                                                      "step to the last"})
     log_w_max: float = field(default=2.0, metadata={"help": "is-dpo: upper clip of log w"})
+    rpo_eta: float = field(default=0.01, metadata={"help": "rpo: weight of the NLL term (times beta, as dpo.py)"})
+    data_theta: list[float] = field(default_factory=lambda: [0.0, 0.0],
+                                    metadata={"help": "the pairs come from pi_ref tilted by this (length, quality) "
+                                                      "theta: 0 0 is pi_ref itself (distribution shift)"})
+    weigh_against: str = field(default="ref", metadata={"help": "ref: w = pi_theta / pi_ref, as the papers; "
+                                                                 "behaviour: pi_theta / the policy the pairs "
+                                                                 "came from"})
     max_len: int = field(default=40, metadata={"help": "the longest response, in words"})
     num_qualities: int = field(default=21, metadata={"help": "quality levels, evenly spaced in [-3, 3]"})
     ref_len: float = field(default=8.0, metadata={"help": "pi_ref's typical length"})
@@ -120,12 +144,13 @@ def make_world(args):
     return {"phi": t(np.stack([length, quality], 1)), "log_ref": t(log_ref), "reward": t(reward)}
 
 
-def sample_pairs(world, num_pairs, world_seed, seed):
-    """(chosen, rejected) response indices [N]: two draws from pi_ref, a Bradley-Terry label on r."""
+def sample_pairs(world, num_pairs, world_seed, seed, data_theta=(0.0, 0.0)):
+    """(chosen, rejected) response indices [N]: two draws from the behaviour policy (pi_ref tilted by
+    data_theta; pi_ref itself by default), a Bradley-Terry label on r."""
     rng = np.random.default_rng([world_seed, seed])
-    p_ref = world["log_ref"].exp().numpy()
-    y1 = rng.choice(len(p_ref), size=num_pairs, p=p_ref / p_ref.sum())
-    y2 = rng.choice(len(p_ref), size=num_pairs, p=p_ref / p_ref.sum())
+    p_data = policy_logps(torch.tensor(data_theta, dtype=torch.float64), world).exp().numpy()
+    y1 = rng.choice(len(p_data), size=num_pairs, p=p_data / p_data.sum())
+    y2 = rng.choice(len(p_data), size=num_pairs, p=p_data / p_data.sum())
     y1, y2 = y1[y1 != y2], y2[y1 != y2]
     r = world["reward"].numpy()
     first_wins = rng.random(len(y1)) < 1 / (1 + np.exp(-(r[y1] - r[y2])))
@@ -162,15 +187,35 @@ def measure(logp, world, beats, unseen):
 # 3. training: dpo.py's loss, is_dpo.py's weights, on the whole data at every step
 
 
+def pair_losses(logp, world, chosen, rejected, loss, beta, args):
+    """Per-pair loss [N] of dpo.py's DPO, IPO (the paper's summed form) or RPO, from log pi_theta [K]."""
+    log_ref, length = world["log_ref"], world["phi"][:, 0]
+    pi_w, pi_l, ref_w, ref_l = logp[chosen], logp[rejected], log_ref[chosen], log_ref[rejected]
+    if loss == "ipo":
+        return dpo.ipo_loss(pi_w, pi_l, ref_w, ref_l, length[chosen], length[rejected], beta, summed=True)
+    if loss == "rpo":
+        return dpo.rpo_loss(pi_w, pi_l, ref_w, ref_l, beta, args.rpo_eta)
+    return dpo.dpo_loss(pi_w, pi_l, ref_w, ref_l, beta)
+
+
+def pair_log_weights(logp, base, world, chosen, rejected, weight, alpha, args):
+    """log w [N] of is_dpo.py (detached, not normalised), against base = log pi_ref or log behaviour."""
+    length = world["phi"][:, 0]
+    return is_dpo.log_importance_weights(weight, logp[chosen] - base[chosen], logp[rejected] - base[rejected],
+                                         length[chosen], length[rejected], alpha, args.log_w_max).detach()
+
+
 def train(world, chosen, rejected, method, beta, args):
     """One run: rows {step, fraction, win_rate, kl, ...} at num_checkpoints evenly spaced steps, and the
     final policy's probabilities [K]."""
-    weight, self_normalise = METHODS[method]
+    loss_type, weight, alpha, self_normalise = parse_method(method)
     theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=args.lr)
-    log_ref, length = world["log_ref"], world["phi"][:, 0]
+    base = world["log_ref"]
+    if args.weigh_against == "behaviour":
+        base = policy_logps(torch.tensor(args.data_theta, dtype=torch.float64), world)
     beats = beats_matrix(world["reward"])
-    unseen = torch.ones(len(log_ref), dtype=torch.bool)
+    unseen = torch.ones(len(base), dtype=torch.bool)
     unseen[chosen] = unseen[rejected] = False
     checkpoints = {round(i * args.steps / (args.num_checkpoints - 1)) for i in range(args.num_checkpoints)}
     rows = []
@@ -181,18 +226,20 @@ def train(world, chosen, rejected, method, beta, args):
                          "theta_quality": theta[1].item(), **measure(logp.detach(), world, beats, unseen)})
         if step == args.steps:
             return rows, logp.detach().exp().numpy()
-        # --- the algorithm: DPO's loss per pair, times a detached importance weight ---
-        losses = dpo.dpo_loss(logp[chosen], logp[rejected], log_ref[chosen], log_ref[rejected], beta)
-        log_w = is_dpo.log_importance_weights(weight, logp[chosen] - log_ref[chosen],
-                                              logp[rejected] - log_ref[rejected], length[chosen],
-                                              length[rejected], log_w_max=args.log_w_max).detach()
-        raw_mean = log_w.exp().mean().item()
+        # --- the algorithm: the DAA loss per pair, times a detached importance weight ---
+        losses = pair_losses(logp, world, chosen, rejected, loss_type, beta, args)
+        log_w = pair_log_weights(logp, base, world, chosen, rejected, weight, alpha, args)
+        stats = is_dpo.weight_stats(log_w)  # of the paper's weights, before any normalisation
         if self_normalise:  # the control: w divided by its mean over the data
             log_w = log_w - torch.logsumexp(log_w, 0) + math.log(len(log_w))
-        loss = (log_w.exp() * losses).mean()
+        weighted = log_w.exp() * losses
+        loss = weighted.mean()
         # ---
-        if step in checkpoints:  # the loss and the weights' mean (before any normalisation) at this theta
-            rows[-1].update(loss=loss.item(), weight_mean=raw_mean)
+        if step in checkpoints:  # at this theta: the loss, the weights, the loss's top 10% of pairs
+            top = weighted.detach().sort(descending=True).values[:max(1, len(weighted) // 10)]
+            rows[-1].update(loss=loss.item(), weight_mean=stats["weight_mean"], ess=stats["ess"] / len(log_w),
+                            log_weight_mean=stats["log_weight_mean"],
+                            top10_loss_share=(top.sum() / weighted.detach().sum()).item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -246,8 +293,8 @@ def parse_runs(text):
     runs = []
     for item in text.split():
         method, _, beta = item.partition(":")
-        if method not in METHODS:
-            stage.fail(f"--runs: unknown method {method!r} in {item!r} (methods: {', '.join(METHODS)})")
+        if parse_method(method) is None:
+            stage.fail(f"--runs: unknown method {method!r} in {item!r} (methods: {METHOD_HELP})")
         try:
             beta = float(beta)
         except ValueError:
@@ -268,6 +315,10 @@ def check(args):
     for seed in args.seeds + [args.world_seed]:
         if not 0 <= seed < 2 ** 32:
             stage.fail(f"seeds must be in [0, 2^32), got {seed}")
+    if len(args.data_theta) != 2:
+        stage.fail(f"--data_theta takes two numbers (length, quality), got {args.data_theta}")
+    if args.weigh_against not in ("ref", "behaviour"):
+        stage.fail(f"--weigh_against must be ref or behaviour, got {args.weigh_against!r}")
     if args.num_qualities < 2:
         stage.fail(f"--num_qualities must be >= 2, got {args.num_qualities}")
     if not 2 <= args.num_checkpoints <= args.steps + 1:
@@ -303,7 +354,7 @@ def main(args):
     rows, finals = [], {run: [] for run in runs}
     with tqdm(total=len(args.seeds) * len(runs), desc="toy_categorical runs") as bar:
         for seed in args.seeds:
-            chosen, rejected = sample_pairs(world, args.num_pairs, args.world_seed, seed)
+            chosen, rejected = sample_pairs(world, args.num_pairs, args.world_seed, seed, args.data_theta)
             for method, beta in runs:
                 run_rows, final = train(world, chosen, rejected, method, beta, args)
                 finals[(method, beta)].append(final)

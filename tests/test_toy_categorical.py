@@ -128,30 +128,80 @@ def test_dpo_ends_at_the_logistic_fit_divided_by_beta():
         np.testing.assert_allclose(theta, u / beta, rtol=0.02, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", list(tc.METHODS))
-def test_rows_weights_and_losses_match_an_independent_computation(method):
-    args = small_args(steps=30, lr=0.1, num_checkpoints=4)
+def independent_weights(method, ratio, c, j, length):
+    """w per pair from pi_theta / pi_base per response, by each mode's definition (METHOD.md, section 6)."""
+    both = ratio[c] * ratio[j]
+    if method.startswith("ais"):
+        return ratio[c] ** (1 / length[c]) * ratio[j] ** (1 / length[j])
+    if method.startswith("sqrtis"):
+        return ratio[c] ** (1 / np.sqrt(length[c])) * ratio[j] ** (1 / np.sqrt(length[j]))
+    if method.startswith("is"):
+        return np.minimum(both, math.e ** 2)
+    if method.startswith("fullis"):
+        return both
+    if method.startswith("a0.1"):
+        return both ** 0.1
+    return np.ones(len(c))
+
+
+@pytest.mark.parametrize("method, data_theta, against", [
+    ("dpo", (0, 0), "ref"), ("ais-dpo", (0, 0), "ref"), ("is-dpo", (0, 0), "ref"), ("ais-sn-dpo", (0, 0), "ref"),
+    ("a0.1-dpo", (0, 0), "ref"), ("sqrtis-dpo", (0, 0), "ref"), ("fullis-dpo", (0, 0), "ref"),
+    ("ipo", (0, 0), "ref"), ("ais-ipo", (0, 0), "ref"), ("rpo", (0, 0), "ref"),
+    ("ais-dpo", (0.3, -0.2), "ref"), ("ais-dpo", (0.3, -0.2), "behaviour"),
+])
+def test_rows_weights_and_losses_match_an_independent_computation(method, data_theta, against):
+    args = small_args(steps=30, lr=0.1, num_checkpoints=4, data_theta=list(data_theta), weigh_against=against)
     world = tc.make_world(args)
-    chosen, rejected = tc.sample_pairs(world, args.num_pairs, 0, 0)
+    chosen, rejected = tc.sample_pairs(world, args.num_pairs, 0, 0, args.data_theta)
     beta = 0.05
     rows, final = tc.train(world, chosen, rejected, method, beta, args)
     assert [r["step"] for r in rows] == [0, 10, 20, 30]
     p_ref, length = world["log_ref"].exp().numpy(), world["phi"][:, 0].numpy()
+    p_base = numpy_policy(world, data_theta) if against == "behaviour" else p_ref
     d_phi = (world["phi"][chosen] - world["phi"][rejected]).numpy()
     c, j = chosen.numpy(), rejected.numpy()
     for row in rows[:-1]:  # the last checkpoint has no step after it, so no loss
         theta = np.array([row["theta_length"], row["theta_quality"]])
-        ratio = numpy_policy(world, theta) / p_ref  # pi_theta / pi_ref per response
-        w = {"dpo": np.ones(len(c)), "is-dpo": np.minimum(ratio[c] * ratio[j], math.e ** 2)}.get(
-            method, ratio[c] ** (1 / length[c]) * ratio[j] ** (1 / length[j]))
+        p = numpy_policy(world, theta)
+        w = independent_weights(method, p / p_base, c, j, length)
         assert row["weight_mean"] == pytest.approx(w.mean(), rel=1e-9)
-        if method == "ais-sn-dpo":
+        assert row["ess"] == pytest.approx(w.sum() ** 2 / (w ** 2).sum() / len(w), rel=1e-9)
+        if "-sn-" in method:
             w = w / w.mean()
-        losses = np.logaddexp(0, -beta * d_phi @ theta)
+        margin = d_phi @ theta  # Delta: log Z cancels
+        losses = {"ipo": (margin - 1 / (2 * beta)) ** 2,  # the IPO paper's form, on summed log-ratios
+                  "rpo": np.logaddexp(0, -beta * margin) - args.rpo_eta * beta * np.log(p[c])}.get(
+            method.split("-")[-1], np.logaddexp(0, -beta * margin))
         assert row["loss"] == pytest.approx((w * losses).mean(), rel=1e-9)
-    assert rows[0]["weight_mean"] == pytest.approx(1.0)  # theta = 0: pi_theta = pi_ref, every w is 1
+        top = np.sort(w * losses)[::-1][:len(c) // 10]
+        assert row["top10_loss_share"] == pytest.approx(top.sum() / (w * losses).sum(), rel=1e-9)
+    if against == "ref" or data_theta == (0, 0):
+        assert rows[0]["weight_mean"] == pytest.approx(1.0)  # theta = 0: pi_theta = pi_ref, every w is 1
     theta = np.array([rows[-1]["theta_length"], rows[-1]["theta_quality"]])
     np.testing.assert_allclose(final, numpy_policy(world, theta), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name, parsed", [
+    ("dpo", ("dpo", "none", 0.0, False)), ("ipo", ("ipo", "none", 0.0, False)),
+    ("ais-dpo", ("dpo", "adaptive", 0.0, False)), ("is-ipo", ("ipo", "clipped", 0.0, False)),
+    ("ais-sn-dpo", ("dpo", "adaptive", 0.0, True)), ("a0.2-rpo", ("rpo", "fixed", 0.2, False)),
+    ("sqrtis-dpo", ("dpo", "sqrt", 0.0, False)), ("fullis-sn-ipo", ("ipo", "full", 0.0, True)),
+    ("sft", None), ("ais", None), ("ais-xx-dpo", None), ("a1.5-dpo", None), ("ax-dpo", None), ("sn-dpo", None),
+    ("ais-sn-sn-dpo", None), ("foo-dpo", None),
+])
+def test_method_names(name, parsed):
+    assert tc.parse_method(name) == parsed
+
+
+def test_pairs_from_a_shifted_policy_follow_it():
+    args = small_args(num_pairs=20000)
+    world = tc.make_world(args)
+    length = world["phi"][:, 0].numpy()
+    for data_theta in [(0.0, 0.0), (0.4, 0.0)]:
+        chosen, rejected = tc.sample_pairs(world, args.num_pairs, 0, 0, data_theta)
+        both = np.concatenate([length[chosen], length[rejected]])
+        assert abs(both.mean() - numpy_policy(world, data_theta) @ length) < 0.05
 
 
 def test_unseen_mass_is_pi_ref_mass_off_the_data_at_the_start():
@@ -201,6 +251,9 @@ def test_a_failing_claim_exits_1_after_writing(tmp_path):
     (dict(num_qualities=1), "--num_qualities"),
     (dict(lr=float("nan")), "--lr"),
     (dict(num_pairs=0), "--num_pairs"),
+    (dict(data_theta=[0.1]), "--data_theta"),
+    (dict(weigh_against="pi_ref"), "--weigh_against"),
+    (dict(runs="a2-dpo:0.1"), "unknown method"),
 ])
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, overrides, message):
     out = tmp_path / "toy"
