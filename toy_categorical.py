@@ -95,7 +95,8 @@ def parse_method(name):
 class Args:
     out_dir: str = field(default="out/toy_categorical", metadata={"help": "where the results and figure go"})
     runs: str = field(default="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01 dpo:0.1",
-                      metadata={"help": "method:beta pairs, each trained once per seed. Methods: " + METHOD_HELP})
+                      metadata={"help": "method:beta pairs, each trained once per seed. Methods: "
+                                        + METHOD_HELP})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4],
                              metadata={"help": "replicates: each seed draws new pairs and labels"})
     world_seed: int = field(default=0, metadata={"help": "draws the world's per-response noise e, e'"})
@@ -106,10 +107,12 @@ class Args:
     num_checkpoints: int = field(default=21, metadata={"help": "evaluations, evenly spaced from the first "
                                                                      "step to the last"})
     log_w_max: float = field(default=2.0, metadata={"help": "is-dpo: upper clip of log w"})
-    rpo_eta: float = field(default=0.01, metadata={"help": "rpo: weight of the NLL term (times beta, as dpo.py)"})
+    rpo_eta: float = field(default=0.01, metadata={"help": "rpo: weight of the NLL term (times beta, as "
+                                                             "dpo.py)"})
     data_theta: list[float] = field(default_factory=lambda: [0.0, 0.0],
-                                    metadata={"help": "the pairs come from pi_ref tilted by this (length, quality) "
-                                                      "theta: 0 0 is pi_ref itself (distribution shift)"})
+                                    metadata={"help": "the pairs come from pi_ref tilted by this "
+                                                      "(length, quality) theta: 0 0 is pi_ref itself "
+                                                      "(distribution shift)"})
     weigh_against: str = field(default="ref", metadata={"help": "ref: w = pi_theta / pi_ref, as the papers; "
                                                                  "behaviour: pi_theta / the policy the pairs "
                                                                  "came from"})
