@@ -347,15 +347,10 @@ def write_outputs(work, rows, finals, world, runs, args):
     return summary, table, holds
 
 
-@stage.cleans_up
-def main(args):
-    runs = check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world = make_world(args)
-    work = stage.start_output(args.out_dir, "toy_categorical")
+def run_all(world, runs, args, desc="toy_categorical runs"):
+    """Every (method, beta) of runs on every seed's pairs: all rows, and the final policies by run."""
     rows, finals = [], {run: [] for run in runs}
-    with tqdm(total=len(args.seeds) * len(runs), desc="toy_categorical runs") as bar:
+    with tqdm(total=len(args.seeds) * len(runs), desc=desc) as bar:
         for seed in args.seeds:
             chosen, rejected = sample_pairs(world, args.num_pairs, args.world_seed, seed, args.data_theta)
             for method, beta in runs:
@@ -366,6 +361,17 @@ def main(args):
                                world_seed=args.world_seed, pairs=len(chosen))
                 rows += run_rows
                 bar.update()
+    return rows, finals
+
+
+@stage.cleans_up
+def main(args):
+    runs = check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = make_world(args)
+    work = stage.start_output(args.out_dir, "toy_categorical")
+    rows, finals = run_all(world, runs, args)
     summary, table, holds = write_outputs(work, rows, finals, world, runs, args)
     stage.finish_output(work, args.out_dir)
     print(summary)

@@ -1,0 +1,234 @@
+"""
+experiments/ablations.py -- the rest of the Adaptive-IS paper's experiments, on the categorical toy
+(toy_categorical.py: exact win-rates and KLs, seconds per run), one command each:
+
+    python experiments/ablations.py alpha     # App. F (Figs. 8-10): fixed alpha, sqrt and 1/|y| at beta 0.01
+    python experiments/ablations.py ipo       # Sec. 4.2 (Fig. 2): IPO and AIS-IPO, win-rate against KL
+    python experiments/ablations.py shift     # Sec. 4.3 (Figs. 4-5), App. G: pairs from policies further away
+    python experiments/ablations.py rpo       # App. I (Fig. 12): RPO, beta x eta
+    python experiments/ablations.py weights   # the weights during training: log w, ESS, top 10% of the loss
+    python experiments/ablations.py all       # the five, about two minutes on a laptop CPU
+
+Each writes out/experiments/<name>/: results.jsonl (every checkpoint of every run), summary.md (mean
+over seeds) and <name>.png. --seeds and --world_seed work as in toy_categorical.py. The README's
+section "More of the paper" shows each figure and reads it.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate  # noqa: E402
+import stage  # noqa: E402
+import toy_categorical as tc  # noqa: E402
+
+ALPHAS = ["dpo", "a0.05-dpo", "a0.1-dpo", "a0.2-dpo", "a0.4-dpo", "sqrtis-dpo", "ais-dpo"]
+IPO_BETAS = [0.01, 0.03, 0.1, 0.3, 1.0]
+SHIFTS = [0.0, 0.1, 0.2]  # the length knob of the policy the pairs come from
+RPO = [(beta, eta) for beta in (0.01, 0.05, 0.1) for eta in (0.001, 0.005, 0.01)]
+
+
+# ----------------------------------------------------------------------------------------------
+# each experiment: its runs -> rows (every checkpoint, every seed), with an "arm" naming the setting
+
+
+def tag(rows, **fields):
+    for row in rows:
+        row.update(fields)
+    return rows
+
+
+def alpha(args):
+    world = tc.make_world(args)
+    rows, _ = tc.run_all(world, [(m, 0.01) for m in ALPHAS], args, desc="alpha")
+    return [dict(r, arm=r["method"]) for r in rows]
+
+
+def ipo(args):
+    world = tc.make_world(args)
+    runs = [(m, b) for b in IPO_BETAS for m in ("ipo", "ais-ipo")]
+    rows, _ = tc.run_all(world, runs, args, desc="ipo")
+    return [dict(r, arm=f"{r['method']} beta {r['beta']:g}") for r in rows]
+
+
+def shift(args):
+    """Pairs from pi_ref tilted toward longer summaries; AIS weighs against pi_ref (as the papers) or
+    against the policy that really produced the pairs."""
+    rows = []
+    for s in SHIFTS:
+        shifted = dataclasses.replace(args, data_theta=[s, 0.0])
+        world = tc.make_world(shifted)
+        kl = tc.measure(tc.policy_logps(torch.tensor(shifted.data_theta, dtype=torch.float64), world), world,
+                        tc.beats_matrix(world["reward"]), torch.zeros(len(world["reward"]), dtype=torch.bool))
+        for against in ("ref", "behaviour"):
+            methods = ["dpo", "ais-dpo"] if against == "ref" else ["ais-dpo"]
+            run_rows, _ = tc.run_all(world, [(m, 0.01) for m in methods],
+                                     dataclasses.replace(shifted, weigh_against=against), desc=f"shift {s:g}")
+            for r in run_rows:
+                name = r["method"] + (" (w against the data's policy)" if against == "behaviour" else "")
+                rows.append(dict(r, arm=f"{name}, shift {s:g}", label=name, shift=s, data_kl=kl["kl"],
+                                 data_win_rate=kl["win_rate"]))
+    return rows
+
+
+def rpo(args):
+    rows = []
+    world = tc.make_world(args)
+    for beta, eta in RPO:
+        run_rows, _ = tc.run_all(world, [("rpo", beta)], dataclasses.replace(args, rpo_eta=eta),
+                                 desc=f"rpo beta {beta:g} eta {eta:g}")
+        rows += [dict(r, arm=f"beta {beta:g} eta {eta:g}", eta=eta) for r in run_rows]
+    return rows
+
+
+def weights(args):
+    world = tc.make_world(args)
+    runs = [(m, 0.01) for m in ("ais-dpo", "is-dpo", "fullis-dpo")]
+    rows, _ = tc.run_all(world, runs, args, desc="weights")
+    return [dict(r, arm=r["method"]) for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# tables and figures
+
+
+def by_arm(rows):
+    """{arm: {seed: [rows by step]}}"""
+    out = {}
+    for r in rows:
+        out.setdefault(r["arm"], {}).setdefault(r["seed"], []).append(r)
+    return out
+
+
+def summary(rows, extra=("ess",)):
+    """Markdown: per arm, mean over seeds of peak and final win-rate, final KL and the extra columns (the
+    last checkpoint that has them: the loss and the weights are measured before a step)."""
+    head = ("| run | seeds | peak win-rate | final win-rate | final KL | "
+            + " | ".join(f"final {e}" for e in extra))
+    lines = [head + " |", "|" + "---|" * (head.count("|"))]
+    for arm, seeds in by_arm(rows).items():
+        runs = list(seeds.values())
+        peak = np.mean([max(r["win_rate"] for r in run) for run in runs])
+        final = {k: np.mean([[r[k] for r in run if k in r][-1] for run in runs])
+                 for k in ("win_rate", "kl", *extra)}
+        lines.append(f"| {arm} | {len(runs)} | {peak:.2f} | {final['win_rate']:.2f} | {final['kl']:.1f} | "
+                     + " | ".join(f"{final[e]:.3g}" for e in extra) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curves(ax, rows, key, ylabel):
+    for arm, seeds in by_arm(rows).items():
+        x, mean, _ = evaluate.mean_curve(seeds, key)
+        ax.plot(x, mean, "o-", ms=2, label=arm)
+    ax.set(xlabel="fraction of training", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+
+
+def figure(name, rows, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if name in ("alpha", "weights"):
+        keys = [("win_rate", "win-rate"), ("kl", "KL"), ("ess", "ESS / N"),
+                ("loss" if name == "alpha" else "top10_loss_share",
+                 "training loss" if name == "alpha" else "loss share of the top 10% of pairs")]
+        fig, axes = plt.subplots(1, 4 + (name == "weights"), figsize=(5 * (4 + (name == "weights")), 4))
+        for ax, (key, label) in zip(axes, keys):
+            curves(ax, [r for r in rows if key in r], key, label)
+        if name == "weights":
+            log_w_histograms(axes[4], args)
+        axes[0].legend(fontsize=7)
+    elif name == "ipo":
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for arm, seeds in by_arm(rows).items():
+            _, kl, _ = evaluate.mean_curve(seeds, "kl")
+            _, wr, _ = evaluate.mean_curve(seeds, "win_rate")
+            ax.plot(kl, wr, "-" if arm.startswith("ipo") else "--", label=arm)
+        ax.set(xlabel="KL(pi_theta || pi_ref)", ylabel="win-rate", xscale="symlog")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    elif name == "shift":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for label in dict.fromkeys(r["label"] for r in rows):
+            points = []
+            for s in SHIFTS:
+                runs = list(by_arm([r for r in rows if r["label"] == label and r["shift"] == s]).values())[0]
+                points.append((runs[next(iter(runs))][0]["data_kl"],
+                               np.mean([max(r["win_rate"] for r in run) for run in runs.values()]),
+                               np.mean([run[-1]["win_rate"] for run in runs.values()])))
+            kl, peak, final = zip(*points)
+            axes[0].plot(kl, peak, "o-", label=label)
+            axes[1].plot(kl, final, "o-", label=label)
+        for ax, title in zip(axes, ["peak win-rate", "final win-rate"]):
+            ax.set(xlabel="KL(data's policy || pi_ref)", ylabel=title, title=title)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+    else:  # rpo
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        curves(axes[0], rows, "win_rate", "win-rate")
+        curves(axes[1], rows, "kl", "KL")
+        axes[0].legend(fontsize=6, ncol=3)
+    fig.suptitle(f"{name} (categorical toy, mean over seeds {' '.join(map(str, args.seeds))})")
+    return fig
+
+
+def log_w_histograms(ax, args):
+    """log w of AIS-DPO's pairs (seed 0's data) at four points of training, recomputed from theta."""
+    world = tc.make_world(args)
+    chosen, rejected = tc.sample_pairs(world, args.num_pairs, args.world_seed, args.seeds[0])
+    rows, _ = tc.train(world, chosen, rejected, "ais-dpo", 0.01, args)
+    for i in np.linspace(0, len(rows) - 1, 5).round().astype(int)[1:]:
+        row = rows[i]
+        theta = torch.tensor([row["theta_length"], row["theta_quality"]], dtype=torch.float64)
+        log_w = tc.pair_log_weights(tc.policy_logps(theta, world), world["log_ref"], world, chosen, rejected,
+                                    "adaptive", 0.0, args)
+        ax.hist(log_w.numpy(), bins=40, histtype="step", label=f"step {row['step']}")
+    ax.set(xlabel="log w (AIS-DPO, one seed)", ylabel="pairs")
+    ax.legend(fontsize=7)
+
+
+EXPERIMENTS = {"alpha": alpha, "ipo": ipo, "shift": shift, "rpo": rpo, "weights": weights}
+EXTRA = {"alpha": ("ess", "loss"), "ipo": ("ess",), "shift": ("ess",), "rpo": ("mean_length",),
+         "weights": ("ess", "top10_loss_share", "log_weight_mean")}
+
+
+@stage.cleans_up
+def run(name, args, out_root):
+    out_dir = os.path.join(out_root, name)
+    work = stage.start_output(out_dir, f"experiments/{name}")
+    rows = EXPERIMENTS[name](args)
+    with open(os.path.join(work, "results.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    table = summary(rows, EXTRA[name])
+    with open(os.path.join(work, "summary.md"), "w") as f:
+        f.write(table)
+    evaluate.save_figure(figure(name, rows, args), os.path.join(work, f"{name}.png"))
+    stage.finish_output(work, out_dir)
+    print(f"{name}: {out_dir}/summary.md, {name}.png\n{table}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    parser.add_argument("--out_dir", default="out/experiments", help="each experiment writes OUT_DIR/<name>/")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="replicates (new pairs)")
+    parser.add_argument("--world_seed", type=int, default=0, help="the categorical world's noise")
+    cli = parser.parse_args(argv)
+    args = dataclasses.replace(tc.Args(), seeds=cli.seeds, world_seed=cli.world_seed)
+    tc.check(args)
+    torch.set_num_threads(1)
+    for name in EXPERIMENTS if cli.experiment == "all" else [cli.experiment]:
+        run(name, args, cli.out_dir)
+
+
+if __name__ == "__main__":
+    main()
