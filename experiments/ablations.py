@@ -29,7 +29,8 @@ import toy_categorical as tc  # noqa: E402
 
 ALPHAS = ["dpo", "a0.05-dpo", "a0.1-dpo", "a0.2-dpo", "a0.4-dpo", "sqrtis-dpo", "ais-dpo"]
 IPO_BETAS = [0.01, 0.03, 0.1, 0.3, 1.0]
-SHIFTS = [0.0, 0.1, 0.2]  # the length knob of the policy the pairs come from
+SHIFTS = [0.0, 0.25, 0.5, 1.0]  # the pairs' policy: pi_ref tilted by SHIFT * SHIFT_THETA
+SHIFT_THETA = (0.6, 1.0)  # toward what DPO at beta 0.1 learns: longer (to about 12 words) and better
 RPO = [(beta, eta) for beta in (0.01, 0.05, 0.1) for eta in (0.001, 0.005, 0.01)]
 
 
@@ -61,7 +62,7 @@ def shift(args):
     against the policy that really produced the pairs."""
     rows = []
     for s in SHIFTS:
-        shifted = dataclasses.replace(args, data_theta=[s, 0.0])
+        shifted = dataclasses.replace(args, data_theta=[s * SHIFT_THETA[0], s * SHIFT_THETA[1]])
         world = tc.make_world(shifted)
         kl = tc.measure(tc.policy_logps(torch.tensor(shifted.data_theta, dtype=torch.float64), world), world,
                         tc.beats_matrix(world["reward"]), torch.zeros(len(world["reward"]), dtype=torch.bool))
