@@ -13,7 +13,7 @@ Paper scale (Pythia + TL;DR on a GPU): --sft_path <sft> --data <prefs> --lr 1e-6
 
 What is in here, top to bottom:
   1. the fused log-prob gather: the prompt of a pair runs once and its chosen and rejected
-     responses continue from it (sft.response_hidden); the output layer runs over chunks of
+     responses continue from it (policy.response_hidden); the output layer runs over chunks of
      response tokens only, recomputed in the backward pass, so that no [batch, time, vocab]
      tensor ever exists;
   2. the DAA losses, each a small pure function;
@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import sft
-from sft import fail
+import policy
+import stage
+from stage import fail
 
 LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
 
@@ -145,11 +146,11 @@ class ChunkedLogProbs(torch.autograd.Function):
 def sequence_logps(model, batch, chunk=1024, fused=True):
     """Summed log-probs of each row's response tokens, and their counts.
 
-    batch: sft.collate_grouped output (a pair = one prompt, two responses; the prompt runs once).
+    batch: policy.collate_grouped output (a pair = one prompt, two responses; the prompt runs once).
     Returns logps [P*k] (float32 at least) and lengths [P*k]. The output layer runs only on response positions.
     """
     mask = batch["response_mask"].bool()
-    h = sft.response_hidden(model.base_model, batch)[:, :-1][mask]  # h[:, t] predicts response token t
+    h = policy.response_hidden(model.base_model, batch)[:, :-1][mask]  # h[:, t] predicts response token t
     targets = batch["response_ids"][mask]
     head = model.get_output_embeddings()
     if fused:
@@ -233,10 +234,10 @@ def no_weights(args, batch_logps, batch_rows):
 
 def load_pairs(args, tokenizer):
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
-    rows = sft.load_rows(args.data, "train.jsonl", args.split, cols)
-    chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
+    rows = policy.load_rows(args.data, "train.jsonl", args.split, cols)
+    chosen, rejected = (policy.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
                                         args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
-    sft.report_shaping("daa", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
+    policy.report_shaping("daa", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
     pairs = list(zip(chosen, rejected))
     same = sum(r["chosen"] == r["rejected"] for r in rows)
     if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
@@ -246,7 +247,7 @@ def load_pairs(args, tokenizer):
 
 def pair_logps(model, pairs, pad_id, device, autocast, chunk):
     """Chosen and rejected of every pair in one pass: rows chosen, rejected, chosen, ... sharing their prompt."""
-    batch = sft.to_device(sft.collate_grouped([example for pair in pairs for example in pair], pad_id, k=2), device)
+    batch = policy.to_device(policy.collate_grouped([example for pair in pairs for example in pair], pad_id, k=2), device)
     with autocast:
         logps, lengths = sequence_logps(model, batch, chunk)
     return logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
@@ -282,7 +283,7 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
     for name, tensor in model.state_dict().items():
         key.update(f"{name} {tensor.dtype}".encode())
         key.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    for path in (__file__, sft.__file__):
+    for path in (__file__, policy.__file__):
         with open(path, "rb") as f:
             key.update(f.read())
     key.update(json.dumps([pairs, batch_size, args.logit_chunk, torch.get_num_threads(), str(device),  # cuda: bf16 autocast
@@ -306,7 +307,7 @@ def method_name(args):
 def validate(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
-    sft.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
+    stage.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
                                    "chipo_clip", "logit_chunk", "max_prompt_len", "max_response_len"),
                    non_negative=("rpo_eta", "warmup_steps", "num_checkpoints", "save_every"))
     if args.lr_schedule not in ("constant", "cosine"):
@@ -321,27 +322,27 @@ def validate(args):
 # 4. training
 
 
-@sft.cleans_up
+@stage.cleans_up
 def train(args, weigh=no_weights, method=None):
     """The DAA loop. weigh(args, logps, rows) -> (weights [B], stats): all ones for plain DAAs."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     validate(args)
-    sft.seed_everything(args.seed)
+    policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, autocast = sft.device_and_autocast()
+    device, autocast = policy.device_and_autocast()
     method = method or method_name(args)
     run_name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
     out_dir = os.path.join(args.runs_dir, run_name)
     inputs = [args.sft_path, args.data, args.reference_cache]
-    sft.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
+    stage.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
 
-    tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
+    tokenizer = policy.load_tokenizer(args.sft_path)
     rows, pairs = load_pairs(args, tokenizer)
     # locked, and kept across a kill: --resume continues from the state saved in it
-    tmp = sft.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
-    model = sft.load_policy(args.sft_path).to(device)
+    tmp = stage.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
+    model = policy.load_policy(args.sft_path).to(device)
     pad = tokenizer.pad_token_id
     # pi_ref is the starting policy: its log-probs of the data never change, so take them now
     ref_w, ref_l = shared_reference_logps(args, model, pairs, pad, device, autocast)
@@ -354,8 +355,8 @@ def train(args, weigh=no_weights, method=None):
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
-    run_id = sft.read_marker(tmp)["run"]  # tells evaluate.py a retrained run from the old one
-    sft.save_json(os.path.join(tmp, "args.json"), {**dataclasses.asdict(args), "method": method, "run_name": run_name,
+    run_id = stage.read_marker(tmp)["run"]  # tells evaluate.py a retrained run from the old one
+    policy.save_json(os.path.join(tmp, "args.json"), {**dataclasses.asdict(args), "method": method, "run_name": run_name,
                                                   "run_id": run_id, "total_steps": total_steps, "num_pairs": len(pairs)})
 
     def save(step):
@@ -363,7 +364,7 @@ def train(args, weigh=no_weights, method=None):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
-    done, order, cursor = sft.restore_state(tmp, args, model, optimizer, scheduler)
+    done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler)
     if 0 in save_at and not done:
         save(0)
     print(f"{run_name}: {len(pairs)} pairs, {total_steps} steps of {pairs_per_step} pairs, device {device}")
@@ -387,22 +388,22 @@ def train(args, weigh=no_weights, method=None):
             for k, v in {**stats, **weight_stats, "loss": loss.item() * args.grad_accum}.items():
                 logged[k] = logged.get(k, 0.0) + v / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        sft.check_finite(step, loss=logged["loss"], grad_norm=grad_norm)
+        policy.check_finite(step, loss=logged["loss"], grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step, "epoch": step * pairs_per_step / len(pairs), **logged, "grad_norm": float(grad_norm)}
-        sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), row)
+        policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"), row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}", acc=f"{row['accuracy']:.2f}")
         if step in save_at:
             save(step)
-        sft.save_state(tmp, args, step, total_steps, model, optimizer, scheduler, order, cursor)
-    sft.check_finite(total_steps, parameter_norm=sft.parameter_norm(model))
-    sft.remove_state(tmp)
-    sft.finish_output(tmp, out_dir)
+        policy.save_state(tmp, args, step, total_steps, model, optimizer, scheduler, order, cursor)
+    policy.check_finite(total_steps, parameter_norm=policy.parameter_norm(model))
+    policy.remove_state(tmp)
+    stage.finish_output(tmp, out_dir)
     print(f"{run_name}: done in {time.time() - t0:.0f} s -> {out_dir}")
     return out_dir
 
 
 if __name__ == "__main__":
-    train(sft.parse_args(Args, __doc__))
+    train(stage.parse_args(Args, __doc__))

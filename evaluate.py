@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import policy
 import reward
-import sft
+import stage
 import toy_tldr
-from sft import fail
+from stage import fail
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -84,26 +85,26 @@ def win_rate(policy_scores, reference_scores):
     The toy's true scorer gives discrete scores, so ties are common (the same facts covered): a tie
     is neither a win nor a loss. A reward model's continuous scores almost never tie.
     """
-    policy, reference = np.asarray(policy_scores), np.asarray(reference_scores)
-    return float(np.mean((policy > reference) + 0.5 * (policy == reference)))
+    ours, reference = np.asarray(policy_scores), np.asarray(reference_scores)
+    return float(np.mean((ours > reference) + 0.5 * (ours == reference)))
 
 
 @torch.no_grad()
-def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
+def sequence_kl(model, ref, examples, pad_id, batch_size=64):
     """Per sequence, sum over response tokens of KL(pi_theta(.|x,y<t) || pi_ref(.|x,y<t)) over the full vocabulary.
 
     examples: (prompt_ids, response_ids) with responses sampled from the policy. Returns [N].
     Its mean over y ~ pi_theta is the sequence-level KL(pi_theta || pi_ref) (chain rule), with
     far less variance than the mean of log pi_theta(y) - log pi_ref(y).
     """
-    device = next(policy.parameters()).device
+    device = next(model.parameters()).device
     out = []
     for s in range(0, len(examples), batch_size):
-        batch = sft.to_device(sft.collate_grouped(examples[s:s + batch_size], pad_id), device)
+        batch = policy.to_device(policy.collate_grouped(examples[s:s + batch_size], pad_id), device)
         mask = batch["response_mask"].bool()
         # logits at response positions only: h[:, t] predicts response token t
-        logits_p = policy.get_output_embeddings()(sft.response_hidden(policy.base_model, batch)[:, :-1][mask])
-        logits_q = ref.get_output_embeddings()(sft.response_hidden(ref.base_model, batch)[:, :-1][mask])
+        logits_p = model.get_output_embeddings()(policy.response_hidden(model.base_model, batch)[:, :-1][mask])
+        logits_q = ref.get_output_embeddings()(policy.response_hidden(ref.base_model, batch)[:, :-1][mask])
         acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
         logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
@@ -112,19 +113,19 @@ def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
     return torch.cat(out).cpu()
 
 
-def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_scores, args, toy, device, autocast):
-    """One results row's metrics for one policy. gold is None when the true scorer judges."""
+def evaluate_checkpoint(model, ref, gold, tokenizer, prompts, eval_rows, ref_scores, args, toy, device, autocast):
+    """One results row's metrics for one policy (model). gold is None when the true scorer judges."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(args.seed)  # common random numbers for every checkpoint
     with autocast:
-        banned = sft.banned_ids(tokenizer)
-        outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, args.temperature, args.sample_batch_size,
+        banned = policy.banned_ids(tokenizer)
+        outs, _ = policy.sample(model, prompts, eos, pad, args.max_response_len, args.temperature, args.sample_batch_size,
                              generator, suppress_ids=banned)
-        texts = [sft.decode_response(tokenizer, o) for o in outs]
+        texts = [policy.decode_response(tokenizer, o) for o in outs]
         kl_prompts = prompts[:args.kl_prompts or len(prompts)]  # the KL needs fewer prompts than a win-rate
-        kl_outs, _ = sft.sample(policy, kl_prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size,
+        kl_outs, _ = policy.sample(model, kl_prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size,
                                 generator, suppress_ids=banned)
-        kl = sequence_kl(policy, ref, list(zip(kl_prompts, kl_outs)), pad, args.sample_batch_size)
+        kl = sequence_kl(model, ref, list(zip(kl_prompts, kl_outs)), pad, args.sample_batch_size)
     metrics = {"kl": kl.mean().item(), "mean_length": float(np.mean([len(o) for o in outs])),
                "finished": float(np.mean([f for _, f in texts])), "example": texts[0][0]}
     if toy:  # the hidden scorer: an unfinished summary is scored as such
@@ -222,7 +223,7 @@ def eval_settings(args, eval_rows):
     data = json.dumps([[r["prompt"], r["reference"]] for r in eval_rows])
     data = hashlib.sha256(data.encode()).hexdigest()[:16]
     if args.judge == "rm":
-        gold = sft.read_marker(args.gold_path) or {}
+        gold = stage.read_marker(args.gold_path) or {}
         judge = f"{os.path.realpath(args.gold_path)} (run {gold.get('run')})"
     else:
         judge = "the true scorer"
@@ -386,7 +387,7 @@ def plot(rows, plots_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sft.prepare_dir(plots_dir, "evaluate", own_files=OWN_FILES)
+    stage.prepare_dir(plots_dir, "evaluate", own_files=OWN_FILES)
     groups = group_runs(rows)
     betas = sorted({beta for _, beta in groups})
     methods = sorted({m for m, _ in groups})
@@ -464,7 +465,7 @@ def check(results_path, out_dir):
         raise SystemExit(1)
 
 
-@sft.cleans_up
+@stage.cleans_up
 def main(args):
     results_path = os.path.join(args.out_dir, "results.jsonl")
     shard = re.fullmatch(r"(\d+)/(\d+)", args.shard)
@@ -474,31 +475,31 @@ def main(args):
     if args.check:
         return check(results_path, args.out_dir)
     if not args.plots_only:
-        sft.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len",
+        stage.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len",
                                        "max_response_len"),
                        non_negative=("temperature", "kl_prompts"))
         runs = find_checkpoints(args.runs)
         inputs = [args.gold_path, args.data, args.sft_path] + [run for run, _, _ in runs]
         for path in (args.out_dir, args.plots_dir):  # checked before any work, written to after it
-            sft.check_output(path, "evaluate", inputs, OWN_FILES)
+            stage.check_output(path, "evaluate", inputs, OWN_FILES)
         if args.judge not in ("true", "rm"):
             fail(f"--judge must be true or rm, got {args.judge!r}")
-        toy = sft.is_toy(args.data)
+        toy = policy.is_toy(args.data)
         if args.judge == "true" and not toy:
             fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir (use --judge rm)")
         if args.judge == "rm" and not os.path.isdir(args.gold_path):
             fail(f"--gold_path {args.gold_path} not found (run reward.py --mode train first)")
-        eval_rows = sft.load_rows(args.data, "eval.jsonl", args.split,
+        eval_rows = policy.load_rows(args.data, "eval.jsonl", args.split,
                                   {"prompt": args.prompt_column, "reference": args.reference_column})[:args.num_prompts]
-        sft.seed_everything(args.seed)
+        policy.seed_everything(args.seed)
         if args.threads:
             torch.set_num_threads(args.threads)
-        device, autocast = sft.device_and_autocast()
-        tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path if args.judge == "rm" else runs[0][2][0][1]))
-        prompts = sft.encode_prompts(tokenizer, [r["prompt"] for r in eval_rows], args.max_prompt_len, args.truncate_prompts)
-        references = [sft.encode(tokenizer, r["prompt"], r["reference"], args.max_prompt_len,
+        device, autocast = policy.device_and_autocast()
+        tokenizer = policy.load_tokenizer(args.gold_path if args.judge == "rm" else runs[0][2][0][1])
+        prompts = policy.encode_prompts(tokenizer, [r["prompt"] for r in eval_rows], args.max_prompt_len, args.truncate_prompts)
+        references = [policy.encode(tokenizer, r["prompt"], r["reference"], args.max_prompt_len,
                                  args.max_response_len, args.truncate_prompts)[1] for r in eval_rows]
-        sft.report_shaping("evaluate", tokenizer, prompts, references)
+        policy.report_shaping("evaluate", tokenizer, prompts, references)
         gold, ref_scores = None, {}
         if args.judge == "rm":
             gold = reward.load_reward_model(args.gold_path, tokenizer).to(device).eval()
@@ -508,10 +509,10 @@ def main(args):
         if toy:
             ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in eval_rows]
         for run, _, ckpts in runs:  # every policy must speak the judge's (and the first run's) vocabulary
-            if sft.load_tokenizer(sft.Args(tokenizer_path=ckpts[0][1])).get_vocab() != tokenizer.get_vocab():
+            if policy.load_tokenizer(ckpts[0][1]).get_vocab() != tokenizer.get_vocab():
                 fail(f"the tokenizer of {ckpts[0][1]} differs from the judge's "
                      f"({args.gold_path if gold else runs[0][2][0][1]})")
-        sft.prepare_dir(args.out_dir, "evaluate", inputs, OWN_FILES)
+        stage.prepare_dir(args.out_dir, "evaluate", inputs, OWN_FILES)
         settings = eval_settings(args, eval_rows)
         with locked(results_path):
             fresh = current_results(results_path, runs, settings)
@@ -524,13 +525,13 @@ def main(args):
         for run, a, step, ckpt in tqdm(todo, desc="checkpoints"):
             sft_path = args.sft_path or a["sft_path"]
             if sft_path not in refs:
-                refs[sft_path] = sft.load_policy(sft_path).to(device).eval()
+                refs[sft_path] = policy.load_policy(sft_path).to(device).eval()
             start = (a["sft_path"], sft_path) if step == 0 else None
             if start in starts:  # step 0 is the starting policy itself (dpo.py saves it before the first
                 metrics = starts[start]  # update) and the evaluation is seeded: the same row for every run
             else:
-                policy = sft.load_policy(ckpt).to(device).eval()
-                metrics = evaluate_checkpoint(policy, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
+                model = policy.load_policy(ckpt).to(device).eval()
+                metrics = evaluate_checkpoint(model, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
                                               toy, device, autocast)
                 if start:
                     starts[start] = metrics
@@ -542,7 +543,7 @@ def main(args):
                        for r in current_results(results_path, runs, settings)):
                     print(f"evaluate: {row['run']} step {step} was written meanwhile by another evaluation")
                 else:
-                    sft.append_jsonl(results_path, row)  # a line per checkpoint: a stop loses nothing done
+                    policy.append_jsonl(results_path, row)  # a line per checkpoint: a stop loses nothing done
         if num_shards > 1:
             print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every shard is")
             return
@@ -550,8 +551,8 @@ def main(args):
     if not rows:
         fail(f"no results in {results_path}")
     for path in (args.out_dir, args.plots_dir):
-        sft.check_output(path, "evaluate", own_files=OWN_FILES)
-    sft.prepare_dir(args.out_dir, "evaluate", own_files=OWN_FILES)
+        stage.check_output(path, "evaluate", own_files=OWN_FILES)
+    stage.prepare_dir(args.out_dir, "evaluate", own_files=OWN_FILES)
     plot(rows, args.plots_dir)
     table = summary_table(rows)
     summary = os.path.join(args.out_dir, "summary.md")
@@ -563,4 +564,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(sft.parse_args(Args, __doc__))
+    main(stage.parse_args(Args, __doc__))

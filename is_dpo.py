@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 import torch
 
 import dpo
-from sft import fail
+import policy
+import stage
+from stage import fail
 
 WEIGHT_MODES = ("none", "full", "clipped", "adaptive", "fixed", "sqrt")
 MAX_LOG_W = 50.0  # exp(50) ~ 5e21: far inside float32, far above any weight that matters
@@ -120,7 +122,7 @@ def main(args):
     if not math.isfinite(args.log_w_max):
         fail(f"--log_w_max must be finite, got {args.log_w_max}")
     if args.behaviour_logps:
-        rows = dpo.sft.load_rows(args.data, "train.jsonl", args.split,
+        rows = policy.load_rows(args.data, "train.jsonl", args.split,
                                  {"b_w": args.behaviour_chosen_column, "b_l": args.behaviour_rejected_column},
                                  numeric=("b_w", "b_l"))
         del rows  # only checks that the columns exist and hold finite numbers, with a clear error if not
@@ -128,4 +130,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(dpo.sft.parse_args(Args, __doc__))
+    main(stage.parse_args(Args, __doc__))

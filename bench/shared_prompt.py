@@ -5,8 +5,8 @@ bench/shared_prompt.py -- what running a pair's prompt once saves (dpo.sequence_
     python bench/shared_prompt.py --prompt_len 400 --response_len 50 --n_embd 256 --pairs 8   # TL;DR-like lengths
 
 A preference pair is (prompt, chosen) and (prompt, rejected). The textbook batch is two full sequences per
-pair (sft.collate: right-padded, one forward); ours runs the prompt once and lets both responses continue
-from its keys and values (sft.collate_grouped + sft.response_hidden). Both variants compute the summed
+pair (policy.collate: right-padded, one forward); ours runs the prompt once and lets both responses continue
+from its keys and values (policy.collate_grouped + policy.response_hidden). Both variants compute the summed
 log-probs of the response tokens with the same fused gather, then backward; the script first checks that
 they agree, then reports the median wall time of forward + backward over --reps calls, and the tokens
 each variant feeds the model. Random token ids on a randomly initialised GPT-NeoX; CPU, float32.
@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpo  # noqa: E402
-import sft  # noqa: E402
+import policy  # noqa: E402
 
 
 def two_sequences_logps(model, examples, pad_id, chunk):
     """The textbook way: every (prompt, response) row a full right-padded sequence."""
-    batch = sft.collate(examples, pad_id)
+    batch = policy.collate(examples, pad_id)
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["response_mask"][:, 1:]
     head = model.get_output_embeddings()
@@ -36,7 +36,7 @@ def two_sequences_logps(model, examples, pad_id, chunk):
 
 
 def shared_prompt_logps(model, examples, pad_id, chunk):
-    return dpo.sequence_logps(model, sft.collate_grouped(examples, pad_id, k=2), chunk)[0]
+    return dpo.sequence_logps(model, policy.collate_grouped(examples, pad_id, k=2), chunk)[0]
 
 
 def main():

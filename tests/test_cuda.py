@@ -49,16 +49,16 @@ def test_the_tiny_main_job_runs_on_cuda(tmp_path):
 
 
 COMPARE = r"""
-import random, torch, sft, dpo, reward, toy_tldr
+import random, torch, policy, sft, dpo, reward, toy_tldr
 tokenizer = toy_tldr.build_tokenizer()
 torch.manual_seed(0)
-model = sft.load_causal_lm(sft.Args(n_layer=2, n_embd=64, n_head=4), tokenizer)
+model = policy.load_causal_lm(sft.Args(n_layer=2, n_embd=64, n_head=4), tokenizer)
 rng = random.Random(0)
 pairs = []
 for _ in range(6):
     facts, prompt = toy_tldr.make_post(rng)
-    pairs.append(tuple(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24) for _ in range(2)))
-device, autocast = sft.device_and_autocast()
+    pairs.append(tuple(policy.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24) for _ in range(2)))
+device, autocast = policy.device_and_autocast()
 assert device.type == "cuda", device
 cpu = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False), 1024)
 gpu = dpo.pair_logps(model.to(device), pairs, tokenizer.pad_token_id, device, autocast, 1024)
@@ -72,7 +72,7 @@ scorer = GPTNeoXForSequenceClassification(GPTNeoXConfig(**config, num_labels=1))
 with torch.no_grad():
     s_cpu = reward.reward_scores(scorer, batch)
     with autocast:
-        s_gpu = reward.reward_scores(scorer.to(device), sft.to_device(batch, device))
+        s_gpu = reward.reward_scores(scorer.to(device), policy.to_device(batch, device))
 torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=5e-2, atol=5e-2)
 print("ok", float((gpu[0].detach().float().cpu() - cpu[0].detach()).abs().max()), float((s_gpu.cpu() - s_cpu).abs().max()))
 """

@@ -9,6 +9,7 @@ import torch
 
 import dpo
 import is_dpo
+import policy
 import sft
 import toy_tldr
 from test_toy_tldr import submit_cli
@@ -79,7 +80,7 @@ def test_chunked_logps_gradcheck():
 def tiny_model():
     tokenizer = toy_tldr.build_tokenizer()
     torch.manual_seed(0)
-    model = sft.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
+    model = policy.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
     return model.double(), tokenizer
 
 
@@ -89,7 +90,7 @@ def toy_examples(tokenizer, n, seed=0):
     out = []
     for _ in range(n):
         facts, prompt = toy_tldr.make_post(rng)
-        out.append(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24))
+        out.append(policy.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24))
     return out
 
 
@@ -105,7 +106,7 @@ def full_forward_logps(model, examples):
 def test_sequence_logps_match_full_forward(tiny_model):
     model, tokenizer = tiny_model
     examples = toy_examples(tokenizer, 6)
-    batch = sft.collate_grouped(examples, tokenizer.pad_token_id)
+    batch = policy.collate_grouped(examples, tokenizer.pad_token_id)
     fused, lengths = dpo.sequence_logps(model, batch, chunk=7)
     naive, _ = dpo.sequence_logps(model, batch, fused=False)
     torch.testing.assert_close(fused.double(), full_forward_logps(model, examples), atol=1e-5, rtol=0)
@@ -115,7 +116,7 @@ def test_sequence_logps_match_full_forward(tiny_model):
 
 def test_sequence_logps_gradients_fused_equal_naive(tiny_model):
     model, tokenizer = tiny_model
-    batch = sft.collate_grouped(toy_examples(tokenizer, 4, seed=1), tokenizer.pad_token_id)
+    batch = policy.collate_grouped(toy_examples(tokenizer, 4, seed=1), tokenizer.pad_token_id)
     grads = []
     for fused in (True, False):
         model.zero_grad()
@@ -135,7 +136,7 @@ def test_pair_logps_share_the_prompt_and_equal_full_forwards_in_values_and_gradi
     pairs = []
     for _ in range(4):
         facts, prompt = toy_tldr.make_post(rng)
-        pairs.append(tuple(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
+        pairs.append(tuple(policy.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
                            for _ in range(2)))
     assert len({len(p[0][0]) for p in pairs}) > 1
     upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import evaluate
-import sft
+import policy
 from test_toy_tldr import submit_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,23 +52,23 @@ def seq_logp(model, prompt, response):
 
 def test_kl_estimator_expectation_matches_exact_kl():
     """Vocabulary {0, 1, EOS=2}, responses of at most 3 tokens: enumerate all 15 of them."""
-    policy, ref = tiny_lm(3, 1), tiny_lm(3, 2)
+    model, ref = tiny_lm(3, 1), tiny_lm(3, 2)
     prompt, eos = [0, 1], 2
     ys = all_responses([0, 1], eos, 3)
-    p = torch.tensor([math.exp(seq_logp(policy, prompt, y)) for y in ys], dtype=torch.float64)
+    p = torch.tensor([math.exp(seq_logp(model, prompt, y)) for y in ys], dtype=torch.float64)
     q = torch.tensor([math.exp(seq_logp(ref, prompt, y)) for y in ys], dtype=torch.float64)
     assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
     exact = (p * (p.log() - q.log())).sum()
-    estimator = evaluate.sequence_kl(policy, ref, [(prompt, y) for y in ys], pad_id=0)
+    estimator = evaluate.sequence_kl(model, ref, [(prompt, y) for y in ys], pad_id=0)
     assert exact.item() > 0.05  # the test means something only if the two models differ
     assert (p * estimator).sum().item() == pytest.approx(exact.item(), rel=1e-9)
 
     # and with the real sampler: the Monte Carlo mean lands within sampling error of the exact KL
     g = torch.Generator().manual_seed(0)
     n = 3000
-    outs, _ = sft.sample(policy.float(), [prompt] * n, eos, 0, 3, temperature=1.0, batch_size=1000, generator=g)
-    policy.double()
-    kl = evaluate.sequence_kl(policy, ref, [(prompt, o) for o in outs], pad_id=0)
+    outs, _ = policy.sample(model.float(), [prompt] * n, eos, 0, 3, temperature=1.0, batch_size=1000, generator=g)
+    model.double()
+    kl = evaluate.sequence_kl(model, ref, [(prompt, o) for o in outs], pad_id=0)
     assert abs(kl.mean().item() - exact.item()) < 4 * kl.std().item() / math.sqrt(n)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import reward
+import policy
 import sft
 import toy_tldr
 from test_toy_tldr import assert_clean_error, pipeline_stage, read_jsonl, start_pipeline, submit_cases
@@ -56,7 +57,7 @@ def tiny_rm(tmp_path_factory):
     tokenizer = toy_tldr.build_tokenizer()
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_lm")
-    sft.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer).save_pretrained(path)
+    policy.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer).save_pretrained(path)
     model = reward.load_reward_model(str(path), tokenizer, new_head=True).eval()
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)  # scores of order one: the position they are read at shows
@@ -65,7 +66,7 @@ def tiny_rm(tmp_path_factory):
 
 def toy_pairs(tokenizer, n):
     human = toy_tldr.make_world(toy_tldr.Args(num_sft=1, num_human_pairs=n, num_eval=1))[1]
-    return [tuple(sft.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected")) for r in human]
+    return [tuple(policy.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected")) for r in human]
 
 
 @torch.no_grad()
@@ -77,11 +78,11 @@ def test_reward_scores_read_the_last_real_token(tiny_rm):
     scores = reward.reward_scores(model, batch)
     assert scores.shape == (6,)
     rows = [example for pair in pairs for example in pair]  # pair_batch: chosen, rejected, chosen, ...
-    alone = torch.cat([reward.reward_scores(model, sft.collate_grouped([row], tokenizer.pad_token_id)) for row in rows])
+    alone = torch.cat([reward.reward_scores(model, policy.collate_grouped([row], tokenizer.pad_token_id)) for row in rows])
     torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
     # independent: the model's own pooling on full right-padded sequences (with pad != EOS, as on the
     # toy, it finds the last non-pad token itself)
-    full = sft.collate(rows, tokenizer.pad_token_id)
+    full = policy.collate(rows, tokenizer.pad_token_id)
     torch.testing.assert_close(model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits.squeeze(-1),
                                scores, rtol=1e-5, atol=1e-5)
     # the check has teeth: the head read at the last position (padding for the shorter rows) differs
@@ -96,7 +97,7 @@ def test_score_pairs_equals_scoring_each_response_from_its_text(tiny_rm):
     (every prompt + response on its own row, from the texts) for chosen and rejected separately."""
     model, tokenizer, _ = tiny_rm
     human = toy_tldr.make_world(toy_tldr.Args(num_sft=1, num_human_pairs=5, num_eval=1))[1]
-    pairs = [tuple(sft.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected")) for r in human]
+    pairs = [tuple(policy.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected")) for r in human]
     s_chosen, s_rejected = reward.score_pairs(model, pairs, tokenizer.pad_token_id, 2, "cpu", nullcontext())
     args = reward.Args(sample_batch_size=3)
     for side, ours in (("chosen", s_chosen), ("rejected", s_rejected)):
@@ -141,11 +142,11 @@ def test_gold_rm_reopens_with_auto_classes_and_scores_the_same(tmp_path_factory)
     tokenizer = AutoTokenizer.from_pretrained(gold)
     assert auto_model.config.num_labels == 1 and auto_model.config.pad_token_id == tokenizer.pad_token_id
     rows = read_jsonl(world / "prefs_human.jsonl")[-6:]
-    examples = [sft.encode(tokenizer, r["prompt"], r["chosen"], 64, 24) for r in rows]
-    batch = sft.collate_grouped(examples, tokenizer.pad_token_id)
+    examples = [policy.encode(tokenizer, r["prompt"], r["chosen"], 64, 24) for r in rows]
+    batch = policy.collate_grouped(examples, tokenizer.pad_token_id)
     ours = reward.reward_scores(reward.load_reward_model(str(gold), tokenizer).eval(), batch)
     torch.testing.assert_close(reward.reward_scores(auto_model, batch), ours, rtol=1e-5, atol=1e-5)
-    full = sft.collate(examples, tokenizer.pad_token_id)
+    full = policy.collate(examples, tokenizer.pad_token_id)
     torch.testing.assert_close(auto_model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, 0],
                                ours, rtol=1e-5, atol=1e-5)
     assert ours.std() > 0  # the head was trained away from zero
