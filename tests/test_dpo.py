@@ -103,33 +103,49 @@ def full_forward_logps(model, examples):
     return torch.stack(out)
 
 
-def test_sequence_logps_match_full_forward(tiny_model):
+def test_plain_logps_match_each_example_alone(tiny_model):
+    """The plain definition on a right-padded batch equals one unpadded forward per example."""
     model, tokenizer = tiny_model
     examples = toy_examples(tokenizer, 6)
+    plain, lengths = dpo.sequence_logps_plain(model, policy.collate(examples, tokenizer.pad_token_id))
+    torch.testing.assert_close(plain, full_forward_logps(model, examples), atol=1e-10, rtol=0)
+    assert lengths.tolist() == [len(r) for _, r in examples]
+
+
+def test_fast_logps_equal_the_plain_definition(tiny_model):
+    """The fast path (prompt once, chunked output layer; also unchunked) against the plain definition."""
+    model, tokenizer = tiny_model
+    examples = toy_examples(tokenizer, 6)
+    plain, plain_lengths = dpo.sequence_logps_plain(model, policy.collate(examples, tokenizer.pad_token_id))
     batch = policy.collate_grouped(examples, tokenizer.pad_token_id)
     fused, lengths = dpo.sequence_logps(model, batch, chunk=7)
     naive, _ = dpo.sequence_logps(model, batch, fused=False)
-    torch.testing.assert_close(fused.double(), full_forward_logps(model, examples), atol=1e-5, rtol=0)
-    assert lengths.tolist() == [len(r) for _, r in examples]
-    assert torch.allclose(fused, naive, atol=1e-6)
+    torch.testing.assert_close(fused, plain, atol=1e-10, rtol=0)
+    torch.testing.assert_close(naive, plain, atol=1e-10, rtol=0)
+    assert lengths.tolist() == plain_lengths.tolist()
 
 
-def test_sequence_logps_gradients_fused_equal_naive(tiny_model):
+def test_fast_logps_gradients_equal_the_plain_definition(tiny_model):
     model, tokenizer = tiny_model
-    batch = policy.collate_grouped(toy_examples(tokenizer, 4, seed=1), tokenizer.pad_token_id)
-    grads = []
-    for fused in (True, False):
+    examples = toy_examples(tokenizer, 4, seed=1)
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    paths = {"plain": lambda: dpo.sequence_logps_plain(model, policy.collate(examples, tokenizer.pad_token_id)),
+             "fused": lambda: dpo.sequence_logps(model, policy.collate_grouped(examples, tokenizer.pad_token_id), 5),
+             "naive": lambda: dpo.sequence_logps(model, policy.collate_grouped(examples, tokenizer.pad_token_id),
+                                                 fused=False)}
+    grads = {}
+    for name, logps in paths.items():
         model.zero_grad()
-        logps, _ = dpo.sequence_logps(model, batch, chunk=5, fused=fused)
-        (logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        (logps()[0] * upstream).sum().backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for name in ("fused", "naive"):
+        for a, b in zip(grads[name], grads["plain"]):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
-def test_pair_logps_share_the_prompt_and_equal_full_forwards_in_values_and_gradients(tiny_model):
+def test_pair_logps_share_the_prompt_and_equal_the_plain_definition(tiny_model):
     """Chosen and rejected continue from one prompt pass; values and parameter gradients must be those
-    of two separate full sequences (prompts of different lengths, so left padding is exercised)."""
+    of the plain definition on the chosen and on the rejected responses (prompts of different lengths, so left padding is exercised)."""
     model, tokenizer = tiny_model
     import random
     rng = random.Random(3)
@@ -145,7 +161,9 @@ def test_pair_logps_share_the_prompt_and_equal_full_forwards_in_values_and_gradi
     (upstream * (pi_w - 0.3 * pi_l)).sum().backward()
     shared = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    ref_w, ref_l = full_forward_logps(model, [p[0] for p in pairs]), full_forward_logps(model, [p[1] for p in pairs])
+    plain = [dpo.sequence_logps_plain(model, policy.collate([p[k] for p in pairs], tokenizer.pad_token_id))[0]
+             for k in (0, 1)]
+    ref_w, ref_l = plain
     (upstream * (ref_w - 0.3 * ref_l)).sum().backward()
     torch.testing.assert_close(pi_w.double(), ref_w.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(pi_l.double(), ref_l.detach(), atol=1e-5, rtol=0)
