@@ -253,28 +253,28 @@ def test_claims_hold_for_a_clear_effect_and_fail_without_one():
         clear[("ais-dpo", 0.01, s)] = [(0.40, 0.0), (0.58, 1.0), (0.57 - e, 3.0)]   # ends 0.15 - 2e above, KL 0.3
         clear[("dpo", 0.1, s)] = [(0.40, 0.0), (0.50, 1.0), (0.49 + e / 2, 1.5)]     # hump 0.01 - e/2
     results = evaluate.claims(synthetic_rows(clear))
-    assert [c[1] for c in results] == [5, 5, 5, 5] and all(c[3] for c in results)
+    assert [c.replicates for c in results] == [5, 5, 5, 5] and all(c.holds for c in results)
     control = dict(clear)  # another method beside the claims: compared with DPO by seed, never a verdict
     for s in range(5):
         control[("ais-sn-dpo", 0.01, s)] = [(0.40, 0.0), (0.55, 2.0), (0.45 + 0.01 * s, 5.0)]
-    extra = [c for c in evaluate.claims(synthetic_rows(control)) if c[3] is None]
-    assert len(extra) == 2 and extra[0][2][0] == pytest.approx(0.45 - 0.42) and extra[1][2][0] == pytest.approx(0.5)
+    extra = [c for c in evaluate.claims(synthetic_rows(control)) if c.holds is None]
+    assert len(extra) == 2 and extra[0].ci.mean == pytest.approx(0.45 - 0.42) and extra[1].ci.mean == pytest.approx(0.5)
     assert evaluate.check_table(synthetic_rows(control))[1] is True
-    hump = results[0][2]
-    assert hump[0] == pytest.approx(0.18 - 0.0) and hump[1] < hump[0] < hump[2]
-    diff = results[1][2]
-    assert diff[0] == pytest.approx(np.mean([0.15 - 2 * 0.01 * s for s in range(5)]))
-    assert results[2][2][0] == pytest.approx(0.3)
+    hump = results[0].ci
+    assert hump.mean == pytest.approx(0.18 - 0.0) and hump.low < hump.mean < hump.high
+    diff = results[1].ci
+    assert diff.mean == pytest.approx(np.mean([0.15 - 2 * 0.01 * s for s in range(5)]))
+    assert results[2].ci.mean == pytest.approx(0.3)
     # no hump, AIS no better, same KL: every claim but the beta-0.1 one fails
     flat = {k: [(0.40, 0.0), (0.50, 2.0), (0.50 + 0.01 * k[2], 4.0)] for k in clear}
     results = evaluate.claims(synthetic_rows(flat))
-    assert [c[3] for c in results] == [False, False, False, True]
+    assert [c.holds for c in results] == [False, False, False, True]
     # one seed alone carries a hump: the mean passes 0.10 but the CI does not clear 0.05
     lucky = dict(clear)
     for s in range(1, 5):
         lucky[("dpo", 0.01, s)] = [(0.40, 0.0), (0.50, 2.0), (0.50, 4.0)]
     lucky[("dpo", 0.01, 0)] = [(0.40, 0.0), (0.90, 2.0), (0.40, 4.0)]
-    assert evaluate.claims(synthetic_rows(lucky))[0][3] is False
+    assert evaluate.claims(synthetic_rows(lucky))[0].holds is False
 
 
 def test_claims_pair_methods_by_seed():
@@ -286,7 +286,7 @@ def test_claims_pair_methods_by_seed():
         curves[("dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.3 + base, 2.0)]
         curves[("ais-dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.42 + base, 1.0)]
     results = evaluate.claims(synthetic_rows(curves))
-    mean, low, high = results[1][2]
+    mean, low, high = results[1].ci
     assert mean == pytest.approx(0.12) and low == pytest.approx(0.12) and high == pytest.approx(0.12)
 
 

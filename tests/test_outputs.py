@@ -293,12 +293,12 @@ def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next
 def test_rows_of_other_settings_are_refused_not_silently_kept(tmp_path):
     path = str(tmp_path / "results.jsonl")
     settings = {"num_prompts": 256, "temperature": 0.01}
-    run = [("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "a"}, [])]  # the run as it is now
+    run = [evaluate.Run("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "a"}, [])]  # the run as it is now
     toy_tldr.write_jsonl(path, [result_row(0, settings=settings)])
     assert evaluate.current_results(path, run, settings) == [result_row(0, settings=settings)]
     with pytest.raises(SystemExit, match=r"1 rows evaluated with other settings \(num_prompts\)"):
         evaluate.current_results(path, run, {**settings, "num_prompts": 6})
     # rows of a run trained again are dropped first: a whole new job (run.sh again) is not refused
-    retrained = [("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "b"}, [])]
+    retrained = [evaluate.Run("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "b"}, [])]
     assert evaluate.current_results(path, retrained, {**settings, "num_prompts": 6}) == []
     assert evaluate.read_results(path) == []
