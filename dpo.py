@@ -60,8 +60,8 @@ class Args:
     ipo_sum: bool = field(default=False, metadata={
         "help": "ipo: summed log-ratios instead of length-averaged (TRL)"})
     rpo_eta: float = field(default=0.005, metadata={
-        "help": "rpo: weight of the summed NLL of the chosen response "
-                "(the NLL term is multiplied by beta too)"})
+        "help": "rpo: weight of the summed NLL of the chosen response (the NLL term is multiplied by beta "
+                "too)"})
     rdpo_alpha: float = field(default=0.01, metadata={
         "help": "rdpo: weight of the length difference |y_w| - |y_l|"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo: clip c of the log-ratio inside exp()"})

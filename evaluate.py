@@ -19,7 +19,8 @@ Run (after dpo.py / is_dpo.py):
     python evaluate.py --runs "out/runs/ais-dpo_*" --num_prompts 512
     python evaluate.py --plots_only                       # redraw from results.jsonl
     python evaluate.py --check                            # the claims over the seeds, with 95% CIs
-    python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait; python evaluate.py --plots_only
+    python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait; python
+    evaluate.py --plots_only
 """
 import contextlib
 import fcntl
@@ -48,32 +49,46 @@ from stage import fail
 
 @dataclass
 class Args:
-    runs: str = field(default="out/runs/*", metadata={"help": "glob of run directories (dpo.py / is_dpo.py outputs)"})
-    data: str = field(default="out/toy_tldr", metadata={"help": "toy_tldr dir (eval.jsonl), a local .json/.jsonl/.parquet file, or a hub id"})
+    runs: str = field(default="out/runs/*", metadata={
+        "help": "glob of run directories (dpo.py / is_dpo.py outputs)"})
+    data: str = field(default="out/toy_tldr", metadata={
+        "help": "toy_tldr dir (eval.jsonl), a local .json/.jsonl/.parquet file, or a hub id"})
     split: str = field(default="test", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
-    reference_column: str = field(default="reference", metadata={"help": "column holding the human reference summary"})
-    judge: str = field(default="true", metadata={"help": "who judges the win-rate: true (the toy's hidden scorer) or rm "
-                                                        "(the gold reward model at --gold_path, as on real data)"})
-    gold_path: str = field(default="out/gold_rm", metadata={"help": "--judge rm: the gold reward model (reward.py --mode train)"})
-    sft_path: str = field(default="", metadata={"help": "pi_ref for the KL; default: the sft_path each run was trained from"})
+    reference_column: str = field(default="reference", metadata={
+        "help": "column holding the human reference summary"})
+    judge: str = field(default="true", metadata={
+        "help": "who judges the win-rate: true (the toy's hidden scorer) or rm (the gold reward model at "
+                "--gold_path, as on real data)"})
+    gold_path: str = field(default="out/gold_rm", metadata={
+        "help": "--judge rm: the gold reward model (reward.py --mode train)"})
+    sft_path: str = field(default="", metadata={
+        "help": "pi_ref for the KL; default: the sft_path each run was trained from"})
     num_prompts: int = field(default=256, metadata={"help": "eval prompts per checkpoint (the paper: 512)"})
-    kl_prompts: int = field(default=128, metadata={"help": "the first N eval prompts also give the KL (0 = all): a "
-                                                          "mean over fewer prompts, for a faster evaluation"})
-    temperature: float = field(default=0.01, metadata={"help": "sampling temperature for the win-rate (the paper: 0.01)"})
+    kl_prompts: int = field(default=128, metadata={
+        "help": "the first N eval prompts also give the KL (0 = all): a mean over fewer prompts, for a "
+                "faster evaluation"})
+    temperature: float = field(default=0.01, metadata={
+        "help": "sampling temperature for the win-rate (the paper: 0.01)"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens sampled, EOS included"})
-    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
-    sample_batch_size: int = field(default=64, metadata={"help": "prompts per sampling / scoring batch (64 is the fastest on a small CPU)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed (the same for every checkpoint: common random numbers)"})
+    truncate_prompts: bool = field(default=False, metadata={
+        "help": "cut over-long prompts from the left instead of refusing"})
+    sample_batch_size: int = field(default=64, metadata={
+        "help": "prompts per sampling / scoring batch (64 is the fastest on a small CPU)"})
+    seed: int = field(default=0, metadata={
+        "help": "sampling seed (the same for every checkpoint: common random numbers)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="out/eval", metadata={"help": "results.jsonl and summary.md go here"})
-    shard: str = field(default="0/1", metadata={"help": "i/n: only every n-th checkpoint still to do, from the i-th, and no plots; "
-                                                       "run.sh runs n shards side by side (one thread each), then --plots_only"})
+    shard: str = field(default="0/1", metadata={
+        "help": "i/n: only every n-th checkpoint still to do, from the i-th, and no plots; run.sh runs n "
+                "shards side by side (one thread each), then --plots_only"})
     plots_dir: str = field(default="out/plots", metadata={"help": "tradeoff.png and dynamics.png go here"})
-    plots_only: bool = field(default=False, metadata={"help": "skip evaluation; redraw plots and summary from results.jsonl"})
-    check: bool = field(default=False, metadata={"help": "skip evaluation; print the lesson's claims over the seeds in "
-                                                        "results.jsonl, each with its 95%% CI (also to check.md); exit 1 if one fails"})
+    plots_only: bool = field(default=False, metadata={
+        "help": "skip evaluation; redraw plots and summary from results.jsonl"})
+    check: bool = field(default=False, metadata={
+        "help": "skip evaluation; print the lesson's claims over the seeds in results.jsonl, each with "
+                "its 95%% CI (also to check.md); exit 1 if one fails"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +107,8 @@ def win_rate(policy_scores, reference_scores):
 
 @torch.no_grad()
 def sequence_kl(model, ref, examples, pad_id, batch_size=64):
-    """Per sequence, sum over response tokens of KL(pi_theta(.|x,y<t) || pi_ref(.|x,y<t)) over the full vocabulary.
+    """Per sequence, sum over response tokens of KL(pi_theta(.|x,y<t) || pi_ref(.|x,y<t)) over the full
+    vocabulary.
 
     examples: (prompt_ids, response_ids) with responses sampled from the policy. Returns [N].
     Its mean over y ~ pi_theta is the sequence-level KL(pi_theta || pi_ref) (chain rule), with
@@ -104,8 +120,9 @@ def sequence_kl(model, ref, examples, pad_id, batch_size=64):
         batch = policy.to_device(policy.collate_grouped(examples[s:s + batch_size], pad_id), device)
         mask = batch["response_mask"].bool()
         # logits at response positions only: h[:, t] predicts response token t
-        logits_p = model.get_output_embeddings()(policy.response_hidden(model.base_model, batch)[:, :-1][mask])
-        logits_q = ref.get_output_embeddings()(policy.response_hidden(ref.base_model, batch)[:, :-1][mask])
+        h_p = policy.response_hidden(model.base_model, batch)[:, :-1][mask]
+        h_q = policy.response_hidden(ref.base_model, batch)[:, :-1][mask]
+        logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
         acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
         logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
@@ -118,7 +135,8 @@ def evaluate_checkpoint(model, ref, setup, args):
     """One results row's metrics for one policy (model); ref is pi_ref for the KL (METHOD.md, section 7)."""
     tokenizer = setup.tokenizer
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    generator = torch.Generator(device=setup.device).manual_seed(args.seed)  # common random numbers for every ckpt
+    # common random numbers for every ckpt
+    generator = torch.Generator(device=setup.device).manual_seed(args.seed)
     prompts, banned = setup.prompts, policy.banned_ids(tokenizer)
     # --- the algorithm: samples at --temperature for the win-rate, at 1 for the KL ---
     with setup.autocast:
@@ -126,7 +144,8 @@ def evaluate_checkpoint(model, ref, setup, args):
                                 args.sample_batch_size, generator, suppress_ids=banned)
         texts = [policy.decode_response(tokenizer, o) for o in outs]
         kl_prompts = prompts[:args.kl_prompts or len(prompts)]  # the KL needs fewer prompts than a win-rate
-        kl_outs, _ = policy.sample(model, kl_prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size,
+        kl_outs, _ = policy.sample(model, kl_prompts, eos, pad, args.max_response_len, 1.0,
+                                   args.sample_batch_size,
                                    generator, suppress_ids=banned)
         kl = sequence_kl(model, ref, list(zip(kl_prompts, kl_outs)), pad, args.sample_batch_size)
     metrics = {"kl": kl.mean().item(), "mean_length": float(np.mean([len(o) for o in outs])),
@@ -141,12 +160,14 @@ def judge_samples(setup, args, texts):
     metrics, rows = {}, setup.eval_rows
     if setup.toy:  # the hidden scorer: an unfinished summary is scored as such
         true = [toy_tldr.true_score(r["prompt"], t, f) for r, (t, f) in zip(rows, texts)]
-        metrics.update(true_win_rate=win_rate(true, setup.ref_scores["true"]), true_score=float(np.mean(true)))
+        metrics.update(true_win_rate=win_rate(true, setup.ref_scores["true"]),
+                       true_score=float(np.mean(true)))
     if setup.gold is not None:
         with setup.autocast:
             scores = reward.score_texts(setup.gold, setup.tokenizer, [r["prompt"] for r in rows],
                                         [t for t, _ in texts], args, setup.device, setup.autocast)
-        metrics.update(gold_win_rate=win_rate(scores, setup.ref_scores["gold"]), gold_score=float(np.mean(scores)))
+        metrics.update(gold_win_rate=win_rate(scores, setup.ref_scores["gold"]),
+                       gold_score=float(np.mean(scores)))
     return metrics
 
 
@@ -185,7 +206,8 @@ def find_checkpoints(pattern):
 
 
 def run_checkpoints(run):
-    """[(step, ckpt_dir)] of a run, sorted by step; a run without one, or a checkpoint without a model, is refused."""
+    """[(step, ckpt_dir)] of a run, sorted by step; a run without one, or a checkpoint without a model, is
+    refused."""
     ckpts = []
     for d in glob.glob(os.path.join(run, "ckpt-*")):
         m = re.fullmatch(r"ckpt-(\d+)", os.path.basename(d))
@@ -309,10 +331,12 @@ def summary_table(rows):
     def ms(values):
         return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    has_gold = any("gold_win_rate" in r for r in rows)  # a gold RM judged: show the truth's win-rate beside it
+    # a gold RM judged: show the truth's win-rate beside it
+    has_gold = any("gold_win_rate" in r for r in rows)
     has_score = all("true_score" in r for r in rows)
     head = ("| method | beta | seeds | peak win-rate | final win-rate | peak - final | final KL |"
-            + (" final true win-rate |" if has_gold else "") + (" true score: start, final |" if has_score else ""))
+            + (" final true win-rate |" if has_gold else "")
+            + (" true score: start, final |" if has_score else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (method, beta), seeds in sorted(group_runs(rows).items(), key=lambda kv: (kv[0][1], kv[0][0])):
         runs = list(seeds.values())
@@ -323,14 +347,17 @@ def summary_table(rows):
         if has_gold:
             line += f" {ms([run[-1].get('true_win_rate', float('nan')) for run in runs])} |"
         if has_score:
-            line += f" {np.mean([run[0]['true_score'] for run in runs]):.2f}, {ms([run[-1]['true_score'] for run in runs])} |"
+            start = np.mean([run[0]['true_score'] for run in runs])
+            line += f" {start:.2f}, {ms([run[-1]['true_score'] for run in runs])} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 # Student t quantiles t_{0.975, df} for df = 1..30 (beyond, the normal 1.96 is within 4%)
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+        2.042]
 
 
 class CI(NamedTuple):
@@ -385,8 +412,10 @@ def claims(rows, beta_low=0.01, beta_high=0.1):
                               f"CI above 0.05", [hump(dpo_low[s]) for s in sorted(dpo_low)],
                               lambda ci: ci.mean >= 0.10 and ci.low > 0.05))
     if paired:
-        out.append(make_claim(f"AIS-DPO ends above DPO at beta {beta_low:g}: final win-rate difference >= 0.10, "
-                              f"CI above 0", [ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired],
+        out.append(make_claim(f"AIS-DPO ends above DPO at beta {beta_low:g}: final win-rate difference >= "
+                              "0.10, "
+                              f"CI above 0",
+                              [ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired],
                               lambda ci: ci.mean >= 0.10 and ci.low > 0))
         out.append(make_claim(f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5",
                               [ais_low[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in paired],
@@ -400,7 +429,8 @@ def claims(rows, beta_low=0.01, beta_high=0.1):
             out.append(make_claim(f"(beside the claims) {method} final KL / DPO's at beta {beta_low:g}",
                                   [other[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in common]))
     if dpo_high:
-        out.append(make_claim(f"stronger regularisation holds DPO: at beta {beta_high:g} peak - final <= 0.05",
+        out.append(make_claim(f"stronger regularisation holds DPO: at beta {beta_high:g} "
+                              f"peak - final <= 0.05",
                               [hump(dpo_high[s]) for s in sorted(dpo_high)], lambda ci: ci.mean <= 0.05))
     return out
 
@@ -506,7 +536,8 @@ OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png"
 
 
 def check(results_path, out_dir):
-    """--check: the claims table of results.jsonl, printed and written to check.md; exit 1 if a claim fails."""
+    """--check: the claims table of results.jsonl, printed and written to check.md; exit 1 if a claim
+    fails."""
     rows = read_results(results_path)
     if not rows:
         fail(f"no results in {results_path} (run evaluate.py first)")
@@ -532,7 +563,8 @@ class Setup:
     tokenizer: object
     toy: bool  # the toy world: its true scorer can judge
     gold: object = None  # the gold reward model (--judge rm), else None
-    ref_scores: dict = field(default_factory=dict)  # the references' scores: "true" (toy), "gold" (--judge rm)
+    # the references' scores: "true" (toy), "gold" (--judge rm)
+    ref_scores: dict = field(default_factory=dict)
     device: object = None
     autocast: object = None
 
@@ -547,7 +579,8 @@ def parse_shard(shard):
 
 def check_inputs(args):
     """Flags, runs and outputs checked before any work: (runs, inputs, toy)."""
-    stage.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len"),
+    stage.check_args(args,
+                     positive=("num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len"),
                      non_negative=("temperature", "kl_prompts"))
     runs = find_checkpoints(args.runs)
     inputs = [args.gold_path, args.data, args.sft_path] + [run.dir for run in runs]
@@ -595,9 +628,10 @@ def score_references(args, setup):
     if args.judge == "rm":
         setup.gold = reward.load_reward_model(args.gold_path, setup.tokenizer).to(setup.device).eval()
         with setup.autocast:
-            setup.ref_scores["gold"] = reward.score_texts(setup.gold, setup.tokenizer, [r["prompt"] for r in rows],
-                                                          [r["reference"] for r in rows], args, setup.device,
-                                                          setup.autocast)
+            setup.ref_scores["gold"] = reward.score_texts(
+                setup.gold, setup.tokenizer, [r["prompt"] for r in rows], [r["reference"] for r in rows],
+                args,
+                setup.device, setup.autocast)
     if setup.toy:
         setup.ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in rows]
 
@@ -609,9 +643,11 @@ def checkpoints_to_do(args, setup, results_path, settings, shard, num_shards):
         fresh = current_results(results_path, setup.runs, settings)
     done = {(r["run"], r["step"]) for r in fresh}
     every = [Checkpoint(run.args, step, path) for run in setup.runs for step, path in run.checkpoints]
-    todo = [c for c in every[shard::num_shards] if (c.run_args["run_name"], c.step) not in done]  # same list per shard
+    # same list per shard
+    todo = [c for c in every[shard::num_shards] if (c.run_args["run_name"], c.step) not in done]
     print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), "
-          f"{len(setup.eval_rows)} prompts each" + (f" (shard {shard}/{num_shards})" if num_shards > 1 else ""))
+          f"{len(setup.eval_rows)} prompts each"
+          + (f" (shard {shard}/{num_shards})" if num_shards > 1 else ""))
     return todo
 
 
@@ -662,7 +698,8 @@ def write_summary(args, results_path):
         f.write(table)
     os.replace(f"{summary}.{os.getpid()}.tmp", summary)
     print(table)
-    print(f"evaluate: {len(rows)} rows in {results_path}; plots in {args.plots_dir}/tradeoff.png and dynamics.png")
+    print(f"evaluate: {len(rows)} rows in {results_path}; plots in {args.plots_dir}/tradeoff.png and "
+          "dynamics.png")
 
 
 @stage.cleans_up
@@ -677,7 +714,8 @@ def main(args):
         todo = checkpoints_to_do(args, setup, results_path, settings, shard, num_shards)
         evaluate_all(args, setup, todo, results_path, settings)
         if num_shards > 1:
-            print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every shard is")
+            print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every "
+                  "shard is")
             return
     write_summary(args, results_path)
 

@@ -102,7 +102,8 @@ def load_dataset(source, split):
         try:
             return datasets.load_dataset(kind, data_files=source, split="train")
         except Exception as e:  # an empty or malformed file ends here, not in a traceback
-            fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} {str(e)[:200]}".strip())
+            fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} "
+                 f"{str(e)[:200]}".strip())
     if os.path.exists(source):
         fail(f"{source}: expected a directory or a .json/.jsonl/.parquet file")
     try:
@@ -153,7 +154,8 @@ def report_shaping(stage, tokenizer, prompts, responses=()):
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
-    """Token ids of each prompt (one batched tokenizer call); an over-long prompt is refused, or cut from the left if asked."""
+    """Token ids of each prompt (one batched tokenizer call); an over-long prompt is refused, or cut from the
+    left if asked."""
     out = []
     for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []:
         if not ids:
@@ -167,7 +169,8 @@ def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
     return out
 
 
-def encode_rows(tokenizer, prompts, responses, max_prompt_len, max_response_len, truncate_prompts=False, add_eos=True):
+def encode_rows(tokenizer, prompts, responses, max_prompt_len, max_response_len, truncate_prompts=False,
+                add_eos=True):
     """[(prompt_ids, response_ids)] per row: each response is ' ' + text + EOS, cut at max_response_len."""
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts)
     texts = [r if r[:1].isspace() else " " + r for r in responses]
@@ -176,9 +179,11 @@ def encode_rows(tokenizer, prompts, responses, max_prompt_len, max_response_len,
     return [(p, (r + eos)[:max_response_len]) for p, r in zip(prompt_ids, response_ids)]
 
 
-def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False, add_eos=True):
+def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False,
+           add_eos=True):
     """One row of encode_rows: (prompt_ids, response_ids)."""
-    return encode_rows(tokenizer, [prompt], [response], max_prompt_len, max_response_len, truncate_prompts, add_eos)[0]
+    return encode_rows(tokenizer, [prompt], [response], max_prompt_len, max_response_len, truncate_prompts,
+                       add_eos)[0]
 
 
 
@@ -233,13 +238,15 @@ def response_hidden(base_model, batch):
     prompt_mask, response_mask = batch["prompt_mask"], batch["response_mask"]
     k = len(response_mask) // len(prompt_mask)
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = base_model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=position, use_cache=True)
+    out = base_model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=position,
+                     use_cache=True)
     cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # left padding: the last column is real
     if k > 1:
         cache.batch_repeat_interleave(k)
         last, prompt_mask, position = (t.repeat_interleave(k, dim=0) for t in (last, prompt_mask, position))
     position = position[:, -1:] + 1 + torch.arange(response_mask.shape[1], device=position.device)
-    out = base_model(input_ids=batch["response_ids"], attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+    out = base_model(input_ids=batch["response_ids"],
+                     attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
                      position_ids=position, past_key_values=cache)
     return torch.cat([last, out.last_hidden_state], dim=1)
 
@@ -299,7 +306,8 @@ def load_causal_lm(args, tokenizer):
 
 
 def banned_ids(tokenizer):
-    """Special tokens a response must never contain: all but EOS: a response ends with EOS and holds no other special token."""
+    """Special tokens a response must never contain: all but EOS: a response ends with EOS and holds no other
+    special token."""
     return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
 
 
@@ -309,8 +317,8 @@ def banned_ids(tokenizer):
 
 
 @torch.no_grad()
-def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batch_size=256, generator=None, desc=None,
-           suppress_ids=()):
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batch_size=256, generator=None,
+           desc=None, suppress_ids=()):
     """Sample one response per prompt, batched, with a KV cache.
 
     prompts: list of token-id lists. Prompts are left-padded; the attention mask hides the
@@ -328,39 +336,46 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batc
     banned = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        total = torch.zeros(len(chunk), device=device)
-        out_tokens, cache = [], None
-        for _ in range(max_new_tokens):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float()
-            allowed = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
-            if temperature == 0:
-                token = allowed.argmax(-1)
-            else:
-                probs = torch.softmax(allowed / temperature, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            total += torch.where(done, 0.0, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
-            out_tokens.append(token)
-            done |= token == eos_id
-            if done.all():
-                break
-            ids, position = token[:, None], position[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-        tokens = torch.stack(out_tokens, dim=1).tolist()
+        tokens, total = sample_batch(model, prompts[start:start + batch_size], eos_id, pad_id, max_new_tokens,
+                                     temperature, generator, banned)
         for row in tokens:
             cut = row.index(eos_id) + 1 if eos_id in row else len(row)
             responses.append(row[:cut])
         logps += total.tolist()
     model.train(was_training)
     return responses, logps
+
+
+def sample_batch(model, chunk, eos_id, pad_id, max_new_tokens, temperature, generator, banned):
+    """One batch of `sample`: (token lists [B, <= max_new_tokens], pad after EOS; summed log-probs [B])."""
+    device = banned.device
+    width = max(len(p) for p in chunk)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+    total = torch.zeros(len(chunk), device=device)
+    out_tokens, cache = [], None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        allowed = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
+        if temperature == 0:
+            token = allowed.argmax(-1)
+        else:
+            probs = torch.softmax(allowed / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        total += torch.where(done, 0.0, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
+        out_tokens.append(token)
+        done |= token == eos_id
+        if done.all():
+            break
+        ids, position = token[:, None], position[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+    return torch.stack(out_tokens, dim=1).tolist(), total
 
 
 def decode_response(tokenizer, ids):

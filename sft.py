@@ -39,7 +39,8 @@ class Args:
         "help": "toy_tldr output dir, a local .json/.jsonl/.parquet file, or a hub dataset id"})
     split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
-    completion_column: str = field(default="completion", metadata={"help": "column holding the target summary"})
+    completion_column: str = field(default="completion", metadata={
+        "help": "column holding the target summary"})
     tokenizer_path: str = field(default="", metadata={
         "help": "tokenizer dir or hub id; default: <data>/tokenizer for the toy, else the model's"})
     model_name_or_path: str = field(default="", metadata={
@@ -105,7 +106,8 @@ def validation_loss(model, examples, pad_id, batch_size, device, autocast):
     return total / count
 
 
-def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_response_len, truncate_prompts=False):
+def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_response_len,
+                      truncate_prompts=False):
     """Toy only: mean true score of greedy samples vs the references' on held-out prompts."""
     rows = policy.load_rows(data_dir, "eval.jsonl", None, {"prompt": "prompt", "reference": "reference"})[:n]
     prompts = policy.encode_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_len, truncate_prompts)
@@ -122,8 +124,10 @@ def final_metrics(args, model, tokenizer, val, seconds, device, autocast):
     """What metrics.json says of pi_ref: training time, validation loss and, on the toy, the true scores."""
     metrics = {"train_seconds": seconds}
     if val:
-        metrics["val_loss"] = validation_loss(model, val, tokenizer.pad_token_id, args.batch_size, device, autocast)
-        policy.check_finite(args.steps, val_loss=metrics["val_loss"])  # finite weights can still overflow logits
+        metrics["val_loss"] = validation_loss(model, val, tokenizer.pad_token_id, args.batch_size, device,
+                                              autocast)
+        # finite weights can still overflow logits
+        policy.check_finite(args.steps, val_loss=metrics["val_loss"])
     if policy.is_toy(args.data) and args.num_sample_eval > 0:
         metrics.update(toy_sample_report(model, tokenizer, args.data, args.num_sample_eval,
                                          args.max_prompt_len, args.max_response_len, args.truncate_prompts))

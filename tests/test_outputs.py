@@ -293,7 +293,8 @@ def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next
 def test_rows_of_other_settings_are_refused_not_silently_kept(tmp_path):
     path = str(tmp_path / "results.jsonl")
     settings = {"num_prompts": 256, "temperature": 0.01}
-    run = [evaluate.Run("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "a"}, [])]  # the run as it is now
+    # the run as it is now
+    run = [evaluate.Run("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "a"}, [])]
     toy_tldr.write_jsonl(path, [result_row(0, settings=settings)])
     assert evaluate.current_results(path, run, settings) == [result_row(0, settings=settings)]
     with pytest.raises(SystemExit, match=r"1 rows evaluated with other settings \(num_prompts\)"):

@@ -14,7 +14,8 @@ import torch
 import policy
 import sft
 import toy_tldr
-from test_toy_tldr import (TINY_MODEL, assert_clean_error, assert_ran, pipeline_stage, read_jsonl, start_pipeline,
+from test_toy_tldr import (TINY_MODEL, assert_clean_error, assert_ran, pipeline_stage, read_jsonl,
+                           start_pipeline,
                            submit_cases, write_small_world)
 
 SIZES = ["--steps", 2, "--batch_size", 8, "--val_size", 10, "--num_sample_eval", 4, *TINY_MODEL]
@@ -37,9 +38,11 @@ def cli_runs(tmp_path_factory):
     (tmp / "empty.jsonl").write_text("")
     local = ["--tokenizer_path", world / "tokenizer"]
     cases = {
-        "mapped columns": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column", "summary", *local],
+        "mapped columns": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column",
+                           "summary", *local],
         "truncated prompts": ["--data", world, "--max_prompt_len", 20, "--truncate_prompts"],
-        "wrong column": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column", "tldr", *local],
+        "wrong column": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column",
+                         "tldr", *local],
         "missing data file": ["--data", tmp / "no_such_file.jsonl", *local],
         "empty jsonl": ["--data", tmp / "empty.jsonl", *local],
         "prompt too long": ["--data", world, "--max_prompt_len", 20],
@@ -98,7 +101,8 @@ def test_encode_rows_in_one_batch_equals_one_tokenizer_call_per_text(tokenizer):
     got = policy.encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 64, 12)
     for r, (p, resp) in zip(rows, got):
         assert p == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        assert resp == (tokenizer(" " + r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:12]
+        assert resp == (tokenizer(" " + r["completion"],
+                                  add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:12]
     assert any(len(resp) == 12 for _, resp in got) and any(len(resp) < 12 for _, resp in got)
     assert policy.encode_rows(tokenizer, [], [], 64, 12) == []
     with pytest.raises(SystemExit, match="^error: a prompt is empty"):
@@ -128,7 +132,8 @@ def test_completion_loss_is_the_mean_nll_of_response_tokens(tokenizer):
 
 def test_sft_loss_goes_down_on_a_tiny_config(tokenizer):
     model = tiny_lm(tokenizer)
-    batch = policy.collate([policy.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in toy_rows(8)],
+    batch = policy.collate([policy.encode(tokenizer, r["prompt"], r["completion"], 64,
+                                          24) for r in toy_rows(8)],
                         tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -164,7 +169,8 @@ def peaked_lm(tokenizer):
 def ragged_prompts(tokenizer):
     """Prompts of four different lengths: left padding differs for every row."""
     rng = random.Random(0)
-    return [tokenizer(toy_tldr.make_post(rng)[1], add_special_tokens=False)["input_ids"][-n:] for n in (5, 17, 30, 44)]
+    return [tokenizer(toy_tldr.make_post(rng)[1], add_special_tokens=False)["input_ids"][-n:]
+            for n in (5, 17, 30, 44)]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -173,7 +179,8 @@ def test_sampled_logps_equal_teacher_forcing(tokenizer, peaked_lm, ragged_prompt
     # the log-probs are those of the temperature-1 policy, whatever temperature the tokens were drawn at
     eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(0)
-    responses, logps = policy.sample(peaked_lm, ragged_prompts, eos, tokenizer.pad_token_id, 12, temperature=temperature,
+    responses, logps = policy.sample(peaked_lm, ragged_prompts, eos, tokenizer.pad_token_id, 12,
+                                     temperature=temperature,
                                   generator=generator)
     assert any(r[-1] == eos for r in responses) and any(eos not in r for r in responses)  # both kinds of row
     for prompt, response, logp in zip(ragged_prompts, responses, logps):
@@ -216,8 +223,10 @@ def test_collate_grouped_pads_prompts_left_and_responses_right(tokenizer):
 @torch.no_grad()
 def test_response_hidden_equals_the_full_forward_of_each_sequence(tokenizer, peaked_lm, ragged_prompts, k):
     rng = random.Random(k)
-    examples = [(p, [rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(1, 6))]) for p in ragged_prompts for _ in range(k)]
-    hidden = policy.response_hidden(peaked_lm.base_model, policy.collate_grouped(examples, tokenizer.pad_token_id, k=k))
+    examples = [(p, [rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(1, 6))])
+                for p in ragged_prompts for _ in range(k)]
+    batch = policy.collate_grouped(examples, tokenizer.pad_token_id, k=k)
+    hidden = policy.response_hidden(peaked_lm.base_model, batch)
     for i, (p, r) in enumerate(examples):
         alone = peaked_lm.base_model(input_ids=torch.tensor([p + r])).last_hidden_state[0]
         # hidden[i, t] has read the prompt and t response tokens: the full forward's position len(p) - 1 + t
@@ -235,7 +244,8 @@ def test_samples_hold_no_special_token_but_eos(tokenizer):
     model = tiny_lm(tokenizer)  # untrained: every token about equally likely
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in toy_rows(8)]
     responses, _ = policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 24,
-                              generator=torch.Generator().manual_seed(0), suppress_ids=policy.banned_ids(tokenizer))
+                              generator=torch.Generator().manual_seed(0),
+                              suppress_ids=policy.banned_ids(tokenizer))
     other_specials = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
     assert not [t for r in responses for t in r if t in other_specials]
 
@@ -263,7 +273,8 @@ def test_command_line_saves_pi_ref_of_the_contract(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.hidden_size == 32 and tokenizer.get_vocab() == toy_tldr.build_tokenizer().get_vocab()
-    val = [policy.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in read_jsonl(world / "sft.jsonl")[-20:]]
+    val = [policy.encode(tokenizer, r["prompt"], r["completion"], 64,
+                         24) for r in read_jsonl(world / "sft.jsonl")[-20:]]
     val_loss = sft.validation_loss(model, val, tokenizer.pad_token_id, 8, torch.device("cpu"), nullcontext())
     assert val_loss == pytest.approx(metrics["val_loss"], abs=1e-4)
     assert val_loss < math.log(len(tokenizer))  # it learned something in 40 steps
@@ -275,7 +286,8 @@ def test_command_line_trains_on_a_local_jsonl_with_mapped_columns(cli_runs):
     out = tmp / "mapped_columns"
     assert not Path(f"{out}.tmp").exists()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert math.isfinite(metrics["val_loss"]) and "sample_true_score" not in metrics  # not the toy: no true score
+    # not the toy: no true score
+    assert math.isfinite(metrics["val_loss"]) and "sample_true_score" not in metrics
     assert len(read_jsonl(out / "train_log.jsonl")) == 2
     assert json.loads((out / "args.json").read_text())["prompt_column"] == "post"
 
