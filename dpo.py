@@ -102,12 +102,7 @@ def load_pairs(args, tokenizer):
     """(rows, pairs): the data's rows, and per row ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
     rows = policy.load_rows(args.data, "train.jsonl", args.split, cols)
-    prompts = [r["prompt"] for r in rows]
-    chosen, rejected = (policy.encode_rows(tokenizer, prompts, [r[k] for r in rows], args.max_prompt_len,
-                                           args.max_response_len, args.truncate_prompts)
-                        for k in ("chosen", "rejected"))
-    policy.report_shaping("daa", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
-    pairs = list(zip(chosen, rejected))
+    pairs = policy.encode_pairs(tokenizer, rows, args, "daa")
     same = sum(r["chosen"] == r["rejected"] for r in rows)
     if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
         print(f"note: {same} pairs have chosen == rejected (their loss is constant)")

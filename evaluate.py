@@ -58,8 +58,7 @@ class Args:
     reference_column: str = field(default="reference", metadata={
         "help": "column holding the human reference summary"})
     judge: str = field(default="true", metadata={
-        "help": "who judges the win-rate: true (the toy's hidden scorer) or rm (the gold reward model at "
-                "--gold_path, as on real data)"})
+        "help": "who judges the win-rate: true (the toy's hidden scorer) or rm (the gold RM at --gold_path)"})
     gold_path: str = field(default="out/gold_rm", metadata={
         "help": "--judge rm: the gold reward model (reward.py --mode train)"})
     sft_path: str = field(default="", metadata={

@@ -140,6 +140,18 @@ def load_tokenizer(path="", data="", model_name_or_path=""):
     return tokenizer
 
 
+def encode_pairs(tokenizer, rows, args, stage):
+    """[((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))] of {prompt, chosen, rejected} rows, cut to
+    args.max_prompt_len / max_response_len (args.truncate_prompts); what that did is reported under
+    `stage`."""
+    prompts = [r["prompt"] for r in rows]
+    chosen, rejected = (encode_rows(tokenizer, prompts, [r[k] for r in rows], args.max_prompt_len,
+                                    args.max_response_len, args.truncate_prompts)
+                        for k in ("chosen", "rejected"))
+    report_shaping(stage, tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
+    return list(zip(chosen, rejected))
+
+
 def report_shaping(stage, tokenizer, prompts, responses=()):
     """Say, once per stage, what tokenizing did to its data: responses longer than --max_response_len
     cut before their EOS, and words the tokenizer does not know turned into <unk>. Token id lists."""

@@ -166,12 +166,7 @@ def load_human_pairs(args):
     if len(rows) <= args.val_size:
         fail(f"{len(rows)} pairs is not more than --val_size {args.val_size}")
     tokenizer = policy.load_tokenizer(args.sft_path)
-    prompts = [r["prompt"] for r in rows]
-    chosen, rejected = (policy.encode_rows(tokenizer, prompts, [r[k] for r in rows], args.max_prompt_len,
-                                           args.max_response_len, args.truncate_prompts)
-                        for k in ("chosen", "rejected"))
-    policy.report_shaping("gold rm", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
-    pairs = list(zip(chosen, rejected))
+    pairs = policy.encode_pairs(tokenizer, rows, args, "gold rm")
     return tokenizer, pairs[:-args.val_size], pairs[-args.val_size:], rows[-args.val_size:]
 
 

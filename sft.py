@@ -39,8 +39,7 @@ class Args:
         "help": "toy_tldr output dir, a local .json/.jsonl/.parquet file, or a hub dataset id"})
     split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
-    completion_column: str = field(default="completion", metadata={
-        "help": "column holding the target summary"})
+    completion_column: str = field(default="completion", metadata={"help": "column of the target summary"})
     tokenizer_path: str = field(default="", metadata={
         "help": "tokenizer dir or hub id; default: <data>/tokenizer for the toy, else the model's"})
     model_name_or_path: str = field(default="", metadata={
