@@ -1,9 +1,10 @@
 """
 dpo.py -- direct alignment on offline preference pairs: DPO, IPO, RPO, R-DPO, chi-PO.
 
-The policy starts at pi_ref (sft.py) and learns from {prompt, chosen, rejected} pairs that
-reward.py sampled from pi_ref and labelled with a judge (the toy's true scorer, or a gold reward model). Every loss is a function
-of the sequence log-ratios r(y) = log pi_theta(y|x) - log pi_ref(y|x) (METHOD.md, sections 1 and 5).
+The policy starts at pi_ref (sft.py) and learns from {prompt, chosen, rejected} pairs that reward.py
+sampled from pi_ref and labelled with a judge (the toy's true scorer, or a gold reward model). Every
+loss is a function of the sequence log-ratios r(y) = log pi_theta(y|x) - log pi_ref(y|x) (METHOD.md,
+sections 1 and 5).
 
 Run (after toy_tldr.py, sft.py, reward.py --mode label; about 40 s on one CPU thread):
     python dpo.py                               # DPO, beta 0.01 -> out/runs/dpo_beta0.01_seed0/
@@ -11,15 +12,14 @@ Run (after toy_tldr.py, sft.py, reward.py --mode label; about 40 s on one CPU th
 Paper scale (Pythia + TL;DR on a GPU): --sft_path <sft> --data <prefs> --lr 1e-6 --num_epochs 1
     --batch_size 8 --grad_accum 8 --max_prompt_len 512 --max_response_len 53 --truncate_prompts
 
-What is in here, top to bottom:
-  1. the fused log-prob gather: the prompt of a pair runs once and its chosen and rejected
-     responses continue from it (sft.response_hidden); the output layer runs over chunks of
-     response tokens only, recomputed in the backward pass, so that no [batch, time, vocab]
-     tensor ever exists;
-  2. the DAA losses, each a small pure function;
-  3. reference log-probs computed once before training (no reference model during the loop), and
-     with --reference_cache once for all the runs that share pi_ref and the pairs (run.sh);
-  4. the training loop, with checkpoints at evenly spaced fractions of training, step 0 included.
+Read it top to bottom:
+  1. the data: (prompt, chosen, rejected) rows, tokenized into pairs;
+  2. log pi(y|x), by its definition: one full forward, log_softmax, gather, masked sum over [B, T];
+  3. the DAA losses, each a small pure function of summed log-probs;
+  4. the fast path (an optimisation, not the method): the prompt of a pair runs once, and the output
+     layer runs in chunks, so that no [batch, time, vocab] tensor exists; tested equal to 2.;
+  5. reference log-probs, computed once before training (no reference model during the loop);
+  6. the training loop, with checkpoints at evenly spaced fractions of training, step 0 included.
 is_dpo.py reuses all of it and passes `train` a function that weighs each pair.
 """
 import dataclasses
@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import sft
-from sft import fail
+import policy
+import stage
+from stage import fail
 
 LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
 
@@ -46,152 +47,132 @@ LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
 
 @dataclass
 class Args:
-    sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py output): the starting policy and the reference"})
-    data: str = field(default="out/prefs", metadata={"help": "reward.py --mode label output dir, a local .json/.jsonl/.parquet file, or a hub id"})
+    sft_path: str = field(default="out/sft", metadata={
+        "help": "pi_ref (sft.py output): the starting policy and the reference"})
+    data: str = field(default="out/prefs", metadata={
+        "help": "reward.py --mode label output dir, a local .json/.jsonl/.parquet file, or a hub id"})
     split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
     chosen_column: str = field(default="chosen", metadata={"help": "column holding the preferred response"})
     rejected_column: str = field(default="rejected", metadata={"help": "column holding the other response"})
     loss_type: str = field(default="dpo", metadata={"help": "dpo | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
-    ipo_sum: bool = field(default=False, metadata={"help": "ipo: summed log-ratios instead of length-averaged (TRL)"})
-    rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the summed NLL of the chosen response "
-                                                            "(the NLL term is multiplied by beta too)"})
-    rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length difference |y_w| - |y_l|"})
+    ipo_sum: bool = field(default=False, metadata={
+        "help": "ipo: summed log-ratios instead of length-averaged (TRL)"})
+    rpo_eta: float = field(default=0.005, metadata={
+        "help": "rpo: weight of the summed NLL of the chosen response (the NLL term is multiplied by beta "
+                "too)"})
+    rdpo_alpha: float = field(default=0.01, metadata={
+        "help": "rdpo: weight of the length difference |y_w| - |y_l|"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo: clip c of the log-ratio inside exp()"})
-    num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (the paper: 1 pass over 92k pairs; the toy needs 2 to drift far)"})
+    num_epochs: float = field(default=2.0, metadata={
+        "help": "passes over the pairs (the paper: 1 pass over 92k pairs; the toy needs 2 to drift far)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
+    lr: float = field(default=3e-4, metadata={
+        "help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
-    lr_schedule: str = field(default="cosine", metadata={"help": "after warm-up: cosine (to 0) or constant (the DPO paper's)"})
+    lr_schedule: str = field(default="cosine", metadata={
+        "help": "after warm-up: cosine (to 0) or constant (the DPO paper's)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    num_checkpoints: int = field(default=11, metadata={"help": "checkpoints at evenly spaced fractions of training, plus step 0"})
-    logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk in the fused log-prob gather"})
+    num_checkpoints: int = field(default=11, metadata={
+        "help": "checkpoints at evenly spaced fractions of training, plus step 0"})
+    logit_chunk: int = field(default=128, metadata={
+        "help": "response tokens per output-layer chunk in the fused log-prob gather"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
-    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
+    truncate_prompts: bool = field(default=False, metadata={
+        "help": "cut over-long prompts from the left instead of refusing"})
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch (data order)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     runs_dir: str = field(default="out/runs", metadata={"help": "runs are written to <runs_dir>/<run_name>/"})
-    reference_cache: str = field(default="", metadata={"help": "a directory where runs that share pi_ref and the pairs share "
-                                                                "their reference log-probs (run.sh sets it); empty: compute them"})
+    reference_cache: str = field(default="", metadata={
+        "help": "a directory where runs that share pi_ref and the pairs share their reference log-probs "
+                "(run.sh sets it); empty: compute them"})
     run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its saved state"})
     save_every: int = field(default=50, metadata={"help": "steps between states saved for --resume (0: no)"})
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. log-probs of response tokens: the naive gather and the fused one
+# 1. the data: preference pairs
 
 
-def gather_logps_naive(hidden, weight, bias, targets):
-    """log softmax(hidden @ W^T + b)[target], the textbook way: builds the full [N, V] log-softmax.
-
-    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] (float32, or float64 for float64 input).
-    """
-    logits = F.linear(hidden, weight, bias).to(torch.promote_types(hidden.dtype, torch.float32))
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-class ChunkedLogProbs(torch.autograd.Function):
-    """The same numbers as `gather_logps_naive`, holding one [chunk, V] block of logits at a time.
-
-    Forward keeps only the per-token logsumexp. Backward recomputes each chunk's logits and uses
-    d logp_t / d logits = onehot(target) - softmax(logits), accumulating the output layer's
-    gradient in place: peak memory no longer grows with tokens x vocabulary.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
-        w = weight.to(hidden.dtype)
-        b = None if bias is None else bias.to(hidden.dtype)
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are summed in float32
-        logps = torch.empty(len(targets), dtype=acc, device=hidden.device)
-        lse = torch.empty_like(logps)
-        for s in range(0, len(targets), chunk):
-            logits = F.linear(hidden[s:s + chunk], w, b).to(acc)
-            lse[s:s + chunk] = logits.logsumexp(-1)
-            logps[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk = chunk
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        w = weight.to(hidden.dtype)
-        b = None if bias is None else bias.to(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        acc = lse.dtype
-        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
-        for s in range(0, len(targets), ctx.chunk):
-            h, g, t = hidden[s:s + ctx.chunk], grad_logps[s:s + ctx.chunk], targets[s:s + ctx.chunk]
-            probs = F.linear(h, w, b).to(acc).sub_(lse[s:s + ctx.chunk, None]).exp_()  # in place: one [chunk, V] buffer
-            grad_logits = probs.mul_(-g[:, None])  # -softmax * g ...
-            grad_logits[torch.arange(len(t), device=t.device), t] += g  # ... + onehot(target) * g
-            if grad_hidden is not None:
-                grad_hidden[s:s + ctx.chunk] = grad_logits.to(h.dtype) @ w
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h.to(acc))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def sequence_logps(model, batch, chunk=1024, fused=True):
-    """Summed log-probs of each row's response tokens, and their counts.
-
-    batch: sft.collate_grouped output (a pair = one prompt, two responses; the prompt runs once).
-    Returns logps [P*k] (float32 at least) and lengths [P*k]. The output layer runs only on response positions.
-    """
-    mask = batch["response_mask"].bool()
-    h = sft.response_hidden(model.base_model, batch)[:, :-1][mask]  # h[:, t] predicts response token t
-    targets = batch["response_ids"][mask]
-    head = model.get_output_embeddings()
-    if fused:
-        token_logps = ChunkedLogProbs.apply(h, head.weight, head.bias, targets, chunk)
-    else:
-        token_logps = gather_logps_naive(h, head.weight, head.bias, targets)
-    rows = mask.nonzero()[:, 0]
-    logps = torch.zeros(len(mask), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
-    return logps, mask.sum(1)
+def load_pairs(args, tokenizer):
+    """(rows, pairs): the data's rows, and per row ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
+    cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
+    rows = policy.load_rows(args.data, "train.jsonl", args.split, cols)
+    pairs = policy.encode_pairs(tokenizer, rows, args, "daa")
+    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
+        print(f"note: {same} pairs have chosen == rejected (their loss is constant)")
+    return rows, pairs
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. the DAA losses. Inputs are per pair, shape [B]: summed log-probs under the policy (pi_*)
-# and the reference (ref_*) of the chosen (w) and rejected (l) responses, and their lengths.
+# 2. log pi(y|x): the plain definition (METHOD.md, section 2)
+
+
+def sequence_logps_plain(model, batch):
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t), summed over the response tokens of each row.
+
+    The definition, written out: the reference that the fast path (section 4) is tested against.
+    batch: policy.collate output: prompt + response per row, right-padded, with
+        input_ids, attention_mask, response_mask  [B, T].
+    Returns:
+        logps [B]: the summed log-probs of the response tokens (float32 at least);
+        lengths [B]: |y|, the response tokens counted.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # position t predicts token t + 1: drop the last position's logits and the first token
+    logps = logits[:, :-1].log_softmax(-1)  # [B, T-1, V]
+    token_logps = logps.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)  # [B, T-1]
+    mask = batch["response_mask"][:, 1:]  # keep the positions whose next token is a response token
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the DAA losses (METHOD.md, section 5). Inputs are per pair, shape [B]: summed log-probs under the
+# policy (pi_*) and the reference (ref_*) of the chosen (w) and rejected (l) responses, and their lengths.
+# Each returns the per-pair losses [B]; the batch mean (times an importance weight) is the objective.
 
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
-    # -log sigmoid(beta * Delta),  Delta = r(y_w) - r(y_l)
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * Delta), Delta = r(y_w) - r(y_l).
+
+    pi_w, pi_l, ref_w, ref_l: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x),
+    log pi_ref(y_l|x), each [B]; beta: the KL strength. Returns [B].
+    """
+    # --- the algorithm ---
     return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
 
 
 def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=False):
-    # (Delta_avg - 1 / (2 beta))^2,  Delta_avg = r(y_w)/|y_w| - r(y_l)/|y_l|  (or summed: Delta)
+    """IPO (Azar et al. 2023): (Delta_avg - 1 / (2 beta))^2, Delta_avg = r(y_w)/|y_w| - r(y_l)/|y_l|
+    (TRL's per-token form), or with summed=True the paper's Delta. len_w, len_l: |y_w|, |y_l| [B]."""
     if summed:
         len_w, len_l = torch.ones_like(len_w), torch.ones_like(len_l)
+    # --- the algorithm ---
     delta = (pi_w - ref_w) / len_w - (pi_l - ref_l) / len_l
     return (delta - 1 / (2 * beta)) ** 2
 
 
 def rpo_loss(pi_w, pi_l, ref_w, ref_l, beta, eta):
-    # DPO - eta * beta * log pi_theta(y_w | x): DPO plus a (summed) NLL on the chosen response
+    """RPO (Liu et al. 2024): DPO - eta * beta * log pi_theta(y_w|x), DPO plus a summed NLL on the chosen."""
     return dpo_loss(pi_w, pi_l, ref_w, ref_l, beta) - eta * beta * pi_w
 
 
 def rdpo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, alpha):
-    # -log sigmoid(beta * Delta + alpha * (|y_w| - |y_l|)), the sign of Park et al. and the IS-DAAs code
+    """R-DPO (Park et al. 2024): -log sigmoid(beta * Delta + alpha * (|y_w| - |y_l|)), the plus sign of that
+    paper (and of the IS-DAAs code): a longer chosen response supplies part of the margin by its length."""
     delta = (pi_w - ref_w) - (pi_l - ref_l)
     return -F.logsigmoid(beta * delta + alpha * (len_w - len_l).to(delta.dtype))
 
 
 def chipo_loss(pi_w, pi_l, ref_w, ref_l, beta, clip):
-    # -log sigmoid(beta * (phi_w - phi_l)),  phi = r + exp(clip(r, -c, c)): the chi^2 + KL link
+    """chi-PO (Huang et al. 2024): -log sigmoid(beta * (phi_w - phi_l)), phi = r + exp(clip(r, -c, c)):
+    the link of chi^2 + KL regularisation; the clamp only keeps exp() finite."""
     r_w, r_l = pi_w - ref_w, pi_l - ref_l
     phi_w = r_w + torch.exp(r_w.clamp(-clip, clip))
     phi_l = r_l + torch.exp(r_l.clamp(-clip, clip))
@@ -228,28 +209,111 @@ def no_weights(args, batch_logps, batch_rows):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. data and reference log-probs
+# 4. the fast path: an optimisation of section 2, the same numbers up to float rounding (tests/test_dpo.py).
+# It pays at large vocabularies (Pythia: 50k; the logits of a batch at 512 + 53 tokens are gigabytes); at
+# the toy's 204 it saves about 1 MB (bench/README.md). Read it when you need to, not first.
 
 
-def load_pairs(args, tokenizer):
-    cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
-    rows = sft.load_rows(args.data, "train.jsonl", args.split, cols)
-    chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
-                                        args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
-    sft.report_shaping("daa", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
-    pairs = list(zip(chosen, rejected))
-    same = sum(r["chosen"] == r["rejected"] for r in rows)
-    if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
-        print(f"note: {same} pairs have chosen == rejected (their loss is constant)")
-    return rows, pairs
+def gather_logps_naive(hidden, weight, bias, targets):
+    """log softmax(hidden @ W^T + b)[target], the textbook way: builds the full [N, V] log-softmax.
+
+    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] (float32, or float64 for float64
+    input). The reference of ChunkedLogProbs, on the output layer alone.
+    """
+    logits = F.linear(hidden, weight, bias).to(torch.promote_types(hidden.dtype, torch.float32))
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """The same numbers as `gather_logps_naive`, holding one [chunk, V] block of logits at a time.
+
+    Forward keeps only the per-token logsumexp. Backward recomputes each chunk's logits and uses
+    d logp_t / d logits = onehot(target) - softmax(logits), accumulating the output layer's
+    gradient in place: peak memory no longer grows with tokens x vocabulary.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are summed in float32
+        logps = torch.empty(len(targets), dtype=acc, device=hidden.device)
+        lse = torch.empty_like(logps)
+        for s in range(0, len(targets), chunk):
+            logits = F.linear(hidden[s:s + chunk], w, b).to(acc)
+            lse[s:s + chunk] = logits.logsumexp(-1)
+            logps[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = lse.dtype
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        wants_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_bias = torch.zeros_like(bias, dtype=acc) if wants_bias else None
+        for s in range(0, len(targets), ctx.chunk):
+            h, g, t = hidden[s:s + ctx.chunk], grad_logps[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+            # in place: one [chunk, V] buffer
+            probs = F.linear(h, w, b).to(acc).sub_(lse[s:s + ctx.chunk, None]).exp_()
+            grad_logits = probs.mul_(-g[:, None])  # -softmax * g ...
+            grad_logits[torch.arange(len(t), device=t.device), t] += g  # ... + onehot(target) * g
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk] = grad_logits.to(h.dtype) @ w
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h.to(acc))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def sequence_logps(model, batch, chunk=1024, fused=True):
+    """sequence_logps_plain's numbers (up to float rounding), computed the fast way.
+
+    batch: policy.collate_grouped output (a pair = one prompt, two responses; the prompt runs once and
+    both responses continue from its keys and values: policy.response_hidden).
+    Returns logps [P*k] (float32 at least) and lengths [P*k], like sequence_logps_plain. The output layer
+    runs only on response positions, chunk tokens at a time (ChunkedLogProbs; fused=False: all at once).
+    """
+    mask = batch["response_mask"].bool()
+    h = policy.response_hidden(model.base_model, batch)[:, :-1][mask]  # h[:, t] predicts response token t
+    targets = batch["response_ids"][mask]
+    head = model.get_output_embeddings()
+    if fused:
+        token_logps = ChunkedLogProbs.apply(h, head.weight, head.bias, targets, chunk)
+    else:
+        token_logps = gather_logps_naive(h, head.weight, head.bias, targets)
+    rows = mask.nonzero()[:, 0]
+    logps = torch.zeros(len(mask), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(1)
 
 
 def pair_logps(model, pairs, pad_id, device, autocast, chunk):
-    """Chosen and rejected of every pair in one pass: rows chosen, rejected, chosen, ... sharing their prompt."""
-    batch = sft.to_device(sft.collate_grouped([example for pair in pairs for example in pair], pad_id, k=2), device)
+    """log pi(y_w|x), log pi(y_l|x), |y_w|, |y_l| of every pair, each [B], in one pass: the batch holds rows
+    chosen, rejected, chosen, ... and each pair's prompt runs once for both.
+
+    The default path of training and of the reference log-probs is the fast one (sequence_logps), for
+    two reasons: it is what every number in the README and every exact test (bit-equal logs, the shared
+    reference log-probs) was computed with -- the plain path differs in the last float bits -- and it is
+    what lets the same code run at Pythia's vocabulary. sequence_logps_plain is the definition it is
+    tested against, not a second mode.
+    """
+    examples = [example for pair in pairs for example in pair]
+    batch = policy.to_device(policy.collate_grouped(examples, pad_id, k=2), device)
     with autocast:
         logps, lengths = sequence_logps(model, batch, chunk)
     return logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. reference log-probs: pi_ref is the starting policy, so its log-probs of the data are taken once
 
 
 @torch.no_grad()
@@ -270,7 +334,7 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
 
     run.sh trains nine runs from one pi_ref on one set of pairs: their reference log-probs are equal.
     The file is named by a hash of everything the numbers depend on -- pi_ref's weights, every pair's
-    token ids, the batching, the thread count, the code of dpo.py and sft.py, the library versions --
+    token ids, the batching, the thread count, the code of dpo.py and policy.py, the library versions --
     so a run reads exactly what it would have computed, and a changed input or line of code misses.
     """
     import transformers
@@ -282,10 +346,11 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
     for name, tensor in model.state_dict().items():
         key.update(f"{name} {tensor.dtype}".encode())
         key.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    for path in (__file__, sft.__file__):
+    for path in (__file__, policy.__file__):
         with open(path, "rb") as f:
             key.update(f.read())
-    key.update(json.dumps([pairs, batch_size, args.logit_chunk, torch.get_num_threads(), str(device),  # cuda: bf16 autocast
+    key.update(json.dumps([pairs, batch_size, args.logit_chunk, torch.get_num_threads(),
+                           str(device),  # cuda: bf16 autocast
                            torch.__version__, transformers.__version__]).encode())
     path = os.path.join(args.reference_cache, key.hexdigest()[:20] + ".pt")
     if os.path.isfile(path):
@@ -306,7 +371,7 @@ def method_name(args):
 def validate(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
-    sft.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
+    stage.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
                                    "chipo_clip", "logit_chunk", "max_prompt_len", "max_response_len"),
                    non_negative=("rpo_eta", "warmup_steps", "num_checkpoints", "save_every"))
     if args.lr_schedule not in ("constant", "cosine"):
@@ -318,91 +383,145 @@ def validate(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. training
+# 6. training
 
 
-@sft.cleans_up
-def train(args, weigh=no_weights, method=None):
-    """The DAA loop. weigh(args, logps, rows) -> (weights [B], stats): all ones for plain DAAs."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+@dataclass
+class Run:
+    """What the loop works on, set up once by start_run."""
+    name: str
+    out_dir: str
+    tmp: str  # the unfinished output, published as out_dir when the run ends
+    tokenizer: object
+    model: object  # pi_theta, started at pi_ref
+    rows: list
+    pairs: list
+    ref_w: torch.Tensor  # log pi_ref(y_w|x) of every pair [N]
+    ref_l: torch.Tensor  # log pi_ref(y_l|x) [N]
+    device: torch.device
+    autocast: object
+    total_steps: int
 
+
+def start_run(args, method):
+    """Checks, seeds, data, pi_ref's log-probs, and the locked output directory of the run."""
     validate(args)
-    sft.seed_everything(args.seed)
+    policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, autocast = sft.device_and_autocast()
-    method = method or method_name(args)
-    run_name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
-    out_dir = os.path.join(args.runs_dir, run_name)
+    device, autocast = policy.device_and_autocast()
+    name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
+    out_dir = os.path.join(args.runs_dir, name)
     inputs = [args.sft_path, args.data, args.reference_cache]
-    sft.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
-
-    tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
+    stage.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
+    tokenizer = policy.load_tokenizer(args.sft_path)
     rows, pairs = load_pairs(args, tokenizer)
     # locked, and kept across a kill: --resume continues from the state saved in it
-    tmp = sft.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
-    model = sft.load_policy(args.sft_path).to(device)
-    pad = tokenizer.pad_token_id
-    # pi_ref is the starting policy: its log-probs of the data never change, so take them now
-    ref_w, ref_l = shared_reference_logps(args, model, pairs, pad, device, autocast)
+    tmp = stage.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
+    model = policy.load_policy(args.sft_path).to(device)
+    ref_w, ref_l = shared_reference_logps(args, model, pairs, tokenizer.pad_token_id, device, autocast)
+    total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / (args.batch_size * args.grad_accum)))
+    return Run(name, out_dir, tmp, tokenizer, model, rows, pairs, ref_w, ref_l, device, autocast, total_steps)
 
-    pairs_per_step = args.batch_size * args.grad_accum
-    total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / pairs_per_step))
-    save_at = {round(k * total_steps / args.num_checkpoints) for k in range(args.num_checkpoints + 1)} if args.num_checkpoints else set()
+
+def make_optimizer(args, model, total_steps):
+    """AdamW without weight decay, linear warm-up, then cosine decay to 0 or a constant rate."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     if args.lr_schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
-    run_id = sft.read_marker(tmp)["run"]  # tells evaluate.py a retrained run from the old one
-    sft.save_json(os.path.join(tmp, "args.json"), {**dataclasses.asdict(args), "method": method, "run_name": run_name,
-                                                  "run_id": run_id, "total_steps": total_steps, "num_pairs": len(pairs)})
+        return optimizer, get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
 
-    def save(step):
-        path = os.path.join(tmp, f"ckpt-{step}")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
 
-    done, order, cursor = sft.restore_state(tmp, args, model, optimizer, scheduler)
+def checkpoint_steps(args, total_steps):
+    """The steps saved as ckpt-<step>: evenly spaced fractions of training, step 0 (pi_ref) included."""
+    if not args.num_checkpoints:
+        return set()
+    return {round(k * total_steps / args.num_checkpoints) for k in range(args.num_checkpoints + 1)}
+
+
+def save_checkpoint(run, step):
+    path = os.path.join(run.tmp, f"ckpt-{step}")
+    run.model.save_pretrained(path)
+    run.tokenizer.save_pretrained(path)
+
+
+def micro_batch_loss(args, run, weigh, idx):
+    """The loss of the pairs idx, already divided by --grad_accum, and what is worth logging.
+
+    L = mean_i(w_i * L_i) / grad_accum (METHOD.md, sections 5 and 6): L_i the DAA loss of pair i,
+    w_i its weight (1 in dpo.py, an importance weight in is_dpo.py).
+    """
+    # --- the algorithm: summed log-probs, the per-pair loss, the weight ---
+    pairs = [run.pairs[i] for i in idx]
+    pi_w, pi_l, len_w, len_l = pair_logps(run.model, pairs, run.tokenizer.pad_token_id, run.device,
+                                          run.autocast, args.logit_chunk)
+    index = torch.tensor(idx, device=run.device)
+    logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": run.ref_w[index], "ref_l": run.ref_l[index],
+             "len_w": len_w, "len_l": len_l}
+    losses, stats = daa_losses(args, **logps)
+    weights, weight_stats = weigh(args, logps, [run.rows[i] for i in idx])
+    loss = (weights * losses).mean() / args.grad_accum
+    return loss, {**stats, **weight_stats}
+
+
+def accumulate_gradients(args, run, weigh, order, cursor):
+    """--grad_accum micro-batches, backward on each: (logged means, data order, cursor in it)."""
+    logged = {}
+    for _ in range(args.grad_accum):
+        if cursor + args.batch_size > len(order):  # reshuffle every pass
+            order, cursor = random.sample(range(len(run.pairs)), len(run.pairs)), 0
+        idx = order[cursor:cursor + args.batch_size]
+        cursor += args.batch_size
+        loss, stats = micro_batch_loss(args, run, weigh, idx)
+        loss.backward()
+        for k, v in {**stats, "loss": loss.item() * args.grad_accum}.items():
+            logged[k] = logged.get(k, 0.0) + v / args.grad_accum
+    return logged, order, cursor
+
+
+@stage.cleans_up
+def train(args, weigh=no_weights, method=None):
+    """The DAA loop. weigh(args, logps, rows) -> (weights [B], stats): all ones for plain DAAs."""
+    method = method or method_name(args)
+    run = start_run(args, method)
+    optimizer, scheduler = make_optimizer(args, run.model, run.total_steps)
+    run_id = stage.read_marker(run.tmp)["run"]  # tells evaluate.py a retrained run from the old one
+    policy.save_json(os.path.join(run.tmp, "args.json"),
+                     {**dataclasses.asdict(args), "method": method, "run_name": run.name, "run_id": run_id,
+                      "total_steps": run.total_steps, "num_pairs": len(run.pairs)})
+    save_at = checkpoint_steps(args, run.total_steps)
+    done, order, cursor = policy.restore_state(run.tmp, args, run.model, optimizer, scheduler)
     if 0 in save_at and not done:
-        save(0)
-    print(f"{run_name}: {len(pairs)} pairs, {total_steps} steps of {pairs_per_step} pairs, device {device}")
+        save_checkpoint(run, 0)
+    pairs_per_step = args.batch_size * args.grad_accum
+    print(f"{run.name}: {len(run.pairs)} pairs, {run.total_steps} steps of {pairs_per_step} pairs, "
+          f"device {run.device}")
     t0 = time.time()
-    bar = tqdm(range(done + 1, total_steps + 1), desc=run_name)
+    bar = tqdm(range(done + 1, run.total_steps + 1), desc=run.name)
     for step in bar:
-        logged = {}
-        for _ in range(args.grad_accum):
-            if cursor + args.batch_size > len(order):  # reshuffle every pass
-                order, cursor = random.sample(range(len(pairs)), len(pairs)), 0
-            idx = order[cursor:cursor + args.batch_size]
-            cursor += args.batch_size
-            pi_w, pi_l, len_w, len_l = pair_logps(model, [pairs[i] for i in idx], pad, device, autocast, args.logit_chunk)
-            index = torch.tensor(idx, device=device)
-            logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w[index], "ref_l": ref_l[index],
-                     "len_w": len_w, "len_l": len_l}
-            losses, stats = daa_losses(args, **logps)
-            weights, weight_stats = weigh(args, logps, [rows[i] for i in idx])
-            loss = (weights * losses).mean() / args.grad_accum
-            loss.backward()
-            for k, v in {**stats, **weight_stats, "loss": loss.item() * args.grad_accum}.items():
-                logged[k] = logged.get(k, 0.0) + v / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        sft.check_finite(step, loss=logged["loss"], grad_norm=grad_norm)
+        logged, order, cursor = accumulate_gradients(args, run, weigh, order, cursor)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        policy.check_finite(step, loss=logged["loss"], grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": step, "epoch": step * pairs_per_step / len(pairs), **logged, "grad_norm": float(grad_norm)}
-        sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}", acc=f"{row['accuracy']:.2f}")
+        row = {"step": step, "epoch": step * pairs_per_step / len(run.pairs), **logged,
+               "grad_norm": float(grad_norm)}
+        policy.append_jsonl(os.path.join(run.tmp, "train_log.jsonl"), row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}",
+                        acc=f"{row['accuracy']:.2f}")
         if step in save_at:
-            save(step)
-        sft.save_state(tmp, args, step, total_steps, model, optimizer, scheduler, order, cursor)
-    sft.check_finite(total_steps, parameter_norm=sft.parameter_norm(model))
-    sft.remove_state(tmp)
-    sft.finish_output(tmp, out_dir)
-    print(f"{run_name}: done in {time.time() - t0:.0f} s -> {out_dir}")
-    return out_dir
+            save_checkpoint(run, step)
+        policy.save_state(run.tmp, args, step, run.total_steps, run.model, optimizer, scheduler,
+                          order, cursor)
+    policy.check_finite(run.total_steps, parameter_norm=policy.parameter_norm(run.model))
+    policy.remove_state(run.tmp)
+    stage.finish_output(run.tmp, run.out_dir)
+    print(f"{run.name}: done in {time.time() - t0:.0f} s -> {run.out_dir}")
+    return run.out_dir
 
 
 if __name__ == "__main__":
-    train(sft.parse_args(Args, __doc__))
+    train(stage.parse_args(Args, __doc__))

@@ -19,7 +19,8 @@ Run (after dpo.py / is_dpo.py):
     python evaluate.py --runs "out/runs/ais-dpo_*" --num_prompts 512
     python evaluate.py --plots_only                       # redraw from results.jsonl
     python evaluate.py --check                            # the claims over the seeds, with 95% CIs
-    python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait; python evaluate.py --plots_only
+    python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait; python
+    evaluate.py --plots_only
 """
 import contextlib
 import fcntl
@@ -30,15 +31,17 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import policy
 import reward
-import sft
+import stage
 import toy_tldr
-from sft import fail
+from stage import fail
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -46,32 +49,45 @@ from sft import fail
 
 @dataclass
 class Args:
-    runs: str = field(default="out/runs/*", metadata={"help": "glob of run directories (dpo.py / is_dpo.py outputs)"})
-    data: str = field(default="out/toy_tldr", metadata={"help": "toy_tldr dir (eval.jsonl), a local .json/.jsonl/.parquet file, or a hub id"})
+    runs: str = field(default="out/runs/*", metadata={
+        "help": "glob of run directories (dpo.py / is_dpo.py outputs)"})
+    data: str = field(default="out/toy_tldr", metadata={
+        "help": "toy_tldr dir (eval.jsonl), a local .json/.jsonl/.parquet file, or a hub id"})
     split: str = field(default="test", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
-    reference_column: str = field(default="reference", metadata={"help": "column holding the human reference summary"})
-    judge: str = field(default="true", metadata={"help": "who judges the win-rate: true (the toy's hidden scorer) or rm "
-                                                        "(the gold reward model at --gold_path, as on real data)"})
-    gold_path: str = field(default="out/gold_rm", metadata={"help": "--judge rm: the gold reward model (reward.py --mode train)"})
-    sft_path: str = field(default="", metadata={"help": "pi_ref for the KL; default: the sft_path each run was trained from"})
+    reference_column: str = field(default="reference", metadata={
+        "help": "column holding the human reference summary"})
+    judge: str = field(default="true", metadata={
+        "help": "who judges the win-rate: true (the toy's hidden scorer) or rm (the gold RM at --gold_path)"})
+    gold_path: str = field(default="out/gold_rm", metadata={
+        "help": "--judge rm: the gold reward model (reward.py --mode train)"})
+    sft_path: str = field(default="", metadata={
+        "help": "pi_ref for the KL; default: the sft_path each run was trained from"})
     num_prompts: int = field(default=256, metadata={"help": "eval prompts per checkpoint (the paper: 512)"})
-    kl_prompts: int = field(default=128, metadata={"help": "the first N eval prompts also give the KL (0 = all): a "
-                                                          "mean over fewer prompts, for a faster evaluation"})
-    temperature: float = field(default=0.01, metadata={"help": "sampling temperature for the win-rate (the paper: 0.01)"})
+    kl_prompts: int = field(default=128, metadata={
+        "help": "the first N eval prompts also give the KL (0 = all): a mean over fewer prompts, for a "
+                "faster evaluation"})
+    temperature: float = field(default=0.01, metadata={
+        "help": "sampling temperature for the win-rate (the paper: 0.01)"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens sampled, EOS included"})
-    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
-    sample_batch_size: int = field(default=64, metadata={"help": "prompts per sampling / scoring batch (64 is the fastest on a small CPU)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed (the same for every checkpoint: common random numbers)"})
+    truncate_prompts: bool = field(default=False, metadata={
+        "help": "cut over-long prompts from the left instead of refusing"})
+    sample_batch_size: int = field(default=64, metadata={
+        "help": "prompts per sampling / scoring batch (64 is the fastest on a small CPU)"})
+    seed: int = field(default=0, metadata={
+        "help": "sampling seed (the same for every checkpoint: common random numbers)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="out/eval", metadata={"help": "results.jsonl and summary.md go here"})
-    shard: str = field(default="0/1", metadata={"help": "i/n: only every n-th checkpoint still to do, from the i-th, and no plots; "
-                                                       "run.sh runs n shards side by side (one thread each), then --plots_only"})
+    shard: str = field(default="0/1", metadata={
+        "help": "i/n: only every n-th checkpoint still to do, from the i-th, and no plots; run.sh runs n "
+                "shards side by side (one thread each), then --plots_only"})
     plots_dir: str = field(default="out/plots", metadata={"help": "tradeoff.png and dynamics.png go here"})
-    plots_only: bool = field(default=False, metadata={"help": "skip evaluation; redraw plots and summary from results.jsonl"})
-    check: bool = field(default=False, metadata={"help": "skip evaluation; print the lesson's claims over the seeds in "
-                                                        "results.jsonl, each with its 95%% CI (also to check.md); exit 1 if one fails"})
+    plots_only: bool = field(default=False, metadata={
+        "help": "skip evaluation; redraw plots and summary from results.jsonl"})
+    check: bool = field(default=False, metadata={
+        "help": "skip evaluation; print the lesson's claims over the seeds in results.jsonl, each with "
+                "its 95%% CI (also to check.md); exit 1 if one fails"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,26 +100,28 @@ def win_rate(policy_scores, reference_scores):
     The toy's true scorer gives discrete scores, so ties are common (the same facts covered): a tie
     is neither a win nor a loss. A reward model's continuous scores almost never tie.
     """
-    policy, reference = np.asarray(policy_scores), np.asarray(reference_scores)
-    return float(np.mean((policy > reference) + 0.5 * (policy == reference)))
+    ours, reference = np.asarray(policy_scores), np.asarray(reference_scores)
+    return float(np.mean((ours > reference) + 0.5 * (ours == reference)))
 
 
 @torch.no_grad()
-def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
-    """Per sequence, sum over response tokens of KL(pi_theta(.|x,y<t) || pi_ref(.|x,y<t)) over the full vocabulary.
+def sequence_kl(model, ref, examples, pad_id, batch_size=64):
+    """Per sequence, sum over response tokens of KL(pi_theta(.|x,y<t) || pi_ref(.|x,y<t)) over the full
+    vocabulary.
 
     examples: (prompt_ids, response_ids) with responses sampled from the policy. Returns [N].
     Its mean over y ~ pi_theta is the sequence-level KL(pi_theta || pi_ref) (chain rule), with
     far less variance than the mean of log pi_theta(y) - log pi_ref(y).
     """
-    device = next(policy.parameters()).device
+    device = next(model.parameters()).device
     out = []
     for s in range(0, len(examples), batch_size):
-        batch = sft.to_device(sft.collate_grouped(examples[s:s + batch_size], pad_id), device)
+        batch = policy.to_device(policy.collate_grouped(examples[s:s + batch_size], pad_id), device)
         mask = batch["response_mask"].bool()
         # logits at response positions only: h[:, t] predicts response token t
-        logits_p = policy.get_output_embeddings()(sft.response_hidden(policy.base_model, batch)[:, :-1][mask])
-        logits_q = ref.get_output_embeddings()(sft.response_hidden(ref.base_model, batch)[:, :-1][mask])
+        h_p = policy.response_hidden(model.base_model, batch)[:, :-1][mask]
+        h_q = policy.response_hidden(ref.base_model, batch)[:, :-1][mask]
+        logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
         acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
         logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
@@ -112,30 +130,43 @@ def sequence_kl(policy, ref, examples, pad_id, batch_size=64):
     return torch.cat(out).cpu()
 
 
-def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_scores, args, toy, device, autocast):
-    """One results row's metrics for one policy. gold is None when the true scorer judges."""
+def evaluate_checkpoint(model, ref, setup, args):
+    """One results row's metrics for one policy (model); ref is pi_ref for the KL (METHOD.md, section 7)."""
+    tokenizer = setup.tokenizer
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # common random numbers for every checkpoint
-    with autocast:
-        banned = sft.banned_ids(tokenizer)
-        outs, _ = sft.sample(policy, prompts, eos, pad, args.max_response_len, args.temperature, args.sample_batch_size,
-                             generator, suppress_ids=banned)
-        texts = [sft.decode_response(tokenizer, o) for o in outs]
+    # common random numbers for every ckpt
+    generator = torch.Generator(device=setup.device).manual_seed(args.seed)
+    prompts, banned = setup.prompts, policy.banned_ids(tokenizer)
+    # --- the algorithm: samples at --temperature for the win-rate, at 1 for the KL ---
+    with setup.autocast:
+        outs, _ = policy.sample(model, prompts, eos, pad, args.max_response_len, args.temperature,
+                                args.sample_batch_size, generator, suppress_ids=banned)
+        texts = [policy.decode_response(tokenizer, o) for o in outs]
         kl_prompts = prompts[:args.kl_prompts or len(prompts)]  # the KL needs fewer prompts than a win-rate
-        kl_outs, _ = sft.sample(policy, kl_prompts, eos, pad, args.max_response_len, 1.0, args.sample_batch_size,
-                                generator, suppress_ids=banned)
-        kl = sequence_kl(policy, ref, list(zip(kl_prompts, kl_outs)), pad, args.sample_batch_size)
+        kl_outs, _ = policy.sample(model, kl_prompts, eos, pad, args.max_response_len, 1.0,
+                                   args.sample_batch_size,
+                                   generator, suppress_ids=banned)
+        kl = sequence_kl(model, ref, list(zip(kl_prompts, kl_outs)), pad, args.sample_batch_size)
     metrics = {"kl": kl.mean().item(), "mean_length": float(np.mean([len(o) for o in outs])),
                "finished": float(np.mean([f for _, f in texts])), "example": texts[0][0]}
-    if toy:  # the hidden scorer: an unfinished summary is scored as such
-        true = [toy_tldr.true_score(r["prompt"], t, f) for r, (t, f) in zip(eval_rows, texts)]
-        metrics.update(true_win_rate=win_rate(true, ref_scores["true"]), true_score=float(np.mean(true)))
-    if gold is not None:
-        with autocast:
-            scores = reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows], [t for t, _ in texts], args,
-                                        device, autocast)
-        metrics.update(gold_win_rate=win_rate(scores, ref_scores["gold"]), gold_score=float(np.mean(scores)))
+    metrics.update(judge_samples(setup, args, texts))
     metrics["win_rate"] = metrics["true_win_rate" if args.judge == "true" else "gold_win_rate"]
+    return metrics
+
+
+def judge_samples(setup, args, texts):
+    """The true scorer's and (with a gold RM) the gold model's verdicts on the samples [(text, finished)]."""
+    metrics, rows = {}, setup.eval_rows
+    if setup.toy:  # the hidden scorer: an unfinished summary is scored as such
+        true = [toy_tldr.true_score(r["prompt"], t, f) for r, (t, f) in zip(rows, texts)]
+        metrics.update(true_win_rate=win_rate(true, setup.ref_scores["true"]),
+                       true_score=float(np.mean(true)))
+    if setup.gold is not None:
+        with setup.autocast:
+            scores = reward.score_texts(setup.gold, setup.tokenizer, [r["prompt"] for r in rows],
+                                        [t for t, _ in texts], args, setup.device, setup.autocast)
+        metrics.update(gold_win_rate=win_rate(scores, setup.ref_scores["gold"]),
+                       gold_score=float(np.mean(scores)))
     return metrics
 
 
@@ -143,8 +174,22 @@ def evaluate_checkpoint(policy, ref, gold, tokenizer, prompts, eval_rows, ref_sc
 # runs, checkpoints, results rows
 
 
+class Run(NamedTuple):
+    """A dpo.py / is_dpo.py run directory, its args.json, and its checkpoints [(step, ckpt_dir)] by step."""
+    dir: str
+    args: dict
+    checkpoints: list
+
+
+class Checkpoint(NamedTuple):
+    """One checkpoint to evaluate: its run's args.json, its step and its directory."""
+    run_args: dict
+    step: int
+    path: str
+
+
 def find_checkpoints(pattern):
-    """[(run_dir, run_args, [(step, ckpt_dir), ...])] for every run directory matching the glob."""
+    """[Run] for every run directory matching the glob."""
     # (unfinished runs are hidden directories, which * does not match; .tmp: what older versions left)
     runs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d) and not d.endswith(".tmp"))
     if not runs:
@@ -154,26 +199,38 @@ def find_checkpoints(pattern):
         path = os.path.join(run, "args.json")
         if not os.path.isfile(path):
             fail(f"{run} has no args.json: not a dpo.py / is_dpo.py run")
-        ckpts = []
-        for d in glob.glob(os.path.join(run, "ckpt-*")):
-            m = re.fullmatch(r"ckpt-(\d+)", os.path.basename(d))
-            if m:
-                if not os.path.isfile(os.path.join(d, "config.json")):
-                    fail(f"checkpoint {d} holds no model (no config.json)")
-                ckpts.append((int(m.group(1)), d))
-        if not ckpts:
-            fail(f"{run} has no ckpt-<step> directories")
-        try:
-            with open(path) as f:
-                run_args = json.load(f)
-        except ValueError as e:
-            fail(f"{path} is not valid JSON ({e}): a damaged run; train it again")
-        needed = ["run_name", "method", "beta", "seed", "total_steps", "num_epochs", "sft_path"]
-        lacks = [k for k in needed if k not in run_args] if isinstance(run_args, dict) else needed
-        if lacks:
-            fail(f"{path} lacks {lacks}: not the args.json of a dpo.py / is_dpo.py run")
-        found.append((run, run_args, sorted(ckpts)))
+        ckpts = run_checkpoints(run)
+        found.append(Run(run, read_run_args(path), ckpts))
     return found
+
+
+def run_checkpoints(run):
+    """[(step, ckpt_dir)] of a run, sorted by step; a run without one, or a checkpoint without a model, is
+    refused."""
+    ckpts = []
+    for d in glob.glob(os.path.join(run, "ckpt-*")):
+        m = re.fullmatch(r"ckpt-(\d+)", os.path.basename(d))
+        if m:
+            if not os.path.isfile(os.path.join(d, "config.json")):
+                fail(f"checkpoint {d} holds no model (no config.json)")
+            ckpts.append((int(m.group(1)), d))
+    if not ckpts:
+        fail(f"{run} has no ckpt-<step> directories")
+    return sorted(ckpts)
+
+
+def read_run_args(path):
+    """A run's args.json, with every key evaluate.py reads."""
+    try:
+        with open(path) as f:
+            run_args = json.load(f)
+    except ValueError as e:
+        fail(f"{path} is not valid JSON ({e}): a damaged run; train it again")
+    needed = ["run_name", "method", "beta", "seed", "total_steps", "num_epochs", "sft_path"]
+    lacks = [k for k in needed if k not in run_args] if isinstance(run_args, dict) else needed
+    if lacks:
+        fail(f"{path} lacks {lacks}: not the args.json of a dpo.py / is_dpo.py run")
+    return run_args
 
 
 @contextlib.contextmanager
@@ -222,7 +279,7 @@ def eval_settings(args, eval_rows):
     data = json.dumps([[r["prompt"], r["reference"]] for r in eval_rows])
     data = hashlib.sha256(data.encode()).hexdigest()[:16]
     if args.judge == "rm":
-        gold = sft.read_marker(args.gold_path) or {}
+        gold = stage.read_marker(args.gold_path) or {}
         judge = f"{os.path.realpath(args.gold_path)} (run {gold.get('run')})"
     else:
         judge = "the true scorer"
@@ -237,7 +294,7 @@ def current_results(path, runs, settings):
     line is cut off, rows of runs trained again since are dropped from the file, and rows of other settings
     are refused (one file holds one setting: a re-run with others must not silently keep or mix old rows)."""
     rows = read_results(path, repair=True)
-    current = {a["run_name"]: a.get("run_id") for _, a, _ in runs}
+    current = {run.args["run_name"]: run.args.get("run_id") for run in runs}
     fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
     if len(fresh) < len(rows):  # a run was trained again: its old rows no longer describe it
         print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
@@ -273,10 +330,12 @@ def summary_table(rows):
     def ms(values):
         return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    has_gold = any("gold_win_rate" in r for r in rows)  # a gold RM judged: show the truth's win-rate beside it
+    # a gold RM judged: show the truth's win-rate beside it
+    has_gold = any("gold_win_rate" in r for r in rows)
     has_score = all("true_score" in r for r in rows)
     head = ("| method | beta | seeds | peak win-rate | final win-rate | peak - final | final KL |"
-            + (" final true win-rate |" if has_gold else "") + (" true score: start, final |" if has_score else ""))
+            + (" final true win-rate |" if has_gold else "")
+            + (" true score: start, final |" if has_score else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (method, beta), seeds in sorted(group_runs(rows).items(), key=lambda kv: (kv[0][1], kv[0][0])):
         runs = list(seeds.values())
@@ -287,83 +346,103 @@ def summary_table(rows):
         if has_gold:
             line += f" {ms([run[-1].get('true_win_rate', float('nan')) for run in runs])} |"
         if has_score:
-            line += f" {np.mean([run[0]['true_score'] for run in runs]):.2f}, {ms([run[-1]['true_score'] for run in runs])} |"
+            start = np.mean([run[0]['true_score'] for run in runs])
+            line += f" {start:.2f}, {ms([run[-1]['true_score'] for run in runs])} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 # Student t quantiles t_{0.975, df} for df = 1..30 (beyond, the normal 1.96 is within 4%)
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+        2.042]
+
+
+class CI(NamedTuple):
+    """A mean and its 95% confidence interval."""
+    mean: float
+    low: float
+    high: float
+
+
+class Claim(NamedTuple):
+    """One line of the claims table: holds is None for a comparison reported beside the claims."""
+    text: str
+    replicates: int
+    ci: CI
+    holds: object
+    values: list  # by seed
 
 
 def mean_ci(values):
-    """Mean and 95% confidence interval (Student t) of independent replicates: (mean, low, high)."""
+    """Mean and 95% confidence interval (Student t) of independent replicates: CI(mean, low, high)."""
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
-        return float(x.mean()), float("nan"), float("nan")
+        return CI(float(x.mean()), float("nan"), float("nan"))
     half = (T975[len(x) - 2] if len(x) <= 31 else 1.96) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+    return CI(float(x.mean()), float(x.mean() - half), float(x.mean() + half))
+
+
+def make_claim(text, values, test=None):
+    """A Claim over the replicates `values`; test(ci) says whether it holds (None: reported, not claimed)."""
+    ci = mean_ci(values)
+    return Claim(text, len(values), ci, None if test is None else test(ci), values)
+
+
+def hump(run):
+    """A run's peak win-rate minus its final one."""
+    return max(r["win_rate"] for r in run) - run[-1]["win_rate"]
 
 
 def claims(rows, beta_low=0.01, beta_high=0.1):
     """The lesson's claims, each over replicates (seeds), paired by seed where two methods are compared.
 
-    Returns [(claim, replicates, (mean, low, high), holds, values by seed)]: a claim whose runs are missing is left out;
-    other methods at the low beta (is-dpo, the ais-sn-dpo control) are compared with DPO too, holds None.
-    "hump" is a run's peak win-rate minus its final one; KL is the final checkpoint's.
+    Returns [Claim]: a claim whose runs are missing is left out; other methods at the low beta (is-dpo,
+    the ais-sn-dpo control) are compared with DPO too, holds None. KL is the final checkpoint's.
     """
     groups = group_runs(rows)
-
-    def runs(method, beta):
-        return groups.get((method, beta), {})
-
-    def hump(run):
-        return max(r["win_rate"] for r in run) - run[-1]["win_rate"]
-
-    out = []
-    dpo_low, ais_low, dpo_high = runs("dpo", beta_low), runs("ais-dpo", beta_low), runs("dpo", beta_high)
+    dpo_low, ais_low = groups.get(("dpo", beta_low), {}), groups.get(("ais-dpo", beta_low), {})
+    dpo_high = groups.get(("dpo", beta_high), {})
     paired = sorted(set(dpo_low) & set(ais_low))
+    out = []
     if dpo_low:
-        v = [hump(dpo_low[s]) for s in sorted(dpo_low)]
-        m = mean_ci(v)
-        out.append((f"DPO at beta {beta_low:g} over-optimises: peak - final win-rate >= 0.10, CI above 0.05",
-                    len(dpo_low), m, m[0] >= 0.10 and m[1] > 0.05, v))
+        out.append(make_claim(f"DPO at beta {beta_low:g} over-optimises: peak - final win-rate >= 0.10, "
+                              f"CI above 0.05", [hump(dpo_low[s]) for s in sorted(dpo_low)],
+                              lambda ci: ci.mean >= 0.10 and ci.low > 0.05))
     if paired:
-        v = [ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired]
-        m = mean_ci(v)
-        out.append((f"AIS-DPO ends above DPO at beta {beta_low:g}: final win-rate difference >= 0.10, CI above 0",
-                    len(paired), m, m[0] >= 0.10 and m[1] > 0, v))
-        v = [ais_low[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in paired]
-        m = mean_ci(v)
-        out.append((f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5", len(paired), m,
-                    m[0] <= 0.5, v))
+        out.append(make_claim(f"AIS-DPO ends above DPO at beta {beta_low:g}: final win-rate difference >= "
+                              "0.10, "
+                              f"CI above 0",
+                              [ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired],
+                              lambda ci: ci.mean >= 0.10 and ci.low > 0))
+        out.append(make_claim(f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5",
+                              [ais_low[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in paired],
+                              lambda ci: ci.mean <= 0.5))
     for method in sorted(m for m, b in groups if b == beta_low and m not in ("dpo", "ais-dpo")):
-        other = runs(method, beta_low)  # e.g. is-dpo, or the ais-sn-dpo control: reported, not claimed
+        other = groups[(method, beta_low)]  # e.g. is-dpo, or the ais-sn-dpo control: reported, not claimed
         common = sorted(set(dpo_low) & set(other))
         if common:
-            v = [other[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in common]
-            out.append((f"(beside the claims) {method} final win-rate - DPO's at beta {beta_low:g}", len(common),
-                        mean_ci(v), None, v))
-            v = [other[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in common]
-            out.append((f"(beside the claims) {method} final KL / DPO's at beta {beta_low:g}", len(common),
-                        mean_ci(v), None, v))
+            out.append(make_claim(f"(beside the claims) {method} final win-rate - DPO's at beta {beta_low:g}",
+                                  [other[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in common]))
+            out.append(make_claim(f"(beside the claims) {method} final KL / DPO's at beta {beta_low:g}",
+                                  [other[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in common]))
     if dpo_high:
-        v = [hump(dpo_high[s]) for s in sorted(dpo_high)]
-        m = mean_ci(v)
-        out.append((f"stronger regularisation holds DPO: at beta {beta_high:g} peak - final <= 0.05", len(dpo_high), m,
-                    m[0] <= 0.05, v))
+        out.append(make_claim(f"stronger regularisation holds DPO: at beta {beta_high:g} "
+                              f"peak - final <= 0.05",
+                              [hump(dpo_high[s]) for s in sorted(dpo_high)], lambda ci: ci.mean <= 0.05))
     return out
 
 
 def check_table(rows):
     """Markdown table of claims(rows), and whether all of them hold."""
     lines = ["| claim | replicates | mean [95% CI] | by seed | holds |", "|---|---|---|---|---|"]
-    for claim, n, (mean, low, high), holds, values in claims(rows):
-        verdict = "-" if holds is None else "yes" if holds else "NO"
-        by_seed = " ".join(f"{v:+.2f}" for v in values)
-        lines.append(f"| {claim} | {n} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {by_seed} | {verdict} |")
-    return "\n".join(lines) + "\n", all(c[3] for c in claims(rows) if c[3] is not None)
+    for c in claims(rows):
+        verdict = "-" if c.holds is None else "yes" if c.holds else "NO"
+        by_seed = " ".join(f"{v:+.2f}" for v in c.values)
+        lines.append(f"| {c.text} | {c.replicates} | {c.ci.mean:+.3f} [{c.ci.low:+.3f}, {c.ci.high:+.3f}] "
+                     f"| {by_seed} | {verdict} |")
+    return "\n".join(lines) + "\n", all(c.holds for c in claims(rows) if c.holds is not None)
 
 
 def mean_curve(seeds, key):
@@ -382,21 +461,27 @@ def save_figure(fig, path):
 
 
 def plot(rows, plots_dir):
+    """tradeoff.png (win-rate against KL) and dynamics.png (win-rate and KL against training) in plots_dir."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sft.prepare_dir(plots_dir, "evaluate", own_files=OWN_FILES)
+    stage.prepare_dir(plots_dir, "evaluate", own_files=OWN_FILES)
     groups = group_runs(rows)
-    betas = sorted({beta for _, beta in groups})
-    methods = sorted({m for m, _ in groups})
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate(sorted({m for m, _ in groups}))}
     has_true = any("gold_win_rate" in r for r in rows)  # a gold RM judged: show the truth beside it
+    for draw, name in ((plot_tradeoff, "tradeoff.png"), (plot_dynamics, "dynamics.png")):
+        fig = draw(plt, groups, colors, has_true)
+        save_figure(fig, os.path.join(plots_dir, name))
+        plt.close(fig)
 
-    # win-rate against KL: one panel per beta, one curve per method (seed-averaged)
+
+def plot_tradeoff(plt, groups, colors, has_true):
+    """Win-rate against KL: one panel per beta, one seed-averaged curve per method."""
+    betas = sorted({beta for _, beta in groups})
     fig, axes = plt.subplots(1, len(betas), figsize=(5 * len(betas), 4), squeeze=False)
     for ax, beta in zip(axes[0], betas):
-        for method in methods:
+        for method in colors:
             if (method, beta) not in groups:
                 continue
             seeds = groups[(method, beta)]
@@ -411,17 +496,20 @@ def plot(rows, plots_dir):
         ax.legend(fontsize=7)
     fig.suptitle("Win-rate against KL budget (mean over seeds"
                  + ("; solid: the gold RM's win-rate, dashed: the true scorer's)" if has_true else ")"))
-    save_figure(fig, os.path.join(plots_dir, "tradeoff.png"))
-    plt.close(fig)
+    return fig
 
-    # dynamics: win-rate (gold, true) and KL against the fraction of training
+
+def plot_dynamics(plt, groups, colors, has_true):
+    """Win-rate (the judge's, the truth's) and KL against the fraction of training, mean ± std over seeds."""
+    betas = sorted({beta for _, beta in groups})
     keys = ["win_rate"] + (["true_win_rate"] if has_true else []) + ["kl"]
     labels = {"win_rate": "win-rate (judge)", "true_win_rate": "true win-rate", "kl": "KL"}
-    fig, axes = plt.subplots(len(keys), len(betas), figsize=(5 * len(betas), 3 * len(keys)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(keys), len(betas), figsize=(5 * len(betas), 3 * len(keys)), squeeze=False,
+                             sharex=True)
     for j, beta in enumerate(betas):
         for i, key in enumerate(keys):
             ax = axes[i][j]
-            for method in methods:
+            for method in colors:
                 if (method, beta) not in groups:
                     continue
                 x, mean, std = mean_curve(groups[(method, beta)], key)
@@ -435,8 +523,7 @@ def plot(rows, plots_dir):
             if i == len(keys) - 1:
                 ax.set_xlabel("fraction of training")
     fig.suptitle("Training dynamics (mean ± std over seeds)")
-    save_figure(fig, os.path.join(plots_dir, "dynamics.png"))
-    plt.close(fig)
+    return fig
 
 
 # what evaluate.py writes in --out_dir and --plots_dir, which it adds to and never replaces: a directory
@@ -448,7 +535,8 @@ OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png"
 
 
 def check(results_path, out_dir):
-    """--check: the claims table of results.jsonl, printed and written to check.md; exit 1 if a claim fails."""
+    """--check: the claims table of results.jsonl, printed and written to check.md; exit 1 if a claim
+    fails."""
     rows = read_results(results_path)
     if not rows:
         fail(f"no results in {results_path} (run evaluate.py first)")
@@ -464,94 +552,144 @@ def check(results_path, out_dir):
         raise SystemExit(1)
 
 
-@sft.cleans_up
-def main(args):
-    results_path = os.path.join(args.out_dir, "results.jsonl")
-    shard = re.fullmatch(r"(\d+)/(\d+)", args.shard)
-    if not shard or not int(shard.group(1)) < int(shard.group(2)):
-        fail(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
-    shard, num_shards = int(shard.group(1)), int(shard.group(2))
-    if args.check:
-        return check(results_path, args.out_dir)
-    if not args.plots_only:
-        sft.check_args(args, positive=("num_prompts", "sample_batch_size", "max_prompt_len",
-                                       "max_response_len"),
-                       non_negative=("temperature", "kl_prompts"))
-        runs = find_checkpoints(args.runs)
-        inputs = [args.gold_path, args.data, args.sft_path] + [run for run, _, _ in runs]
-        for path in (args.out_dir, args.plots_dir):  # checked before any work, written to after it
-            sft.check_output(path, "evaluate", inputs, OWN_FILES)
-        if args.judge not in ("true", "rm"):
-            fail(f"--judge must be true or rm, got {args.judge!r}")
-        toy = sft.is_toy(args.data)
-        if args.judge == "true" and not toy:
-            fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir (use --judge rm)")
-        if args.judge == "rm" and not os.path.isdir(args.gold_path):
-            fail(f"--gold_path {args.gold_path} not found (run reward.py --mode train first)")
-        eval_rows = sft.load_rows(args.data, "eval.jsonl", args.split,
-                                  {"prompt": args.prompt_column, "reference": args.reference_column})[:args.num_prompts]
-        sft.seed_everything(args.seed)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device, autocast = sft.device_and_autocast()
-        tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path if args.judge == "rm" else runs[0][2][0][1]))
-        prompts = sft.encode_prompts(tokenizer, [r["prompt"] for r in eval_rows], args.max_prompt_len, args.truncate_prompts)
-        references = [sft.encode(tokenizer, r["prompt"], r["reference"], args.max_prompt_len,
-                                 args.max_response_len, args.truncate_prompts)[1] for r in eval_rows]
-        sft.report_shaping("evaluate", tokenizer, prompts, references)
-        gold, ref_scores = None, {}
-        if args.judge == "rm":
-            gold = reward.load_reward_model(args.gold_path, tokenizer).to(device).eval()
-            with autocast:
-                ref_scores["gold"] = reward.score_texts(gold, tokenizer, [r["prompt"] for r in eval_rows],
-                                                        [r["reference"] for r in eval_rows], args, device, autocast)
-        if toy:
-            ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in eval_rows]
-        for run, _, ckpts in runs:  # every policy must speak the judge's (and the first run's) vocabulary
-            if sft.load_tokenizer(sft.Args(tokenizer_path=ckpts[0][1])).get_vocab() != tokenizer.get_vocab():
-                fail(f"the tokenizer of {ckpts[0][1]} differs from the judge's "
-                     f"({args.gold_path if gold else runs[0][2][0][1]})")
-        sft.prepare_dir(args.out_dir, "evaluate", inputs, OWN_FILES)
-        settings = eval_settings(args, eval_rows)
-        with locked(results_path):
-            fresh = current_results(results_path, runs, settings)
-        done = {(r["run"], r["step"]) for r in fresh}
-        every = [(run, a, step, ckpt) for run, a, ckpts in runs for step, ckpt in ckpts]  # the same list in every shard
-        todo = [c for c in every[shard::num_shards] if (c[1]["run_name"], c[2]) not in done]
-        print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), {len(eval_rows)} prompts each"
-              + (f" (shard {shard}/{num_shards})" if num_shards > 1 else ""))
-        refs, starts = {}, {}
-        for run, a, step, ckpt in tqdm(todo, desc="checkpoints"):
-            sft_path = args.sft_path or a["sft_path"]
-            if sft_path not in refs:
-                refs[sft_path] = sft.load_policy(sft_path).to(device).eval()
-            start = (a["sft_path"], sft_path) if step == 0 else None
-            if start in starts:  # step 0 is the starting policy itself (dpo.py saves it before the first
-                metrics = starts[start]  # update) and the evaluation is seeded: the same row for every run
+@dataclass
+class Setup:
+    """What the evaluation of every checkpoint shares."""
+    runs: list  # [Run]
+    inputs: list  # the paths the outputs must not overlap
+    eval_rows: list  # {"prompt", "reference"} of the eval prompts
+    prompts: list  # their token ids
+    tokenizer: object
+    toy: bool  # the toy world: its true scorer can judge
+    gold: object = None  # the gold reward model (--judge rm), else None
+    # the references' scores: "true" (toy), "gold" (--judge rm)
+    ref_scores: dict = field(default_factory=dict)
+    device: object = None
+    autocast: object = None
+
+
+def parse_shard(shard):
+    """--shard i/n -> (i, n)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        fail(f"--shard must be i/n with 0 <= i < n, got {shard!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_inputs(args):
+    """Flags, runs and outputs checked before any work: (runs, inputs, toy)."""
+    stage.check_args(args,
+                     positive=("num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len"),
+                     non_negative=("temperature", "kl_prompts"))
+    runs = find_checkpoints(args.runs)
+    inputs = [args.gold_path, args.data, args.sft_path] + [run.dir for run in runs]
+    for path in (args.out_dir, args.plots_dir):  # checked before any work, written to after it
+        stage.check_output(path, "evaluate", inputs, OWN_FILES)
+    if args.judge not in ("true", "rm"):
+        fail(f"--judge must be true or rm, got {args.judge!r}")
+    toy = policy.is_toy(args.data)
+    if args.judge == "true" and not toy:
+        fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir "
+             f"(use --judge rm)")
+    if args.judge == "rm" and not os.path.isdir(args.gold_path):
+        fail(f"--gold_path {args.gold_path} not found (run reward.py --mode train first)")
+    return runs, inputs, toy
+
+
+def prepare(args):
+    """The Setup: eval prompts, the tokenizer every policy must share, the judge and its reference scores."""
+    runs, inputs, toy = check_inputs(args)
+    columns = {"prompt": args.prompt_column, "reference": args.reference_column}
+    eval_rows = policy.load_rows(args.data, "eval.jsonl", args.split, columns)[:args.num_prompts]
+    policy.seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, autocast = policy.device_and_autocast()
+    judge_path = args.gold_path if args.judge == "rm" else runs[0].checkpoints[0][1]
+    tokenizer = policy.load_tokenizer(judge_path)
+    prompts = policy.encode_prompts(tokenizer, [r["prompt"] for r in eval_rows], args.max_prompt_len,
+                                    args.truncate_prompts)
+    references = [policy.encode(tokenizer, r["prompt"], r["reference"], args.max_prompt_len,
+                                args.max_response_len, args.truncate_prompts)[1] for r in eval_rows]
+    policy.report_shaping("evaluate", tokenizer, prompts, references)
+    setup = Setup(runs, inputs, eval_rows, prompts, tokenizer, toy, device=device, autocast=autocast)
+    score_references(args, setup)
+    for run in runs:  # every policy must speak the judge's (and the first run's) vocabulary
+        first = run.checkpoints[0][1]
+        if policy.load_tokenizer(first).get_vocab() != tokenizer.get_vocab():
+            fail(f"the tokenizer of {first} differs from the judge's ({judge_path})")
+    return setup
+
+
+def score_references(args, setup):
+    """The references' scores, once: by the gold RM (--judge rm) and, on the toy, by the true scorer."""
+    rows = setup.eval_rows
+    if args.judge == "rm":
+        setup.gold = reward.load_reward_model(args.gold_path, setup.tokenizer).to(setup.device).eval()
+        with setup.autocast:
+            setup.ref_scores["gold"] = reward.score_texts(
+                setup.gold, setup.tokenizer, [r["prompt"] for r in rows], [r["reference"] for r in rows],
+                args,
+                setup.device, setup.autocast)
+    if setup.toy:
+        setup.ref_scores["true"] = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in rows]
+
+
+def checkpoints_to_do(args, setup, results_path, settings, shard, num_shards):
+    """[Checkpoint]: this shard's share of the checkpoints that results.jsonl has no row of yet."""
+    stage.prepare_dir(args.out_dir, "evaluate", setup.inputs, OWN_FILES)
+    with locked(results_path):
+        fresh = current_results(results_path, setup.runs, settings)
+    done = {(r["run"], r["step"]) for r in fresh}
+    every = [Checkpoint(run.args, step, path) for run in setup.runs for step, path in run.checkpoints]
+    # same list per shard
+    todo = [c for c in every[shard::num_shards] if (c.run_args["run_name"], c.step) not in done]
+    print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), "
+          f"{len(setup.eval_rows)} prompts each"
+          + (f" (shard {shard}/{num_shards})" if num_shards > 1 else ""))
+    return todo
+
+
+def results_row(ckpt, metrics, num_prompts, settings):
+    a = ckpt.run_args
+    return {"run": a["run_name"], "run_id": a.get("run_id"), "method": a["method"], "beta": a["beta"],
+            "seed": a["seed"], "step": ckpt.step, "fraction": ckpt.step / a["total_steps"],
+            "epoch": ckpt.step / a["total_steps"] * a["num_epochs"], **metrics, "num_prompts": num_prompts,
+            "settings": settings}
+
+
+def evaluate_all(args, setup, todo, results_path, settings):
+    """Evaluate every checkpoint of todo and append its row to results.jsonl (a stop loses nothing done)."""
+    refs, starts = {}, {}
+    for ckpt in tqdm(todo, desc="checkpoints"):
+        sft_path = args.sft_path or ckpt.run_args["sft_path"]
+        if sft_path not in refs:
+            refs[sft_path] = policy.load_policy(sft_path).to(setup.device).eval()
+        start = (ckpt.run_args["sft_path"], sft_path) if ckpt.step == 0 else None
+        if start in starts:  # step 0 is the starting policy itself (dpo.py saves it before the first
+            metrics = starts[start]  # update) and the evaluation is seeded: the same row for every run
+        else:
+            model = policy.load_policy(ckpt.path).to(setup.device).eval()
+            metrics = evaluate_checkpoint(model, refs[sft_path], setup, args)
+            if start:
+                starts[start] = metrics
+        row = results_row(ckpt, metrics, len(setup.eval_rows), settings)
+        with locked(results_path):  # done meanwhile by an evaluation beside this one? then not twice
+            if any((r["run"], r.get("run_id"), r["step"]) == (row["run"], row["run_id"], ckpt.step)
+                   for r in current_results(results_path, setup.runs, settings)):
+                print(f"evaluate: {row['run']} step {ckpt.step} was written meanwhile by another evaluation")
             else:
-                policy = sft.load_policy(ckpt).to(device).eval()
-                metrics = evaluate_checkpoint(policy, refs[sft_path], gold, tokenizer, prompts, eval_rows, ref_scores, args,
-                                              toy, device, autocast)
-                if start:
-                    starts[start] = metrics
-            row = {"run": a["run_name"], "run_id": a.get("run_id"), "method": a["method"], "beta": a["beta"], "seed": a["seed"], "step": step,
-                   "fraction": step / a["total_steps"], "epoch": step / a["total_steps"] * a["num_epochs"],
-                   **metrics, "num_prompts": len(eval_rows), "settings": settings}
-            with locked(results_path):  # done meanwhile by an evaluation beside this one? then not twice
-                if any((r["run"], r.get("run_id"), r["step"]) == (row["run"], row["run_id"], step)
-                       for r in current_results(results_path, runs, settings)):
-                    print(f"evaluate: {row['run']} step {step} was written meanwhile by another evaluation")
-                else:
-                    sft.append_jsonl(results_path, row)  # a line per checkpoint: a stop loses nothing done
-        if num_shards > 1:
-            print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every shard is")
-            return
+                policy.append_jsonl(results_path, row)  # a line per checkpoint: a stop loses nothing done
+
+
+def write_summary(args, results_path):
+    """Plots and summary.md from every row of results.jsonl."""
     rows = read_results(results_path)
     if not rows:
         fail(f"no results in {results_path}")
     for path in (args.out_dir, args.plots_dir):
-        sft.check_output(path, "evaluate", own_files=OWN_FILES)
-    sft.prepare_dir(args.out_dir, "evaluate", own_files=OWN_FILES)
+        stage.check_output(path, "evaluate", own_files=OWN_FILES)
+    stage.prepare_dir(args.out_dir, "evaluate", own_files=OWN_FILES)
     plot(rows, args.plots_dir)
     table = summary_table(rows)
     summary = os.path.join(args.out_dir, "summary.md")
@@ -559,8 +697,27 @@ def main(args):
         f.write(table)
     os.replace(f"{summary}.{os.getpid()}.tmp", summary)
     print(table)
-    print(f"evaluate: {len(rows)} rows in {results_path}; plots in {args.plots_dir}/tradeoff.png and dynamics.png")
+    print(f"evaluate: {len(rows)} rows in {results_path}; plots in {args.plots_dir}/tradeoff.png and "
+          "dynamics.png")
+
+
+@stage.cleans_up
+def main(args):
+    results_path = os.path.join(args.out_dir, "results.jsonl")
+    shard, num_shards = parse_shard(args.shard)
+    if args.check:
+        return check(results_path, args.out_dir)
+    if not args.plots_only:
+        setup = prepare(args)
+        settings = eval_settings(args, setup.eval_rows)
+        todo = checkpoints_to_do(args, setup, results_path, settings, shard, num_shards)
+        evaluate_all(args, setup, todo, results_path, settings)
+        if num_shards > 1:
+            print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every "
+                  "shard is")
+            return
+    write_summary(args, results_path)
 
 
 if __name__ == "__main__":
-    main(sft.parse_args(Args, __doc__))
+    main(stage.parse_args(Args, __doc__))

@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 import torch
 
 import dpo
-from sft import fail
+import policy
+import stage
+from stage import fail
 
 WEIGHT_MODES = ("none", "full", "clipped", "adaptive", "fixed", "sqrt")
 MAX_LOG_W = 50.0  # exp(50) ~ 5e21: far inside float32, far above any weight that matters
@@ -51,15 +53,21 @@ MAX_LOG_W = 50.0  # exp(50) ~ 5e21: far inside float32, far above any weight tha
 
 @dataclass
 class Args(dpo.Args):
-    weight: str = field(default="adaptive", metadata={"help": "none | full | clipped | adaptive | fixed | sqrt"})
+    weight: str = field(default="adaptive", metadata={
+        "help": "none | full | clipped | adaptive | fixed | sqrt"})
     alpha: float = field(default=0.1, metadata={"help": "--weight fixed: the exponent alpha in [0, 1]"})
     log_w_max: float = field(default=2.0, metadata={"help": "--weight clipped: upper clip of log w"})
-    self_normalise: bool = field(default=False, metadata={"help": "a control: divide w by its batch mean, so only the "
-                                                                    "weights' relative sizes act (the papers do not)"})
-    weight_grad: bool = field(default=False, metadata={"help": "let gradients flow through w (not recommended)"})
-    behaviour_logps: bool = field(default=False, metadata={"help": "use the data's behaviour log-probs instead of log pi_ref in w"})
-    behaviour_chosen_column: str = field(default="chosen_behaviour_logp", metadata={"help": "column of the chosen response's behaviour log-prob"})
-    behaviour_rejected_column: str = field(default="rejected_behaviour_logp", metadata={"help": "column of the rejected response's behaviour log-prob"})
+    self_normalise: bool = field(default=False, metadata={
+        "help": "a control: divide w by its batch mean, so only the weights' relative sizes act (the "
+                "papers do not)"})
+    weight_grad: bool = field(default=False, metadata={
+        "help": "let gradients flow through w (not recommended)"})
+    behaviour_logps: bool = field(default=False, metadata={
+        "help": "use the data's behaviour log-probs instead of log pi_ref in w"})
+    behaviour_chosen_column: str = field(default="chosen_behaviour_logp", metadata={
+        "help": "column of the chosen response's behaviour log-prob"})
+    behaviour_rejected_column: str = field(default="rejected_behaviour_logp", metadata={
+        "help": "column of the rejected response's behaviour log-prob"})
 
 
 def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.0):
@@ -120,7 +128,7 @@ def main(args):
     if not math.isfinite(args.log_w_max):
         fail(f"--log_w_max must be finite, got {args.log_w_max}")
     if args.behaviour_logps:
-        rows = dpo.sft.load_rows(args.data, "train.jsonl", args.split,
+        rows = policy.load_rows(args.data, "train.jsonl", args.split,
                                  {"b_w": args.behaviour_chosen_column, "b_l": args.behaviour_rejected_column},
                                  numeric=("b_w", "b_l"))
         del rows  # only checks that the columns exist and hold finite numbers, with a clear error if not
@@ -128,4 +136,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(dpo.sft.parse_args(Args, __doc__))
+    main(stage.parse_args(Args, __doc__))

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import sft
+import policy
+import stage
 import toy_tldr
-from sft import fail
+from stage import fail
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -36,35 +37,49 @@ from sft import fail
 
 @dataclass
 class Args:
-    mode: str = field(default="train", metadata={"help": "train: fit the gold RM on human pairs; label: sample pi_ref pairs and label them with it"})
-    sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py output): the RM's starting point and the sampler in --mode label"})
-    judge: str = field(default="true", metadata={"help": "--mode label: who labels the pairs: true (the toy's hidden "
-                                                        "scorer) or rm (the gold reward model at --gold_path)"})
-    gold_path: str = field(default="out/gold_rm", metadata={"help": "--mode label --judge rm: the trained gold reward model"})
-    data: str = field(default="out/toy_tldr", metadata={"help": "toy_tldr dir, local .json/.jsonl/.parquet, or hub id (train: human pairs; label: prompts)"})
+    mode: str = field(default="train", metadata={
+        "help": "train: fit the gold RM on human pairs; label: sample pi_ref pairs and label them with it"})
+    sft_path: str = field(default="out/sft", metadata={
+        "help": "pi_ref (sft.py output): the RM's starting point and the sampler in --mode label"})
+    judge: str = field(default="true", metadata={
+        "help": "--mode label: who labels the pairs: true (the toy's hidden scorer) or rm (the gold "
+                "reward model at --gold_path)"})
+    gold_path: str = field(default="out/gold_rm", metadata={
+        "help": "--mode label --judge rm: the trained gold reward model"})
+    data: str = field(default="out/toy_tldr", metadata={
+        "help": "toy_tldr dir, local .json/.jsonl/.parquet, or hub id (train: human pairs; label: prompts)"})
     split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
-    chosen_column: str = field(default="chosen", metadata={"help": "--mode train: column holding the preferred response"})
-    rejected_column: str = field(default="rejected", metadata={"help": "--mode train: column holding the other response"})
+    chosen_column: str = field(default="chosen", metadata={
+        "help": "--mode train: column holding the preferred response"})
+    rejected_column: str = field(default="rejected", metadata={
+        "help": "--mode train: column holding the other response"})
     max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
-    max_response_len: int = field(default=24, metadata={"help": "response tokens kept (and sampled), EOS included"})
-    truncate_prompts: bool = field(default=False, metadata={"help": "cut over-long prompts from the left instead of refusing"})
+    max_response_len: int = field(default=24, metadata={
+        "help": "response tokens kept (and sampled), EOS included"})
+    truncate_prompts: bool = field(default=False, metadata={
+        "help": "cut over-long prompts from the left instead of refusing"})
     steps: int = field(default=300, metadata={"help": "--mode train: optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "--mode train: pairs per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "--mode train: micro-batches per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "--mode train: peak learning rate (AdamW)"})
-    warmup_steps: int = field(default=20, metadata={"help": "--mode train: warmup steps before the cosine decay"})
+    warmup_steps: int = field(default=20, metadata={
+        "help": "--mode train: warmup steps before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "--mode train: max gradient norm"})
     val_size: int = field(default=1000, metadata={"help": "--mode train: pairs held out for accuracy"})
-    num_prompts: int = field(default=4000, metadata={"help": "--mode label: training prompts to sample pairs for"})
+    num_prompts: int = field(default=4000, metadata={
+        "help": "--mode label: training prompts to sample pairs for"})
     temperature: float = field(default=1.0, metadata={"help": "--mode label: sampling temperature of pi_ref"})
-    label: str = field(default="argmax", metadata={"help": "--mode label: argmax (higher score wins; ties dropped) or bt "
-                                                          "(Bradley-Terry draw at --bt_temperature)"})
-    bt_temperature: float = field(default=1.0, metadata={"help": "--mode label --label bt: P(a wins) = sigmoid((s_a - s_b) / T)"})
+    label: str = field(default="argmax", metadata={
+        "help": "--mode label: argmax (higher score wins; ties dropped) or bt (Bradley-Terry draw at "
+                "--bt_temperature)"})
+    bt_temperature: float = field(default=1.0, metadata={
+        "help": "--mode label --label bt: P(a wins) = sigmoid((s_a - s_b) / T)"})
     sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling / scoring batch"})
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
-    out_dir: str = field(default="", metadata={"help": "output dir; default out/gold_rm (train) or out/prefs (label)"})
+    out_dir: str = field(default="", metadata={
+        "help": "output dir; default out/gold_rm (train) or out/prefs (label)"})
     resume: bool = field(default=False, metadata={"help": "train: continue an interrupted run"})
     save_every: int = field(default=50, metadata={"help": "train: steps between states saved for --resume"})
 
@@ -80,7 +95,7 @@ def load_reward_model(path, tokenizer=None, new_head=False):
 
     if not os.path.isdir(path):
         fail(f"model directory {path} not found")
-    model = sft.load_pretrained(AutoModelForSequenceClassification, path, "a reward model (a score head)",
+    model = policy.load_pretrained(AutoModelForSequenceClassification, path, "a reward model (a score head)",
                                 new_weights=["score."] if new_head else [], num_labels=1)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -90,12 +105,13 @@ def load_reward_model(path, tokenizer=None, new_head=False):
 
 
 def reward_scores(model, batch):
-    """r(x, y) for a sft.collate_grouped batch: the scalar head on the hidden state after the last response token.
+    """r(x, y) for a policy.collate_grouped batch: the scalar head on the hidden state after the last response
+    token.
 
     We pick that token ourselves (response_mask tells where each response ends) instead of trusting
     the model to find it by pad id: with Pythia, pad == EOS and the final EOS would be skipped.
     """
-    hidden = sft.response_hidden(model.base_model, batch)  # hidden[:, t] has read t response tokens
+    hidden = policy.response_hidden(model.base_model, batch)  # hidden[:, t] has read t response tokens
     length = batch["response_mask"].sum(1)
     return model.score(hidden[torch.arange(len(length), device=length.device), length]).squeeze(-1).float()
 
@@ -107,17 +123,18 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 def pair_batch(pairs, pad_id):
     """Every pair's prompt once, with its two responses: rows chosen, rejected, chosen, rejected, ..."""
-    return sft.collate_grouped([example for pair in pairs for example in pair], pad_id, k=2)
+    return policy.collate_grouped([example for pair in pairs for example in pair], pad_id, k=2)
 
 
 @torch.no_grad()
 def score_examples(model, examples, pad_id, batch_size, device, autocast, k=1, desc=None):
-    """Gold scores of encoded (prompt, response) rows, in groups of k rows sharing a prompt (run once per group)."""
+    """Gold scores of encoded (prompt, response) rows, in groups of k rows sharing a prompt (run once per
+    group)."""
     model.eval()
     scores = []
     rows = batch_size * k
     for start in tqdm(range(0, len(examples), rows), desc=desc, leave=False, disable=desc is None):
-        batch = sft.to_device(sft.collate_grouped(examples[start:start + rows], pad_id, k), device)
+        batch = policy.to_device(policy.collate_grouped(examples[start:start + rows], pad_id, k), device)
         with autocast:
             scores += reward_scores(model, batch).tolist()
     return scores
@@ -125,13 +142,16 @@ def score_examples(model, examples, pad_id, batch_size, device, autocast, k=1, d
 
 def score_texts(model, tokenizer, prompts, responses, args, device, autocast, desc=None):
     """Gold scores of (prompt, response) texts, EOS appended to each response."""
-    examples = sft.encode_rows(tokenizer, prompts, responses, args.max_prompt_len, args.max_response_len, args.truncate_prompts)
-    return score_examples(model, examples, tokenizer.pad_token_id, args.sample_batch_size, device, autocast, desc=desc)
+    examples = policy.encode_rows(tokenizer, prompts, responses, args.max_prompt_len, args.max_response_len,
+                                  args.truncate_prompts)
+    return score_examples(model, examples, tokenizer.pad_token_id, args.sample_batch_size, device, autocast,
+                          desc=desc)
 
 
 def score_pairs(model, pairs, pad_id, batch_size, device, autocast):
     """Gold scores (chosen, rejected) of encoded pairs, each pair's prompt run once (as in pair_batch)."""
-    scores = score_examples(model, [example for pair in pairs for example in pair], pad_id, batch_size, device, autocast, k=2)
+    scores = score_examples(model, [example for pair in pairs for example in pair], pad_id, batch_size,
+                            device, autocast, k=2)
     return np.array(scores[0::2]), np.array(scores[1::2])
 
 
@@ -139,69 +159,88 @@ def score_pairs(model, pairs, pad_id, batch_size, device, autocast):
 # mode train
 
 
-def train(args, device, autocast):
-    from transformers import get_cosine_schedule_with_warmup
-
-    sft.check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "val_size"),
-                   non_negative=("warmup_steps", "save_every"))
-    sft.check_output(args.out_dir, "reward train", [args.sft_path, args.data])
+def load_human_pairs(args):
+    """(tokenizer, train pairs, validation pairs, validation rows) of the human preference data."""
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
-    rows = sft.load_rows(args.data, "prefs_human.jsonl", args.split, cols)
+    rows = policy.load_rows(args.data, "prefs_human.jsonl", args.split, cols)
     if len(rows) <= args.val_size:
         fail(f"{len(rows)} pairs is not more than --val_size {args.val_size}")
-    tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
-    chosen, rejected = (sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r[k] for r in rows], args.max_prompt_len,
-                                        args.max_response_len, args.truncate_prompts) for k in ("chosen", "rejected"))
-    sft.report_shaping("gold rm", tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
-    pairs = list(zip(chosen, rejected))
-    train_pairs, val_pairs, val_rows = pairs[:-args.val_size], pairs[-args.val_size:], rows[-args.val_size:]
-    model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
-    model.train()
+    tokenizer = policy.load_tokenizer(args.sft_path)
+    pairs = policy.encode_pairs(tokenizer, rows, args, "gold rm")
+    return tokenizer, pairs[:-args.val_size], pairs[-args.val_size:], rows[-args.val_size:]
+
+
+def train_steps(args, tmp, model, train_pairs, pad_id, device, autocast):
+    """The Bradley-Terry loop, continued from the state saved in tmp if any."""
+    from transformers import get_cosine_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
-    tmp = sft.start_output(args.out_dir, "reward train", [args.sft_path, args.data], resumable=True,
-                           resume=args.resume)
-    t0 = time.time()
-    done, order, cursor = sft.restore_state(tmp, args, model, optimizer, scheduler)
+    done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler)
     bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm")
     for step in bar:
         for _ in range(args.grad_accum):
             if cursor + args.batch_size > len(order):
                 order, cursor = random.sample(range(len(train_pairs)), len(train_pairs)), 0
-            batch = sft.to_device(pair_batch([train_pairs[i] for i in order[cursor:cursor + args.batch_size]],
-                                             tokenizer.pad_token_id), device)
+            batch_pairs = [train_pairs[i] for i in order[cursor:cursor + args.batch_size]]
+            batch = policy.to_device(pair_batch(batch_pairs, pad_id), device)
             cursor += args.batch_size
+            # --- the algorithm: -log sigmoid(r(x, y_w) - r(x, y_l)) ---
             with autocast:
                 r = reward_scores(model, batch)
             r_chosen, r_rejected = r[0::2], r[1::2]
             loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
             loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        sft.check_finite(step, loss=loss, grad_norm=grad_norm)
+        policy.check_finite(step, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         accuracy = (r_chosen > r_rejected).float().mean().item()
-        sft.append_jsonl(os.path.join(tmp, "train_log.jsonl"), {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
+        policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"),
+                            {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
         bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
-        sft.save_state(tmp, args, step, args.steps, model, optimizer, scheduler, order, cursor)
-    sft.check_finite(args.steps, parameter_norm=sft.parameter_norm(model))
+        policy.save_state(tmp, args, step, args.steps, model, optimizer, scheduler, order, cursor)
+    policy.check_finite(args.steps, parameter_norm=policy.parameter_norm(model))
 
-    s_chosen, s_rejected = score_pairs(model, val_pairs, tokenizer.pad_token_id, args.sample_batch_size, device, autocast)
-    sft.check_finite(args.steps, validation_scores=s_chosen.sum() + s_rejected.sum())
-    metrics = {"train_seconds": time.time() - t0, "val_accuracy": float(np.mean(s_chosen > s_rejected)), "val_pairs": len(val_rows)}
-    if sft.is_toy(args.data):  # the toy knows the truth: how often does the RM order pairs as the true scorer does?
+
+def validation_metrics(args, model, val_pairs, val_rows, pad_id, device, autocast):
+    """Held-out accuracy and, on the toy, agreement with the true scorer."""
+    s_chosen, s_rejected = score_pairs(model, val_pairs, pad_id, args.sample_batch_size, device, autocast)
+    policy.check_finite(args.steps, validation_scores=s_chosen.sum() + s_rejected.sum())
+    metrics = {"val_accuracy": float(np.mean(s_chosen > s_rejected)), "val_pairs": len(val_rows)}
+    # the toy knows the truth: how often does the RM order pairs as the true scorer does?
+    if policy.is_toy(args.data):
         t_chosen = np.array([toy_tldr.true_score(r["prompt"], r["chosen"]) for r in val_rows])
         t_rejected = np.array([toy_tldr.true_score(r["prompt"], r["rejected"]) for r in val_rows])
         differ = t_chosen != t_rejected
-        metrics["val_true_accuracy"] = float(np.mean((s_chosen > s_rejected)[differ] == (t_chosen > t_rejected)[differ]))
+        agree = (s_chosen > s_rejected)[differ] == (t_chosen > t_rejected)[differ]
+        metrics["val_true_accuracy"] = float(np.mean(agree))
         metrics["human_label_true_accuracy"] = float(np.mean((t_chosen > t_rejected)[differ]))
+    return metrics
+
+
+def train(args, device, autocast):
+    stage.check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "val_size"),
+                     non_negative=("warmup_steps", "save_every"))
+    stage.check_output(args.out_dir, "reward train", [args.sft_path, args.data])
+    tokenizer, train_pairs, val_pairs, val_rows = load_human_pairs(args)
+    model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
+    model.train()
+    tmp = stage.start_output(args.out_dir, "reward train", [args.sft_path, args.data], resumable=True,
+                             resume=args.resume)
+    t0 = time.time()
+    train_steps(args, tmp, model, train_pairs, tokenizer.pad_token_id, device, autocast)
+    seconds = time.time() - t0
+    pad = tokenizer.pad_token_id
+    validation = validation_metrics(args, model, val_pairs, val_rows, pad, device, autocast)
+    metrics = {"train_seconds": seconds, **validation}
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    sft.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
-    sft.save_json(os.path.join(tmp, "metrics.json"), metrics)
-    sft.remove_state(tmp)
-    sft.finish_output(tmp, args.out_dir)
+    policy.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
+    policy.save_json(os.path.join(tmp, "metrics.json"), metrics)
+    policy.remove_state(tmp)
+    stage.finish_output(tmp, args.out_dir)
     print(f"gold rm: saved {args.out_dir}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
@@ -209,38 +248,18 @@ def train(args, device, autocast):
 # mode label
 
 
-def label(args, device, autocast):
-    sft.check_args(args, positive=("num_prompts", "sample_batch_size", "temperature", "bt_temperature"))
-    if args.label not in ("argmax", "bt"):
-        fail(f"--label must be argmax or bt, got {args.label!r}")
-    if args.judge not in ("true", "rm"):
-        fail(f"--judge must be true or rm, got {args.judge!r}")
-    # the output, locked before the sampling: a second labelling of it fails now, not at its end
-    inputs = [args.sft_path, args.data] + ([args.gold_path] if args.judge == "rm" else [])
-    tmp = sft.start_output(args.out_dir, "reward label", inputs)
-    if args.judge == "rm" and not os.path.isdir(args.gold_path):
-        fail(f"model directory {args.gold_path} not found")
-    tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.sft_path))
-    if args.judge == "rm":
-        gold_tokenizer = sft.load_tokenizer(sft.Args(tokenizer_path=args.gold_path))
-        if gold_tokenizer.get_vocab() != tokenizer.get_vocab():
-            fail(f"the gold model's tokenizer ({args.gold_path}) differs from pi_ref's ({args.sft_path})")
-    rows = sft.load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column})
-    toy = sft.is_toy(args.data)
-    if args.judge == "true" and not toy:
-        fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir (use --judge rm)")
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:args.num_prompts]  # unique, in order
-    policy = sft.load_policy(args.sft_path).to(device)
-    gold = load_reward_model(args.gold_path, tokenizer).to(device) if args.judge == "rm" else None  # refused early
+def sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast):
+    """Two samples of pi_ref per prompt at --temperature: (keep, dropped), keep holding
+    (prompt, a, b, log pi_ref(a), log pi_ref(b)) for the pairs of two different finished responses."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = sft.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
-    sft.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below
-    t0 = time.time()
+    ids = policy.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
+    policy.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below
     with autocast:  # two samples per prompt: rows 2i and 2i+1
-        outs, logps = sft.sample(policy, [i for i in ids for _ in range(2)], tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                 args.max_response_len, args.temperature, args.sample_batch_size, generator, desc="sampling",
-                                 suppress_ids=sft.banned_ids(tokenizer))
-    texts = [sft.decode_response(tokenizer, o) for o in outs]
+        outs, logps = policy.sample(pi_ref, [i for i in ids for _ in range(2)], tokenizer.eos_token_id,
+                                    tokenizer.pad_token_id, args.max_response_len, args.temperature,
+                                    args.sample_batch_size, generator, desc="sampling",
+                                    suppress_ids=policy.banned_ids(tokenizer))
+    texts = [policy.decode_response(tokenizer, o) for o in outs]
     keep, dropped = [], {"unfinished": 0, "identical": 0, "tied": 0}
     for i, prompt in enumerate(prompts):
         (a, fa), (b, fb) = texts[2 * i], texts[2 * i + 1]
@@ -252,13 +271,25 @@ def label(args, device, autocast):
             keep.append((prompt, a, b, logps[2 * i], logps[2 * i + 1]))
     if not keep:
         fail("no usable pairs: every sample was unfinished or identical")
+    return keep, dropped
+
+
+def judge_pairs(args, gold, tokenizer, keep, device, autocast):
+    """The judge's scores of both responses of every kept pair: the true scorer's, or the gold RM's."""
     prompts_kept = [k[0] for k in keep]
     if args.judge == "true":  # the toy's hidden scorer plays the human
         scores_a = [toy_tldr.true_score(p, k[1]) for p, k in zip(prompts_kept, keep)]
         scores_b = [toy_tldr.true_score(p, k[2]) for p, k in zip(prompts_kept, keep)]
     else:
-        scores_a = score_texts(gold, tokenizer, prompts_kept, [k[1] for k in keep], args, device, autocast, desc="scoring")
+        scores_a = score_texts(gold, tokenizer, prompts_kept, [k[1] for k in keep], args, device, autocast,
+                               desc="scoring")
         scores_b = score_texts(gold, tokenizer, prompts_kept, [k[2] for k in keep], args, device, autocast)
+    return scores_a, scores_b
+
+
+def label_rows(args, keep, scores_a, scores_b, toy, dropped):
+    """(rows, agree): each pair labelled chosen / rejected by its scores (--label argmax or bt), and on the
+    toy whether each label agrees with the true scorer."""
     rng = random.Random(args.seed)
     out_rows, agree = [], []
     for (prompt, a, b, lp_a, lp_b), sa, sb in zip(keep, scores_a, scores_b):
@@ -274,38 +305,72 @@ def label(args, device, autocast):
         row = {"prompt": prompt, "chosen": a, "rejected": b, "chosen_score": sa, "rejected_score": sb,
                "chosen_behaviour_logp": lp_a, "rejected_behaviour_logp": lp_b}
         if toy:  # when the true scorer judged, its scores are already sa, sb
-            row["chosen_true_score"], row["rejected_true_score"] = ((sa, sb) if args.judge == "true" else
-                                                                    (toy_tldr.true_score(prompt, a), toy_tldr.true_score(prompt, b)))
+            if args.judge == "true":
+                row["chosen_true_score"], row["rejected_true_score"] = sa, sb
+            else:
+                row["chosen_true_score"] = toy_tldr.true_score(prompt, a)
+                row["rejected_true_score"] = toy_tldr.true_score(prompt, b)
             if row["chosen_true_score"] != row["rejected_true_score"]:
                 agree.append(row["chosen_true_score"] > row["rejected_true_score"])
         out_rows.append(row)
     if not out_rows:
         fail("no usable pairs: every pair was unfinished, identical or tied")
+    return out_rows, agree
+
+
+def label(args, device, autocast):
+    stage.check_args(args, positive=("num_prompts", "sample_batch_size", "temperature", "bt_temperature"))
+    if args.label not in ("argmax", "bt"):
+        fail(f"--label must be argmax or bt, got {args.label!r}")
+    if args.judge not in ("true", "rm"):
+        fail(f"--judge must be true or rm, got {args.judge!r}")
+    # the output, locked before the sampling: a second labelling of it fails now, not at its end
+    inputs = [args.sft_path, args.data] + ([args.gold_path] if args.judge == "rm" else [])
+    tmp = stage.start_output(args.out_dir, "reward label", inputs)
+    if args.judge == "rm" and not os.path.isdir(args.gold_path):
+        fail(f"model directory {args.gold_path} not found")
+    tokenizer = policy.load_tokenizer(args.sft_path)
+    if args.judge == "rm" and policy.load_tokenizer(args.gold_path).get_vocab() != tokenizer.get_vocab():
+        fail(f"the gold model's tokenizer ({args.gold_path}) differs from pi_ref's ({args.sft_path})")
+    rows = policy.load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column})
+    toy = policy.is_toy(args.data)
+    if args.judge == "true" and not toy:
+        fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir "
+             f"(use --judge rm)")
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:args.num_prompts]  # unique, in order
+    pi_ref = policy.load_policy(args.sft_path).to(device)
+    # a gold model that is no reward model is refused now, before the sampling
+    gold = load_reward_model(args.gold_path, tokenizer).to(device) if args.judge == "rm" else None
+    t0 = time.time()
+    keep, dropped = sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast)
+    scores_a, scores_b = judge_pairs(args, gold, tokenizer, keep, device, autocast)
+    out_rows, agree = label_rows(args, keep, scores_a, scores_b, toy, dropped)
     toy_tldr.write_jsonl(os.path.join(tmp, "train.jsonl"), out_rows)
     metrics = {"pairs": len(out_rows), "dropped": dropped, "judge": args.judge, "seconds": time.time() - t0}
     if agree:
         metrics["label_true_agreement"] = float(np.mean(agree))
-    sft.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
-    sft.save_json(os.path.join(tmp, "metrics.json"), metrics)
-    sft.finish_output(tmp, args.out_dir)
+    policy.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
+    policy.save_json(os.path.join(tmp, "metrics.json"), metrics)
+    stage.finish_output(tmp, args.out_dir)
     print(f"label: wrote {len(out_rows)} pairs to {args.out_dir}/train.jsonl (dropped {dropped})"
-          + (f"; the label agrees with the true scorer on {metrics['label_true_agreement']:.1%}" if agree else ""))
+          + (f"; the label agrees with the true scorer on {metrics['label_true_agreement']:.1%}"
+             if agree else ""))
 
 
-@sft.cleans_up
+@stage.cleans_up
 def main(args):
-    sft.check_args(args, positive=("max_prompt_len", "max_response_len", "sample_batch_size"))
+    stage.check_args(args, positive=("max_prompt_len", "max_response_len", "sample_batch_size"))
     if args.mode not in ("train", "label"):
         fail(f"--mode must be train or label, got {args.mode!r}")
     args.out_dir = args.out_dir or ("out/gold_rm" if args.mode == "train" else "out/prefs")
     if not os.path.isdir(args.sft_path):
         fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
-    sft.seed_everything(args.seed)
+    policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, autocast = sft.device_and_autocast()
+    device, autocast = policy.device_and_autocast()
     (train if args.mode == "train" else label)(args, device, autocast)
 
 
 if __name__ == "__main__":
-    main(sft.parse_args(Args, __doc__))
+    main(stage.parse_args(Args, __doc__))

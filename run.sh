@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole experiment on the embedded toy world, stage by stage: read it as the table of contents.
 #
-#   bash run.sh                           # 5 seeds of DPO and AIS-DPO at beta 0.01, DPO at 0.1; about 10 minutes
+#   bash run.sh                           # 5 seeds of DPO, AIS-DPO at beta 0.01, DPO at 0.1; about 11 min
 #   SEEDS="5 6 7 8 9" FROM=5 bash run.sh  # other seeds of the DAA runs, reusing stages 1-4
 #   WORLD_FLAGS="--seed 3" OUT=out_w3 bash run.sh   # another world (posts, pi_ref, pairs: everything)
 #   RUNS="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01" bash run.sh   # other methods (see below)
@@ -47,19 +47,21 @@ if (( FROM <= 2 )); then
 fi
 if (( FROM <= 3 )) && [[ "$JUDGE" == rm ]]; then
   say "3/8 the gold reward model"
-  $PY reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" ${RM_FLAGS:-}
+  $PY reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" \
+    ${RM_FLAGS:-}
 fi
 if (( FROM <= 4 )); then
   say "4/8 offline pairs: pi_ref samples labelled by the judge ($JUDGE)"
-  $PY reward.py --mode label --judge "$JUDGE" --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" --data "$OUT/toy_tldr" \
-    --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
+  $PY reward.py --mode label --judge "$JUDGE" --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" \
+    --data "$OUT/toy_tldr" --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
 fi
 
 mkdir -p "$OUT/logs"
 if (( FROM <= 5 )); then
   say "5/8 DAA runs {$RUNS} x seeds {$SEEDS} ($JOBS at a time, one thread each; logs in $OUT/logs)"
   # the runs share pi_ref and the pairs: the first to need the reference log-probs saves them for the rest
-  common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --reference_cache $OUT/reference_logps --threads 1"
+  common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs"
+  common="$common --reference_cache $OUT/reference_logps --threads 1"
   jobs_file="$OUT/logs/jobs.txt"
   : > "$jobs_file"
   for seed in $SEEDS; do
@@ -72,7 +74,8 @@ if (( FROM <= 5 )); then
         ais-sn-dpo) cmd="is_dpo.py --weight adaptive --self_normalise" ;;
         *) echo "error: unknown method $method in RUNS (dpo, ais-dpo, is-dpo, ais-sn-dpo)" >&2; exit 2 ;;
       esac
-      echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $OUT/logs/${method}_${beta}_${seed}.log 2>&1" >> "$jobs_file"
+      log="$OUT/logs/${method}_${beta}_${seed}.log"
+      echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $log 2>&1" >> "$jobs_file"
     done
   done
   if ! xargs -P "$JOBS" -I{} bash -c "{}" < "$jobs_file"; then
@@ -87,7 +90,8 @@ if (( FROM <= 6 )); then
              --out_dir "$OUT/eval" --plots_dir "$OUT/plots")
   pids=()
   for (( i = 0; i < JOBS; i++ )); do
-    $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} > "$OUT/logs/eval_$i.log" 2>&1 &
+    $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} \
+      > "$OUT/logs/eval_$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do

@@ -1,9 +1,14 @@
-"""Two small numerical experiments behind importance-sampled DPO: numpy and matplotlib, a few seconds on a CPU.
+"""Two small numerical experiments behind importance-sampled DPO: numpy and matplotlib, a few seconds on a
+CPU.
 
-1. Correlation (paper Fig. 1). The reference is a 1-D Gaussian mixture mu = pi_ref, the policy a narrow Gaussian
-   pi_theta = N(theta, 0.1^2) slid across [-1, 1]. For each theta: KL(pi_theta || pi_ref) by quadrature, and two
-   losses on preference pairs drawn from mu (offline data): the mu-weighted squared log-ratio margin, and the same
-   loss importance-weighted towards pi_theta (mu-IS). On a log scale the mu-IS loss tracks the KL; the mu-weighted
+1. Correlation (paper Fig. 1). The reference is a 1-D Gaussian mixture mu = pi_ref, the policy a narrow
+Gaussian
+   pi_theta = N(theta, 0.1^2) slid across [-1, 1]. For each theta: KL(pi_theta || pi_ref) by quadrature, and
+   two
+   losses on preference pairs drawn from mu (offline data): the mu-weighted squared log-ratio margin, and the
+   same
+   loss importance-weighted towards pi_theta (mu-IS). On a log scale the mu-IS loss tracks the KL; the
+   mu-weighted
    loss does not, because it only looks at pi_theta where mu happens to put its samples.
 2. Variance (paper App. E). Sequences of T tokens, a uniform reference over V tokens and the same policy
    categorical at every step. The sequence weight w = prod_t pi_theta/pi_ref has a variance that grows
@@ -12,8 +17,10 @@
    Exact values (the steps are independent) are drawn as lines, Monte Carlo estimates as markers.
 
 Run:  python toy_gaussian.py          (python toy_gaussian.py --help lists the flags and their defaults)
-See:  out/toy_gaussian/correlation.png  KL and the mu-IS loss rise and fall together; the mu-weighted loss does not
-      out/toy_gaussian/variance.png     log Var[w] is a straight rising line in T, log Var[w^(1/T)] never rises
+See:  out/toy_gaussian/correlation.png  KL and the mu-IS loss rise and fall together; the mu-weighted loss
+does not
+      out/toy_gaussian/variance.png     log Var[w] is a straight rising line in T, log Var[w^(1/T)] never
+      rises
       out/toy_gaussian/results.json     every plotted number and the two Pearson correlations
 """
 import argparse
@@ -35,16 +42,19 @@ import stage  # noqa: E402  (output checks; it imports neither torch nor transfo
 @dataclass
 class Args:
     seed: int = field(default=0, metadata={"help": "seed of the one random generator behind every draw"})
-    out_dir: str = field(default="out/toy_gaussian", metadata={"help": "where results.json and the figures go"})
+    out_dir: str = field(default="out/toy_gaussian", metadata={
+        "help": "where results.json and the figures go"})
     theta_min: float = field(default=-1.0, metadata={"help": "smallest policy mean theta"})
     theta_max: float = field(default=1.0, metadata={"help": "largest policy mean theta"})
     n_theta: int = field(default=41, metadata={"help": "number of theta values on the grid"})
-    n_samples: int = field(default=2000, metadata={"help": "preference pairs (y_w, y_l) drawn from mu per theta"})
+    n_samples: int = field(default=2000, metadata={
+        "help": "preference pairs (y_w, y_l) drawn from mu per theta"})
     vocab_size: int = field(default=10, metadata={"help": "V: the reference is uniform over V tokens"})
-    peak: float = field(default=1.5, metadata={"help": "pi_theta = softmax(peak * linspace(-1, 1, V)); 0 is pi_ref"})
+    peak: float = field(default=1.5, metadata={
+        "help": "pi_theta = softmax(peak * linspace(-1, 1, V)); 0 is pi_ref"})
     t_max: int = field(default=20, metadata={"help": "longest sequence length T"})
-    alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4],
-                                metadata={"help": "fixed exponents alpha in [0, 1] for w^alpha"})
+    alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4], metadata={
+        "help": "fixed exponents alpha in [0, 1] for w^alpha"})
     n_mc: int = field(default=10000, metadata={"help": "Monte Carlo sequences drawn from pi_ref"})
 
 
@@ -76,7 +86,8 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-# ---------------------------------------------------------------- 1. correlation: Gaussian mixture vs Gaussian
+# ---------------------------------------------------------------- 1. correlation: Gaussian mixture vs
+# Gaussian
 MIX_WEIGHTS = np.array([0.3, 0.4, 0.3])  # mu = pi_ref = sum_k w_k N(m_k, 0.2^2)
 MIX_MEANS = np.array([-0.8, 0.0, 0.8])
 MIX_STD = 0.2
@@ -123,10 +134,12 @@ def pair_losses(theta, y_w, y_l):
 
 
 def correlation_sweep(rng, thetas, n_samples):
-    """KL and both losses for every theta (fresh pairs from mu at each theta), and the Pearson correlations."""
+    """KL and both losses for every theta (fresh pairs from mu at each theta), and the Pearson
+    correlations."""
     kl, mu_loss, mu_is_loss = [], [], []
     for theta in thetas:
-        kl.append(kl_quadrature(functools.partial(gaussian_logpdf, mean=theta, std=POLICY_STD), mixture_logpdf))
+        kl.append(kl_quadrature(functools.partial(gaussian_logpdf, mean=theta, std=POLICY_STD),
+                                mixture_logpdf))
         losses = pair_losses(theta, sample_mixture(rng, n_samples), sample_mixture(rng, n_samples))
         mu_loss.append(losses[0])
         mu_is_loss.append(losses[1])
@@ -136,7 +149,8 @@ def correlation_sweep(rng, thetas, n_samples):
             "pearson_log_kl_vs_log_mu_is_loss": float(np.corrcoef(log_kl, np.log(mu_is_loss))[0, 1])}
 
 
-# ---------------------------------------------------------------- 2. variance: a uniform reference over V tokens
+# ---------------------------------------------------------------- 2. variance: a uniform reference over V
+# tokens
 def policy_probs(vocab_size, peak):
     """pi_theta: softmax(peak * linspace(-1, 1, V)), the same categorical at every step. Shape (V,)."""
     logits = peak * np.linspace(-1.0, 1.0, vocab_size)
@@ -158,7 +172,8 @@ def exact_moments(log_r, alpha, T):
 
 
 def mc_moments(log_w, alpha):
-    """Monte Carlo log E[w^alpha] and log Var[w^alpha] from samples of log w, shape (n,). The samples are scaled
+    """Monte Carlo log E[w^alpha] and log Var[w^alpha] from samples of log w, shape (n,). The samples are
+    scaled
     by their largest value before exponentiating, so nothing overflows however long the sequences are."""
     s = alpha * log_w
     top = s.max()
@@ -168,13 +183,15 @@ def mc_moments(log_w, alpha):
 
 
 def variance_sweep(rng, vocab_size, peak, t_max, alphas, n_mc):
-    """Exact and Monte Carlo moments of w^alpha for T = 1..t_max, for alpha = 1, 1/T, 1/sqrt(T) and each fixed alpha."""
+    """Exact and Monte Carlo moments of w^alpha for T = 1..t_max, for alpha = 1, 1/T, 1/sqrt(T) and each fixed
+    alpha."""
     log_r = np.log(policy_probs(vocab_size, peak)) + np.log(vocab_size)  # log pi_theta/pi_ref per token
     # n_mc sequences of length t_max from pi_ref; the prefix of length T gives the T-step log weight (cumsum),
     # so the MC points of neighbouring T share samples: one draw serves every T. Expect the MC points of the
     # full weight w to miss: its variance lives in sequences too rare for n_mc draws, which is the lesson.
     log_w = np.cumsum(log_r[rng.integers(vocab_size, size=(n_mc, t_max))], axis=1)
-    exponents = {"w": lambda T: 1.0, "w^(1/T)": lambda T: 1.0 / T, "w^(1/sqrt(T))": lambda T: 1.0 / np.sqrt(T)}
+    exponents = {"w": lambda T: 1.0, "w^(1/T)": lambda T: 1.0 / T,
+                 "w^(1/sqrt(T))": lambda T: 1.0 / np.sqrt(T)}
     exponents |= {f"w^{a:g}": (lambda T, a=a: a) for a in alphas}
     Ts, curves = range(1, t_max + 1), {}
     for name, alpha_of in exponents.items():
@@ -204,7 +221,8 @@ def plot_correlation(corr, path):
                 label=f"mu-IS loss (Pearson r of logs {corr['pearson_log_kl_vs_log_mu_is_loss']:.2f})")
     ax.set(xlabel="theta, the mean of pi_theta = N(theta, 0.1²)", ylabel="value (log scale)")
     ax.set_title("On a log scale the mu-IS loss tracks the KL, the mu-weighted loss does not\n"
-                 "pairs drawn from mu = pi_ref = 0.3 N(-0.8, 0.2²) + 0.4 N(0, 0.2²) + 0.3 N(0.8, 0.2²)", fontsize=10)
+                 "pairs drawn from mu = pi_ref = 0.3 N(-0.8, 0.2²) + 0.4 N(0, 0.2²) + 0.3 N(0.8, 0.2²)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
@@ -222,7 +240,8 @@ def plot_variance(var, path, vocab_size, peak):
     ax_var.set(xlabel="sequence length T", ylabel="log Var[w^alpha]",
                title=f"Variance (V = {vocab_size}, peak = {peak:g}): lines exact, circles Monte Carlo")
     ax_mean.axhline(1.0, color="gray", ls=":", lw=1)
-    ax_mean.set(xlabel="sequence length T", ylabel="E[w^alpha]", title="Bias: E[w^alpha] <= 1 (Jensen), = 1 for w")
+    ax_mean.set(xlabel="sequence length T", ylabel="E[w^alpha]",
+                title="Bias: E[w^alpha] <= 1 (Jensen), = 1 for w")
     ax_var.legend(fontsize=8)
     fig.tight_layout()
     save_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
@@ -256,7 +275,8 @@ def main(args: Args):
     print(f"variance at T = {args.t_max}:   log Var exact   log Var MC   E[w^alpha] exact")
     for name, c in var["curves"].items():
         fmt = lambda x: f"{x:12.3f}" if x is not None else f"{'-inf':>12}"  # noqa: E731
-        print(f"  {name:14s} {fmt(c['log_var_exact'][-1])} {fmt(c['log_var_mc'][-1])} {c['mean_exact'][-1]:14.4f}")
+        print(f"  {name:14s} {fmt(c['log_var_exact'][-1])} {fmt(c['log_var_mc'][-1])} "
+              f"{c['mean_exact'][-1]:14.4f}")
     print(f"wrote {args.out_dir}/results.json, correlation.png, variance.png")
 
 

@@ -37,10 +37,12 @@ from stage import check_args, check_output, cleans_up, finish_output, parse_args
 class Args:
     out_dir: str = field(default="out/toy_tldr", metadata={"help": "where the world is written"})
     seed: int = field(default=0, metadata={"help": "one seed makes the whole world"})
-    num_sft: int = field(default=20000, metadata={"help": "prompts with a reference summary (SFT + DAA prompts)"})
+    num_sft: int = field(default=20000, metadata={
+        "help": "prompts with a reference summary (SFT + DAA prompts)"})
     num_human_pairs: int = field(default=12000, metadata={"help": "'human' preference pairs for the gold RM"})
     num_eval: int = field(default=512, metadata={"help": "held-out evaluation prompts with a reference"})
-    bt_temperature: float = field(default=0.3, metadata={"help": "Bradley-Terry temperature of the human labels (lower = less noise)"})
+    bt_temperature: float = field(default=0.3, metadata={
+        "help": "Bradley-Terry temperature of the human labels (lower = less noise)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +295,8 @@ def make_world(args):
     sft = [{"prompt": p, "completion": reference_summary(f, rng)} for rng, f, p in split("sft", args.num_sft)]
     human = [human_pair(p, reference_summary(f, rng), rng, args.bt_temperature)
              for rng, f, p in split("human", args.num_human_pairs)]
-    evals = [{"prompt": p, "reference": reference_summary(f, rng)} for rng, f, p in split("eval", args.num_eval)]
+    evals = [{"prompt": p, "reference": reference_summary(f, rng)} for rng, f,
+             p in split("eval", args.num_eval)]
     return sft, human, evals
 
 

@@ -57,13 +57,20 @@ class Args:
     batch: int = field(default=4, metadata={"help": "sequences per batch"})
     length: int = field(default=512, metadata={"help": "tokens per sequence (N = batch * length)"})
     hidden: int = field(default=512, metadata={"help": "hidden size H"})
-    chunks: list = field(default_factory=lambda: [128], metadata={"help": "chunk sizes (tokens) of the fused gather, e.g. 128 512 2048", "nargs": "+", "type": int})
-    reps: int = field(default=3, metadata={"help": "timed repetitions of forward + backward after the warm-up (median reported)"})
+    chunks: list = field(default_factory=lambda: [128],
+                         metadata={"help": "chunk sizes (tokens) of the fused gather, e.g. 128 512 2048",
+                                   "nargs": "+", "type": int})
+    reps: int = field(default=3, metadata={
+        "help": "timed repetitions of forward + backward after the warm-up (median reported)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    prototypes: bool = field(default=False, metadata={"help": "also run the prototypes `lean` and `vocab` at every chunk size"})
-    time_malloc: str = field(default="default", metadata={"help": "allocator while timing: default (glibc's usual reuse) | mmap (64 KiB threshold, as for memory)"})
+    prototypes: bool = field(default=False, metadata={
+        "help": "also run the prototypes `lean` and `vocab` at every chunk size"})
+    time_malloc: str = field(default="default", metadata={
+        "help": "allocator while timing: default (glibc's usual reuse) | mmap (64 KiB threshold, as for "
+                "memory)"})
     seed: int = field(default=0, metadata={"help": "seed of the random inputs"})
-    variant: str = field(default="", metadata={"help": "internal: run one variant in this process and print one JSON line"})
+    variant: str = field(default="", metadata={
+        "help": "internal: run one variant in this process and print one JSON line"})
     chunk: int = field(default=128, metadata={"help": "internal: the chunk size of --variant"})
 
 
@@ -76,7 +83,8 @@ def parse_args(argv=None):
         if f.type in (bool, "bool"):
             parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(f"--{f.name}", default=default, type=extra.pop("type", f.type if callable(f.type) else str),
+            parser.add_argument(f"--{f.name}", default=default,
+                                type=extra.pop("type", f.type if callable(f.type) else str),
                                 help=f.metadata["help"], **extra)
     args = Args(**vars(parser.parse_args(argv)))
     for name in ("vocab", "batch", "length", "hidden", "reps", "chunk"):
@@ -148,7 +156,8 @@ class VocabChunkedLogProbs(torch.autograd.Function):
             rows = ((targets >= s) & (targets < s + vc)).nonzero().squeeze(1)
             tgt[rows] = logits[rows, targets[rows] - s]
             new_max = torch.maximum(run_max, logits.amax(-1))
-            run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(logits.sub_(new_max[:, None]).exp_().sum(-1))
+            shifted = logits.sub_(new_max[:, None]).exp_().sum(-1)
+            run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(shifted)
             run_max = new_max
         lse = run_sum.log_().add_(run_max)
         ctx.save_for_backward(hidden, weight, targets, lse)
@@ -226,11 +235,13 @@ def reset_hwm():
 
 
 def usual_malloc():
-    """glibc's usual regime after MALLOC_MMAP_THRESHOLD_=65536: blocks under 32 MiB come from the heap and are reused."""
+    """glibc's usual regime after MALLOC_MMAP_THRESHOLD_=65536: blocks under 32 MiB come from the heap and are
+    reused."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 32 * MB) and libc.mallopt(-1, 64 * MB))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        return bool(libc.mallopt(-3, 32 * MB) and libc.mallopt(-1, 64 * MB))
     except (OSError, AttributeError):
         return False
 
@@ -270,7 +281,8 @@ def child(args):
                       "cpu_s": statistics.median(cpu),
                       "fwd_runs": fwd, "total_runs": total, "threads": torch.get_num_threads(),
                       "hwm_reset": reset, "time_malloc": "default" if malloc else "mmap",
-                      "vocab_cols": vocab_columns(args.chunk, n, args.vocab) if args.variant == "vocab" else None,
+                      "vocab_cols": vocab_columns(args.chunk, n,
+                                                  args.vocab) if args.variant == "vocab" else None,
                       "base_mb": base / 1024, "peak_extra_mb": (peak - base) / 1024,
                       "fwd_peak_extra_mb": (fwd_peak - base) / 1024, "fwd_held_mb": (held - base) / 1024}))
 
@@ -292,8 +304,10 @@ def run_child(args, variant, chunk):
 
 
 def check_agreement(variants, chunks, n=300, v=1000, hdim=64):
-    """Max abs differences of every variant against naive, random upstream gradient; exits if they disagree."""
-    print(f"agreement with naive (N {n}, V {v}, H {hdim}, random upstream): max |diff| of logps, grad hidden, grad weight")
+    """Max abs differences of every variant against naive, random upstream gradient; exits if they
+    disagree."""
+    print(f"agreement with naive (N {n}, V {v}, H {hdim}, random upstream): max |diff| of logps, grad "
+          "hidden, grad weight")
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
         hidden, weight, targets = make_inputs(n, v, hdim, seed=1, dtype=dtype)
         upstream = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=dtype)
@@ -306,7 +320,8 @@ def check_agreement(variants, chunks, n=300, v=1000, hdim=64):
         for variant in variants:
             for chunk in chunks + [7]:
                 d = [(a - b).abs().max().item() for a, b in zip(run(make_fn(variant, chunk)), ref)]
-                print(f"  {str(dtype)[6:]:7s} {variant:5s} chunk {chunk:5d}: {d[0]:.1e} {d[1]:.1e} {d[2]:.1e}")
+                print(f"  {str(dtype)[6:]:7s} {variant:5s} chunk {chunk:5d}: "
+                      f"{d[0]:.1e} {d[1]:.1e} {d[2]:.1e}")
                 if max(d) > tol:
                     sys.exit(f"{variant} chunk {chunk} disagrees with naive by {max(d):.1e} in {dtype}")
 
@@ -326,18 +341,25 @@ def main(args):
             rows.append(run_child(args, variant, chunk))
             print(f"  {variant} chunk {chunk}: {rows[-1]['total_s']:.2f} s", flush=True)
     naive = rows[0]
-    print(f"\nthreads {naive['threads']}, allocator while timing: {naive['time_malloc']}, RSS before the call "
-          f"{naive['base_mb']:.0f} MB" + ("" if naive["hwm_reset"] else ", clear_refs refused: VmHWM from process start"))
-    head = (f"{'variant':7s} {'chunk':>5s} {'fwd s':>6s} {'fwd+bwd s':>9s} {'cpu s':>6s} {'peak extra MB':>13s} "
+    hwm = "" if naive["hwm_reset"] else ", clear_refs refused: VmHWM from process start"
+    print(f"\nthreads {naive['threads']}, allocator while timing: {naive['time_malloc']}, "
+          f"RSS before the call {naive['base_mb']:.0f} MB" + hwm)
+    head = (f"{'variant':7s} {'chunk':>5s} {'fwd s':>6s} {'fwd+bwd s':>9s} {'cpu s':>6s} "
+            f"{'peak extra MB':>13s} "
             f"{'held MB':>7s} {'time ratio':>10s} {'cpu ratio':>9s} {'mem ratio':>9s}  fwd+bwd min-max")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['variant']:7s} {'-' if r['chunk'] is None else r['chunk']:>5} {r['fwd_s']:6.2f} {r['total_s']:9.2f} "
-              f"{r['cpu_s']:6.2f} {r['peak_extra_mb']:13.0f} {r['fwd_held_mb']:7.0f} {r['total_s'] / naive['total_s']:10.2f} {r['cpu_s'] / naive['cpu_s']:9.2f} "
-              f"{r['peak_extra_mb'] / naive['peak_extra_mb']:9.2f}  {min(r['total_runs']):.2f}-{max(r['total_runs']):.2f}")
-    print("ratios: variant / naive (time: forward + backward wall time; cpu: its process CPU time, both threads, steadier "
-          "on a busy machine;\nmemory: peak extra RSS); target: memory <= 0.25, time <= 1.5. 'held': RSS kept from forward to backward.")
+        print(f"{r['variant']:7s} {'-' if r['chunk'] is None else r['chunk']:>5} {r['fwd_s']:6.2f} "
+              f"{r['total_s']:9.2f} "
+              f"{r['cpu_s']:6.2f} {r['peak_extra_mb']:13.0f} {r['fwd_held_mb']:7.0f} "
+              f"{r['total_s'] / naive['total_s']:10.2f} {r['cpu_s'] / naive['cpu_s']:9.2f} "
+              f"{r['peak_extra_mb'] / naive['peak_extra_mb']:9.2f}  "
+              f"{min(r['total_runs']):.2f}-{max(r['total_runs']):.2f}")
+    print("ratios: variant / naive (time: forward + backward wall time; cpu: its process CPU time, both "
+          "threads, steadier "
+          "on a busy machine;\nmemory: peak extra RSS); target: memory <= 0.25, time <= 1.5. 'held': RSS "
+          "kept from forward to backward.")
     if any(r["variant"] == "vocab" for r in rows):
         cols = sorted({(r["chunk"], r["vocab_cols"]) for r in rows if r["variant"] == "vocab"})
         print("vocab: chunk c means [N, vc] blocks with vc = " + ", ".join(f"{vc} (c {c})" for c, vc in cols))

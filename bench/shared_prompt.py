@@ -2,11 +2,12 @@
 bench/shared_prompt.py -- what running a pair's prompt once saves (dpo.sequence_logps, reward.reward_scores).
 
     python bench/shared_prompt.py                                   # the toy's sizes (about 20 s)
-    python bench/shared_prompt.py --prompt_len 400 --response_len 50 --n_embd 256 --pairs 8   # TL;DR-like lengths
+    python bench/shared_prompt.py --prompt_len 400 --response_len 50 --n_embd 256 --pairs 8   # TL;DR-like
+    lengths
 
 A preference pair is (prompt, chosen) and (prompt, rejected). The textbook batch is two full sequences per
-pair (sft.collate: right-padded, one forward); ours runs the prompt once and lets both responses continue
-from its keys and values (sft.collate_grouped + sft.response_hidden). Both variants compute the summed
+pair (policy.collate: right-padded, one forward); ours runs the prompt once and lets both responses continue
+from its keys and values (policy.collate_grouped + policy.response_hidden). Both variants compute the summed
 log-probs of the response tokens with the same fused gather, then backward; the script first checks that
 they agree, then reports the median wall time of forward + backward over --reps calls, and the tokens
 each variant feeds the model. Random token ids on a randomly initialised GPT-NeoX; CPU, float32.
@@ -22,21 +23,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpo  # noqa: E402
-import sft  # noqa: E402
+import policy  # noqa: E402
 
 
 def two_sequences_logps(model, examples, pad_id, chunk):
     """The textbook way: every (prompt, response) row a full right-padded sequence."""
-    batch = sft.collate(examples, pad_id)
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    batch = policy.collate(examples, pad_id)
+    hidden = model.base_model(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["response_mask"][:, 1:]
     head = model.get_output_embeddings()
-    token_logps = dpo.ChunkedLogProbs.apply(hidden[:, :-1][mask], head.weight, head.bias, batch["input_ids"][:, 1:][mask], chunk)
+    token_logps = dpo.ChunkedLogProbs.apply(hidden[:, :-1][mask], head.weight, head.bias,
+                                            batch["input_ids"][:, 1:][mask], chunk)
     return torch.zeros(len(mask)).index_add(0, mask.nonzero()[:, 0], token_logps)
 
 
 def shared_prompt_logps(model, examples, pad_id, chunk):
-    return dpo.sequence_logps(model, sft.collate_grouped(examples, pad_id, k=2), chunk)[0]
+    return dpo.sequence_logps(model, policy.collate_grouped(examples, pad_id, k=2), chunk)[0]
 
 
 def main():
@@ -51,16 +54,15 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=args.vocab, hidden_size=args.n_embd, num_hidden_layers=args.n_layer,
                            num_attention_heads=max(1, args.n_embd // 32), intermediate_size=4 * args.n_embd,
-                           max_position_embeddings=2 * (args.prompt_len + args.response_len), tie_word_embeddings=False)
+                           max_position_embeddings=2 * (args.prompt_len + args.response_len),
+                           tie_word_embeddings=False)
     model = GPTNeoXForCausalLM(config)
     g = torch.Generator().manual_seed(0)
-
     def ids(mean):  # lengths spread +-25% around the mean, as real data is ragged
         n = int(torch.randint(max(1, mean * 3 // 4), mean * 5 // 4 + 1, (1,), generator=g))
         return torch.randint(1, args.vocab, (n,), generator=g).tolist()
@@ -73,8 +75,9 @@ def main():
     with torch.no_grad():
         a, b = (fn(model, examples, 0, 128) for fn in variants.values())
     print(f"check: max |difference| of the log-probs {float((a - b).abs().max()):.2e}")
-    tokens = {"two full sequences": sum(len(p) + len(r) for p, r in examples),
-              "shared prompt (ours)": sum(len(p) for p, _ in examples[::2]) + sum(len(r) for _, r in examples)}
+    responses = sum(len(r) for _, r in examples)
+    tokens = {"two full sequences": sum(len(p) for p, _ in examples) + responses,
+              "shared prompt (ours)": sum(len(p) for p, _ in examples[::2]) + responses}
     print(f"{args.pairs} pairs, prompts ~{args.prompt_len} tokens, responses ~{args.response_len}, "
           f"model {args.n_layer} x {args.n_embd}, {torch.get_num_threads()} threads; forward + backward:")
     base = None

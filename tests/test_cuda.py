@@ -26,8 +26,8 @@ def gpu_env(**extra):
 def cuda_available():
     if shutil.which("nvidia-smi") is None:
         return False
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], env=gpu_env(),
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           env=gpu_env(), capture_output=True, text=True, timeout=120)
     return probe.stdout.strip() == "True"
 
 
@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on thi
 
 def test_the_tiny_main_job_runs_on_cuda(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=gpu_env(**TINY, OUT=str(out), PYTHON=sys.executable),
+    proc = subprocess.run(["bash", "run.sh"], cwd=ROOT,
+                          env=gpu_env(**TINY, OUT=str(out), PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "device cuda" in proc.stdout  # sft.py says where it trains
@@ -49,16 +50,17 @@ def test_the_tiny_main_job_runs_on_cuda(tmp_path):
 
 
 COMPARE = r"""
-import random, torch, sft, dpo, reward, toy_tldr
+import random, torch, policy, sft, dpo, reward, toy_tldr
 tokenizer = toy_tldr.build_tokenizer()
 torch.manual_seed(0)
-model = sft.load_causal_lm(sft.Args(n_layer=2, n_embd=64, n_head=4), tokenizer)
+model = policy.load_causal_lm(sft.Args(n_layer=2, n_embd=64, n_head=4), tokenizer)
 rng = random.Random(0)
 pairs = []
 for _ in range(6):
     facts, prompt = toy_tldr.make_post(rng)
-    pairs.append(tuple(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24) for _ in range(2)))
-device, autocast = sft.device_and_autocast()
+    summaries = [toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)] for _ in range(2)]
+    pairs.append(tuple(policy.encode(tokenizer, prompt, summary, 64, 24) for summary in summaries))
+device, autocast = policy.device_and_autocast()
 assert device.type == "cuda", device
 cpu = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False), 1024)
 gpu = dpo.pair_logps(model.to(device), pairs, tokenizer.pad_token_id, device, autocast, 1024)
@@ -72,12 +74,14 @@ scorer = GPTNeoXForSequenceClassification(GPTNeoXConfig(**config, num_labels=1))
 with torch.no_grad():
     s_cpu = reward.reward_scores(scorer, batch)
     with autocast:
-        s_gpu = reward.reward_scores(scorer.to(device), sft.to_device(batch, device))
+        s_gpu = reward.reward_scores(scorer.to(device), policy.to_device(batch, device))
 torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=5e-2, atol=5e-2)
-print("ok", float((gpu[0].detach().float().cpu() - cpu[0].detach()).abs().max()), float((s_gpu.cpu() - s_cpu).abs().max()))
+logps_gap = float((gpu[0].detach().float().cpu() - cpu[0].detach()).abs().max())
+print("ok", logps_gap, float((s_gpu.cpu() - s_cpu).abs().max()))
 """
 
 
 def test_bf16_on_cuda_agrees_with_float32_on_the_cpu():
-    proc = subprocess.run([sys.executable, "-c", COMPARE], cwd=ROOT, env=gpu_env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", COMPARE], cwd=ROOT, env=gpu_env(PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

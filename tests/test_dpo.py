@@ -9,6 +9,7 @@ import torch
 
 import dpo
 import is_dpo
+import policy
 import sft
 import toy_tldr
 from test_toy_tldr import submit_cli
@@ -69,7 +70,8 @@ def test_chunked_logps_gradcheck():
             vals = []
             for delta in (eps, -eps):
                 flat[i] = old + delta
-                vals.append((dpo.gather_logps_naive(hidden.detach(), weight.detach(), bias.detach(), targets).double() * upstream).sum().item())
+                vals.append((dpo.gather_logps_naive(hidden.detach(), weight.detach(), bias.detach(),
+                                                    targets).double() * upstream).sum().item())
             flat[i] = old
             fd = (vals[0] - vals[1]) / (2 * eps)
             assert abs(fd - tensor.grad.view(-1)[i].item()) < 1e-3
@@ -79,7 +81,7 @@ def test_chunked_logps_gradcheck():
 def tiny_model():
     tokenizer = toy_tldr.build_tokenizer()
     torch.manual_seed(0)
-    model = sft.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
+    model = policy.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
     return model.double(), tokenizer
 
 
@@ -89,7 +91,8 @@ def toy_examples(tokenizer, n, seed=0):
     out = []
     for _ in range(n):
         facts, prompt = toy_tldr.make_post(rng)
-        out.append(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24))
+        out.append(policy.encode(tokenizer, prompt,
+                                 toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24))
     return out
 
 
@@ -102,49 +105,73 @@ def full_forward_logps(model, examples):
     return torch.stack(out)
 
 
-def test_sequence_logps_match_full_forward(tiny_model):
+def test_plain_logps_match_each_example_alone(tiny_model):
+    """The plain definition on a right-padded batch equals one unpadded forward per example."""
     model, tokenizer = tiny_model
     examples = toy_examples(tokenizer, 6)
-    batch = sft.collate_grouped(examples, tokenizer.pad_token_id)
+    plain, lengths = dpo.sequence_logps_plain(model, policy.collate(examples, tokenizer.pad_token_id))
+    torch.testing.assert_close(plain, full_forward_logps(model, examples), atol=1e-10, rtol=0)
+    assert lengths.tolist() == [len(r) for _, r in examples]
+
+
+def test_fast_logps_equal_the_plain_definition(tiny_model):
+    """The fast path (prompt once, chunked output layer; also unchunked) against the plain definition."""
+    model, tokenizer = tiny_model
+    examples = toy_examples(tokenizer, 6)
+    plain, plain_lengths = dpo.sequence_logps_plain(model, policy.collate(examples, tokenizer.pad_token_id))
+    batch = policy.collate_grouped(examples, tokenizer.pad_token_id)
     fused, lengths = dpo.sequence_logps(model, batch, chunk=7)
     naive, _ = dpo.sequence_logps(model, batch, fused=False)
-    torch.testing.assert_close(fused.double(), full_forward_logps(model, examples), atol=1e-5, rtol=0)
-    assert lengths.tolist() == [len(r) for _, r in examples]
-    assert torch.allclose(fused, naive, atol=1e-6)
+    torch.testing.assert_close(fused, plain, atol=1e-10, rtol=0)
+    torch.testing.assert_close(naive, plain, atol=1e-10, rtol=0)
+    assert lengths.tolist() == plain_lengths.tolist()
 
 
-def test_sequence_logps_gradients_fused_equal_naive(tiny_model):
+def test_fast_logps_gradients_equal_the_plain_definition(tiny_model):
     model, tokenizer = tiny_model
-    batch = sft.collate_grouped(toy_examples(tokenizer, 4, seed=1), tokenizer.pad_token_id)
-    grads = []
-    for fused in (True, False):
+    examples = toy_examples(tokenizer, 4, seed=1)
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    paths = {"plain": lambda: dpo.sequence_logps_plain(model,
+                                                       policy.collate(examples, tokenizer.pad_token_id)),
+             "fused": lambda: dpo.sequence_logps(model,
+                                                 policy.collate_grouped(examples, tokenizer.pad_token_id), 5),
+             "naive": lambda: dpo.sequence_logps(model,
+                                                 policy.collate_grouped(examples, tokenizer.pad_token_id),
+                                                 fused=False)}
+    grads = {}
+    for name, logps in paths.items():
         model.zero_grad()
-        logps, _ = dpo.sequence_logps(model, batch, chunk=5, fused=fused)
-        (logps * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        (logps()[0] * upstream).sum().backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for name in ("fused", "naive"):
+        for a, b in zip(grads[name], grads["plain"]):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
-def test_pair_logps_share_the_prompt_and_equal_full_forwards_in_values_and_gradients(tiny_model):
+def test_pair_logps_share_the_prompt_and_equal_the_plain_definition(tiny_model):
     """Chosen and rejected continue from one prompt pass; values and parameter gradients must be those
-    of two separate full sequences (prompts of different lengths, so left padding is exercised)."""
+    of the plain definition on the chosen and on the rejected responses (prompts of different lengths, so left
+    padding is exercised)."""
     model, tokenizer = tiny_model
     import random
     rng = random.Random(3)
     pairs = []
     for _ in range(4):
         facts, prompt = toy_tldr.make_post(rng)
-        pairs.append(tuple(sft.encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
+        pairs.append(tuple(policy.encode(tokenizer, prompt,
+                                         toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
                            for _ in range(2)))
     assert len({len(p[0][0]) for p in pairs}) > 1
     upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
     model.zero_grad()
-    pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu", contextlib.nullcontext(), 5)
+    pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu",
+                                              contextlib.nullcontext(), 5)
     (upstream * (pi_w - 0.3 * pi_l)).sum().backward()
     shared = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    ref_w, ref_l = full_forward_logps(model, [p[0] for p in pairs]), full_forward_logps(model, [p[1] for p in pairs])
+    plain = [dpo.sequence_logps_plain(model, policy.collate([p[k] for p in pairs], tokenizer.pad_token_id))[0]
+             for k in (0, 1)]
+    ref_w, ref_l = plain
     (upstream * (ref_w - 0.3 * ref_l)).sum().backward()
     torch.testing.assert_close(pi_w.double(), ref_w.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(pi_l.double(), ref_l.detach(), atol=1e-5, rtol=0)
@@ -193,8 +220,10 @@ def test_losses_by_hand():
 
 def r_tensors(n=64, scale=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r_w, r_l = scale * torch.randn(n, generator=g, dtype=torch.float64), scale * torch.randn(n, generator=g, dtype=torch.float64)
-    len_w, len_l = torch.randint(1, 25, (n,), generator=g).double(), torch.randint(1, 25, (n,), generator=g).double()
+    r_w = scale * torch.randn(n, generator=g, dtype=torch.float64)
+    r_l = scale * torch.randn(n, generator=g, dtype=torch.float64)
+    len_w = torch.randint(1, 25, (n,), generator=g).double()
+    len_l = torch.randint(1, 25, (n,), generator=g).double()
     return r_w, r_l, len_w, len_l
 
 
@@ -203,7 +232,8 @@ def test_weight_modes_by_hand():
     lw = lambda mode, **kw: is_dpo.log_importance_weights(mode, r_w, r_l, len_w, len_l, **kw)  # noqa: E731
     assert torch.equal(lw("none"), torch.zeros_like(r_w))
     assert torch.allclose(lw("full"), r_w + r_l)
-    assert torch.allclose(lw("clipped", log_w_max=2.0), torch.minimum(r_w + r_l, torch.tensor(2.0, dtype=torch.float64)))
+    assert torch.allclose(lw("clipped", log_w_max=2.0),
+                          torch.minimum(r_w + r_l, torch.tensor(2.0, dtype=torch.float64)))
     assert torch.allclose(lw("adaptive"), r_w / len_w + r_l / len_l)
     assert torch.allclose(lw("fixed", alpha=0.2), 0.2 * (r_w + r_l))
     assert torch.allclose(lw("sqrt"), r_w / len_w.sqrt() + r_l / len_l.sqrt())
@@ -222,14 +252,16 @@ def test_weights_exactly_one_when_policy_is_reference(mode):
 
 
 def test_self_normalised_weights_by_hand():
-    """--self_normalise: w_i / mean_j(w_j), from the same log w; the diagnostics stay those of the raw weights."""
+    """--self_normalise: w_i / mean_j(w_j), from the same log w; the diagnostics stay those of the raw
+    weights."""
     g = torch.Generator().manual_seed(1)
     ref_w, ref_l = -20 * torch.rand(16, generator=g), -20 * torch.rand(16, generator=g)
     logps = {"pi_w": ref_w - 8 * torch.rand(16, generator=g), "pi_l": ref_l - 8 * torch.rand(16, generator=g),
              "ref_w": ref_w, "ref_l": ref_l, "len_w": torch.randint(1, 20, (16,), generator=g),
              "len_l": torch.randint(1, 20, (16,), generator=g)}
     raw, raw_stats = is_dpo.importance_weights(is_dpo.Args(weight="adaptive"), logps, rows=None)
-    w, stats = is_dpo.importance_weights(is_dpo.Args(weight="adaptive", self_normalise=True), logps, rows=None)
+    w, stats = is_dpo.importance_weights(is_dpo.Args(weight="adaptive", self_normalise=True), logps,
+                                         rows=None)
     assert raw.mean() < 0.5  # the raw weights have drifted below 1 ...
     assert torch.allclose(w, raw / raw.mean(), rtol=1e-5) and w.mean().item() == pytest.approx(1.0, abs=1e-5)
     assert stats == raw_stats  # ... and the logged diagnostics say so
@@ -323,7 +355,8 @@ def tiny_world(tmp_path_factory):
     return root
 
 
-COMMON = ["--batch_size", 8, "--num_epochs", 1, "--num_checkpoints", 2, "--warmup_steps", 1, "--lr", 1e-3, "--seed", 3]
+COMMON = ["--batch_size", 8, "--num_epochs", 1, "--num_checkpoints", 2, "--warmup_steps", 1, "--lr", 1e-3,
+          "--seed", 3]
 
 
 def read_log(run_dir):
@@ -331,12 +364,14 @@ def read_log(run_dir):
 
 
 def test_dpo_and_is_dpo_alpha0_write_the_same_log(tmp_path_factory, tiny_world):
-    base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs", *COMMON]
+    base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir",
+            tiny_world / "runs", *COMMON]
     a = run(tmp_path_factory, "dpo.py", *base)
     assert a.returncode == 0, a.stderr[-2000:]
     b = run(tmp_path_factory, "is_dpo.py", *base, "--weight", "fixed", "--alpha", 0)
     assert b.returncode == 0, b.stderr[-2000:]
-    plain, weighted = read_log(tiny_world / "runs" / "dpo_beta0.01_seed3"), read_log(tiny_world / "runs" / "a0-dpo_beta0.01_seed3")
+    plain = read_log(tiny_world / "runs" / "dpo_beta0.01_seed3")
+    weighted = read_log(tiny_world / "runs" / "a0-dpo_beta0.01_seed3")
     assert len(plain) == len(weighted) == 6  # ceil(48 / 8)
     for p, w in zip(plain, weighted):
         assert {k: w[k] for k in p} == p  # identical numbers, not just close
@@ -350,7 +385,8 @@ def test_dpo_and_is_dpo_alpha0_write_the_same_log(tmp_path_factory, tiny_world):
 
 def test_a_run_reading_shared_reference_logps_writes_the_same_log(tmp_path_factory, tiny_world):
     cache = tiny_world / "reference_cache"
-    base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs_cached",
+    base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir",
+            tiny_world / "runs_cached",
             "--reference_cache", cache, *COMMON]
     first = run(tmp_path_factory, "dpo.py", *base, "--run_name", "first")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -392,7 +428,8 @@ def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
               "--num_checkpoints", 0, *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     name = [n for n in os.listdir(tiny_world / "runs_is") if n.startswith(is_dpo.method_name(is_dpo.Args(
-        weight=flags[1], loss_type=flags[flags.index("--loss_type") + 1] if "--loss_type" in flags else "dpo")))][0]
+        weight=flags[1],
+        loss_type=flags[flags.index("--loss_type") + 1] if "--loss_type" in flags else "dpo")))][0]
     log = read_log(tiny_world / "runs_is" / name)
     for row in log:
         assert {"weight_mean", "weight_max", "ess", "loss", "margin", "accuracy", "epoch"} <= set(row)
@@ -413,7 +450,8 @@ def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
     ("is_dpo", {"behaviour_logps": True, "behaviour_chosen_column": "nope"}, "nope"),
 ])
 def test_bad_input_gives_one_line(tiny_world, script, flags, message):
-    base = {"sft_path": str(tiny_world / "sft"), "data": str(tiny_world / "prefs.jsonl"), "runs_dir": str(tiny_world / "bad"), **flags}
+    base = {"sft_path": str(tiny_world / "sft"), "data": str(tiny_world / "prefs.jsonl"),
+            "runs_dir": str(tiny_world / "bad"), **flags}
     with pytest.raises(SystemExit) as e:
         if script == "dpo":
             dpo.train(dpo.Args(**base))
@@ -431,7 +469,8 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path_factory, tiny_world)
 
 
 def test_shared_prompt_benchmark_runs_and_its_variants_agree(tmp_path_factory):
-    flags = ["--pairs", "3", "--prompt_len", "9", "--response_len", "4", "--n_embd", "32", "--reps", "1", "--threads", "1"]
+    flags = ["--pairs", "3", "--prompt_len", "9", "--response_len", "4", "--n_embd", "32", "--reps", "1",
+             "--threads", "1"]
     proc = run(tmp_path_factory, "bench/shared_prompt.py", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     diff = float(proc.stdout.split("max |difference| of the log-probs ")[1].split()[0])

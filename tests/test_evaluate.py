@@ -1,4 +1,5 @@
-"""evaluate.py: the KL estimator against exact enumeration, win-rate ties, re-runs, the main job end to end."""
+"""evaluate.py: the KL estimator against exact enumeration, win-rate ties, re-runs, the main job end to
+end."""
 import itertools
 import json
 import math
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import evaluate
-import sft
+import policy
 from test_toy_tldr import submit_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,8 @@ def tiny_lm(vocab, seed):
 def test_kl_of_policy_against_itself_is_zero():
     model = tiny_lm(5, 0)
     examples = [([0, 1, 2], [3, 4, 1]), ([1], [4]), ([2, 2, 2, 2], [0, 3])]
-    assert torch.equal(evaluate.sequence_kl(model, model, examples, pad_id=0), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(evaluate.sequence_kl(model, model, examples, pad_id=0),
+                       torch.zeros(3, dtype=torch.float64))
 
 
 def all_responses(tokens, eos, max_len):
@@ -52,23 +54,24 @@ def seq_logp(model, prompt, response):
 
 def test_kl_estimator_expectation_matches_exact_kl():
     """Vocabulary {0, 1, EOS=2}, responses of at most 3 tokens: enumerate all 15 of them."""
-    policy, ref = tiny_lm(3, 1), tiny_lm(3, 2)
+    model, ref = tiny_lm(3, 1), tiny_lm(3, 2)
     prompt, eos = [0, 1], 2
     ys = all_responses([0, 1], eos, 3)
-    p = torch.tensor([math.exp(seq_logp(policy, prompt, y)) for y in ys], dtype=torch.float64)
+    p = torch.tensor([math.exp(seq_logp(model, prompt, y)) for y in ys], dtype=torch.float64)
     q = torch.tensor([math.exp(seq_logp(ref, prompt, y)) for y in ys], dtype=torch.float64)
     assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
     exact = (p * (p.log() - q.log())).sum()
-    estimator = evaluate.sequence_kl(policy, ref, [(prompt, y) for y in ys], pad_id=0)
+    estimator = evaluate.sequence_kl(model, ref, [(prompt, y) for y in ys], pad_id=0)
     assert exact.item() > 0.05  # the test means something only if the two models differ
     assert (p * estimator).sum().item() == pytest.approx(exact.item(), rel=1e-9)
 
     # and with the real sampler: the Monte Carlo mean lands within sampling error of the exact KL
     g = torch.Generator().manual_seed(0)
     n = 3000
-    outs, _ = sft.sample(policy.float(), [prompt] * n, eos, 0, 3, temperature=1.0, batch_size=1000, generator=g)
-    policy.double()
-    kl = evaluate.sequence_kl(policy, ref, [(prompt, o) for o in outs], pad_id=0)
+    outs, _ = policy.sample(model.float(), [prompt] * n, eos, 0, 3, temperature=1.0, batch_size=1000,
+                            generator=g)
+    model.double()
+    kl = evaluate.sequence_kl(model, ref, [(prompt, o) for o in outs], pad_id=0)
     assert abs(kl.mean().item() - exact.item()) < 4 * kl.std().item() / math.sqrt(n)
 
 
@@ -77,7 +80,8 @@ def test_kl_estimator_expectation_matches_exact_kl():
 
 TINY = {
     "WORLD_FLAGS": "--num_sft 240 --num_human_pairs 96 --num_eval 12",
-    "SFT_FLAGS": "--steps 20 --lr 0.01 --warmup_steps 0 --batch_size 16 --val_size 16 --num_sample_eval 4 --n_layer 1 --n_embd 32 --n_head 2",
+    "SFT_FLAGS": "--steps 20 --lr 0.01 --warmup_steps 0 --batch_size 16 --val_size 16 --num_sample_eval 4 "
+                 "--n_layer 1 --n_embd 32 --n_head 2",
     "RM_FLAGS": "--steps 3 --batch_size 8 --val_size 16",
     "LABEL_FLAGS": "--num_prompts 48",
     "DAA_FLAGS": "--num_epochs 4 --batch_size 2 --num_checkpoints 2 --warmup_steps 0 --lr 1e-2",
@@ -106,22 +110,26 @@ def test_main_job_writes_the_contract(main_job):
     rows = evaluate.read_results(out / "eval" / "results.jsonl")
     assert sorted({r["method"] for r in rows}) == ["ais-dpo", "dpo", "is-dpo"]
     ckpts = list(out.glob("runs/*/ckpt-*"))
-    assert len(rows) == len(ckpts) >= 3 * 2  # one row per checkpoint; each run has at least step 0 and its end
+    # one row per checkpoint; each run has at least step 0 and its end
+    assert len(rows) == len(ckpts) >= 3 * 2
     for r in rows:
-        assert {"run", "method", "beta", "seed", "step", "epoch", "kl", "win_rate", "true_win_rate", "mean_length"} <= set(r)
+        assert {"run", "method", "beta", "seed", "step", "epoch", "kl", "win_rate", "true_win_rate",
+                "mean_length"} <= set(r)
         assert 0 <= r["win_rate"] <= 1 and r["kl"] >= -1e-6
         if r["step"] == 0:  # the step-0 checkpoint is pi_ref itself
             assert abs(r["kl"]) < 1e-5
     assert "tradeoff.png" in stdout and "| claim |" in stdout
     assert not (out / "gold_rm").exists()  # the true scorer judged: no gold reward model was trained
     prefs = [json.loads(line) for line in open(out / "prefs" / "train.jsonl")]
-    assert all(r["chosen_score"] == r["chosen_true_score"] > r["rejected_score"] == r["rejected_true_score"] for r in prefs)
+    assert all(r["chosen_score"] == r["chosen_true_score"] > r["rejected_score"] == r["rejected_true_score"]
+               for r in prefs)
 
 
 def test_evaluate_rerun_adds_no_rows(main_job):
     out, _ = main_job
     before = (out / "eval" / "results.jsonl").read_text()
-    evaluate.main(evaluate.Args(runs=str(out / "runs" / "*"), data=str(out / "toy_tldr"), gold_path=str(out / "gold_rm"),
+    evaluate.main(evaluate.Args(runs=str(out / "runs" / "*"), data=str(out / "toy_tldr"),
+                                gold_path=str(out / "gold_rm"),
                                 out_dir=str(out / "eval"), plots_dir=str(out / "plots"), num_prompts=6))
     assert (out / "eval" / "results.jsonl").read_text() == before
 
@@ -133,7 +141,8 @@ def test_step_0_is_evaluated_once_and_equals_a_fresh_evaluation(main_job, tmp_pa
     metric_keys = ["kl", "win_rate", "true_win_rate", "true_score", "mean_length", "example"]
     rows = evaluate.read_results(out / "eval" / "results.jsonl")
     starts = [r for r in rows if r["step"] == 0]
-    assert len(starts) == 3 and all([r[k] for k in metric_keys] == [starts[0][k] for k in metric_keys] for r in starts)
+    assert len(starts) == 3
+    assert all([r[k] for k in metric_keys] == [starts[0][k] for k in metric_keys] for r in starts)
     last = sorted(out.glob("runs/*"))[-1]
     evaluate.main(evaluate.Args(runs=str(last), data=str(out / "toy_tldr"), gold_path=str(out / "gold_rm"),
                                 out_dir=str(tmp_path / "e"), plots_dir=str(tmp_path / "p"), num_prompts=6))
@@ -151,8 +160,10 @@ def test_shards_together_give_every_checkpoint_once_and_the_same_rows(main_job, 
         evaluate.main(evaluate.Args(**kw, shard=f"{i}/2"))
     assert not (tmp_path / "p").exists()  # shards draw no plots
     shards = {(r["run"], r["step"]): r for r in evaluate.read_results(tmp_path / "e" / "results.jsonl")}
-    assert len(shards) == len(list(out.glob("runs/*/ckpt-*"))) == len(evaluate.read_results(tmp_path / "e" / "results.jsonl"))
-    whole = evaluate.read_results(out / "eval" / "results.jsonl")  # run.sh's shards, one thread each, like these
+    written = evaluate.read_results(tmp_path / "e" / "results.jsonl")
+    assert len(shards) == len(list(out.glob("runs/*/ckpt-*"))) == len(written)
+    # run.sh's shards, one thread each, like these
+    whole = evaluate.read_results(out / "eval" / "results.jsonl")
     for r in whole:
         s = shards[(r["run"], r["step"])]
         assert s["win_rate"] == r["win_rate"] and s["kl"] == pytest.approx(r["kl"], abs=1e-6)
@@ -167,7 +178,8 @@ def run_eval(tmp_path_factory, *flags):
 
 def test_evaluate_bad_inputs(tmp_path_factory, main_job, tmp_path):
     out, _ = main_job
-    base = ["--data", out / "toy_tldr", "--gold_path", out / "gold_rm", "--out_dir", tmp_path / "e", "--plots_dir", tmp_path / "p"]
+    base = ["--data", out / "toy_tldr", "--gold_path", out / "gold_rm", "--out_dir", tmp_path / "e",
+            "--plots_dir", tmp_path / "p"]
     cases = []
     cases.append((["--runs", tmp_path / "nothing*", *base], "matches no run"))
     broken = tmp_path / "runs" / "broken"
@@ -186,7 +198,8 @@ def test_evaluate_bad_inputs(tmp_path_factory, main_job, tmp_path):
         vocab["model"]["vocab"]["zzz_new_word"] = len(vocab["model"]["vocab"])
         (ckpt / "tokenizer.json").write_text(json.dumps(vocab))
     cases.append((["--runs", mixed / "*", *base], "tokenizer"))
-    cases.append((["--runs", out / "runs" / "*", *base, "--judge", "rm", "--gold_path", tmp_path / "no_rm"], "not found"))
+    cases.append((["--runs", out / "runs" / "*", *base, "--judge", "rm", "--gold_path", tmp_path / "no_rm"],
+                  "not found"))
     cases.append((["--runs", out / "runs" / "*", *base, "--shard", "2/2"], "--shard"))
     for flags, message in cases:
         proc = run_eval(tmp_path_factory, *flags)
@@ -198,7 +211,8 @@ def test_evaluate_bad_inputs(tmp_path_factory, main_job, tmp_path):
 
 def test_evaluate_replaces_rows_of_a_retrained_run(main_job):
     out, _ = main_job
-    args = evaluate.Args(runs=str(out / "runs" / "*"), data=str(out / "toy_tldr"), gold_path=str(out / "gold_rm"),
+    args = evaluate.Args(runs=str(out / "runs" / "*"), data=str(out / "toy_tldr"),
+                         gold_path=str(out / "gold_rm"),
                          out_dir=str(out / "eval"), plots_dir=str(out / "plots"), num_prompts=6)
     run_args = out / "runs" / "dpo_beta0.01_seed0" / "args.json"
     a = json.loads(run_args.read_text())
@@ -241,7 +255,8 @@ def test_mean_ci_by_hand():
 
 def synthetic_rows(curves):
     """results rows from {(method, beta, seed): [(win_rate, kl), ...]} over evenly spaced steps."""
-    return [{"run": f"{m}_{b}_{s}", "method": m, "beta": b, "seed": s, "step": i, "fraction": i / (len(c) - 1),
+    return [{"run": f"{m}_{b}_{s}", "method": m, "beta": b, "seed": s, "step": i,
+             "fraction": i / (len(c) - 1),
              "win_rate": w, "kl": kl} for (m, b, s), c in curves.items() for i, (w, kl) in enumerate(c)]
 
 
@@ -250,31 +265,33 @@ def test_claims_hold_for_a_clear_effect_and_fail_without_one():
     for s in range(5):
         e = 0.01 * s  # replicates differ a little
         clear[("dpo", 0.01, s)] = [(0.40, 0.0), (0.60 + e, 2.0), (0.42 + e, 10.0)]  # hump 0.18
-        clear[("ais-dpo", 0.01, s)] = [(0.40, 0.0), (0.58, 1.0), (0.57 - e, 3.0)]   # ends 0.15 - 2e above, KL 0.3
+        # ends 0.15 - 2e above, KL 0.3
+        clear[("ais-dpo", 0.01, s)] = [(0.40, 0.0), (0.58, 1.0), (0.57 - e, 3.0)]
         clear[("dpo", 0.1, s)] = [(0.40, 0.0), (0.50, 1.0), (0.49 + e / 2, 1.5)]     # hump 0.01 - e/2
     results = evaluate.claims(synthetic_rows(clear))
-    assert [c[1] for c in results] == [5, 5, 5, 5] and all(c[3] for c in results)
+    assert [c.replicates for c in results] == [5, 5, 5, 5] and all(c.holds for c in results)
     control = dict(clear)  # another method beside the claims: compared with DPO by seed, never a verdict
     for s in range(5):
         control[("ais-sn-dpo", 0.01, s)] = [(0.40, 0.0), (0.55, 2.0), (0.45 + 0.01 * s, 5.0)]
-    extra = [c for c in evaluate.claims(synthetic_rows(control)) if c[3] is None]
-    assert len(extra) == 2 and extra[0][2][0] == pytest.approx(0.45 - 0.42) and extra[1][2][0] == pytest.approx(0.5)
+    extra = [c for c in evaluate.claims(synthetic_rows(control)) if c.holds is None]
+    assert len(extra) == 2
+    assert extra[0].ci.mean == pytest.approx(0.45 - 0.42) and extra[1].ci.mean == pytest.approx(0.5)
     assert evaluate.check_table(synthetic_rows(control))[1] is True
-    hump = results[0][2]
-    assert hump[0] == pytest.approx(0.18 - 0.0) and hump[1] < hump[0] < hump[2]
-    diff = results[1][2]
-    assert diff[0] == pytest.approx(np.mean([0.15 - 2 * 0.01 * s for s in range(5)]))
-    assert results[2][2][0] == pytest.approx(0.3)
+    hump = results[0].ci
+    assert hump.mean == pytest.approx(0.18 - 0.0) and hump.low < hump.mean < hump.high
+    diff = results[1].ci
+    assert diff.mean == pytest.approx(np.mean([0.15 - 2 * 0.01 * s for s in range(5)]))
+    assert results[2].ci.mean == pytest.approx(0.3)
     # no hump, AIS no better, same KL: every claim but the beta-0.1 one fails
     flat = {k: [(0.40, 0.0), (0.50, 2.0), (0.50 + 0.01 * k[2], 4.0)] for k in clear}
     results = evaluate.claims(synthetic_rows(flat))
-    assert [c[3] for c in results] == [False, False, False, True]
+    assert [c.holds for c in results] == [False, False, False, True]
     # one seed alone carries a hump: the mean passes 0.10 but the CI does not clear 0.05
     lucky = dict(clear)
     for s in range(1, 5):
         lucky[("dpo", 0.01, s)] = [(0.40, 0.0), (0.50, 2.0), (0.50, 4.0)]
     lucky[("dpo", 0.01, 0)] = [(0.40, 0.0), (0.90, 2.0), (0.40, 4.0)]
-    assert evaluate.claims(synthetic_rows(lucky))[0][3] is False
+    assert evaluate.claims(synthetic_rows(lucky))[0].holds is False
 
 
 def test_claims_pair_methods_by_seed():
@@ -286,18 +303,20 @@ def test_claims_pair_methods_by_seed():
         curves[("dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.3 + base, 2.0)]
         curves[("ais-dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.42 + base, 1.0)]
     results = evaluate.claims(synthetic_rows(curves))
-    mean, low, high = results[1][2]
+    mean, low, high = results[1].ci
     assert mean == pytest.approx(0.12) and low == pytest.approx(0.12) and high == pytest.approx(0.12)
 
 
-def test_a_gold_reward_model_can_judge_and_the_truth_is_reported_beside_it(tmp_path_factory, main_job, tmp_path):
+def test_a_gold_reward_model_can_judge_and_the_truth_is_reported_beside_it(
+        tmp_path_factory, main_job, tmp_path):
     """--judge rm: win_rate is the gold RM's (a tie would count half); true_win_rate is still the scorer's."""
     from test_toy_tldr import pipeline_stage
 
     out, _ = main_job
     gold = pipeline_stage(tmp_path_factory, "gold_rm")  # another world's RM: the toy vocabulary is fixed
     evaluate.main(evaluate.Args(runs=str(out / "runs" / "dpo_*"), data=str(out / "toy_tldr"), judge="rm",
-                                gold_path=str(gold), out_dir=str(tmp_path / "e"), plots_dir=str(tmp_path / "p"),
+                                gold_path=str(gold), out_dir=str(tmp_path / "e"),
+                                plots_dir=str(tmp_path / "p"),
                                 num_prompts=6))
     rows = evaluate.read_results(tmp_path / "e" / "results.jsonl")
     truth = {(r["run"], r["step"]): r for r in evaluate.read_results(out / "eval" / "results.jsonl")}

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import evaluate
-import sft
+import policy
 import stage
 import toy_tldr
 from test_toy_tldr import ROOT, TINY_MODEL, cli_env, pipeline_stage, read_jsonl, start_pipeline, submit_cli
@@ -234,17 +234,17 @@ def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp
                            steps=12, batch_size=8, val_size=20, save_every=5, **kw)
 
     reward.main(args("whole"))
-    append = sft.append_jsonl
+    append = policy.append_jsonl
 
     def interrupted_at_step_8(path, row):
         if row.get("step") == 8:
             raise KeyboardInterrupt
         append(path, row)
 
-    monkeypatch.setattr(sft, "append_jsonl", interrupted_at_step_8)
+    monkeypatch.setattr(policy, "append_jsonl", interrupted_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         reward.main(args("stopped"))
-    monkeypatch.setattr(sft, "append_jsonl", append)
+    monkeypatch.setattr(policy, "append_jsonl", append)
     assert not (root / "stopped").exists() and (root / ".stopped.partial" / "state.pt").exists()
     with pytest.raises(SystemExit, match="pass --resume to continue it"):
         reward.main(args("stopped"))
@@ -283,7 +283,7 @@ def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next
     assert "| dpo | 0.1 | 1 |" in (path.parent / "summary.md").read_text()
     # before a row is appended (under the lock) the torn line is cut off: the new row starts a line of its own
     assert evaluate.read_results(path, repair=True) == rows and path.read_text() == whole
-    sft.append_jsonl(path, result_row(2))
+    policy.append_jsonl(path, result_row(2))
     assert evaluate.read_results(path) == rows + [result_row(2)]
     path.write_text(whole.replace("}\n", "\n", 1) + json.dumps(result_row(2)) + "\n")  # damaged inside
     with pytest.raises(SystemExit, match="line 1 is not a JSON object"):
@@ -293,12 +293,13 @@ def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next
 def test_rows_of_other_settings_are_refused_not_silently_kept(tmp_path):
     path = str(tmp_path / "results.jsonl")
     settings = {"num_prompts": 256, "temperature": 0.01}
-    run = [("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "a"}, [])]  # the run as it is now
+    # the run as it is now
+    run = [evaluate.Run("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "a"}, [])]
     toy_tldr.write_jsonl(path, [result_row(0, settings=settings)])
     assert evaluate.current_results(path, run, settings) == [result_row(0, settings=settings)]
     with pytest.raises(SystemExit, match=r"1 rows evaluated with other settings \(num_prompts\)"):
         evaluate.current_results(path, run, {**settings, "num_prompts": 6})
     # rows of a run trained again are dropped first: a whole new job (run.sh again) is not refused
-    retrained = [("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "b"}, [])]
+    retrained = [evaluate.Run("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "b"}, [])]
     assert evaluate.current_results(path, retrained, {**settings, "num_prompts": 6}) == []
     assert evaluate.read_results(path) == []

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import reward
+import policy
 import sft
 import toy_tldr
 from test_toy_tldr import assert_clean_error, pipeline_stage, read_jsonl, start_pipeline, submit_cases
@@ -28,7 +29,8 @@ def cli_runs(tmp_path_factory):
     base = ["--sft_path", tmp / "empty_sft", "--data", tmp / "no_such_world"]
     cases = {
         "unknown mode": ["--mode", "evaluate"],
-        "label without a gold model": ["--mode", "label", "--judge", "rm", "--gold_path", tmp / "no_such_gold_rm"],
+        "label without a gold model": ["--mode", "label", "--judge", "rm", "--gold_path",
+                                       tmp / "no_such_gold_rm"],
         "negative batch size": ["--mode", "train", "--batch_size", -1],
         "missing data dir": ["--mode", "train"],
     }
@@ -42,11 +44,13 @@ def cli_runs(tmp_path_factory):
 def test_bradley_terry_loss_matches_a_hand_computation():
     r_chosen, r_rejected = torch.tensor([1.0, -0.5, 2.0, 3.0]), torch.tensor([0.0, 0.5, 2.0, -7.0])
     # -log sigmoid(d) = log(1 + exp(-d)) for d = 1, -1, 0, 10
-    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.e) + math.log(2) + math.log(1 + math.exp(-10))) / 4
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.e) + math.log(2)
+                + math.log(1 + math.exp(-10))) / 4
     assert reward.bradley_terry_loss(r_chosen, r_rejected).item() == pytest.approx(expected, rel=1e-6)
     # swapping chosen and rejected of a pair with margin d costs exactly d more for that pair
     d = r_chosen - r_rejected
-    swapped = reward.bradley_terry_loss(r_rejected, r_chosen).item() - reward.bradley_terry_loss(r_chosen, r_rejected).item()
+    loss = reward.bradley_terry_loss
+    swapped = loss(r_rejected, r_chosen).item() - loss(r_chosen, r_rejected).item()
     assert swapped == pytest.approx(d.mean().item(), rel=1e-5)
 
 
@@ -56,7 +60,7 @@ def tiny_rm(tmp_path_factory):
     tokenizer = toy_tldr.build_tokenizer()
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_lm")
-    sft.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer).save_pretrained(path)
+    policy.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer).save_pretrained(path)
     model = reward.load_reward_model(str(path), tokenizer, new_head=True).eval()
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)  # scores of order one: the position they are read at shows
@@ -65,7 +69,8 @@ def tiny_rm(tmp_path_factory):
 
 def toy_pairs(tokenizer, n):
     human = toy_tldr.make_world(toy_tldr.Args(num_sft=1, num_human_pairs=n, num_eval=1))[1]
-    return [tuple(sft.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected")) for r in human]
+    return [tuple(policy.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected"))
+            for r in human]
 
 
 @torch.no_grad()
@@ -77,15 +82,18 @@ def test_reward_scores_read_the_last_real_token(tiny_rm):
     scores = reward.reward_scores(model, batch)
     assert scores.shape == (6,)
     rows = [example for pair in pairs for example in pair]  # pair_batch: chosen, rejected, chosen, ...
-    alone = torch.cat([reward.reward_scores(model, sft.collate_grouped([row], tokenizer.pad_token_id)) for row in rows])
+    alone = torch.cat([reward.reward_scores(model, policy.collate_grouped([row], tokenizer.pad_token_id))
+                       for row in rows])
     torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
     # independent: the model's own pooling on full right-padded sequences (with pad != EOS, as on the
     # toy, it finds the last non-pad token itself)
-    full = sft.collate(rows, tokenizer.pad_token_id)
-    torch.testing.assert_close(model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits.squeeze(-1),
+    full = policy.collate(rows, tokenizer.pad_token_id)
+    torch.testing.assert_close(model(input_ids=full["input_ids"],
+                                     attention_mask=full["attention_mask"]).logits.squeeze(-1),
                                scores, rtol=1e-5, atol=1e-5)
     # the check has teeth: the head read at the last position (padding for the shorter rows) differs
-    hidden = model.base_model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).last_hidden_state
+    hidden = model.base_model(input_ids=full["input_ids"],
+                              attention_mask=full["attention_mask"]).last_hidden_state
     at_end = model.score(hidden[:, -1]).squeeze(-1)
     padded = full["attention_mask"][:, -1] == 0
     assert padded.any() and (at_end[padded] - scores[padded]).abs().min() > 1e-3
@@ -96,13 +104,16 @@ def test_score_pairs_equals_scoring_each_response_from_its_text(tiny_rm):
     (every prompt + response on its own row, from the texts) for chosen and rejected separately."""
     model, tokenizer, _ = tiny_rm
     human = toy_tldr.make_world(toy_tldr.Args(num_sft=1, num_human_pairs=5, num_eval=1))[1]
-    pairs = [tuple(sft.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected")) for r in human]
+    pairs = [tuple(policy.encode(tokenizer, r["prompt"], r[k], 64, 24) for k in ("chosen", "rejected"))
+             for r in human]
     s_chosen, s_rejected = reward.score_pairs(model, pairs, tokenizer.pad_token_id, 2, "cpu", nullcontext())
     args = reward.Args(sample_batch_size=3)
     for side, ours in (("chosen", s_chosen), ("rejected", s_rejected)):
-        theirs = reward.score_texts(model, tokenizer, [r["prompt"] for r in human], [r[side] for r in human], args, "cpu", nullcontext())
+        theirs = reward.score_texts(model, tokenizer, [r["prompt"] for r in human], [r[side] for r in human],
+                                    args, "cpu", nullcontext())
         assert ours.shape == (5,)
-        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs, dtype=torch.float64), rtol=1e-5,
+                                   atol=1e-5)
     assert (s_chosen != s_rejected).all()  # so a swap of the two sides would show above
 
 
@@ -141,12 +152,13 @@ def test_gold_rm_reopens_with_auto_classes_and_scores_the_same(tmp_path_factory)
     tokenizer = AutoTokenizer.from_pretrained(gold)
     assert auto_model.config.num_labels == 1 and auto_model.config.pad_token_id == tokenizer.pad_token_id
     rows = read_jsonl(world / "prefs_human.jsonl")[-6:]
-    examples = [sft.encode(tokenizer, r["prompt"], r["chosen"], 64, 24) for r in rows]
-    batch = sft.collate_grouped(examples, tokenizer.pad_token_id)
+    examples = [policy.encode(tokenizer, r["prompt"], r["chosen"], 64, 24) for r in rows]
+    batch = policy.collate_grouped(examples, tokenizer.pad_token_id)
     ours = reward.reward_scores(reward.load_reward_model(str(gold), tokenizer).eval(), batch)
     torch.testing.assert_close(reward.reward_scores(auto_model, batch), ours, rtol=1e-5, atol=1e-5)
-    full = sft.collate(examples, tokenizer.pad_token_id)
-    torch.testing.assert_close(auto_model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, 0],
+    full = policy.collate(examples, tokenizer.pad_token_id)
+    torch.testing.assert_close(auto_model(input_ids=full["input_ids"],
+                                          attention_mask=full["attention_mask"]).logits[:, 0],
                                ours, rtol=1e-5, atol=1e-5)
     assert ours.std() > 0  # the head was trained away from zero
 

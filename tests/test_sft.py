@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import policy
 import sft
 import toy_tldr
-from test_toy_tldr import (TINY_MODEL, assert_clean_error, assert_ran, pipeline_stage, read_jsonl, start_pipeline,
+from test_toy_tldr import (TINY_MODEL, assert_clean_error, assert_ran, pipeline_stage, read_jsonl,
+                           start_pipeline,
                            submit_cases, write_small_world)
 
 SIZES = ["--steps", 2, "--batch_size", 8, "--val_size", 10, "--num_sample_eval", 4, *TINY_MODEL]
@@ -36,9 +38,11 @@ def cli_runs(tmp_path_factory):
     (tmp / "empty.jsonl").write_text("")
     local = ["--tokenizer_path", world / "tokenizer"]
     cases = {
-        "mapped columns": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column", "summary", *local],
+        "mapped columns": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column",
+                           "summary", *local],
         "truncated prompts": ["--data", world, "--max_prompt_len", 20, "--truncate_prompts"],
-        "wrong column": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column", "tldr", *local],
+        "wrong column": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column",
+                         "tldr", *local],
         "missing data file": ["--data", tmp / "no_such_file.jsonl", *local],
         "empty jsonl": ["--data", tmp / "empty.jsonl", *local],
         "prompt too long": ["--data", world, "--max_prompt_len", 20],
@@ -58,7 +62,7 @@ def tokenizer():
 
 def tiny_lm(tokenizer, seed=0):
     torch.manual_seed(seed)
-    return sft.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
+    return policy.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
 
 
 def toy_rows(n, seed=0):
@@ -77,47 +81,48 @@ def teacher_forced_logp(model, prompt, response):
 
 def test_encode_appends_eos_and_collate_masks_only_the_response(tokenizer):
     rows = toy_rows(2)
-    examples = [sft.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in rows]
+    examples = [policy.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in rows]
     for r, (p, resp) in zip(rows, examples):
         assert p == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
         assert resp[-1] == tokenizer.eos_token_id and tokenizer.decode(resp[:-1]) == r["completion"]
-    batch = sft.collate(examples, tokenizer.pad_token_id)
+    batch = policy.collate(examples, tokenizer.pad_token_id)
     for i, (p, resp) in enumerate(examples):
         n = len(p) + len(resp)
         assert batch["input_ids"][i, :n].tolist() == p + resp
         assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
         assert batch["response_mask"][i].nonzero().squeeze(-1).tolist() == list(range(len(p), n))
-    _, cut = sft.encode(tokenizer, rows[0]["prompt"], rows[0]["completion"], 64, 3)
+    _, cut = policy.encode(tokenizer, rows[0]["prompt"], rows[0]["completion"], 64, 3)
     assert len(cut) == 3 and tokenizer.eos_token_id not in cut  # cut at max_response_len: no EOS
 
 
 def test_encode_rows_in_one_batch_equals_one_tokenizer_call_per_text(tokenizer):
     rows = toy_rows(40)
-    got = sft.encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 64, 12)
+    got = policy.encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 64, 12)
     for r, (p, resp) in zip(rows, got):
         assert p == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        assert resp == (tokenizer(" " + r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:12]
+        assert resp == (tokenizer(" " + r["completion"],
+                                  add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:12]
     assert any(len(resp) == 12 for _, resp in got) and any(len(resp) < 12 for _, resp in got)
-    assert sft.encode_rows(tokenizer, [], [], 64, 12) == []
+    assert policy.encode_rows(tokenizer, [], [], 64, 12) == []
     with pytest.raises(SystemExit, match="^error: a prompt is empty"):
-        sft.encode_rows(tokenizer, ["", rows[0]["prompt"]], ["a", "b"], 64, 12)
+        policy.encode_rows(tokenizer, ["", rows[0]["prompt"]], ["a", "b"], 64, 12)
 
 
 def test_a_long_prompt_is_refused_or_cut_from_the_left(tokenizer):
     prompt = toy_rows(1)[0]["prompt"]
     with pytest.raises(SystemExit, match="^error: .*--max_prompt_len 10"):
-        sft.encode(tokenizer, prompt, "x", 10, 24)
-    p, _ = sft.encode(tokenizer, prompt, "", 10, 24, truncate_prompts=True)
+        policy.encode(tokenizer, prompt, "x", 10, 24)
+    p, _ = policy.encode(tokenizer, prompt, "", 10, 24, truncate_prompts=True)
     assert p == tokenizer(prompt, add_special_tokens=False)["input_ids"][-10:]
     assert tokenizer.decode(p[-1:]) == "TL;DR:"
 
 
 def test_completion_loss_is_the_mean_nll_of_response_tokens(tokenizer):
     model = tiny_lm(tokenizer)
-    examples = [sft.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in toy_rows(3)]
+    examples = [policy.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in toy_rows(3)]
     examples[1] = (examples[1][0][:20], examples[1][1])  # rows of different lengths: padding in the batch
-    loss = sft.completion_loss(model, sft.collate(examples, tokenizer.pad_token_id))
+    loss = sft.completion_loss(model, policy.collate(examples, tokenizer.pad_token_id))
     nll = []  # naive: each row alone, each response token predicted by the logits one step before it
     for p, r in examples:
         logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].float(), -1)
@@ -127,7 +132,8 @@ def test_completion_loss_is_the_mean_nll_of_response_tokens(tokenizer):
 
 def test_sft_loss_goes_down_on_a_tiny_config(tokenizer):
     model = tiny_lm(tokenizer)
-    batch = sft.collate([sft.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in toy_rows(8)],
+    batch = policy.collate([policy.encode(tokenizer, r["prompt"], r["completion"], 64,
+                                          24) for r in toy_rows(8)],
                         tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -163,7 +169,8 @@ def peaked_lm(tokenizer):
 def ragged_prompts(tokenizer):
     """Prompts of four different lengths: left padding differs for every row."""
     rng = random.Random(0)
-    return [tokenizer(toy_tldr.make_post(rng)[1], add_special_tokens=False)["input_ids"][-n:] for n in (5, 17, 30, 44)]
+    return [tokenizer(toy_tldr.make_post(rng)[1], add_special_tokens=False)["input_ids"][-n:]
+            for n in (5, 17, 30, 44)]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -172,7 +179,8 @@ def test_sampled_logps_equal_teacher_forcing(tokenizer, peaked_lm, ragged_prompt
     # the log-probs are those of the temperature-1 policy, whatever temperature the tokens were drawn at
     eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(0)
-    responses, logps = sft.sample(peaked_lm, ragged_prompts, eos, tokenizer.pad_token_id, 12, temperature=temperature,
+    responses, logps = policy.sample(peaked_lm, ragged_prompts, eos, tokenizer.pad_token_id, 12,
+                                     temperature=temperature,
                                   generator=generator)
     assert any(r[-1] == eos for r in responses) and any(eos not in r for r in responses)  # both kinds of row
     for prompt, response, logp in zip(ragged_prompts, responses, logps):
@@ -190,33 +198,35 @@ def test_sampled_logps_equal_teacher_forcing(tokenizer, peaked_lm, ragged_prompt
 @torch.no_grad()
 def test_greedy_batch_equals_each_prompt_alone(tokenizer, peaked_lm, ragged_prompts):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    responses, logps = sft.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0)
+    responses, logps = policy.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0)
     assert len({len(r) for r in responses}) > 1  # rows end at different steps
     for prompt, response, logp in zip(ragged_prompts, responses, logps):
-        [alone], [alone_logp] = sft.sample(peaked_lm, [prompt], eos, pad, 12, temperature=0)
+        [alone], [alone_logp] = policy.sample(peaked_lm, [prompt], eos, pad, 12, temperature=0)
         assert response == alone
         assert logp == pytest.approx(alone_logp, rel=1e-6, abs=1e-5)
     # batch_size splits the batch without changing a row
-    assert sft.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0, batch_size=3)[0] == responses
+    assert policy.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0, batch_size=3)[0] == responses
 
 
 def test_collate_grouped_pads_prompts_left_and_responses_right(tokenizer):
     examples = [([5, 6, 7], [8, 9]), ([5, 6, 7], [10]), ([11], [12, 13, 14]), ([11], [15])]
-    batch = sft.collate_grouped(examples, pad_id=0, k=2)
+    batch = policy.collate_grouped(examples, pad_id=0, k=2)
     assert batch["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 11]]
     assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch["response_ids"].tolist() == [[8, 9, 0], [10, 0, 0], [12, 13, 14], [15, 0, 0]]
     assert batch["response_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
     with pytest.raises(ValueError):  # a group must share its prompt
-        sft.collate_grouped([([1], [2]), ([3], [4])], pad_id=0, k=2)
+        policy.collate_grouped([([1], [2]), ([3], [4])], pad_id=0, k=2)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @torch.no_grad()
 def test_response_hidden_equals_the_full_forward_of_each_sequence(tokenizer, peaked_lm, ragged_prompts, k):
     rng = random.Random(k)
-    examples = [(p, [rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(1, 6))]) for p in ragged_prompts for _ in range(k)]
-    hidden = sft.response_hidden(peaked_lm.base_model, sft.collate_grouped(examples, tokenizer.pad_token_id, k=k))
+    examples = [(p, [rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(1, 6))])
+                for p in ragged_prompts for _ in range(k)]
+    batch = policy.collate_grouped(examples, tokenizer.pad_token_id, k=k)
+    hidden = policy.response_hidden(peaked_lm.base_model, batch)
     for i, (p, r) in enumerate(examples):
         alone = peaked_lm.base_model(input_ids=torch.tensor([p + r])).last_hidden_state[0]
         # hidden[i, t] has read the prompt and t response tokens: the full forward's position len(p) - 1 + t
@@ -225,16 +235,17 @@ def test_response_hidden_equals_the_full_forward_of_each_sequence(tokenizer, pea
 
 def test_decode_response_reports_whether_eos_ended_it(tokenizer):
     ids = tokenizer("my mom lied to me .", add_special_tokens=False)["input_ids"]
-    assert sft.decode_response(tokenizer, ids + [tokenizer.eos_token_id]) == ("my mom lied to me .", True)
-    assert sft.decode_response(tokenizer, ids) == ("my mom lied to me .", False)
+    assert policy.decode_response(tokenizer, ids + [tokenizer.eos_token_id]) == ("my mom lied to me .", True)
+    assert policy.decode_response(tokenizer, ids) == ("my mom lied to me .", False)
 
 
 @torch.no_grad()
 def test_samples_hold_no_special_token_but_eos(tokenizer):
     model = tiny_lm(tokenizer)  # untrained: every token about equally likely
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in toy_rows(8)]
-    responses, _ = sft.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 24,
-                              generator=torch.Generator().manual_seed(0), suppress_ids=sft.banned_ids(tokenizer))
+    responses, _ = policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 24,
+                              generator=torch.Generator().manual_seed(0),
+                              suppress_ids=policy.banned_ids(tokenizer))
     other_specials = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
     assert not [t for r in responses for t in r if t in other_specials]
 
@@ -262,7 +273,8 @@ def test_command_line_saves_pi_ref_of_the_contract(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.hidden_size == 32 and tokenizer.get_vocab() == toy_tldr.build_tokenizer().get_vocab()
-    val = [sft.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in read_jsonl(world / "sft.jsonl")[-20:]]
+    val = [policy.encode(tokenizer, r["prompt"], r["completion"], 64,
+                         24) for r in read_jsonl(world / "sft.jsonl")[-20:]]
     val_loss = sft.validation_loss(model, val, tokenizer.pad_token_id, 8, torch.device("cpu"), nullcontext())
     assert val_loss == pytest.approx(metrics["val_loss"], abs=1e-4)
     assert val_loss < math.log(len(tokenizer))  # it learned something in 40 steps
@@ -274,7 +286,8 @@ def test_command_line_trains_on_a_local_jsonl_with_mapped_columns(cli_runs):
     out = tmp / "mapped_columns"
     assert not Path(f"{out}.tmp").exists()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert math.isfinite(metrics["val_loss"]) and "sample_true_score" not in metrics  # not the toy: no true score
+    # not the toy: no true score
+    assert math.isfinite(metrics["val_loss"]) and "sample_true_score" not in metrics
     assert len(read_jsonl(out / "train_log.jsonl")) == 2
     assert json.loads((out / "args.json").read_text())["prompt_column"] == "post"
 

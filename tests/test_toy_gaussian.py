@@ -1,4 +1,5 @@
-"""Tests for toy_gaussian.py: closed forms and Monte Carlo checks, the claims of the two analyses, and the CLI."""
+"""Tests for toy_gaussian.py: closed forms and Monte Carlo checks, the claims of the two analyses, and the
+CLI."""
 import itertools
 import json
 import subprocess
@@ -19,7 +20,8 @@ def log_ratio_uniform(vocab_size, peak):
 
 
 # ---------------------------------------------------------------- 1. correlation
-@pytest.mark.parametrize("m1, s1, m2, s2", [(0.3, 0.1, -0.2, 0.5), (0.0, 1.0, 0.0, 1.0), (1.0, 0.5, -0.5, 0.8)])
+@pytest.mark.parametrize("m1, s1, m2, s2",
+                         [(0.3, 0.1, -0.2, 0.5), (0.0, 1.0, 0.0, 1.0), (1.0, 0.5, -0.5, 0.8)])
 def test_kl_quadrature_matches_gaussian_closed_form(m1, s1, m2, s2):
     # KL(N(m1, s1^2) || N(m2, s2^2)) = log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2
     closed = np.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5
@@ -45,7 +47,8 @@ def test_mixture_density_integrates_to_one_and_sampler_matches_it():
 
 
 def test_losses_estimate_variances_of_the_log_ratio():
-    # For iid pairs E[rho^2 / 2] = Var[h]: the mu-weighted loss estimates Var_mu[h], the mu-IS loss Var_pi_theta[h].
+    # For iid pairs E[rho^2 / 2] = Var[h]: the mu-weighted loss estimates Var_mu[h], the mu-IS loss
+    # Var_pi_theta[h].
     theta, rng = 0.4, np.random.default_rng(2)
     y = np.linspace(-6, 6, 20001)
     h = tg.gaussian_logpdf(y, theta, tg.POLICY_STD) - tg.mixture_logpdf(y)
@@ -134,7 +137,8 @@ def test_script_runs_end_to_end(tmp_path):
     assert results["config"]["n_mc"] == 500
 
 
-@pytest.mark.parametrize("flags", [["--n_samples", "0"], ["--n_mc", "-5"], ["--theta_min", "1", "--theta_max", "0"],
+@pytest.mark.parametrize("flags",
+                         [["--n_samples", "0"], ["--n_mc", "-5"], ["--theta_min", "1", "--theta_max", "0"],
                                    ["--n_theta", "1"], ["--alphas", "0.1", "1.5"], ["--vocab_size", "1"],
                                    ["--t_max", "0"]])
 def test_bad_flags_give_one_line_error(flags, capsys):
@@ -146,7 +150,8 @@ def test_bad_flags_give_one_line_error(flags, capsys):
 
 
 def test_bad_flag_through_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out_dir", str(tmp_path / "x"), "--vocab_size", "1"],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out_dir", str(tmp_path / "x"), "--vocab_size",
+                           "1"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

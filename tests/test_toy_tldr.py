@@ -90,8 +90,10 @@ def _start_runner(tmp_path_factory):
     if not sys.platform.startswith("linux"):
         _runner["sequential"] = ThreadPoolExecutor(max_workers=1)
         return _runner
-    process = subprocess.Popen([sys.executable, "-c", _FORKING_RUNNER, str(out)], cwd=ROOT, env=cli_env(out / "hf_home"),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(out / "runner.stderr", "w"),
+    process = subprocess.Popen([sys.executable, "-c", _FORKING_RUNNER, str(out)], cwd=ROOT,
+                               env=cli_env(out / "hf_home"),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=open(out / "runner.stderr", "w"),
                                text=True, start_new_session=True)
     _runner["process"] = process
     threading.Thread(target=_collect_results, daemon=True).start()
@@ -114,12 +116,13 @@ def _collect_results():
         if line.startswith("ended "):
             i, code = map(int, line.split()[1:])
             argv, future = futures[i]
-            future.set_result(subprocess.CompletedProcess(argv, code, (out / f"{i}.stdout").read_text(),
-                                                          (out / f"{i}.stderr").read_text()))
+            stdout, stderr = (out / f"{i}.stdout").read_text(), (out / f"{i}.stderr").read_text()
+            future.set_result(subprocess.CompletedProcess(argv, code, stdout, stderr))
     with _runner["lock"]:
         for _, future in futures:
             if not future.done():
-                future.set_exception(RuntimeError(f"the runner stopped: {(out / 'runner.stderr').read_text()[-3000:]}"))
+                future.set_exception(RuntimeError("the runner stopped: "
+                                                  f"{(out / 'runner.stderr').read_text()[-3000:]}"))
 
 
 def submit_cli(tmp_path_factory, script, *args):
@@ -145,7 +148,8 @@ def submit_cases(tmp_path_factory, script, cases, tmp):
 
 
 def assert_ran(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, \
+        f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
 
 
 def assert_clean_error(result, out_dir, *words):
@@ -174,12 +178,16 @@ def start_pipeline(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     d = {name: base / name for name in ("world", "sft", "gold_rm", "prefs")}
     commands = {
-        "world": ["toy_tldr.py", "--out_dir", d["world"], "--num_sft", 300, "--num_human_pairs", 300, "--num_eval", 40],
-        "sft": ["sft.py", "--data", d["world"], "--out_dir", d["sft"], "--steps", 40, "--lr", 1e-2, "--warmup_steps", 0,
+        "world": ["toy_tldr.py", "--out_dir", d["world"], "--num_sft", 300, "--num_human_pairs", 300,
+                  "--num_eval", 40],
+        "sft": ["sft.py", "--data", d["world"], "--out_dir", d["sft"], "--steps", 40, "--lr", 1e-2,
+                "--warmup_steps", 0,
                 "--batch_size", 8, "--val_size", 20, "--num_sample_eval", 8, *TINY_MODEL],
-        "gold_rm": ["reward.py", "--mode", "train", "--sft_path", d["sft"], "--data", d["world"], "--out_dir", d["gold_rm"],
+        "gold_rm": ["reward.py", "--mode", "train", "--sft_path", d["sft"], "--data", d["world"], "--out_dir",
+                    d["gold_rm"],
                     "--steps", 5, "--batch_size", 8, "--val_size", 20],
-        "prefs": ["reward.py", "--mode", "label", "--judge", "rm", "--sft_path", d["sft"], "--gold_path", d["gold_rm"],
+        "prefs": ["reward.py", "--mode", "label", "--judge", "rm", "--sft_path", d["sft"], "--gold_path",
+                  d["gold_rm"],
                   "--data", d["world"],
                   "--out_dir", d["prefs"], "--num_prompts", 20],
     }
@@ -218,7 +226,8 @@ def cli_runs(tmp_path_factory):
     runs = {}
     for flag, value in [("--num_sft", 0), ("--bt_temperature", 0)]:
         out_dir = tmp / flag.strip("-")
-        runs[flag] = (threads.submit(run_cli, "toy_tldr.py", "--out_dir", out_dir, flag, value, home=tmp / "hf_home"),
+        runs[flag] = (threads.submit(run_cli, "toy_tldr.py", "--out_dir", out_dir, flag, value,
+                                     home=tmp / "hf_home"),
                       out_dir)
     threads.shutdown(wait=False)
     return runs
@@ -269,16 +278,19 @@ PROMPT = ("SUBREDDIT: r/tifu TITLE: need advice POST: we have a dog . my roommat
 
 
 def test_parse_facts_of_a_hand_written_prompt_ignores_the_distractor():
-    assert toy_tldr.parse_facts(PROMPT) == {"who": "roommate", "event": "lied", "feeling": "sad", "question": "confront"}
+    assert toy_tldr.parse_facts(PROMPT) == {"who": "roommate", "event": "lied", "feeling": "sad",
+                                            "question": "confront"}
     with pytest.raises(ValueError, match="not a toy_tldr prompt"):
         toy_tldr.parse_facts("SUBREDDIT: r/tifu TITLE: help POST: we have a dog . TL;DR:")
 
 
 @pytest.mark.parametrize("summary, finished, expected", [
     # weights of METHOD.md, section 8: +1 who, +1 event, +0.8 feeling, +0.8 question; -1 a wrong slot word;
-    # -0.6 a repeated content word; -0.15 a word over 14, -0.3 a word under 5; +0.5 '.'/'?' then EOS; -1.5 no EOS
+    # -0.6 a repeated content word; -0.15 a word over 14, -0.3 a word under 5; +0.5 '.'/'?' then EOS; -1.5 no
+    # EOS
     ("my roommate lied to me . i feel sad . should i confront ?", True, 1 + 1 + 0.8 + 0.8 + 0.5),  # 13 words
-    ("my boss lied to me . should i leave ?", True, 1 - 1 - 1 + 0.5),  # event; 'boss', 'leave' are the distractor's
+    # event; 'boss', 'leave' are the distractor's
+    ("my boss lied to me . should i leave ?", True, 1 - 1 - 1 + 0.5),
     ("roommate lied to me roommate lied to me sad", True, 1 + 1 + 0.8 - 0.6 - 0.6),  # 2 repeats, no end mark
     ("roommate lied to me roommate lied to me sad", False, 1 + 1 + 0.8 - 0.6 - 0.6 - 1.5),
     ("roommate lied", True, 1 + 1 - 3 * 0.3),  # 2 words: 3 under 5
@@ -316,7 +328,8 @@ def _edits_that_must_hurt(facts, reference, rng):
     i = rng.choice(slot_pos)
     pool = next(p for p in pools if words[i] in p)
     swapped = words[:i] + [rng.choice([w for w in pool if w != words[i]])] + words[i + 1:]
-    wrong = rng.choice(sorted(toy_tldr.SLOT_WORDS - {facts[k] for k in ("who", "event", "feeling", "question")}))
+    slots = {facts[k] for k in ("who", "event", "feeling", "question")}
+    wrong = rng.choice(sorted(toy_tldr.SLOT_WORDS - slots))
     j = rng.randint(0, len(words) - 1)
     distractor = words[:j] + [wrong] + words[j:]
     who = words.index(facts["who"])
@@ -383,7 +396,8 @@ def test_command_line_writes_the_world_of_the_contract(tmp_path_factory):
     args = toy_tldr.Args(num_sft=300, num_human_pairs=300, num_eval=40)
     assert [sft_rows, human, evals] == list(toy_tldr.make_world(args))
     config = json.loads((world / "config.json").read_text())
-    assert config["num_sft"] == 300 and config["seed"] == 0 and config["vocab_size"] == len(toy_tldr.vocabulary())
+    assert config["num_sft"] == 300 and config["seed"] == 0
+    assert config["vocab_size"] == len(toy_tldr.vocabulary())
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
     for row in sft_rows[:20]:
         for text in row.values():

@@ -1,0 +1,516 @@
+"""
+policy.py -- what every stage does with a policy: rows in, token ids, batches, log-prob positions, samples.
+
+sft.py, reward.py, dpo.py, is_dpo.py and evaluate.py all handle a causal LM the same way, and take it
+from here:
+  1. rows: from the toy world's directory, a local .json/.jsonl/.parquet file or a hub id, with a
+     column mapping, every field type-checked;
+  2. tokens: prompt + response, the response ' ' + text + EOS, cut at --max_response_len;
+  3. batches: right-padded prompt + response (`collate`), or prompts run once for k responses each
+     (`collate_grouped` + `response_hidden`: a preference pair costs one prompt, not two);
+  4. the model: loaded complete (no weight silently fresh) or built as the tiny GPT-NeoX;
+  5. sampling with a KV cache, and the log-probs of what it sampled;
+  6. the run around a stage: seeds, device, JSON files, finite checks, and the state that --resume
+     continues from.
+Imports run down the pipeline only: this file imports stage.py (flags, errors, outputs) and no stage.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from stage import fail
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. rows: from the toy, a local file or the hub
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file; a line that is not a JSON object is refused with its number."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                torn = "" if line.endswith("\n") else " (a torn last line?)"
+                fail(f"{path} line {n} is not valid JSON{torn}: {e}")
+            if not isinstance(row, dict):
+                fail(f"{path} line {n} is not a JSON object: {line.strip()[:60]}")
+            rows.append(row)
+    return rows
+
+
+def load_rows(source, filename, split, columns, numeric=()):
+    """Rows as dicts with our column names.
+
+    source: a toy_tldr output dir (reads <source>/<filename>), a local .json/.jsonl/.parquet file,
+    or a hub dataset id. columns: {our_name: column_in_the_data}. Every mapped field must be a string,
+    or a finite number for the names in `numeric`: the first that is not is refused with its row and column.
+    """
+    if os.path.isdir(source):
+        source = os.path.join(source, filename)
+        if not os.path.isfile(source):
+            fail(f"{source} not found (run the stage that writes it first)")
+    if source.endswith(".jsonl"):
+        if not os.path.isfile(source):
+            fail(f"data file {source} not found")
+        rows = read_jsonl(source)
+        names = list(rows[0]) if rows else []
+    else:
+        data = load_dataset(source, split)
+        rows, names = data.to_list(), data.column_names
+    if not rows:
+        fail(f"{source} has no rows")
+    missing = [c for c in columns.values() if c not in names]
+    if missing:
+        fail(f"{source} lacks column(s) {missing}; it has {names} (map them with the --*_column flags)")
+    for i, row in enumerate(rows, 1):
+        for ours, theirs in columns.items():
+            value = row.get(theirs)
+            if ours in numeric:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                kind = "a finite number" if ours in numeric else "a string"
+                fail(f"{source} row {i}, column {theirs!r}: expected {kind}, got {json.dumps(value)[:60]}")
+    # extra columns (scores, behaviour log-probs) travel along
+    extra = [c for c in names if c not in columns.values() and c not in columns]
+    return [{**{ours: row[theirs] for ours, theirs in columns.items()}, **{c: row.get(c) for c in extra}}
+            for row in rows]
+
+
+def load_dataset(source, split):
+    """A local .json/.parquet file or a hub data set, through the datasets library."""
+    import datasets
+
+    if source.endswith((".json", ".parquet")):
+        if not os.path.isfile(source):
+            fail(f"data file {source} not found")
+        kind = "parquet" if source.endswith(".parquet") else "json"
+        try:
+            return datasets.load_dataset(kind, data_files=source, split="train")
+        except Exception as e:  # an empty or malformed file ends here, not in a traceback
+            fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} "
+                 f"{str(e)[:200]}".strip())
+    if os.path.exists(source):
+        fail(f"{source}: expected a directory or a .json/.jsonl/.parquet file")
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all end here
+        fail(f"could not load dataset {source!r} split {split!r}: {type(e).__name__}: {str(e)[:200]}")
+
+
+def is_toy(data):
+    return os.path.isdir(data) and os.path.isfile(os.path.join(data, "eval.jsonl"))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. tokens: (prompt_ids, response_ids) per row
+
+
+def load_tokenizer(path="", data="", model_name_or_path=""):
+    """The tokenizer at `path`; without one, the toy's word-level tokenizer (<data>/tokenizer), else the
+    model's own. A pad token is guaranteed."""
+    from transformers import AutoTokenizer
+
+    if not path:
+        toy = os.path.join(data, "tokenizer") if os.path.isdir(data) else ""
+        path = toy if toy and os.path.isdir(toy) else model_name_or_path
+    if not path:
+        fail("no tokenizer: pass --tokenizer_path or --model_name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load tokenizer {path!r}: {str(e).splitlines()[0][:200]}")
+    if tokenizer.pad_token is None:  # e.g. Pythia: padding is masked out, any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_pairs(tokenizer, rows, args, stage):
+    """[((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))] of {prompt, chosen, rejected} rows, cut to
+    args.max_prompt_len / max_response_len (args.truncate_prompts); what that did is reported under
+    `stage`."""
+    prompts = [r["prompt"] for r in rows]
+    chosen, rejected = (encode_rows(tokenizer, prompts, [r[k] for r in rows], args.max_prompt_len,
+                                    args.max_response_len, args.truncate_prompts)
+                        for k in ("chosen", "rejected"))
+    report_shaping(stage, tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
+    return list(zip(chosen, rejected))
+
+
+def report_shaping(stage, tokenizer, prompts, responses=()):
+    """Say, once per stage, what tokenizing did to its data: responses longer than --max_response_len
+    cut before their EOS, and words the tokenizer does not know turned into <unk>. Token id lists."""
+    cut = sum(not r or r[-1] != tokenizer.eos_token_id for r in responses)
+    unk = tokenizer.unk_token_id
+    unknown = 0 if unk is None else sum(ids.count(unk) for ids in [*prompts, *responses])
+    said = f"{unknown} unknown tokens (<unk>) in {len(prompts)} prompts"
+    if responses:
+        said = (f"{cut} of {len(responses)} responses were longer than --max_response_len and cut without "
+                f"EOS; {said} and their responses")
+    print(f"{stage}: {said}")
+
+
+def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
+    """Token ids of each prompt (one batched tokenizer call); an over-long prompt is refused, or cut from the
+    left if asked."""
+    out = []
+    for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []:
+        if not ids:
+            fail("a prompt is empty (no tokens): nothing to condition a summary on")
+        if len(ids) > max_prompt_len:
+            if not truncate_prompts:
+                fail(f"a prompt has {len(ids)} tokens > --max_prompt_len {max_prompt_len} "
+                     f"(raise it, or pass --truncate_prompts to cut prompts from the left)")
+            ids = ids[-max_prompt_len:]  # keep the end: 'TL;DR:' is what cues the summary
+        out.append(ids)
+    return out
+
+
+def encode_rows(tokenizer, prompts, responses, max_prompt_len, max_response_len, truncate_prompts=False,
+                add_eos=True):
+    """[(prompt_ids, response_ids)] per row: each response is ' ' + text + EOS, cut at max_response_len."""
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts)
+    texts = [r if r[:1].isspace() else " " + r for r in responses]
+    eos = [tokenizer.eos_token_id] if add_eos else []
+    response_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [(p, (r + eos)[:max_response_len]) for p, r in zip(prompt_ids, response_ids)]
+
+
+def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False,
+           add_eos=True):
+    """One row of encode_rows: (prompt_ids, response_ids)."""
+    return encode_rows(tokenizer, [prompt], [response], max_prompt_len, max_response_len, truncate_prompts,
+                       add_eos)[0]
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. batches, and the hidden states that predict the response tokens
+
+
+def collate(examples, pad_id):
+    """Right-padded batch of prompt + response.
+
+    examples: list of (prompt_ids, response_ids). Returns input_ids [B, L], attention_mask [B, L]
+    and response_mask [B, L] (1 where the token is a response token, EOS included).
+    """
+    length = max(len(p) + len(r) for p, r in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    response_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for i, (p, r) in enumerate(examples):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[i, :len(p) + len(r)] = 1
+        response_mask[i, len(p):len(p) + len(r)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_grouped(examples, pad_id, k=1):
+    """A batch whose prompts are run once for k responses each (see response_hidden).
+
+    examples: (prompt_ids, response_ids), in groups of k consecutive rows sharing one prompt (k=2
+    for a preference pair: chosen, rejected). Prompts are left-padded as in `sample`; responses are
+    right-padded. Returns prompt_ids, prompt_mask [P, Lp] and response_ids, response_mask [P*k, Lr].
+    """
+    if len(examples) % k or any(examples[i][0] != examples[i - i % k][0] for i in range(len(examples))):
+        raise ValueError(f"examples must come in groups of {k} rows with the same prompt")
+    prompts, responses = [p for p, _ in examples[::k]], [r for _, r in examples]
+    width, length = max(map(len, prompts)), max(map(len, responses))
+    return {"prompt_ids": torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts]),
+            "prompt_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+            "response_ids": torch.tensor([r + [pad_id] * (length - len(r)) for r in responses]),
+            "response_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in responses])}
+
+
+def response_hidden(base_model, batch):
+    """Last-layer hidden states over the response positions; each prompt is run once for its k responses.
+
+    batch: collate_grouped output. Returns h [P*k, Lr + 1, H]: h[:, t] has read the prompt and the
+    first t response tokens, so h[:, t] predicts response token t (h[:, :-1] lines up with
+    response_ids), and h[i, len_i] has read all of response i (a reward model's score is read there).
+    How: the prompt goes through once with use_cache; its keys and values are repeated k times and
+    every response continues from its copy, with position ids that count real tokens only. A
+    preference pair so costs one prompt instead of two (the prompt is most of a TL;DR sequence).
+    """
+    prompt_mask, response_mask = batch["prompt_mask"], batch["response_mask"]
+    k = len(response_mask) // len(prompt_mask)
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = base_model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=position,
+                     use_cache=True)
+    cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # left padding: the last column is real
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        last, prompt_mask, position = (t.repeat_interleave(k, dim=0) for t in (last, prompt_mask, position))
+    position = position[:, -1:] + 1 + torch.arange(response_mask.shape[1], device=position.device)
+    out = base_model(input_ids=batch["response_ids"],
+                     attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+                     position_ids=position, past_key_values=cache)
+    return torch.cat([last, out.last_hidden_state], dim=1)
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the model: load a causal LM, or build the tiny GPT-NeoX
+
+
+def load_pretrained(auto_class, path, what, new_weights=(), **kwargs):
+    """A model whose every weight was in its files: a reward model read as a policy (no language-model
+    head) or pi_ref read as a reward model (no score head) is refused, not completed with random
+    weights; an unreadable or truncated checkpoint ends in one line. new_weights: names of weights
+    that may start fresh (the reward model's head, trained from pi_ref)."""
+    try:
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as e:  # missing, truncated, foreign: all end here
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        fail(f"could not load {what} from {path!r}: {type(e).__name__}: {first_line}")
+    missing = [k for k in info["missing_keys"] if not k.startswith(tuple(new_weights))]
+    if missing:
+        fail(f"{path} is not {what}: its files lack the weights {', '.join(sorted(missing)[:3])}")
+    return model
+
+
+def load_policy(path):
+    """A causal LM (pi_ref, a checkpoint of a run) from a directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM with its output layer)")
+
+
+def check_positive(args, *names):
+    for name in names:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+
+
+def load_causal_lm(args, tokenizer):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    if args.model_name_or_path:
+        return load_policy(args.model_name_or_path)
+    check_positive(args, "n_layer", "n_embd", "n_head")
+    if args.n_embd % args.n_head:
+        fail(f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=args.n_embd, num_hidden_layers=args.n_layer,
+                           num_attention_heads=args.n_head, intermediate_size=4 * args.n_embd,
+                           max_position_embeddings=args.max_prompt_len + args.max_response_len,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(config)
+
+
+def banned_ids(tokenizer):
+    """Special tokens a response must never contain: all but EOS: a response ends with EOS and holds no other
+    special token."""
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. sampling with a KV cache
+
+
+@torch.no_grad()
+def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batch_size=256, generator=None,
+           desc=None, suppress_ids=()):
+    """Sample one response per prompt, batched, with a KV cache.
+
+    prompts: list of token-id lists. Prompts are left-padded; the attention mask hides the
+    padding and position ids count real tokens only, so a row sees exactly what it would see
+    alone (tests check this against teacher forcing). temperature 0 = greedy.
+    suppress_ids (e.g. banned_ids(tokenizer)) are never drawn.
+    Returns (responses, logps): responses are id lists cut after the first EOS (EOS kept);
+    logps are the summed log-probs of the sampled tokens under the temperature-1 policy, exactly
+    what teacher forcing gives (the suppression only decides which token is drawn).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    responses, logps = [], []
+    banned = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+        tokens, total = sample_batch(model, prompts[start:start + batch_size], eos_id, pad_id, max_new_tokens,
+                                     temperature, generator, banned)
+        for row in tokens:
+            cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+            responses.append(row[:cut])
+        logps += total.tolist()
+    model.train(was_training)
+    return responses, logps
+
+
+def sample_batch(model, chunk, eos_id, pad_id, max_new_tokens, temperature, generator, banned):
+    """One batch of `sample`: (token lists [B, <= max_new_tokens], pad after EOS; summed log-probs [B])."""
+    device = banned.device
+    width = max(len(p) for p in chunk)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+    total = torch.zeros(len(chunk), device=device)
+    out_tokens, cache = [], None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        allowed = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
+        if temperature == 0:
+            token = allowed.argmax(-1)
+        else:
+            probs = torch.softmax(allowed / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        total += torch.where(done, 0.0, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
+        out_tokens.append(token)
+        done |= token == eos_id
+        if done.all():
+            break
+        ids, position = token[:, None], position[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+    return torch.stack(out_tokens, dim=1).tolist(), total
+
+
+def decode_response(tokenizer, ids):
+    """(text, finished): text without special tokens; finished = ended with EOS."""
+    finished = bool(ids) and ids[-1] == tokenizer.eos_token_id
+    return tokenizer.decode(ids, skip_special_tokens=True).strip(), finished
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. the run around a stage: seeds, device, files, finite checks
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_and_autocast():
+    """CUDA with bf16 autocast when present; CPU float32 otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.device("cpu"), nullcontext()
+
+
+def save_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def append_jsonl(path, row):
+    """Append one row with one write() to a file opened for appending: rows written side by side never
+    interleave, and a stop tears at most the last line (evaluate.read_results drops it)."""
+    line = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, line) != len(line):
+            raise OSError(28, "short write (disk full?)", path)
+    finally:
+        os.close(fd)
+
+
+def check_finite(step, **values):
+    """Stop the run at the first non-finite loss or gradient norm: a NaN never heals. Nothing is published."""
+    for name, value in values.items():
+        value = float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not math.isfinite(value):
+            fail(f"non-finite {name} ({value}) at step {step}: training stopped, nothing saved")
+
+
+def parameter_norm(model):
+    """The norm of all weights, checked finite when training ends: no loss checks the last update."""
+    return torch.sqrt(sum(p.detach().float().pow(2).sum() for p in model.parameters()))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. resumable training: the state of a run, saved every --save_every steps in its unfinished output
+# (stage.start_output(..., resumable=True) keeps that directory across a kill)
+
+
+def _settings(args):
+    """What a resumed run must share with the interrupted one: every flag but --resume and --save_every."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
+
+
+def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor):
+    """Every --save_every steps (but the last of `total`), all that the loop needs to go on after `step`
+    exactly as if never stopped: weights, optimizer moments, schedule, random generators, the data order
+    and the place in it, and how much of train_log.jsonl is written. Written aside and renamed: a kill
+    leaves this state or the one before."""
+    if not args.save_every or step % args.save_every or step == total:
+        return
+    numpy_rng = np.random.get_state()
+    state = {"step": step, "order": order, "cursor": cursor, "settings": _settings(args),
+             "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(),
+             "rng": {"python": random.getstate(),
+                     "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+                     "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    try:
+        torch.save(state, os.path.join(work, "state.pt.tmp"))
+    except RuntimeError as e:  # torch reports a full disk so; an OSError ends the run in one line
+        raise OSError(f"could not save the training state in {work}: {e}") from e
+    os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
+
+
+def remove_state(work):
+    """The saved state is for --resume only: it is not part of the published output."""
+    for name in ("state.pt", "state.pt.tmp"):  # .tmp: a save cut short by a kill
+        if os.path.exists(os.path.join(work, name)):
+            os.remove(os.path.join(work, name))
+
+
+def restore_state(work, args, model, optimizer, scheduler):
+    """(last step done, data order, cursor): from the saved state of an interrupted run if `work` holds
+    one (weights, optimizer, schedule and random generators are restored in place), else (0, [], 0)."""
+    path = os.path.join(work, "state.pt")
+    if not os.path.exists(path):
+        return 0, [], 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a state torn by a full disk: say so in one line
+        fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
+    changed = [k for k, v in _settings(args).items() if state["settings"].get(k) != v]
+    if changed:
+        changed = ", ".join("--" + k for k in changed)
+        fail(f"--resume with other settings than the interrupted run ({changed}): "
+             f"use the same, or remove {work} to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    with open(os.path.join(work, "train_log.jsonl"), "r+b") as f:
+        f.truncate(state["log_bytes"])  # the rows of steps after the save are written again
+    print(f"resumed from the state saved at step {state['step']}")
+    return state["step"], state["order"], state["cursor"]
+
