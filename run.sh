@@ -112,6 +112,7 @@ $PY toy_gaussian.py --out_dir "$OUT/toy_gaussian" ${GAUSS_FLAGS:-}
 
 say "done. Figures and tables:"
 for f in "$OUT"/plots/{dynamics,tradeoff}.png "$OUT"/eval/{summary,check}.md \
-         "$OUT"/toy_categorical/{dynamics.png,summary.md,check.md} "$OUT"/toy_gaussian/{correlation,variance}.png; do
+         "$OUT"/toy_categorical/{dynamics.png,summary.md,check.md} \
+         "$OUT"/toy_gaussian/{correlation,variance}.png; do
   if [[ -e "$f" ]]; then echo "  $f"; fi
 done
