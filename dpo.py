@@ -57,14 +57,20 @@ class Args:
     rejected_column: str = field(default="rejected", metadata={"help": "column holding the other response"})
     loss_type: str = field(default="dpo", metadata={"help": "dpo | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
-    ipo_sum: bool = field(default=False, metadata={
-        "help": "ipo: summed log-ratios instead of length-averaged (TRL)"})
+    ipo_form: str = field(default="summed", metadata={
+        "help": "ipo: summed (Azar et al. and the Adaptive-IS paper: Delta on summed log-ratios) | per_token "
+                "(TRL: log-ratios averaged over each response's tokens)"})
     rpo_eta: float = field(default=0.005, metadata={
         "help": "rpo: weight of the summed NLL of the chosen response (the NLL term is multiplied by beta "
                 "too)"})
     rdpo_alpha: float = field(default=0.01, metadata={
         "help": "rdpo: weight of the length difference |y_w| - |y_l|"})
-    chipo_clip: float = field(default=5.0, metadata={"help": "chipo: clip c of the log-ratio inside exp()"})
+    chipo_form: str = field(default="huang", metadata={
+        "help": "chipo: huang (Huang et al.: the whole margin clipped to [-2 R, 2 R]) | isdaa (the IS-DAAs "
+                "code: r clamped to [-c, c] inside exp)"})
+    chipo_rmax: float = field(default=5.0, metadata={"help": "chipo, huang: the reward bound R of the clip"})
+    chipo_clip: float = field(default=5.0, metadata={
+        "help": "chipo, isdaa: clip c of the log-ratio inside exp()"})
     num_epochs: float = field(default=2.0, metadata={
         "help": "passes over the pairs (the paper: 1 pass over 92k pairs; the toy needs 2 to drift far)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
@@ -148,9 +154,10 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
     return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
 
 
-def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=False):
-    """IPO (Azar et al. 2023): (Delta_avg - 1 / (2 beta))^2, Delta_avg = r(y_w)/|y_w| - r(y_l)/|y_l|
-    (TRL's per-token form), or with summed=True the paper's Delta. len_w, len_l: |y_w|, |y_l| [B]."""
+def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
+    """IPO (Azar et al. 2023, eq. 17; the Adaptive-IS paper, App. J): (Delta - 1 / (2 beta))^2 on the
+    summed log-ratios; summed=False: TRL's per-token form, Delta_avg = r(y_w)/|y_w| - r(y_l)/|y_l|.
+    len_w, len_l: |y_w|, |y_l| [B]. Returns [B]."""
     if summed:
         len_w, len_l = torch.ones_like(len_w), torch.ones_like(len_l)
     # --- the algorithm ---
@@ -170,9 +177,25 @@ def rdpo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, alpha):
     return -F.logsigmoid(beta * delta + alpha * (len_w - len_l).to(delta.dtype))
 
 
-def chipo_loss(pi_w, pi_l, ref_w, ref_l, beta, clip):
-    """chi-PO (Huang et al. 2024): -log sigmoid(beta * (phi_w - phi_l)), phi = r + exp(clip(r, -c, c)):
-    the link of chi^2 + KL regularisation; the clamp only keeps exp() finite."""
+def chipo_loss(pi_w, pi_l, ref_w, ref_l, beta, r_max):
+    """chi-PO (Huang et al. 2024, Algorithm 1): -log sigmoid(clip(beta * (phi(z_w) - phi(z_l)), -2R, 2R)),
+    phi(z) = z + log z, z = pi_theta / pi_ref = exp(r): the link of chi^2 + KL regularisation. Returns [B].
+
+    exp(r_w) - exp(r_l) is computed as exp(m) * (exp(r_w - m) - exp(r_l - m)), m = max(r_w, r_l), with
+    exp(m) capped at exp(30): beyond it the margin is past the clip unless |r_w - r_l| < 2R e^-30 / beta
+    (a tie, where the term is 0 either way), so the capped value clips to the same number, and neither
+    the loss nor its gradient overflows, even times an importance weight of e^50."""
+    r_w, r_l = pi_w - ref_w, pi_l - ref_l
+    m = torch.maximum(r_w, r_l)
+    # --- the algorithm ---
+    exp_gap = torch.exp(m.clamp(max=30.0)) * (torch.exp(r_w - m) - torch.exp(r_l - m))  # z_w - z_l
+    margin = beta * ((r_w - r_l) + exp_gap)  # beta * (phi(z_w) - phi(z_l))
+    return -F.logsigmoid(margin.clamp(-2 * r_max, 2 * r_max))
+
+
+def chipo_isdaa_loss(pi_w, pi_l, ref_w, ref_l, beta, clip):
+    """chi-PO as the public IS-DAAs code computes it: -log sigmoid(beta * (phi_w - phi_l)),
+    phi = r + exp(clip(r, -c, c)). Once r > c the chi^2 term has no gradient and this is DPO exactly."""
     r_w, r_l = pi_w - ref_w, pi_l - ref_l
     phi_w = r_w + torch.exp(r_w.clamp(-clip, clip))
     phi_l = r_l + torch.exp(r_l.clamp(-clip, clip))
@@ -184,13 +207,15 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
     if args.loss_type == "dpo":
         losses = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
     elif args.loss_type == "ipo":
-        losses = ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta, args.ipo_sum)
+        losses = ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta, args.ipo_form == "summed")
     elif args.loss_type == "rpo":
         losses = rpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.rpo_eta)
     elif args.loss_type == "rdpo":
         losses = rdpo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta, args.rdpo_alpha)
+    elif args.loss_type == "chipo" and args.chipo_form == "isdaa":
+        losses = chipo_isdaa_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.chipo_clip)
     elif args.loss_type == "chipo":
-        losses = chipo_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.chipo_clip)
+        losses = chipo_loss(pi_w, pi_l, ref_w, ref_l, args.beta, args.chipo_rmax)
     else:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     with torch.no_grad():  # implicit rewards beta * r(y), as in the DPO paper's trainer
@@ -372,8 +397,13 @@ def validate(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     stage.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
-                                   "chipo_clip", "logit_chunk", "max_prompt_len", "max_response_len"),
+                                   "chipo_clip", "chipo_rmax", "logit_chunk", "max_prompt_len",
+                                   "max_response_len"),
                    non_negative=("rpo_eta", "warmup_steps", "num_checkpoints", "save_every"))
+    if args.ipo_form not in ("summed", "per_token"):
+        fail(f"--ipo_form must be summed or per_token, got {args.ipo_form!r}")
+    if args.chipo_form not in ("huang", "isdaa"):
+        fail(f"--chipo_form must be huang or isdaa, got {args.chipo_form!r}")
     if args.lr_schedule not in ("constant", "cosine"):
         fail(f"--lr_schedule must be constant or cosine, got {args.lr_schedule!r}")
     if args.run_name in (".", "..") or os.sep in args.run_name:

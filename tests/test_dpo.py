@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dpo
 import is_dpo
@@ -202,12 +203,18 @@ def test_losses_by_hand():
     r_w, r_l = PI_W - REF_W, PI_L - REF_L  # 2, -3
     delta = r_w - r_l  # 5
     assert loss_of("dpo")[0] == pytest.approx(-math.log(sig(0.1 * 5)))
-    assert loss_of("ipo")[0] == pytest.approx((2 / 5 - (-3) / 8 - 1 / 0.2) ** 2)
-    assert loss_of("ipo", ipo_sum=True)[0] == pytest.approx((5 - 5.0) ** 2)
+    assert loss_of("ipo", ipo_form="per_token")[0] == pytest.approx((2 / 5 - (-3) / 8 - 1 / 0.2) ** 2)
+    assert loss_of("ipo", beta=0.2)[0] == pytest.approx((5 - 2.5) ** 2)  # the default: summed, target 2.5
+    assert loss_of("ipo")[0] == pytest.approx((5 - 5.0) ** 2)
     assert loss_of("rpo", rpo_eta=0.005)[0] == pytest.approx(-math.log(sig(0.5)) - 0.005 * 0.1 * (-10.0))
     assert loss_of("rdpo", rdpo_alpha=0.01)[0] == pytest.approx(-math.log(sig(0.5 + 0.01 * (5 - 8))))
     phi_w, phi_l = 2 + math.exp(1.0), -3 + math.exp(-1.0)  # clip c = 1: r_w 2 -> 1, r_l -3 -> -1
-    assert loss_of("chipo", chipo_clip=1.0)[0] == pytest.approx(-math.log(sig(0.1 * (phi_w - phi_l))))
+    assert loss_of("chipo", chipo_form="isdaa", chipo_clip=1.0)[0] == pytest.approx(
+        -math.log(sig(0.1 * (phi_w - phi_l))))
+    # Huang et al.: phi(z) = z + log z with z = exp(r), the whole margin clipped to [-2R, 2R]
+    margin = 0.1 * ((math.exp(2) + 2) - (math.exp(-3) - 3))  # 1.234
+    assert loss_of("chipo")[0] == pytest.approx(-math.log(sig(margin)))
+    assert loss_of("chipo", chipo_rmax=0.5)[0] == pytest.approx(-math.log(sig(1.0)))  # clipped at 2R = 1
     _, stats = loss_of("dpo")
     assert stats["margin"] == pytest.approx(0.1 * delta)
     assert stats["accuracy"] == 1.0
@@ -476,3 +483,49 @@ def test_shared_prompt_benchmark_runs_and_its_variants_agree(tmp_path_factory):
     diff = float(proc.stdout.split("max |difference| of the log-probs ")[1].split()[0])
     assert diff < 1e-4
     assert "two full sequences" in proc.stdout and "shared prompt (ours)" in proc.stdout
+
+
+def test_chipo_matches_huang_naive_formula_values_and_gradients():
+    # naive: phi(z) = z + log z with z = pi_theta / pi_ref formed explicitly, float64, no overflow guard
+    torch.manual_seed(0)
+    r_w, r_l = torch.randn(64, dtype=torch.float64) * 3, torch.randn(64, dtype=torch.float64) * 3
+    for beta, r_max in [(0.1, 5.0), (0.01, 5.0), (0.5, 0.7)]:
+        a, b = r_w.clone().requires_grad_(), r_l.clone().requires_grad_()
+        zero = torch.zeros(64, dtype=torch.float64)
+        ours = dpo.chipo_loss(a, b, zero, zero, beta, r_max)
+        ours.sum().backward()
+        c, d = r_w.clone().requires_grad_(), r_l.clone().requires_grad_()
+        z_w, z_l = torch.exp(c), torch.exp(d)
+        naive = -F.logsigmoid(torch.clamp(beta * ((z_w + torch.log(z_w)) - (z_l + torch.log(z_l))),
+                                          -2 * r_max, 2 * r_max))
+        naive.sum().backward()
+        torch.testing.assert_close(ours, naive, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_chipo_keeps_its_chi2_gradient_where_the_isdaa_form_is_dpo():
+    # r_w = 6 > c = 5: the IS-DAAs form's exp term is clamped (no gradient); Huang's is not (margin 0.41 < 10)
+    beta, r = 0.001, torch.tensor([6.0], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    dpo.chipo_loss(r, zero, zero, zero, beta, 5.0).sum().backward()
+    margin = beta * (6 + math.exp(6) - 1)
+    assert r.grad.item() == pytest.approx(-sig(-margin) * beta * (1 + math.exp(6)), rel=1e-10)
+    r.grad = None
+    dpo.chipo_isdaa_loss(r, zero, zero, zero, beta, 5.0).sum().backward()
+    assert r.grad.item() == pytest.approx(-sig(-beta * (6 + math.exp(5) - 1)) * beta, rel=1e-10)
+
+
+def test_chipo_never_overflows_and_stops_past_its_clip():
+    for dtype in (torch.float32, torch.float64):
+        r_w = torch.tensor([1000.0, 999.0, -1000.0, 80.0, 90.0], dtype=dtype, requires_grad=True)
+        r_l = torch.tensor([999.0, 1000.0, -999.0, 80.0, 89.9], dtype=dtype)
+        zero = torch.zeros(5, dtype=dtype)
+        losses = dpo.chipo_loss(r_w, r_l, zero, zero, 0.01, 5.0)
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(r_w.grad).all()
+        # past the clip: -log sigmoid(+-10) and no gradient; tiny ratios: the DPO-like term alone, margin
+        # 0.01 * (-1); equal ratios: margin 0, loss log 2
+        expected = [-math.log(sig(10)), -math.log(sig(-10)), -math.log(sig(-0.01)), math.log(2),
+                    -math.log(sig(10))]
+        torch.testing.assert_close(losses, torch.tensor(expected, dtype=dtype), rtol=1e-5, atol=1e-6)
+        assert r_w.grad[[0, 1, 4]].abs().max() == 0 and r_w.grad[2] != 0
