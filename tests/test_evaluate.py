@@ -87,6 +87,7 @@ TINY = {
     "DAA_FLAGS": "--num_epochs 4 --batch_size 2 --num_checkpoints 2 --warmup_steps 0 --lr 1e-2",
     "EVAL_FLAGS": "--num_prompts 6",
     "GAUSS_FLAGS": "--n_theta 5 --n_samples 100 --t_max 3 --n_mc 200",
+    "CAT_FLAGS": "--steps 10 --num_checkpoints 3 --num_pairs 300",
     "SEEDS": "0",
     "RUNS": "dpo:0.01 ais-dpo:0.01 is-dpo:0.01",
 }
@@ -105,7 +106,8 @@ def test_main_job_writes_the_contract(main_job):
     out, stdout = main_job
     for path in ["toy_tldr/sft.jsonl", "sft/metrics.json", "prefs/train.jsonl", "eval/check.md",
                  "eval/results.jsonl", "eval/summary.md", "plots/tradeoff.png", "plots/dynamics.png",
-                 "toy_gaussian/results.json", "toy_gaussian/correlation.png", "toy_gaussian/variance.png"]:
+                 "toy_gaussian/results.json", "toy_gaussian/correlation.png", "toy_gaussian/variance.png",
+                 "toy_categorical/check.md", "toy_categorical/dynamics.png"]:
         assert (out / path).is_file(), path
     rows = evaluate.read_results(out / "eval" / "results.jsonl")
     assert sorted({r["method"] for r in rows}) == ["ais-dpo", "dpo", "is-dpo"]
