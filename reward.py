@@ -9,7 +9,9 @@ Two modes, the two halves of Gao et al.'s synthetic set-up (METHOD.md, section 4
   --mode label  for each training prompt, two samples from pi_ref at temperature 1, scored by a
                 judge: the toy's hidden true scorer (--judge true, the default) or the gold model
                 (--judge rm); the higher one is "chosen" (or a Bradley-Terry draw). -> out/prefs/train.jsonl
-                This is the offline data the DAAs train on: the judge plays the human.
+                This is the offline data the DAAs train on: the judge plays the human. Each row keeps the
+                sampled token ids (chosen_ids, rejected_ids) and their behaviour log-probs under the
+                distribution they were drawn from (METHOD.md, section 4).
 
 Run (after toy_tldr.py and sft.py; each about a minute on a laptop CPU):
     python reward.py --mode train
