@@ -137,6 +137,17 @@ def test_label_keeps_the_sampled_ids_and_the_log_probs_they_were_drawn_with(bpe_
             assert abs(plain - logp) > 1e-3
 
 
+@torch.no_grad()
+def test_greedy_samples_have_behaviour_log_prob_zero(bpe_world, pi_ref):
+    model, tokenizer = pi_ref
+    prompts = [prompt_ids(tokenizer, "SUBREDDIT: r/test TITLE: a b POST: c d TL;DR:")] * 2
+    _, logps = policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 5, 0,
+                             logps_of="sampler")
+    assert logps == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 5, logps_of="ref")
+
+
 def test_dpo_trains_on_the_sampled_ids(bpe_world, pi_ref, tmp_path):
     """(c) dpo.py's pairs are the rows' ids, and its reference log-probs are teacher forcing of those ids, not
     of the re-encoded text."""
