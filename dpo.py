@@ -105,10 +105,13 @@ class Args:
 
 
 def load_pairs(args, tokenizer):
-    """(rows, pairs): the data's rows, and per row ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
+    """(rows, pairs): the data's rows, and per row ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids)):
+    the prompt encoded from its text, each response as the token ids it was sampled as when the row holds
+    them (chosen_ids, rejected_ids of reward.py --mode label), else encoded from its text."""
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
-    rows = policy.load_rows(args.data, "train.jsonl", args.split, cols)
-    pairs = policy.encode_pairs(tokenizer, rows, args, "daa")
+    rows = policy.load_rows(args.data, "train.jsonl", args.split, cols,
+                            token_ids=policy.ids_columns(args))
+    pairs = policy.encode_pairs(tokenizer, rows, args, "daa")  # the sampled token ids where rows hold them
     same = sum(r["chosen"] == r["rejected"] for r in rows)
     if same:  # legal, but such a pair has Delta = 0 forever and teaches nothing
         print(f"note: {same} pairs have chosen == rejected (their loss is constant)")

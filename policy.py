@@ -51,12 +51,14 @@ def read_jsonl(path):
     return rows
 
 
-def load_rows(source, filename, split, columns, numeric=()):
+def load_rows(source, filename, split, columns, numeric=(), token_ids=()):
     """Rows as dicts with our column names.
 
     source: a toy_tldr output dir (reads <source>/<filename>), a local .json/.jsonl/.parquet file,
     or a hub dataset id. columns: {our_name: column_in_the_data}. Every mapped field must be a string,
     or a finite number for the names in `numeric`: the first that is not is refused with its row and column.
+    token_ids: optional columns of the data (e.g. chosen_ids): where the data has one, every row's value
+    must be a non-empty list of token ids (integers >= 0), checked the same way.
     """
     if os.path.isdir(source):
         source = os.path.join(source, filename)
@@ -75,20 +77,27 @@ def load_rows(source, filename, split, columns, numeric=()):
     missing = [c for c in columns.values() if c not in names]
     if missing:
         fail(f"{source} lacks column(s) {missing}; it has {names} (map them with the --*_column flags)")
+    kinds = {theirs: "a finite number" if ours in numeric else "a string" for ours, theirs in columns.items()}
+    kinds.update({c: "a non-empty list of token ids" for c in token_ids if c in names})
     for i, row in enumerate(rows, 1):
-        for ours, theirs in columns.items():
+        for theirs, kind in kinds.items():
             value = row.get(theirs)
-            if ours in numeric:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            else:
-                ok = isinstance(value, str)
-            if not ok:
-                kind = "a finite number" if ours in numeric else "a string"
+            if not has_kind(value, kind):
                 fail(f"{source} row {i}, column {theirs!r}: expected {kind}, got {json.dumps(value)[:60]}")
-    # extra columns (scores, behaviour log-probs) travel along
+    # extra columns (scores, behaviour log-probs, token ids) travel along
     extra = [c for c in names if c not in columns.values() and c not in columns]
     return [{**{ours: row[theirs] for ours, theirs in columns.items()}, **{c: row.get(c) for c in extra}}
             for row in rows]
+
+
+def has_kind(value, kind):
+    """Whether a field holds `kind`: a string, a finite number (no bool), or a non-empty list of token ids."""
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "a finite number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
 
 
 def load_dataset(source, split):
@@ -143,13 +152,43 @@ def load_tokenizer(path="", data="", model_name_or_path=""):
 def encode_pairs(tokenizer, rows, args, stage):
     """[((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))] of {prompt, chosen, rejected} rows, cut to
     args.max_prompt_len / max_response_len (args.truncate_prompts); what that did is reported under
-    `stage`."""
+    `stage`. A response is encoded from its text, unless its row holds the token ids it was sampled as
+    (reward.py --mode label writes them beside each response column <c>, as <c>_ids): see sampled_ids."""
     prompts = [r["prompt"] for r in rows]
-    chosen, rejected = (encode_rows(tokenizer, prompts, [r[k] for r in rows], args.max_prompt_len,
-                                    args.max_response_len, args.truncate_prompts)
-                        for k in ("chosen", "rejected"))
+    sides = []
+    for ours, column in zip(("chosen", "rejected"), ids_columns(args)):
+        encoded = encode_rows(tokenizer, prompts, [r[ours] for r in rows], args.max_prompt_len,
+                              args.max_response_len, args.truncate_prompts)
+        sides.append(sampled_ids(tokenizer, rows, ours, column, encoded, args.max_response_len, stage))
+    chosen, rejected = sides
     report_shaping(stage, tokenizer, [p for p, _ in chosen], [r for _, r in chosen + rejected])
     return list(zip(chosen, rejected))
+
+
+def ids_columns(args):
+    """The columns that may hold the sampled token ids of the chosen and the rejected responses."""
+    return f"{args.chosen_column}_ids", f"{args.rejected_column}_ids"
+
+
+def sampled_ids(tokenizer, rows, ours, column, encoded, max_response_len, stage):
+    """encoded [(prompt_ids, response_ids)] with each response replaced by the ids in its row's `column`,
+    cut at max_response_len, where those are this tokenizer's ids of the row's text: all below
+    len(tokenizer), decoded to the text as the label stage decoded them. With a BPE tokenizer a text has
+    many token sequences and re-encoding it need not give back the one pi_ref sampled (and whose behaviour
+    log-prob the row holds). Rows without the column (hub data, human pairs) keep their encoding."""
+    have = [i for i, r in enumerate(rows) if r.get(column) is not None]
+    if not have:
+        return encoded
+    known = [i for i in have if max(rows[i][column]) < len(tokenizer)]
+    texts = tokenizer.batch_decode([rows[i][column] for i in known], skip_special_tokens=True)
+    match = [i for i, text in zip(known, texts) if text.strip() == rows[i][ours]]
+    out = list(encoded)
+    for i in match:
+        out[i] = (encoded[i][0], rows[i][column][:max_response_len])
+    print(f"{stage}: {len(match)} of {len(rows)} {ours} responses are the sampled token ids of column "
+          f"{column!r}" + (f"; {len(have) - len(match)} are not this tokenizer's ids of their text and are "
+                           f"encoded from it" if len(match) < len(have) else ""))
+    return out
 
 
 def report_shaping(stage, tokenizer, prompts, responses=()):
@@ -330,17 +369,22 @@ def banned_ids(tokenizer):
 
 @torch.no_grad()
 def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batch_size=256, generator=None,
-           desc=None, suppress_ids=()):
+           desc=None, suppress_ids=(), logps_of="policy"):
     """Sample one response per prompt, batched, with a KV cache.
 
     prompts: list of token-id lists. Prompts are left-padded; the attention mask hides the
     padding and position ids count real tokens only, so a row sees exactly what it would see
     alone (tests check this against teacher forcing). temperature 0 = greedy.
     suppress_ids (e.g. banned_ids(tokenizer)) are never drawn.
-    Returns (responses, logps): responses are id lists cut after the first EOS (EOS kept);
-    logps are the summed log-probs of the sampled tokens under the temperature-1 policy, exactly
-    what teacher forcing gives (the suppression only decides which token is drawn).
+    Returns (responses, logps): responses are id lists cut after the first EOS (EOS kept); logps are
+    the summed log-probs of the sampled tokens, of one of two distributions:
+      logps_of="policy": the temperature-1 policy without suppression, exactly what teacher forcing
+        gives (the temperature and the suppression only decide which token is drawn);
+      logps_of="sampler": the distribution each token was drawn from, softmax((logits with
+        suppress_ids at -inf) / temperature): the behaviour log-probs of the samples (greedy: 0).
     """
+    if logps_of not in ("policy", "sampler"):
+        raise ValueError(f"logps_of must be policy or sampler, got {logps_of!r}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -348,25 +392,26 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batc
     banned = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        tokens, total = sample_batch(model, prompts[start:start + batch_size], eos_id, pad_id, max_new_tokens,
-                                     temperature, generator, banned)
+        tokens, totals = sample_batch(model, prompts[start:start + batch_size], eos_id, pad_id,
+                                      max_new_tokens, temperature, generator, banned)
         for row in tokens:
             cut = row.index(eos_id) + 1 if eos_id in row else len(row)
             responses.append(row[:cut])
-        logps += total.tolist()
+        logps += totals[logps_of].tolist()
     model.train(was_training)
     return responses, logps
 
 
 def sample_batch(model, chunk, eos_id, pad_id, max_new_tokens, temperature, generator, banned):
-    """One batch of `sample`: (token lists [B, <= max_new_tokens], pad after EOS; summed log-probs [B])."""
+    """One batch of `sample`: (token lists [B, <= max_new_tokens], pad after EOS; {"policy": summed log-probs
+    [B] under the temperature-1 policy, "sampler": under the distribution drawn from})."""
     device = banned.device
     width = max(len(p) for p in chunk)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-    total = torch.zeros(len(chunk), device=device)
+    totals = {name: torch.zeros(len(chunk), device=device) for name in ("policy", "sampler")}
     out_tokens, cache = [], None
     for _ in range(max_new_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
@@ -376,18 +421,21 @@ def sample_batch(model, chunk, eos_id, pad_id, max_new_tokens, temperature, gene
         allowed = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
         if temperature == 0:
             token = allowed.argmax(-1)
+            drawn = torch.zeros_like(logits)  # greedy: the drawn token has probability 1
         else:
             probs = torch.softmax(allowed / temperature, dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            drawn = torch.log_softmax(allowed / temperature, dim=-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
-        total += torch.where(done, 0.0, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
+        for name, token_logps in (("policy", torch.log_softmax(logits, -1)), ("sampler", drawn)):
+            totals[name] += torch.where(done, 0.0, token_logps.gather(-1, token[:, None]).squeeze(-1))
         out_tokens.append(token)
         done |= token == eos_id
         if done.all():
             break
         ids, position = token[:, None], position[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-    return torch.stack(out_tokens, dim=1).tolist(), total
+    return torch.stack(out_tokens, dim=1).tolist(), totals
 
 
 def decode_response(tokenizer, ids):

@@ -9,7 +9,9 @@ Two modes, the two halves of Gao et al.'s synthetic set-up (METHOD.md, section 4
   --mode label  for each training prompt, two samples from pi_ref at temperature 1, scored by a
                 judge: the toy's hidden true scorer (--judge true, the default) or the gold model
                 (--judge rm); the higher one is "chosen" (or a Bradley-Terry draw). -> out/prefs/train.jsonl
-                This is the offline data the DAAs train on: the judge plays the human.
+                This is the offline data the DAAs train on: the judge plays the human. Each row keeps the
+                sampled token ids (chosen_ids, rejected_ids) and their behaviour log-probs under the
+                distribution they were drawn from (METHOD.md, section 4).
 
 Run (after toy_tldr.py and sft.py; each about a minute on a laptop CPU):
     python reward.py --mode train
@@ -162,7 +164,8 @@ def score_pairs(model, pairs, pad_id, batch_size, device, autocast):
 def load_human_pairs(args):
     """(tokenizer, train pairs, validation pairs, validation rows) of the human preference data."""
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
-    rows = policy.load_rows(args.data, "prefs_human.jsonl", args.split, cols)
+    rows = policy.load_rows(args.data, "prefs_human.jsonl", args.split, cols,
+                            token_ids=policy.ids_columns(args))
     if len(rows) <= args.val_size:
         fail(f"{len(rows)} pairs is not more than --val_size {args.val_size}")
     tokenizer = policy.load_tokenizer(args.sft_path)
@@ -249,8 +252,9 @@ def train(args, device, autocast):
 
 
 def sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast):
-    """Two samples of pi_ref per prompt at --temperature: (keep, dropped), keep holding
-    (prompt, a, b, log pi_ref(a), log pi_ref(b)) for the pairs of two different finished responses."""
+    """Two samples of pi_ref per prompt at --temperature: (keep, dropped), keep holding (prompt, a, b) for the
+    pairs of two different finished responses, a and b each (text, sampled token ids with EOS, behaviour
+    log-prob: log of the distribution the ids were drawn from, temperature and suppression included)."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = policy.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
     policy.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below
@@ -258,7 +262,7 @@ def sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast):
         outs, logps = policy.sample(pi_ref, [i for i in ids for _ in range(2)], tokenizer.eos_token_id,
                                     tokenizer.pad_token_id, args.max_response_len, args.temperature,
                                     args.sample_batch_size, generator, desc="sampling",
-                                    suppress_ids=policy.banned_ids(tokenizer))
+                                    suppress_ids=policy.banned_ids(tokenizer), logps_of="sampler")
     texts = [policy.decode_response(tokenizer, o) for o in outs]
     keep, dropped = [], {"unfinished": 0, "identical": 0, "tied": 0}
     for i, prompt in enumerate(prompts):
@@ -268,22 +272,23 @@ def sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast):
         elif a == b:
             dropped["identical"] += 1  # chosen == rejected carries no preference
         else:
-            keep.append((prompt, a, b, logps[2 * i], logps[2 * i + 1]))
+            keep.append((prompt, (a, outs[2 * i], logps[2 * i]), (b, outs[2 * i + 1], logps[2 * i + 1])))
     if not keep:
         fail("no usable pairs: every sample was unfinished or identical")
     return keep, dropped
 
 
 def judge_pairs(args, gold, tokenizer, keep, device, autocast):
-    """The judge's scores of both responses of every kept pair: the true scorer's, or the gold RM's."""
+    """The judge's scores of both responses of every kept pair: the true scorer's, or the gold RM's. Both
+    read the text, as a human judge would (the gold RM re-encodes it, as it was trained)."""
     prompts_kept = [k[0] for k in keep]
+    texts_a, texts_b = [a[0] for _, a, _ in keep], [b[0] for _, _, b in keep]
     if args.judge == "true":  # the toy's hidden scorer plays the human
-        scores_a = [toy_tldr.true_score(p, k[1]) for p, k in zip(prompts_kept, keep)]
-        scores_b = [toy_tldr.true_score(p, k[2]) for p, k in zip(prompts_kept, keep)]
+        scores_a = [toy_tldr.true_score(p, t) for p, t in zip(prompts_kept, texts_a)]
+        scores_b = [toy_tldr.true_score(p, t) for p, t in zip(prompts_kept, texts_b)]
     else:
-        scores_a = score_texts(gold, tokenizer, prompts_kept, [k[1] for k in keep], args, device, autocast,
-                               desc="scoring")
-        scores_b = score_texts(gold, tokenizer, prompts_kept, [k[2] for k in keep], args, device, autocast)
+        scores_a = score_texts(gold, tokenizer, prompts_kept, texts_a, args, device, autocast, desc="scoring")
+        scores_b = score_texts(gold, tokenizer, prompts_kept, texts_b, args, device, autocast)
     return scores_a, scores_b
 
 
@@ -292,7 +297,7 @@ def label_rows(args, keep, scores_a, scores_b, toy, dropped):
     toy whether each label agrees with the true scorer."""
     rng = random.Random(args.seed)
     out_rows, agree = [], []
-    for (prompt, a, b, lp_a, lp_b), sa, sb in zip(keep, scores_a, scores_b):
+    for (prompt, a, b), sa, sb in zip(keep, scores_a, scores_b):
         if args.label == "argmax":
             if sa == sb:
                 dropped["tied"] += 1  # equal scores carry no preference
@@ -301,15 +306,16 @@ def label_rows(args, keep, scores_a, scores_b, toy, dropped):
         else:
             a_wins = rng.random() < 1 / (1 + np.exp(-(sa - sb) / args.bt_temperature))
         if not a_wins:
-            a, b, sa, sb, lp_a, lp_b = b, a, sb, sa, lp_b, lp_a
-        row = {"prompt": prompt, "chosen": a, "rejected": b, "chosen_score": sa, "rejected_score": sb,
-               "chosen_behaviour_logp": lp_a, "rejected_behaviour_logp": lp_b}
+            a, b, sa, sb = b, a, sb, sa
+        row = {"prompt": prompt, "chosen": a[0], "rejected": b[0], "chosen_score": sa, "rejected_score": sb,
+               "chosen_behaviour_logp": a[2], "rejected_behaviour_logp": b[2],
+               "chosen_ids": a[1], "rejected_ids": b[1]}  # the sampled tokens, EOS included
         if toy:  # when the true scorer judged, its scores are already sa, sb
             if args.judge == "true":
                 row["chosen_true_score"], row["rejected_true_score"] = sa, sb
             else:
-                row["chosen_true_score"] = toy_tldr.true_score(prompt, a)
-                row["rejected_true_score"] = toy_tldr.true_score(prompt, b)
+                row["chosen_true_score"] = toy_tldr.true_score(prompt, a[0])
+                row["rejected_true_score"] = toy_tldr.true_score(prompt, b[0])
             if row["chosen_true_score"] != row["rejected_true_score"]:
                 agree.append(row["chosen_true_score"] > row["rejected_true_score"])
         out_rows.append(row)

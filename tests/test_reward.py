@@ -180,6 +180,10 @@ def test_label_command_line_writes_preference_rows_of_the_contract(tmp_path_fact
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gold)
+    for r in rows:  # the sampled ids; the toy's word-level tokenizer gives them back from the text
+        for side in ("chosen", "rejected"):
+            assert policy.decode_response(tokenizer, r[f"{side}_ids"]) == (r[side], True)
+            assert policy.encode(tokenizer, r["prompt"], r[side], 64, 24)[1] == r[f"{side}_ids"]
     model = reward.load_reward_model(str(gold), tokenizer)
     for side in ("chosen", "rejected"):
         scores = reward.score_texts(model, tokenizer, [r["prompt"] for r in rows], [r[side] for r in rows],
