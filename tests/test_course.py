@@ -13,8 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADED = ROOT / "course" / "graded"
-if str(GRADED) not in sys.path:
-    sys.path.insert(0, str(GRADED))
 
 
 def load(path, name):

@@ -3,7 +3,7 @@ each example alone, the log-probs of its response tokens (EOS included, prompt a
 response tokens of the batch pooled into one mean."""
 import torch
 
-import graded_common as common
+from course.graded import graded_common as common
 import policy
 import sft
 

@@ -4,7 +4,7 @@ alone, written out as sum_t sum_v p_t(v) (log p_t(v) - log q_t(v))."""
 import torch
 
 import evaluate
-import graded_common as common
+from course.graded import graded_common as common
 
 
 def by_hand(model, ref, rows):

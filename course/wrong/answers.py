@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import graded_common as common
+from course.graded import graded_common as common
 import is_dpo
 import toy_gaussian
 
