@@ -154,7 +154,9 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
     log pi_ref(y_l|x), each [B]; beta: the KL strength. Returns [B].
     """
     # --- the algorithm ---
+    # BEGIN SOLUTION
     return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
+    # END SOLUTION
 
 
 def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
@@ -164,8 +166,10 @@ def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
     if summed:
         len_w, len_l = torch.ones_like(len_w), torch.ones_like(len_l)
     # --- the algorithm ---
+    # BEGIN SOLUTION
     delta = (pi_w - ref_w) / len_w - (pi_l - ref_l) / len_l
     return (delta - 1 / (2 * beta)) ** 2
+    # END SOLUTION
 
 
 def rpo_loss(pi_w, pi_l, ref_w, ref_l, beta, eta):
@@ -285,6 +289,7 @@ class ChunkedLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
         wants_bias = bias is not None and ctx.needs_input_grad[2]
         grad_bias = torch.zeros_like(bias, dtype=acc) if wants_bias else None
+        # BEGIN SOLUTION
         for s in range(0, len(targets), ctx.chunk):
             h, g, t = hidden[s:s + ctx.chunk], grad_logps[s:s + ctx.chunk], targets[s:s + ctx.chunk]
             # in place: one [chunk, V] buffer
@@ -297,6 +302,7 @@ class ChunkedLogProbs(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, h.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+        # END SOLUTION
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None

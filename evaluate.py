@@ -122,9 +122,11 @@ def sequence_kl(model, ref, examples, pad_id, batch_size=64):
         h_p = policy.response_hidden(model.base_model, batch)[:, :-1][mask]
         h_q = policy.response_hidden(ref.base_model, batch)[:, :-1][mask]
         logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
+        # BEGIN SOLUTION
         acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
         logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
+        # END SOLUTION
         rows = mask.nonzero()[:, 0]
         out.append(torch.zeros(len(mask), dtype=kl_token.dtype, device=device).index_add(0, rows, kl_token))
     return torch.cat(out).cpu()

@@ -75,15 +75,25 @@ def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.
     if mode == "none":
         log_w = torch.zeros_like(r_w)
     elif mode == "full":
+        # BEGIN SOLUTION
         log_w = r_w + r_l
+        # END SOLUTION
     elif mode == "clipped":
+        # BEGIN SOLUTION
         log_w = (r_w + r_l).clamp(max=log_w_max)
+        # END SOLUTION
     elif mode == "adaptive":
+        # BEGIN SOLUTION
         log_w = r_w / len_w + r_l / len_l
+        # END SOLUTION
     elif mode == "fixed":
+        # BEGIN SOLUTION
         log_w = alpha * (r_w + r_l)
+        # END SOLUTION
     elif mode == "sqrt":
+        # BEGIN SOLUTION
         log_w = r_w / len_w.sqrt() + r_l / len_l.sqrt()
+        # END SOLUTION
     else:
         fail(f"--weight must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
     return log_w.clamp(max=MAX_LOG_W)
@@ -103,11 +113,13 @@ def importance_weights(args, logps, rows):
     if args.behaviour_logps:
         base_w = torch.tensor([r[args.behaviour_chosen_column] for r in rows], device=base_w.device)
         base_l = torch.tensor([r[args.behaviour_rejected_column] for r in rows], device=base_l.device)
+    # BEGIN SOLUTION
     r_w, r_l = logps["pi_w"] - base_w, logps["pi_l"] - base_l
     log_w = log_importance_weights(args.weight, r_w, r_l, logps["len_w"].float(), logps["len_l"].float(),
                                    args.alpha, args.log_w_max)
     if not args.weight_grad:
         log_w = log_w.detach()
+    # END SOLUTION
     stats = weight_stats(log_w)  # diagnostics of the paper's weights, before any normalisation
     if args.self_normalise:  # w / mean_batch(w), in log space
         log_w = log_w - torch.logsumexp(log_w, 0) + math.log(len(log_w))

@@ -120,7 +120,9 @@ def reward_scores(model, batch):
 
 def bradley_terry_loss(r_chosen, r_rejected):
     """-log sigmoid(r_w - r_l), averaged over pairs; shapes [B]."""
+    # BEGIN SOLUTION
     return -F.logsigmoid(r_chosen - r_rejected).mean()
+    # END SOLUTION
 
 
 def pair_batch(pairs, pad_id):

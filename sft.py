@@ -80,10 +80,12 @@ def completion_loss(model, batch):
     Returns a scalar: -(1 / sum_i |y_i|) sum_i log pi(y_i | x_i), the usual SFT objective.
     """
     # --- the algorithm: next-token cross-entropy on response positions only ---
+    # BEGIN SOLUTION
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
     targets = batch["input_ids"][:, 1:]
     mask = batch["response_mask"][:, 1:]  # logits at t predict token t+1
     return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask])
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------

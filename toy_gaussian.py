@@ -126,11 +126,13 @@ def pair_losses(theta, y_w, y_l):
     For iid pairs E[rho^2 / 2] = Var[h], so the first estimates Var_mu[h] and the second Var_pi_theta[h]:
     only the second looks at h where pi_theta lives, which is where KL = E_pi_theta[h] is decided.
     Returns (mu_loss, mu_is_loss)."""
+    # BEGIN SOLUTION
     h_w = gaussian_logpdf(y_w, theta, POLICY_STD) - mixture_logpdf(y_w)
     h_l = gaussian_logpdf(y_l, theta, POLICY_STD) - mixture_logpdf(y_l)
     rho = h_w - h_l
     log_w = h_w + h_l  # mu = pi_ref here, so log w is the sum of the two log-ratios; exponentiate last
     return float(np.mean(0.5 * rho**2)), float(np.mean(np.exp(log_w) * 0.5 * rho**2))
+    # END SOLUTION
 
 
 def correlation_sweep(rng, thetas, n_samples):
@@ -162,6 +164,7 @@ def exact_moments(log_r, alpha, T):
     The steps are independent, so E[w^a] = E[r^a]^T and Var[w^a] = E[r^(2a)]^T - E[r^a]^(2T). In log space:
       log Var = T log E[r^(2a)] + log(1 - exp(2T log E[r^a] - T log E[r^(2a)])),
     where the exponent is <= 0 by Jensen; alpha = 0 gives Var = 0, log Var = -inf."""
+    # BEGIN SOLUTION
     def log_moment(a):  # log E_ref[r^a] = log mean(r^a), shifted by the max: exactly 0 at a = 0, no overflow
         top = np.max(a * log_r)
         return top + np.log(np.mean(np.exp(a * log_r - top)))
@@ -169,6 +172,7 @@ def exact_moments(log_r, alpha, T):
     with np.errstate(divide="ignore"):
         log_var = log_second + np.log(-np.expm1(min(2 * log_mean - log_second, 0.0)))
     return float(log_mean), float(log_var)
+    # END SOLUTION
 
 
 def mc_moments(log_w, alpha):

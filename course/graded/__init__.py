@@ -1,0 +1,1 @@
+"""The graded tests, one file per exercise of EXERCISES.md."""

@@ -1,0 +1,44 @@
+"""Exercise 1: sft.completion_loss, the SFT loss (METHOD.md, section 3). Graded against the definition:
+each example alone, the log-probs of its response tokens (EOS included, prompt and padding never), all
+response tokens of the batch pooled into one mean."""
+import torch
+
+from course.graded import graded_common as common
+import policy
+import sft
+
+
+def batch_and_expected(n, seed):
+    model, rows = common.tiny_model(0), common.examples(n, seed)
+    token_logps = [common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]) for p, r in rows]
+    expected = -torch.cat(token_logps).sum() / sum(len(r) for _, r in rows)
+    return model, policy.collate(rows, common.PAD), expected
+
+
+def test_a_scalar_the_mean_over_every_response_token_of_the_batch():
+    for seed in range(3):
+        model, batch, expected = batch_and_expected(10, seed)
+        loss = sft.completion_loss(model, batch)
+        assert loss.shape == ()
+        assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6), (loss.item(), expected.item())
+
+
+def test_one_example_alone_and_order_of_rows():
+    model, rows = common.tiny_model(0), common.examples(8, seed=5)
+    p, r = rows[0]
+    alone = -common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]).mean()
+    assert torch.allclose(sft.completion_loss(model, policy.collate(rows[:1], common.PAD)).double(), alone,
+                          rtol=1e-5)
+    forward = sft.completion_loss(model, policy.collate(rows, common.PAD))
+    backward = sft.completion_loss(model, policy.collate(rows[::-1], common.PAD))
+    assert torch.allclose(forward, backward, rtol=1e-5)
+
+
+def test_gradient_equals_the_definitions():
+    model, batch, _ = batch_and_expected(9, seed=7)
+    params = [model.get_output_embeddings().weight, model.get_input_embeddings().weight]
+    grads = torch.autograd.grad(sft.completion_loss(model, batch), params)
+    _, _, expected = batch_and_expected(9, seed=7)
+    expected_grads = torch.autograd.grad(expected, params)
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,82 @@
+"""Exercise 4: is_dpo.log_importance_weights and is_dpo.importance_weights (METHOD.md, section 6): log w per
+pair in every mode against a loop over the pairs, the clip on log w (not on each ratio, not from below),
+alpha = 1/|y| on each response's log-ratio, and a weight that carries no gradient unless asked to."""
+import math
+
+import torch
+
+import is_dpo
+
+
+def ratios(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r_w = 3 * torch.randn(n, generator=g, dtype=torch.float64)
+    r_l = 3 * torch.randn(n, generator=g, dtype=torch.float64)
+    len_w = torch.randint(1, 25, (n,), generator=g).double()
+    len_l = torch.randint(1, 25, (n,), generator=g).double()
+    return r_w, r_l, len_w, len_l
+
+
+def expected_log_w(mode, rw, rl, nw, nl, alpha, bound):
+    return {"full": rw + rl, "clipped": min(rw + rl, bound), "adaptive": rw / nw + rl / nl,
+            "fixed": alpha * (rw + rl), "sqrt": rw / math.sqrt(nw) + rl / math.sqrt(nl)}[mode]
+
+
+def test_every_mode_pair_by_pair():
+    r_w, r_l, len_w, len_l = ratios()
+    for mode, alpha, bound in [("full", 0, 2), ("clipped", 0, 2), ("clipped", 0, 0.5), ("adaptive", 0, 2),
+                               ("fixed", 0.3, 2), ("fixed", 1.0, 2), ("sqrt", 0, 2)]:
+        log_w = is_dpo.log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=alpha, log_w_max=bound)
+        assert log_w.shape == (32,), mode
+        for i in range(32):
+            want = expected_log_w(mode, r_w[i].item(), r_l[i].item(), len_w[i].item(), len_l[i].item(), alpha,
+                                  bound)
+            assert math.isclose(log_w[i].item(), want, rel_tol=1e-9, abs_tol=1e-12), (mode, i)
+
+
+def test_the_clip_acts_on_the_pair_and_from_above():
+    r_w = torch.tensor([5.0, -4.0, 1.5, 3.0, -1.0, 0.0, 10.0, -10.0], dtype=torch.float64)
+    r_l = torch.tensor([-4.0, 5.0, 1.5, 3.0, -1.0, 0.0, -9.5, 9.0], dtype=torch.float64)
+    lens = torch.full((8,), 4.0, dtype=torch.float64)
+    log_w = is_dpo.log_importance_weights("clipped", r_w, r_l, lens, lens, log_w_max=2.0)
+    assert log_w.tolist() == [1.0, 1.0, 2.0, 2.0, -2.0, 0.0, 0.5, -1.0]
+
+
+def test_adaptive_alpha_is_one_over_each_responses_length():
+    r_w = torch.tensor([6.0, -6.0, 2.0, 0.0, 3.0, -3.0, 8.0, 1.0], dtype=torch.float64)
+    r_l = torch.tensor([-2.0, 4.0, 2.0, 5.0, 3.0, -1.0, -8.0, 1.0], dtype=torch.float64)
+    len_w = torch.tensor([2.0, 3.0, 4.0, 5.0, 1.0, 6.0, 8.0, 10.0], dtype=torch.float64)
+    len_l = torch.tensor([4.0, 2.0, 1.0, 5.0, 3.0, 2.0, 4.0, 1.0], dtype=torch.float64)
+    log_w = is_dpo.log_importance_weights("adaptive", r_w, r_l, len_w, len_l)
+    assert log_w.tolist() == [2.5, 0.0, 2.5, 1.0, 4.0, -1.0, -1.0, 1.1]
+
+
+def weights_and_losses(weight_grad, n=12, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    ref_w = -20 * torch.rand(n, generator=g, dtype=torch.float64)
+    ref_l = -20 * torch.rand(n, generator=g, dtype=torch.float64)
+    pi_w = (ref_w + torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_(True)
+    pi_l = (ref_l + torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_(True)
+    logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w, "ref_l": ref_l,
+             "len_w": torch.randint(1, 20, (n,), generator=g),
+             "len_l": torch.randint(1, 20, (n,), generator=g)}
+    args = is_dpo.Args(weight="adaptive", weight_grad=weight_grad)
+    w, _ = is_dpo.importance_weights(args, logps, rows=None)
+    return w, logps
+
+
+def test_weights_are_exp_log_w_and_carry_no_gradient():
+    w, logps = weights_and_losses(weight_grad=False)
+    r_w, r_l = (logps["pi_w"] - logps["ref_w"]).detach(), (logps["pi_l"] - logps["ref_l"]).detach()
+    expected = torch.exp(r_w / logps["len_w"] + r_l / logps["len_l"])
+    assert w.shape == (12,) and torch.allclose(w, expected, rtol=1e-6)
+    loss = (w * logps["pi_w"]).sum()  # d/dpi_w must be w itself: the weight is a constant
+    loss.backward()
+    assert torch.allclose(logps["pi_w"].grad, expected, rtol=1e-6)
+    assert logps["pi_l"].grad is None or torch.all(logps["pi_l"].grad == 0)
+
+
+def test_weight_grad_lets_the_gradient_through():
+    w, logps = weights_and_losses(weight_grad=True)
+    w.sum().backward()
+    assert torch.allclose(logps["pi_w"].grad, w.detach() / logps["len_w"], rtol=1e-6)

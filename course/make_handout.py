@@ -1,0 +1,194 @@
+"""
+course/make_handout.py -- the student copy of the repository: every exercise's solution replaced by
+raise NotImplementedError("Exercise N: <title>, see EXERCISES.md").
+
+    python course/make_handout.py OUT_DIR
+
+Copies the files git tracks (and new files it does not ignore; never out/, .git or __pycache__) to OUT_DIR,
+which must be new or empty and outside the repository. In every .py file, the lines from a `# BEGIN SOLUTION`
+comment to the next `# END SOLUTION` become one `raise` at the marker's indentation; everything else is
+copied as it is, so the copy imports and runs, and each exercise's graded tests (course/graded/) fail with
+its NotImplementedError until the student writes the body. The instructor's files (INSTRUCTOR_ONLY) stay
+out of the copy.
+
+The numbering is the table below, shared with EXERCISES.md ("## Exercise N: <title>"): every marked region
+must lie in a function of FUNCTIONS, and every function of FUNCTIONS must hold one (tests/test_course.py).
+"""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TITLES = {  # exercise number -> title, as in EXERCISES.md's headings
+    1: "the SFT completion loss",
+    2: "the Bradley-Terry loss",
+    3: "the DPO and IPO losses",
+    4: "the importance weights",
+    5: "the full-distribution KL",
+    6: "the chunked log-prob backward (advanced)",
+    7: "the analytic Gaussian toys",
+    8: "over-optimisation, measured",
+}
+FUNCTIONS = {  # (file, function's qualified name) -> exercise number; exercise 8 is an experiment, no code
+    ("sft.py", "completion_loss"): 1,
+    ("reward.py", "bradley_terry_loss"): 2,
+    ("dpo.py", "dpo_loss"): 3,
+    ("dpo.py", "ipo_loss"): 3,
+    ("is_dpo.py", "log_importance_weights"): 4,
+    ("is_dpo.py", "importance_weights"): 4,
+    ("evaluate.py", "sequence_kl"): 5,
+    ("dpo.py", "ChunkedLogProbs.backward"): 6,
+    ("toy_gaussian.py", "pair_losses"): 7,
+    ("toy_gaussian.py", "exact_moments"): 7,
+}
+BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
+SKIPPED_DIRS = ("out", ".git", "__pycache__", ".pytest_cache")
+INSTRUCTOR_ONLY = ("course/make_handout.py", "course/wrong/", "tests/test_course.py")
+
+
+class HandoutError(Exception):
+    pass
+
+
+def placeholder(number):
+    return f'raise NotImplementedError("Exercise {number}: {TITLES[number]}, see EXERCISES.md")'
+
+
+def repository_files(root=ROOT):
+    """The repository's files, relative to root: tracked and new ones git does not ignore, without the skipped
+    directories and the instructor's files. Without git: every file under root but the skipped directories."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=root, capture_output=True, check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        listed = walk_files(root)
+    keep = []
+    for path in sorted(set(filter(None, listed))):
+        parts = path.split("/")
+        if any(p in SKIPPED_DIRS or p.startswith("out_") for p in parts[:-1]):
+            continue
+        if any(path == x or (x.endswith("/") and path.startswith(x)) for x in INSTRUCTOR_ONLY):
+            continue
+        if os.path.isfile(os.path.join(root, path)):  # a tracked file deleted in the work tree is left out
+            keep.append(path)
+    return keep
+
+
+def walk_files(root):
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in SKIPPED_DIRS and not x.startswith("out_")]
+        out += [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for f in files]
+    return out
+
+
+def functions_by_line(source):
+    """[(first line, last line, qualified name)] of every function in source, the innermost last."""
+    spans = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    spans.append((child.lineno, child.end_lineno, name))
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return sorted(spans, key=lambda s: (s[0], -s[1]))
+
+
+def strip_solutions(path, source):
+    """(source with every marked region replaced by its exercise's raise, the exercise functions found)."""
+    lines, out, found, start = source.splitlines(keepends=True), [], set(), None
+    spans = functions_by_line(source)
+    for i, line in enumerate(lines, 1):
+        text = line.strip()
+        if text == BEGIN:
+            if start is not None:
+                raise HandoutError(f"{path}:{i}: {BEGIN} inside the region opened at line {start}")
+            start, indent = i, line[:len(line) - len(line.lstrip())]
+        elif text == END:
+            if start is None:
+                raise HandoutError(f"{path}:{i}: {END} without a {BEGIN}")
+            names = [name for first, last, name in spans if first < start <= last]
+            key = (path, names[-1] if names else "<module>")
+            if key not in FUNCTIONS:
+                raise HandoutError(f"{path}:{start}: a marked region in {key[1]}, which is not an exercise "
+                                   "(course/make_handout.py, FUNCTIONS)")
+            found.add(key)
+            out.append(f"{indent}{placeholder(FUNCTIONS[key])}\n")
+            start = None
+        elif start is None:
+            out.append(line)
+    if start is not None:
+        raise HandoutError(f"{path}:{start}: {BEGIN} never closed")
+    handout = "".join(out)
+    compile(handout, path, "exec")  # the student copy must still import
+    return handout, found
+
+
+def handout_files(root=ROOT):
+    """{relative path: new text} for the files whose solutions were stripped, and every file to copy."""
+    files, stripped, found = repository_files(root), {}, set()
+    for path in files:
+        if not path.endswith(".py"):
+            continue
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            source = f.read()
+        if BEGIN in source or END in source:
+            stripped[path], seen = strip_solutions(path, source)
+            found |= seen
+    missing = sorted(set(FUNCTIONS) - found)
+    if missing:
+        raise HandoutError("exercise functions without a marked region: "
+                           + ", ".join(f"{p}:{name}" for p, name in missing))
+    return stripped, files
+
+
+def check_out_dir(out_dir, root=ROOT):
+    real, repo = os.path.realpath(out_dir), os.path.realpath(root)
+    if real == repo or real.startswith(repo + os.sep):
+        raise HandoutError(f"OUT_DIR {out_dir} is inside the repository: put the student copy elsewhere")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise HandoutError(f"OUT_DIR {out_dir} exists and is not an empty directory")
+
+
+def make_handout(out_dir, root=ROOT):
+    """Write the student copy of root to out_dir; returns the number of files written."""
+    check_out_dir(out_dir, root)
+    stripped, files = handout_files(root)  # everything is checked before anything is written
+    for path in files:
+        src, dst = os.path.join(root, path), os.path.join(out_dir, path)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if path in stripped:
+            with open(dst, "w", encoding="utf-8") as f:
+                f.write(stripped[path])
+            shutil.copymode(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    return len(files)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(__doc__.strip().split("\n\n")[1].strip(), file=sys.stderr)
+        print("error: give one OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        n = make_handout(argv[0])
+    except HandoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote the student copy ({n} files, {len(TITLES)} exercises) to {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

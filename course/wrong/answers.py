@@ -1,0 +1,282 @@
+"""Plausible wrong answers to the exercises, each a function that tests/test_course.py puts in place of the
+solution (monkeypatch) to show that at least one graded test of its exercise fails on it.
+
+Each is registered in WRONG by `@wrong(exercise, the attribute it replaces, what is wrong)`. Most change one
+thing; where a function has several modes, the others are passed on to the solution, saved at import.
+"""
+import math
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from course.graded import graded_common as common
+import is_dpo
+import toy_gaussian
+
+SOLUTION_LOG_W = is_dpo.log_importance_weights
+
+
+class Wrong(NamedTuple):
+    name: str
+    exercise: int
+    target: str  # module.attribute or module.Class.attribute
+    what: str
+    function: Callable
+
+
+WRONG = []
+
+
+def wrong(exercise, target, what):
+    def register(function):
+        WRONG.append(Wrong(function.__name__, exercise, target, what, function))
+        return function
+    return register
+
+
+# ---------------------------------------------------------------------------------------- 1. SFT loss
+
+
+def response_targets(model, batch, mask):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return logits, batch["input_ids"][:, 1:], mask.bool()
+
+
+@wrong(1, "sft.completion_loss", "each row's mean, then the mean over rows")
+def sft_per_row_mean(model, batch):
+    logits, targets, mask = response_targets(model, batch, batch["response_mask"][:, 1:])
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+    return ((nll * mask).sum(1) / mask.sum(1)).mean()
+
+
+@wrong(1, "sft.completion_loss", "EOS left out of the mask")
+def sft_eos_left_out(model, batch):
+    mask = batch["response_mask"][:, 1:].clone()
+    last = mask.sum(1) + mask.float().argmax(1) - 1  # the last response position: its target is EOS
+    mask[torch.arange(len(mask)), last] = False
+    logits, targets, mask = response_targets(model, batch, mask)
+    return F.cross_entropy(logits[mask].float(), targets[mask])
+
+
+@wrong(1, "sft.completion_loss", "the response mask not shifted with the targets")
+def sft_mask_off_by_one(model, batch):
+    logits, targets, mask = response_targets(model, batch, batch["response_mask"][:, :-1])
+    return F.cross_entropy(logits[mask].float(), targets[mask])
+
+
+@wrong(1, "sft.completion_loss", "prompt tokens in the loss")
+def sft_prompt_counts(model, batch):
+    logits, targets, mask = response_targets(model, batch, batch["attention_mask"][:, 1:])
+    return F.cross_entropy(logits[mask].float(), targets[mask])
+
+
+# ---------------------------------------------------------------------------------------- 2. Bradley-Terry
+
+
+@wrong(2, "reward.bradley_terry_loss", "chosen and rejected swapped")
+def bt_order_swapped(r_chosen, r_rejected):
+    return -F.logsigmoid(r_rejected - r_chosen).mean()
+
+
+@wrong(2, "reward.bradley_terry_loss", "summed over pairs instead of averaged")
+def bt_summed(r_chosen, r_rejected):
+    return -F.logsigmoid(r_chosen - r_rejected).sum()
+
+
+@wrong(2, "reward.bradley_terry_loss", "log(sigmoid(.)): infinite for large margins")
+def bt_log_of_sigmoid(r_chosen, r_rejected):
+    return -torch.log(torch.sigmoid(r_chosen - r_rejected)).mean()
+
+
+# ---------------------------------------------------------------------------------------- 3. DPO and IPO
+
+
+@wrong(3, "dpo.dpo_loss", "the batch mean instead of one loss per pair")
+def dpo_batch_mean(pi_w, pi_l, ref_w, ref_l, beta):
+    return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))).mean()
+
+
+@wrong(3, "dpo.dpo_loss", "the margin's sign flipped")
+def dpo_sign_flipped(pi_w, pi_l, ref_w, ref_l, beta):
+    return -F.logsigmoid(beta * ((pi_l - ref_l) - (pi_w - ref_w)))
+
+
+@wrong(3, "dpo.dpo_loss", "beta missing")
+def dpo_beta_missing(pi_w, pi_l, ref_w, ref_l, beta):
+    return -F.logsigmoid((pi_w - ref_w) - (pi_l - ref_l))
+
+
+@wrong(3, "dpo.dpo_loss", "beta outside the log-sigmoid")
+def dpo_beta_outside(pi_w, pi_l, ref_w, ref_l, beta):
+    return -beta * F.logsigmoid((pi_w - ref_w) - (pi_l - ref_l))
+
+
+@wrong(3, "dpo.ipo_loss", "IPO's target 1/beta instead of 1/(2 beta)")
+def ipo_target_one_over_beta(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
+    n_w, n_l = (1, 1) if summed else (len_w, len_l)
+    return ((pi_w - ref_w) / n_w - (pi_l - ref_l) / n_l - 1 / beta) ** 2
+
+
+@wrong(3, "dpo.ipo_loss", "(beta Delta - 1/2)^2: beta on the margin")
+def ipo_beta_on_the_margin(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
+    n_w, n_l = (1, 1) if summed else (len_w, len_l)
+    return (beta * ((pi_w - ref_w) / n_w - (pi_l - ref_l) / n_l) - 0.5) ** 2
+
+
+# ---------------------------------------------------------------------------------------- 4. the weights
+
+
+def breaks(mode_broken):
+    """log_importance_weights with one mode's log w computed by the decorated
+    (r_w, r_l, len_w, len_l, bound)."""
+    def wrap(log_w_of):
+        def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.0):
+            if mode == mode_broken:
+                return log_w_of(r_w, r_l, len_w, len_l, log_w_max)
+            return SOLUTION_LOG_W(mode, r_w, r_l, len_w, len_l, alpha, log_w_max)
+        log_importance_weights.__name__ = log_w_of.__name__
+        return log_importance_weights
+    return wrap
+
+
+@wrong(4, "is_dpo.log_importance_weights", "AIS with one alpha = 1/(|y_w| + |y_l|) on the ratios' product")
+@breaks("adaptive")
+def ais_alpha_on_the_product(r_w, r_l, len_w, len_l, bound):
+    return (r_w + r_l) / (len_w + len_l)
+
+
+@wrong(4, "is_dpo.log_importance_weights", "alpha on the wrong quantity: each ratio over |y|, not its log")
+@breaks("adaptive")
+def ais_alpha_on_the_weight(r_w, r_l, len_w, len_l, bound):
+    return r_w - len_w.log() + r_l - len_l.log()
+
+
+@wrong(4, "is_dpo.log_importance_weights", "the clip on the wrong side (a floor, not a ceiling)")
+@breaks("clipped")
+def clip_from_below(r_w, r_l, len_w, len_l, bound):
+    return (r_w + r_l).clamp(min=bound)
+
+
+@wrong(4, "is_dpo.log_importance_weights", "each response's ratio clipped, not the pair's weight")
+@breaks("clipped")
+def clip_each_ratio(r_w, r_l, len_w, len_l, bound):
+    return r_w.clamp(max=bound) + r_l.clamp(max=bound)
+
+
+@wrong(4, "is_dpo.importance_weights", "the weight not detached")
+def weight_not_detached(args, logps, rows):
+    r_w, r_l = logps["pi_w"] - logps["ref_w"], logps["pi_l"] - logps["ref_l"]
+    log_w = is_dpo.log_importance_weights(args.weight, r_w, r_l, logps["len_w"].float(),
+                                          logps["len_l"].float(), args.alpha, args.log_w_max)
+    return torch.exp(log_w), is_dpo.weight_stats(log_w)
+
+
+# ---------------------------------------------------------------------------------------- 5. the KL
+
+
+def summed_per_sequence(per_token):
+    """A sequence_kl that adds the decorated (logp [|y|, V], logq [|y|, V], response ids [|y|]) over each
+    response, one example at a time."""
+    def sequence_kl(model, ref, examples, pad_id, batch_size=64):
+        logps = common.next_token_logps
+        return torch.stack([per_token(logps(model, p, r), logps(ref, p, r), torch.tensor(r)).sum()
+                            for p, r in examples])
+    sequence_kl.__name__ = per_token.__name__
+    return sequence_kl
+
+
+@wrong(5, "evaluate.sequence_kl", "log p(y_t) - log q(y_t) of the sampled token only")
+@summed_per_sequence
+def kl_single_sample(logp, logq, ids):
+    return (logp - logq).gather(1, ids[:, None]).squeeze(1)
+
+
+@wrong(5, "evaluate.sequence_kl", "KL(pi_ref || pi_theta)")
+@summed_per_sequence
+def kl_reversed(logp, logq, ids):
+    return (logq.exp() * (logq - logp)).sum(1)
+
+
+@wrong(5, "evaluate.sequence_kl", "the mean over tokens instead of the sum")
+@summed_per_sequence
+def kl_token_mean(logp, logq, ids):
+    return (logp.exp() * (logp - logq)).sum(1) / len(ids)
+
+
+# ---------------------------------------------------------------------------------------- 6. the backward
+
+
+def backward_from(grad_logits_of, rows_of_weight=lambda ctx, n: slice(None)):
+    """A ChunkedLogProbs.backward from grad_logits_of(probs [N, V], onehot [N, V], upstream [N]); the
+    weight's and bias's gradients add the rows rows_of_weight(ctx, N) only."""
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        logits = F.linear(hidden, weight, bias)
+        onehot = F.one_hot(targets, weight.shape[0]).to(logits.dtype)
+        grad_logits = grad_logits_of((logits - lse[:, None]).exp(), onehot, grad_logps)
+        rows = rows_of_weight(ctx, len(targets))
+        grad_bias = None if bias is None else grad_logits[rows].sum(0)
+        return grad_logits @ weight, grad_logits[rows].T @ hidden[rows], grad_bias, None, None
+    backward.__name__ = grad_logits_of.__name__
+    return backward
+
+
+@wrong(6, "dpo.ChunkedLogProbs.backward", "onehot only, the softmax term left out")
+@backward_from
+def backward_no_softmax(probs, onehot, g):
+    return onehot * g[:, None]
+
+
+@wrong(6, "dpo.ChunkedLogProbs.backward", "softmax - onehot: the sign flipped")
+@backward_from
+def backward_sign_flipped(probs, onehot, g):
+    return (probs - onehot) * g[:, None]
+
+
+@wrong(6, "dpo.ChunkedLogProbs.backward", "the weight's and bias's gradients set (=) per chunk, not added")
+def backward_last_chunk_only(ctx, grad_logps):
+    last_chunk = lambda ctx, n: slice((n - 1) // ctx.chunk * ctx.chunk, None)  # noqa: E731
+    return backward_from(lambda probs, onehot, g: (onehot - probs) * g[:, None], last_chunk)(ctx, grad_logps)
+
+
+# ---------------------------------------------------------------------------------------- 7. Gaussian toys
+
+
+def h_of(theta, y):
+    return toy_gaussian.gaussian_logpdf(y, theta, toy_gaussian.POLICY_STD) - toy_gaussian.mixture_logpdf(y)
+
+
+@wrong(7, "toy_gaussian.pair_losses", "the mu-IS weight of the chosen response only")
+def is_loss_one_ratio(theta, y_w, y_l):
+    h_w, h_l = h_of(theta, y_w), h_of(theta, y_l)
+    rho2 = 0.5 * (h_w - h_l) ** 2
+    return float(rho2.mean()), float((np.exp(h_w) * rho2).mean())
+
+
+@wrong(7, "toy_gaussian.pair_losses", "rho^2 instead of rho^2 / 2")
+def is_loss_no_half(theta, y_w, y_l):
+    rho2 = (h_of(theta, y_w) - h_of(theta, y_l)) ** 2
+    return float(rho2.mean()), float((np.exp(h_of(theta, y_w) + h_of(theta, y_l)) * rho2).mean())
+
+
+def moments(log_moment, square=2):
+    """An exact_moments from log_moment(log_r, a) = log E[r^a], with E[w^a]^square in the variance."""
+    def exact_moments(log_r, alpha, T):
+        m1, m2 = T * log_moment(log_r, alpha), T * log_moment(log_r, 2 * alpha)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            return float(m1), float(m2 + np.log(-np.expm1(min(square * m1 - m2, 0.0))))
+    return exact_moments
+
+
+@wrong(7, "toy_gaussian.exact_moments", "Var = E[r^2a]^T - E[r^a]^T: the mean not squared")
+def moments_mean_not_squared(log_r, alpha, T):
+    stable = lambda log_r, a: np.logaddexp.reduce(a * log_r) - math.log(len(log_r))  # noqa: E731
+    return moments(stable, square=1)(log_r, alpha, T)
+
+
+@wrong(7, "toy_gaussian.exact_moments", "exp before log: overflows")
+def moments_without_the_shift(log_r, alpha, T):
+    with np.errstate(over="ignore"):
+        return moments(lambda log_r, a: float(np.log(np.mean(np.exp(a * log_r)))))(log_r, alpha, T)

@@ -1,0 +1,131 @@
+"""course/ (issue 13): the student copy from course/make_handout.py fails every graded test with its
+exercise's NotImplementedError, the solution passes them all, and every wrong answer of course/wrong/ fails
+one."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GRADED = ROOT / "course" / "graded"
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_handout = load(ROOT / "course" / "make_handout.py", "make_handout")
+answers = load(ROOT / "course" / "wrong" / "answers.py", "wrong_answers")
+GRADED_FILES = {int(re.match(r"test_ex(\d+)_", p.name).group(1)): p
+                for p in sorted(GRADED.glob("test_ex*.py"))}
+
+
+def run_graded(exercise):
+    """{test name: the exception it raised, or None}, each test of the exercise's graded file called here."""
+    module = load(GRADED_FILES[exercise], f"graded_ex{exercise}")
+    results = {}
+    for name, test in vars(module).items():
+        if name.startswith("test_") and callable(test):
+            try:
+                test()
+                results[name] = None
+            except Exception as e:  # noqa: BLE001 -- a failing graded test is what we look for
+                results[name] = e
+    return results
+
+
+@pytest.fixture(scope="module")
+def handout(tmp_path_factory):
+    out = tmp_path_factory.mktemp("course") / "handout"
+    make_handout.make_handout(str(out))
+    return out
+
+
+def test_every_exercise_with_code_has_graded_tests_and_a_place_in_exercises_md():
+    coded = set(make_handout.FUNCTIONS.values())
+    assert set(GRADED_FILES) == coded and coded < set(make_handout.TITLES)
+    sheet = (ROOT / "EXERCISES.md").read_text()
+    for number, title in make_handout.TITLES.items():
+        assert f"## Exercise {number}: {title}\n" in sheet
+    for number, path in GRADED_FILES.items():
+        section = sheet.split(f"## Exercise {number}:")[1].split("\n## ")[0]
+        assert f"python -m pytest -q course/graded/{path.name}" in section
+    assert {w.exercise for w in answers.WRONG} == coded and len(answers.WRONG) >= 12
+
+
+def test_handout_strips_every_solution_and_copies_the_rest(handout):
+    stripped, files = make_handout.handout_files()
+    assert sorted(stripped) == sorted({path for path, _ in make_handout.FUNCTIONS})
+    for path in files:
+        text = (handout / path).read_bytes()
+        if path in stripped:
+            assert b"SOLUTION" not in text and b"NotImplementedError(\"Exercise" in text
+            assert max(map(len, text.decode().splitlines())) <= 110
+        else:
+            assert text == (ROOT / path).read_bytes(), path
+    for path in make_handout.INSTRUCTOR_ONLY:
+        assert not (handout / path).exists()
+    assert os.access(handout / "run.sh", os.X_OK) and not (handout / "out").exists()
+
+
+def test_handout_refuses_a_non_empty_or_inner_out_dir(handout, capsys):
+    assert make_handout.main([str(handout)]) == 1
+    assert make_handout.main([str(ROOT / "out" / "handout")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert "not an empty directory" in err[0] and "inside the repository" in err[1]
+
+
+def test_markers_must_be_closed_and_inside_an_exercise():
+    body = "def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION\n"
+    with pytest.raises(make_handout.HandoutError, match="not an exercise"):
+        make_handout.strip_solutions("dpo.py", body)
+    with pytest.raises(make_handout.HandoutError, match="never closed"):
+        make_handout.strip_solutions("dpo.py", body.replace("def f", "def dpo_loss").rsplit("    #", 1)[0])
+    text, found = make_handout.strip_solutions("dpo.py", body.replace("def f", "def dpo_loss"))
+    assert found == {("dpo.py", "dpo_loss")}
+    assert text == f"def dpo_loss():\n    {make_handout.placeholder(3)}\n"
+
+
+def test_graded_tests_fail_on_the_handout_with_each_exercises_not_implemented(handout):
+    report = handout / "graded.xml"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "course/graded",
+                           f"--junitxml={report}"], cwd=handout, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(handout)})
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    cases = list(ElementTree.parse(report).getroot().iter("testcase"))
+    by_exercise = {}
+    for case in cases:
+        number = int(re.search(r"test_ex(\d+)_", case.get("classname")).group(1))
+        failure = case.find("failure")
+        assert failure is not None, f"{case.get('classname')}.{case.get('name')} passed on the handout"
+        message = failure.get("message", "") + (failure.text or "")
+        assert "NotImplementedError" in message and f"Exercise {number}: " in message, message[-500:]
+        by_exercise[number] = by_exercise.get(number, 0) + 1
+    assert set(by_exercise) == set(GRADED_FILES)
+
+
+@pytest.mark.parametrize("exercise", sorted(GRADED_FILES))
+def test_the_solution_passes_every_graded_test(exercise):
+    results = run_graded(exercise)
+    assert results and all(e is None for e in results.values()), results
+
+
+@pytest.mark.parametrize("wrong", answers.WRONG, ids=[w.name for w in answers.WRONG])
+def test_every_wrong_answer_fails_a_graded_test(wrong, monkeypatch):
+    module_name, *owner, attr = wrong.target.split(".")
+    target = sys.modules[module_name] if module_name in sys.modules else __import__(module_name)
+    for name in owner:
+        target = getattr(target, name)
+    monkeypatch.setattr(target, attr, staticmethod(wrong.function) if owner else wrong.function)
+    results = run_graded(wrong.exercise)
+    caught = [name for name, e in results.items() if isinstance(e, AssertionError)]
+    assert caught, f"{wrong.name} ({wrong.what}) passes every graded test of exercise {wrong.exercise}"
