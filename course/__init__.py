@@ -1,1 +1,2 @@
-"""The course kit: the handout generator, the graded tests and the wrong answers (README, "For instructors")."""
+"""The course kit: the handout generator, the graded tests and the wrong answers
+(README, "For instructors")."""
