@@ -351,6 +351,26 @@ def pair_logps(model, pairs, pad_id, device, autocast, chunk):
 
 
 @torch.no_grad()
+def sum_log_squared_probs(model, pairs, pad_id, device, autocast, chunk):
+    """S(y) = sum over response tokens of log sum_v pi_theta(v | x, y_<t)^2, per chosen and rejected
+    response [B], [B]: the term WPO subtracts (is_dpo.py --weight wpo). No gradient: WPO's weight is a
+    constant. The output layer runs chunk tokens at a time, like the fast path."""
+    examples = [example for pair in pairs for example in pair]
+    batch = policy.to_device(policy.collate_grouped(examples, pad_id, k=2), device)
+    mask = batch["response_mask"].bool()
+    with autocast:
+        h = policy.response_hidden(model.base_model, batch)[:, :-1][mask]
+    head = model.get_output_embeddings()
+    terms = []
+    for s in range(0, len(h), chunk):
+        logits = F.linear(h[s:s + chunk], head.weight, head.bias).float()
+        terms.append(torch.logsumexp(2 * logits.log_softmax(-1), -1))  # log sum_v p(v)^2
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(len(mask), device=h.device).index_add(0, rows, torch.cat(terms))
+    return sums[0::2], sums[1::2]
+
+
+@torch.no_grad()
 def reference_logps(model, pairs, pad_id, device, autocast, chunk, batch_size):
     """log pi_ref of every chosen and rejected response, once, before training: [N], [N]."""
     model.eval()
@@ -500,6 +520,9 @@ def micro_batch_loss(args, run, weigh, idx):
     logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": run.ref_w[index], "ref_l": run.ref_l[index],
              "len_w": len_w, "len_l": len_l}
     losses, stats = daa_losses(args, **logps)
+    if getattr(args, "weight", None) == "wpo":  # is_dpo.py --weight wpo needs the policy's whole distribution
+        logps["sq_w"], logps["sq_l"] = sum_log_squared_probs(run.model, pairs, run.tokenizer.pad_token_id,
+                                                             run.device, run.autocast, args.logit_chunk)
     weights, weight_stats = weigh(args, logps, [run.rows[i] for i in idx])
     loss = (weights * losses).mean() / args.grad_accum
     return loss, {**stats, **weight_stats}

@@ -47,14 +47,16 @@ import policy
 import stage
 from stage import fail
 
-WEIGHT_MODES = ("none", "full", "clipped", "adaptive", "fixed", "sqrt")
+RATIO_MODES = ("none", "full", "clipped", "adaptive", "fixed", "sqrt")  # w from pi_theta / pi_ref
+WEIGHT_MODES = RATIO_MODES + ("wpo",)
 MAX_LOG_W = 50.0  # exp(50) ~ 5e21: far inside float32, far above any weight that matters
 
 
 @dataclass
 class Args(dpo.Args):
     weight: str = field(default="adaptive", metadata={
-        "help": "none | full | clipped | adaptive | fixed | sqrt"})
+        "help": "none | full | clipped | adaptive | fixed | sqrt | wpo (Zhou et al. 2024, as TRL's "
+                "use_weighting: the policy's own probabilities, no ratio)"})
     alpha: float = field(default=0.1, metadata={"help": "--weight fixed: the exponent alpha in [0, 1]"})
     log_w_max: float = field(default=2.0, metadata={"help": "--weight clipped: upper clip of log w"})
     self_normalise: bool = field(default=False, metadata={
@@ -95,8 +97,16 @@ def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.
         log_w = r_w / len_w.sqrt() + r_l / len_l.sqrt()
         # END SOLUTION
     else:
-        fail(f"--weight must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
+        fail(f"--weight must be one of {', '.join(RATIO_MODES)}, got {mode!r}")
     return log_w.clamp(max=MAX_LOG_W)
+
+
+def wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w, len_l):
+    """WPO (Zhou et al. 2024, eq. 2, in TRL's use_weighting form): log w = mean over y_w's tokens of
+    (log p_t(y_t) - log sum_v p_t(v)^2) plus the same for y_l, at most 0 (w <= 1). pi_* [B] summed
+    log-probs under the policy, sq_* [B] dpo.sum_log_squared_probs, len_* [B]. Weighs a pair by how
+    likely the current policy is to write it, aligned so that a confident policy is not penalised."""
+    return ((pi_w - sq_w) / len_w + (pi_l - sq_l) / len_l).clamp(max=0.0)
 
 
 def weight_stats(log_w):
@@ -113,13 +123,17 @@ def importance_weights(args, logps, rows):
     if args.behaviour_logps:
         base_w = torch.tensor([r[args.behaviour_chosen_column] for r in rows], device=base_w.device)
         base_l = torch.tensor([r[args.behaviour_rejected_column] for r in rows], device=base_l.device)
-    # BEGIN SOLUTION
-    r_w, r_l = logps["pi_w"] - base_w, logps["pi_l"] - base_l
-    log_w = log_importance_weights(args.weight, r_w, r_l, logps["len_w"].float(), logps["len_l"].float(),
-                                   args.alpha, args.log_w_max)
-    if not args.weight_grad:
-        log_w = log_w.detach()
-    # END SOLUTION
+    if args.weight == "wpo":  # no ratio: the policy's own token probabilities (not an exercise)
+        log_w = wpo_log_weights(logps["pi_w"], logps["pi_l"], logps["sq_w"], logps["sq_l"],
+                                logps["len_w"].float(), logps["len_l"].float()).detach()
+    else:
+        # BEGIN SOLUTION
+        r_w, r_l = logps["pi_w"] - base_w, logps["pi_l"] - base_l
+        log_w = log_importance_weights(args.weight, r_w, r_l, logps["len_w"].float(), logps["len_l"].float(),
+                                       args.alpha, args.log_w_max)
+        if not args.weight_grad:
+            log_w = log_w.detach()
+        # END SOLUTION
     stats = weight_stats(log_w)  # diagnostics of the paper's weights, before any normalisation
     if args.self_normalise:  # w / mean_batch(w), in log space
         log_w = log_w - torch.logsumexp(log_w, 0) + math.log(len(log_w))
@@ -128,7 +142,7 @@ def importance_weights(args, logps, rows):
 
 def method_name(args):
     prefix = {"none": "w1", "full": "fullis", "clipped": "is", "adaptive": "ais",
-              "fixed": f"a{args.alpha:g}", "sqrt": "sqrtis"}[args.weight]
+              "fixed": f"a{args.alpha:g}", "sqrt": "sqrtis", "wpo": "wpo"}[args.weight]
     return f"{prefix}{'-sn' if args.self_normalise else ''}-{args.loss_type}"
 
 

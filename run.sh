@@ -16,7 +16,8 @@
 #   8 the categorical toy (the same claims, computed exactly; SEEDS apply) and the analytic toys
 #
 # RUNS lists method:beta pairs, each trained once per seed. Methods: dpo, ais-dpo (adaptive weights),
-# is-dpo (clipped weights), ais-sn-dpo (adaptive weights divided by their batch mean: a control).
+# is-dpo (clipped weights), ais-sn-dpo (adaptive weights divided by their batch mean: a control),
+# wpo-dpo (WPO's weights: the policy's own probabilities, no ratio).
 # METHODS="..." and BETAS="..." instead build every method x beta pair.
 # JUDGE=true (default): the toy's hidden true scorer labels the pairs and judges the win-rate.
 # JUDGE=rm: a gold reward model is trained on the "human" pairs and plays both parts, as on real data.
@@ -73,7 +74,9 @@ if (( FROM <= 5 )); then
         ais-dpo)    cmd="is_dpo.py --weight adaptive" ;;
         is-dpo)     cmd="is_dpo.py --weight clipped" ;;
         ais-sn-dpo) cmd="is_dpo.py --weight adaptive --self_normalise" ;;
-        *) echo "error: unknown method $method in RUNS (dpo, ais-dpo, is-dpo, ais-sn-dpo)" >&2; exit 2 ;;
+        wpo-dpo)    cmd="is_dpo.py --weight wpo" ;;
+        *) echo "error: unknown method $method in RUNS (dpo, ais-dpo, is-dpo, ais-sn-dpo, wpo-dpo)" >&2
+           exit 2 ;;
       esac
       log="$OUT/logs/${method}_${beta}_${seed}.log"
       echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $log 2>&1" >> "$jobs_file"

@@ -248,7 +248,7 @@ def test_weight_modes_by_hand():
     assert torch.equal(lw("fixed", alpha=1.0), lw("full"))  # alpha = 1: full IS
 
 
-@pytest.mark.parametrize("mode", is_dpo.WEIGHT_MODES)
+@pytest.mark.parametrize("mode", is_dpo.RATIO_MODES)
 def test_weights_exactly_one_when_policy_is_reference(mode):
     ref_w, ref_l = -20 * torch.rand(16), -20 * torch.rand(16)
     logps = {"pi_w": ref_w.clone(), "pi_l": ref_l.clone(), "ref_w": ref_w, "ref_l": ref_l,
@@ -327,6 +327,7 @@ def test_extreme_log_ratios_stay_finite(loss_type, mode):
     args = is_dpo.Args(loss_type=loss_type, weight=mode, beta=0.01, alpha=0.5)
     logps = {"pi_w": pi, "pi_l": pl, "ref_w": zeros, "ref_l": zeros, "len_w": lens, "len_l": lens.flip(0)}
     losses, _ = dpo.daa_losses(args, **logps)
+    logps.update(sq_w=zeros - 1e4, sq_l=zeros + 1e4)  # wpo's sum of log sum_v p^2, also extreme
     w, stats = is_dpo.importance_weights(args, logps, None)
     loss = (w * losses).mean()
     loss.backward()
@@ -428,7 +429,8 @@ def test_shared_reference_logps_miss_when_pi_ref_or_the_pairs_change(tiny_model,
 
 
 @pytest.mark.parametrize("flags", [["--weight", "adaptive"], ["--weight", "clipped", "--loss_type", "ipo"],
-                                   ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"]])
+                                   ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"],
+                                   ["--weight", "wpo"]])
 def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
     out = run(tmp_path_factory, "is_dpo.py", "--sft_path", tiny_world / "sft", "--data",
               tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs_is", *COMMON,
@@ -441,7 +443,9 @@ def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
     for row in log:
         assert {"weight_mean", "weight_max", "ess", "loss", "margin", "accuracy", "epoch"} <= set(row)
         assert all(math.isfinite(v) for v in row.values())
-    if "--behaviour_logps" not in flags:  # first step: the policy is pi_ref, every weight is 1
+    if flags[1] == "wpo":  # the policy's own probabilities: below 1 from the start
+        assert all(row["weight_max"] <= 1.0 for row in log) and log[0]["weight_mean"] < 1.0
+    elif "--behaviour_logps" not in flags:  # first step: the policy is pi_ref, every weight is 1
         assert log[0]["weight_mean"] == pytest.approx(1.0, abs=1e-4)
 
 
@@ -529,3 +533,44 @@ def test_chipo_never_overflows_and_stops_past_its_clip():
                     -math.log(sig(10))]
         torch.testing.assert_close(losses, torch.tensor(expected, dtype=dtype), rtol=1e-5, atol=1e-6)
         assert r_w.grad[[0, 1, 4]].abs().max() == 0 and r_w.grad[2] != 0
+
+
+def test_wpo_terms_match_a_full_forward_and_trl_form(tiny_model):
+    """sum_log_squared_probs: per response, sum over its tokens of log sum_v p_t(v)^2, from one plain full
+    forward per response; wpo_log_weights: TRL's use_weighting (a per-token mean, both responses, w <= 1)."""
+    model, tokenizer = tiny_model
+    import random
+    rng = random.Random(5)
+    pairs = []
+    for _ in range(8):
+        facts, prompt = toy_tldr.make_post(rng)
+        pairs.append(tuple(policy.encode(tokenizer, prompt,
+                                         toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
+                           for _ in range(2)))
+    sq_w, sq_l = dpo.sum_log_squared_probs(model, pairs, tokenizer.pad_token_id, "cpu",
+                                           contextlib.nullcontext(), 7)
+    expected, per_token = [], []
+    for pair in pairs:
+        for prompt_ids, response_ids in pair:
+            ids = torch.tensor([prompt_ids + response_ids])
+            with torch.no_grad():
+                logp = model(input_ids=ids).logits[0].double().log_softmax(-1)  # [T, V]
+            rows = logp[len(prompt_ids) - 1:-1]  # the positions that predict the response tokens
+            sq = torch.log((rows.exp() ** 2).sum(-1))  # log sum_v p(v)^2, the definition
+            expected.append(sq.sum().item())
+            token_logps = rows.gather(-1, torch.tensor(response_ids)[:, None]).squeeze(-1)
+            per_token.append((token_logps - sq).mean().item())
+    torch.testing.assert_close(torch.stack([sq_w, sq_l], 1).reshape(-1).double(),
+                               torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+    pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu",
+                                              contextlib.nullcontext(), 7)
+    log_w = is_dpo.wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w.float(), len_l.float())
+    trl = torch.tensor(per_token, dtype=torch.float64).reshape(-1, 2).sum(1).clamp(max=0)
+    torch.testing.assert_close(log_w.double(), trl, atol=1e-4, rtol=1e-5)
+    assert (log_w <= 0).all() and (log_w < 0).any()
+
+
+def test_wpo_weights_cap_at_one():
+    big = torch.tensor([5.0, -1.0])
+    log_w = is_dpo.wpo_log_weights(big, big, torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2))
+    assert log_w.tolist() == [0.0, -2.0]
