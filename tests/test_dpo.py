@@ -149,19 +149,25 @@ def test_fast_logps_gradients_equal_the_plain_definition(tiny_model):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
+def toy_pairs(tokenizer, seed, n):
+    """n pairs of two tokenized responses to one toy post each (prefixes of references of random length)."""
+    import random
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        facts, prompt = toy_tldr.make_post(rng)
+        pairs.append(tuple(policy.encode(tokenizer, prompt,
+                                         toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
+                           for _ in range(2)))
+    return pairs
+
+
 def test_pair_logps_share_the_prompt_and_equal_the_plain_definition(tiny_model):
     """Chosen and rejected continue from one prompt pass; values and parameter gradients must be those
     of the plain definition on the chosen and on the rejected responses (prompts of different lengths, so left
     padding is exercised)."""
     model, tokenizer = tiny_model
-    import random
-    rng = random.Random(3)
-    pairs = []
-    for _ in range(4):
-        facts, prompt = toy_tldr.make_post(rng)
-        pairs.append(tuple(policy.encode(tokenizer, prompt,
-                                         toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
-                           for _ in range(2)))
+    pairs = toy_pairs(tokenizer, seed=3, n=4)
     assert len({len(p[0][0]) for p in pairs}) > 1
     upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
     model.zero_grad()
@@ -539,14 +545,7 @@ def test_wpo_terms_match_a_full_forward_and_trl_form(tiny_model):
     """sum_log_squared_probs: per response, sum over its tokens of log sum_v p_t(v)^2, from one plain full
     forward per response; wpo_log_weights: TRL's use_weighting (a per-token mean, both responses, w <= 1)."""
     model, tokenizer = tiny_model
-    import random
-    rng = random.Random(5)
-    pairs = []
-    for _ in range(8):
-        facts, prompt = toy_tldr.make_post(rng)
-        pairs.append(tuple(policy.encode(tokenizer, prompt,
-                                         toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
-                           for _ in range(2)))
+    pairs = toy_pairs(tokenizer, seed=5, n=8)
     sq_w, sq_l = dpo.sum_log_squared_probs(model, pairs, tokenizer.pad_token_id, "cpu",
                                            contextlib.nullcontext(), 7)
     expected, per_token = [], []
