@@ -43,7 +43,11 @@ sum_y pi_theta(y) (log pi_theta(y) - log pi_ref(y)), the mass on responses no pa
 full-batch Adam on the empirical loss (no minibatch noise). Only the data are random: each seed draws
 new pairs and labels. The claims are those of evaluate.py --check, over the seeds.
 
-Run:  python toy_categorical.py                # 5 seeds x 5 runs, about 30 s on a laptop CPU
+Other methods (--runs): any weight of is_dpo.py on DPO, IPO or RPO, named as is_dpo.py names its runs
+(a0.2-dpo, sqrtis-dpo, ais-ipo, rpo, ...); --data_theta draws the pairs from a shifted policy.
+experiments/ablations.py runs the paper's other experiments on this toy.
+
+Run:  python toy_categorical.py                # 5 seeds x 5 runs, 15-30 s on a laptop CPU
       python toy_categorical.py --world_seed 3 --seeds 5 6 7 8 9
 See:  out/toy_categorical/check.md       the claims with their 95% confidence intervals
       out/toy_categorical/summary.md     peak and final win-rates, KL and true reward per method and beta
