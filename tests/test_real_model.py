@@ -150,15 +150,24 @@ def test_autocast_precisions_train_close_to_float32_with_float32_weights(standin
     assert_logs_close(train_logs(standins, "fp16", tmp_path, monkeypatch, precision), fp32, rel=0.05)
 
 
-def test_padded_vocabulary_ids_are_never_sampled(standins):
-    """Ids past the tokenizer (the output layer's padding) decode to nothing: banned_ids with the model bans
-    them. Made likely here (a constant hidden channel read by their rows), they would be drawn otherwise."""
+def pulled_pi_ref(standins):
+    """The float16 stand-in with a constant hidden channel (the final layer norm's first), which its output
+    layer reads as a strong pull toward the padded ids and a weaker one toward EOS."""
     model = policy.load_policy(str(standins / "fp16")).eval()
     tokenizer = policy.load_tokenizer(str(standins / "fp16"))
     with torch.no_grad():
         model.gpt_neox.final_layer_norm.weight[0] = 0.0
         model.gpt_neox.final_layer_norm.bias[0] = 1.0
+        model.get_output_embeddings().weight[:, 0] = 0.0
         model.get_output_embeddings().weight[len(tokenizer):, 0] = 6.0
+        model.get_output_embeddings().weight[tokenizer.eos_token_id, 0] = 4.0
+    return model, tokenizer
+
+
+def test_padded_vocabulary_ids_are_never_sampled(standins):
+    """Ids past the tokenizer (the output layer's padding) decode to nothing: banned_ids with the model bans
+    them. Made likely here, they would be drawn otherwise."""
+    model, tokenizer = pulled_pi_ref(standins)
     prompts = [tokenizer("TL;DR:")["input_ids"]] * 8
     banned = policy.banned_ids(tokenizer, model)
     assert banned == list(range(len(tokenizer), len(tokenizer) + PADDED))  # <|endoftext|> is EOS
@@ -166,6 +175,28 @@ def test_padded_vocabulary_ids_are_never_sampled(standins):
         outs, _ = policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.eos_token_id, MAX_RESPONSE,
                                 generator=torch.Generator().manual_seed(0), suppress_ids=suppress)
         assert any(t >= len(tokenizer) for o in outs for t in o) == padded_drawn
+
+
+def test_the_label_stage_samples_no_padded_id_and_drops_unfinished_samples(standins, tmp_path):
+    """reward.py --mode label --judge rm on the tldr snapshot: no padded id in any pair, every kept response
+    ended with EOS, and the pairs with an unfinished sample were dropped before the gold RM scored any."""
+    model, tokenizer = pulled_pi_ref(standins)
+    gold = reward.load_reward_model(str(standins / "fp16"), tokenizer, new_head=True)
+    torch.nn.init.normal_(gold.score.weight, generator=torch.Generator().manual_seed(0))
+    for name, saved in (("pi_ref", model), ("gold", gold)):
+        saved.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    reward.main(reward.Args(mode="label", judge="rm", sft_path=str(tmp_path / "pi_ref"),
+                            gold_path=str(tmp_path / "gold"), data=str(standins / "tldr"),
+                            out_dir=str(tmp_path / "prefs"), num_prompts=40, max_prompt_len=MAX_PROMPT,
+                            max_response_len=MAX_RESPONSE, truncate_prompts=True, sample_batch_size=16))
+    rows = [json.loads(line) for line in open(tmp_path / "prefs" / "train.jsonl")]
+    metrics = json.load(open(tmp_path / "prefs" / "metrics.json"))
+    assert rows and metrics["dropped"]["unfinished"] > 0
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            ids = row[f"{side}_ids"]
+            assert ids[-1] == tokenizer.eos_token_id and max(ids) < len(tokenizer)
 
 
 def test_the_gold_rm_scores_an_unfinished_sample_as_it_is_without_eos(standins, monkeypatch):
