@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import stage
 from stage import fail
 
 
@@ -111,9 +112,10 @@ def has_glob(source):
 
 
 def is_snapshot(directory, filename):
-    """Whether a directory is a local copy of a hub data set rather than a stage's output: it lacks the
-    stage's `filename` and holds data files (at any depth, e.g. data/train-00000-of-00001.parquet)."""
-    if os.path.isfile(os.path.join(directory, filename)):
+    """Whether a directory is a local copy of a hub data set rather than a stage's output: no stage wrote it
+    (stage.py's marker), it lacks `filename` and it holds data files (at any depth, e.g.
+    data/train-00000-of-00001.parquet)."""
+    if os.path.isfile(os.path.join(directory, filename)) or stage.read_marker(directory) is not None:
         return False
     return any(name.endswith(DATA_FILES) for _, _, names in os.walk(directory) for name in names)
 

@@ -197,6 +197,8 @@ def test_the_label_stage_samples_no_padded_id_and_drops_unfinished_samples(stand
         for side in ("chosen", "rejected"):
             ids = row[f"{side}_ids"]
             assert ids[-1] == tokenizer.eos_token_id and max(ids) < len(tokenizer)
+    with pytest.raises(SystemExit, match="not found"):  # a stage's output is not taken for a hub snapshot
+        policy.load_rows(str(tmp_path / "prefs"), "eval.jsonl", "train", {"prompt": "prompt"})
 
 
 def test_the_gold_rm_scores_an_unfinished_sample_as_it_is_without_eos(standins, monkeypatch):
