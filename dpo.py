@@ -91,6 +91,7 @@ class Args:
         "help": "cut over-long prompts from the left instead of refusing"})
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch (data order)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    precision: str = field(default="auto", metadata={"help": policy.PRECISION_HELP})
     runs_dir: str = field(default="out/runs", metadata={"help": "runs are written to <runs_dir>/<run_name>/"})
     reference_cache: str = field(default="", metadata={
         "help": "a directory where runs that share pi_ref and the pairs share their reference log-probs "
@@ -256,25 +257,38 @@ def gather_logps_naive(hidden, weight, bias, targets):
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
+def matmul_dtype(hidden):
+    """The dtype the output layer runs in: autocast's (bf16, fp16) where autocast is on, else the hidden
+    states' own."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 class ChunkedLogProbs(torch.autograd.Function):
     """The same numbers as `gather_logps_naive`, holding one [chunk, V] block of logits at a time.
 
     Forward keeps only the per-token logsumexp. Backward recomputes each chunk's logits and uses
     d logp_t / d logits = onehot(target) - softmax(logits), accumulating the output layer's
     gradient in place: peak memory no longer grows with tokens x vocabulary.
+    Under autocast both compute the logits the same way, in the dtype autocast chose for the forward
+    (ctx.dtype; autocast itself is off inside, and backward runs outside it): a softmax from logits of
+    another precision than the saved logsumexp would not sum to 1 (METHOD.md, section 2).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
-        w = weight.to(hidden.dtype)
-        b = None if bias is None else bias.to(hidden.dtype)
+        ctx.dtype = matmul_dtype(hidden)
+        w = weight.to(ctx.dtype)
+        b = None if bias is None else bias.to(ctx.dtype)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are summed in float32
         logps = torch.empty(len(targets), dtype=acc, device=hidden.device)
         lse = torch.empty_like(logps)
-        for s in range(0, len(targets), chunk):
-            logits = F.linear(hidden[s:s + chunk], w, b).to(acc)
-            lse[s:s + chunk] = logits.logsumexp(-1)
-            logps[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, len(targets), chunk):
+                logits = F.linear(hidden[s:s + chunk].to(ctx.dtype), w, b).to(acc)
+                lse[s:s + chunk] = logits.logsumexp(-1)
+                picked = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
+                logps[s:s + chunk] = picked - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return logps
@@ -282,26 +296,27 @@ class ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        w = weight.to(hidden.dtype)
-        b = None if bias is None else bias.to(hidden.dtype)
+        w = weight.to(ctx.dtype)
+        b = None if bias is None else bias.to(ctx.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
         grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
         wants_bias = bias is not None and ctx.needs_input_grad[2]
         grad_bias = torch.zeros_like(bias, dtype=acc) if wants_bias else None
         # BEGIN SOLUTION
-        for s in range(0, len(targets), ctx.chunk):
-            h, g, t = hidden[s:s + ctx.chunk], grad_logps[s:s + ctx.chunk], targets[s:s + ctx.chunk]
-            # in place: one [chunk, V] buffer
-            probs = F.linear(h, w, b).to(acc).sub_(lse[s:s + ctx.chunk, None]).exp_()
-            grad_logits = probs.mul_(-g[:, None])  # -softmax * g ...
-            grad_logits[torch.arange(len(t), device=t.device), t] += g  # ... + onehot(target) * g
-            if grad_hidden is not None:
-                grad_hidden[s:s + ctx.chunk] = grad_logits.to(h.dtype) @ w
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h.to(acc))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+        with torch.autocast(hidden.device.type, enabled=False):  # the logits of the forward, in ctx.dtype
+            for s in range(0, len(targets), ctx.chunk):
+                h, g, t = hidden[s:s + ctx.chunk], grad_logps[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+                # in place: one [chunk, V] buffer
+                probs = F.linear(h.to(ctx.dtype), w, b).to(acc).sub_(lse[s:s + ctx.chunk, None]).exp_()
+                grad_logits = probs.mul_(-g[:, None])  # -softmax * g ...
+                grad_logits[torch.arange(len(t), device=t.device), t] += g  # ... + onehot(target) * g
+                if grad_hidden is not None:
+                    grad_hidden[s:s + ctx.chunk] = grad_logits.to(ctx.dtype) @ w
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, h.to(acc))
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
         # END SOLUTION
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
@@ -404,7 +419,7 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
         with open(path, "rb") as f:
             key.update(f.read())
     key.update(json.dumps([pairs, batch_size, args.logit_chunk, torch.get_num_threads(),
-                           str(device),  # cuda: bf16 autocast
+                           str(device), args.precision,  # the autocast
                            torch.__version__, transformers.__version__]).encode())
     path = os.path.join(args.reference_cache, key.hexdigest()[:20] + ".pt")
     if os.path.isfile(path):
@@ -460,6 +475,7 @@ class Run:
     device: torch.device
     autocast: object
     total_steps: int
+    scaler: object  # policy.grad_scaler: --precision fp16 only
 
 
 def start_run(args, method):
@@ -468,7 +484,7 @@ def start_run(args, method):
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, autocast = policy.device_and_autocast()
+    device, autocast = policy.device_and_autocast(args.precision)
     name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
     out_dir = os.path.join(args.runs_dir, name)
     inputs = [args.sft_path, args.data, args.reference_cache]
@@ -480,7 +496,8 @@ def start_run(args, method):
     model = policy.load_policy(args.sft_path).to(device)
     ref_w, ref_l = shared_reference_logps(args, model, pairs, tokenizer.pad_token_id, device, autocast)
     total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / (args.batch_size * args.grad_accum)))
-    return Run(name, out_dir, tmp, tokenizer, model, rows, pairs, ref_w, ref_l, device, autocast, total_steps)
+    return Run(name, out_dir, tmp, tokenizer, model, rows, pairs, ref_w, ref_l, device, autocast, total_steps,
+               policy.grad_scaler(args.precision, device))
 
 
 def make_optimizer(args, model, total_steps):
@@ -537,7 +554,7 @@ def accumulate_gradients(args, run, weigh, order, cursor):
         idx = order[cursor:cursor + args.batch_size]
         cursor += args.batch_size
         loss, stats = micro_batch_loss(args, run, weigh, idx)
-        loss.backward()
+        run.scaler.scale(loss).backward()
         for k, v in {**stats, "loss": loss.item() * args.grad_accum}.items():
             logged[k] = logged.get(k, 0.0) + v / args.grad_accum
     return logged, order, cursor
@@ -564,11 +581,8 @@ def train(args, weigh=no_weights, method=None):
     bar = tqdm(range(done + 1, run.total_steps + 1), desc=run.name)
     for step in bar:
         logged, order, cursor = accumulate_gradients(args, run, weigh, order, cursor)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-        policy.check_finite(step, loss=logged["loss"], grad_norm=grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = policy.optimizer_step(step, run.model, optimizer, scheduler, run.scaler, args.grad_clip,
+                                          logged["loss"])
         row = {"step": step, "epoch": step * pairs_per_step / len(run.pairs), **logged,
                "grad_norm": float(grad_norm)}
         policy.append_jsonl(os.path.join(run.tmp, "train_log.jsonl"), row)

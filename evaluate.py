@@ -138,7 +138,7 @@ def evaluate_checkpoint(model, ref, setup, args):
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     # common random numbers for every ckpt
     generator = torch.Generator(device=setup.device).manual_seed(args.seed)
-    prompts, banned = setup.prompts, policy.banned_ids(tokenizer)
+    prompts, banned = setup.prompts, policy.banned_ids(tokenizer, model)
     # --- the algorithm: samples at --temperature for the win-rate, at 1 for the KL ---
     with setup.autocast:
         outs, _ = policy.sample(model, prompts, eos, pad, args.max_response_len, args.temperature,
@@ -166,7 +166,8 @@ def judge_samples(setup, args, texts):
     if setup.gold is not None:
         with setup.autocast:
             scores = reward.score_texts(setup.gold, setup.tokenizer, [r["prompt"] for r in rows],
-                                        [t for t, _ in texts], args, setup.device, setup.autocast)
+                                        [t for t, _ in texts], args, setup.device, setup.autocast,
+                                        finished=[f for _, f in texts])  # unfinished: no EOS added
         metrics.update(gold_win_rate=win_rate(scores, setup.ref_scores["gold"]),
                        gold_score=float(np.mean(scores)))
     return metrics

@@ -3,8 +3,8 @@ policy.py -- what every stage does with a policy: rows in, token ids, batches, l
 
 sft.py, reward.py, dpo.py, is_dpo.py and evaluate.py all handle a causal LM the same way, and take it
 from here:
-  1. rows: from the toy world's directory, a local .json/.jsonl/.parquet file or a hub id, with a
-     column mapping, every field type-checked;
+  1. rows: from the toy world's directory, a local .json/.jsonl/.parquet file (or a glob of them), a local
+     snapshot of a hub data set or a hub id, with a column mapping, every field type-checked;
   2. tokens: prompt + response, the response ' ' + text + EOS, cut at --max_response_len;
   3. batches: right-padded prompt + response (`collate`), or prompts run once for k responses each
      (`collate_grouped` + `response_hidden`: a preference pair costs one prompt, not two);
@@ -15,6 +15,7 @@ from here:
 Imports run down the pipeline only: this file imports stage.py (flags, errors, outputs) and no stage.
 """
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import stage
 from stage import fail
 
 
@@ -54,17 +56,19 @@ def read_jsonl(path):
 def load_rows(source, filename, split, columns, numeric=(), token_ids=()):
     """Rows as dicts with our column names.
 
-    source: a toy_tldr output dir (reads <source>/<filename>), a local .json/.jsonl/.parquet file,
-    or a hub dataset id. columns: {our_name: column_in_the_data}. Every mapped field must be a string,
+    source: a toy_tldr or stage output dir (reads <source>/<filename>), a local .json/.jsonl/.parquet
+    file, a glob of such files (e.g. "dir/*.parquet": the shards of one split), a local snapshot of a hub
+    data set (a directory as huggingface_hub.snapshot_download leaves it: data/<split>-*.parquet, ...) or a
+    hub dataset id. columns: {our_name: column_in_the_data}. Every mapped field must be a string,
     or a finite number for the names in `numeric`: the first that is not is refused with its row and column.
     token_ids: optional columns of the data (e.g. chosen_ids): where the data has one, every row's value
     must be a non-empty list of token ids (integers >= 0), checked the same way.
     """
-    if os.path.isdir(source):
+    if os.path.isdir(source) and not is_snapshot(source, filename):
         source = os.path.join(source, filename)
         if not os.path.isfile(source):
             fail(f"{source} not found (run the stage that writes it first)")
-    if source.endswith(".jsonl"):
+    if source.endswith(".jsonl") and not has_glob(source):
         if not os.path.isfile(source):
             fail(f"data file {source} not found")
         rows = read_jsonl(source)
@@ -100,20 +104,43 @@ def has_kind(value, kind):
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
 
 
+DATA_FILES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def has_glob(source):
+    return any(c in source for c in "*?[")
+
+
+def is_snapshot(directory, filename):
+    """Whether a directory is a local copy of a hub data set rather than a stage's output: no stage wrote it
+    (stage.py's marker), it lacks `filename` and it holds data files (at any depth, e.g.
+    data/train-00000-of-00001.parquet)."""
+    if os.path.isfile(os.path.join(directory, filename)) or stage.read_marker(directory) is not None:
+        return False
+    return any(name.endswith(DATA_FILES) for _, _, names in os.walk(directory) for name in names)
+
+
 def load_dataset(source, split):
-    """A local .json/.parquet file or a hub data set, through the datasets library."""
+    """A local .json/.parquet file, a glob of shards, a local snapshot directory or a hub data set, through
+    the datasets library (a snapshot directory and a hub id the same way: its split by the file names or
+    its README's configs)."""
     import datasets
 
-    if source.endswith((".json", ".parquet")):
-        if not os.path.isfile(source):
-            fail(f"data file {source} not found")
-        kind = "parquet" if source.endswith(".parquet") else "json"
+    if has_glob(source) or source.endswith((".json", ".jsonl", ".parquet")):
+        files = sorted(glob.glob(source)) if has_glob(source) else [source]
+        if not files or not all(os.path.isfile(f) for f in files):
+            fail(f"data file {source} not found" if not has_glob(source) else f"no file matches {source}")
+        kinds = {"parquet" if f.endswith(".parquet") else "json" if f.endswith((".json", ".jsonl")) else "?"
+                 for f in files}
+        if kinds not in ({"parquet"}, {"json"}):
+            fail(f"{source}: expected .json/.jsonl or .parquet files of one kind, got {files[:3]}")
+        kind = kinds.pop()
         try:
-            return datasets.load_dataset(kind, data_files=source, split="train")
+            return datasets.load_dataset(kind, data_files=files, split="train")
         except Exception as e:  # an empty or malformed file ends here, not in a traceback
             fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} "
                  f"{str(e)[:200]}".strip())
-    if os.path.exists(source):
+    if os.path.exists(source) and not os.path.isdir(source):
         fail(f"{source}: expected a directory or a .json/.jsonl/.parquet file")
     try:
         return datasets.load_dataset(source, split=split)
@@ -315,9 +342,12 @@ def load_pretrained(auto_class, path, what, new_weights=(), **kwargs):
     """A model whose every weight was in its files: a reward model read as a policy (no language-model
     head) or pi_ref read as a reward model (no score head) is refused, not completed with random
     weights; an unreadable or truncated checkpoint ends in one line. new_weights: names of weights
-    that may start fresh (the reward model's head, trained from pi_ref)."""
+    that may start fresh (the reward model's head, trained from pi_ref). The weights are read as float32
+    whatever dtype the files store (Pythia ships float16, Llama bfloat16; transformers would keep that
+    dtype): training keeps float32 master weights, and --precision decides what runs in lower precision."""
     try:
-        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32,
+                                                 **kwargs)
     except Exception as e:  # missing, truncated, foreign: all end here
         first_line = (str(e).splitlines() or [""])[0][:200]
         fail(f"could not load {what} from {path!r}: {type(e).__name__}: {first_line}")
@@ -356,10 +386,12 @@ def load_causal_lm(args, tokenizer):
     return GPTNeoXForCausalLM(config)
 
 
-def banned_ids(tokenizer):
-    """Special tokens a response must never contain: all but EOS: a response ends with EOS and holds no other
-    special token."""
-    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id})
+def banned_ids(tokenizer, model=None):
+    """Ids a response must never contain: the special tokens but EOS (a response ends with EOS and holds no
+    other special token) and, given the model, the ids of its output layer that the tokenizer has no token
+    for: a padded vocabulary (Pythia: 50,304 logits for 50,277 tokens) has rows that decode to nothing."""
+    padded = range(len(tokenizer), model.get_output_embeddings().weight.shape[0]) if model is not None else ()
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id} | set(padded))
 
 
 
@@ -455,11 +487,44 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def device_and_autocast():
-    """CUDA with bf16 autocast when present; CPU float32 otherwise."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.device("cpu"), nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("auto (bf16 autocast on CUDA, float32 on the CPU) | fp32 | bf16 (bf16 autocast) | fp16 "
+                  "(fp16 autocast with a gradient scaler); the weights and the optimizer stay float32")
+
+
+def device_and_autocast(precision="auto"):
+    """(device, autocast): CUDA when present, else the CPU; the autocast of --precision (METHOD.md,
+    section 2): auto = bf16 on CUDA and none (float32) on the CPU. Autocast runs the matrix products in
+    the lower precision; the weights themselves stay float32 (load_pretrained loads them so)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if precision not in PRECISIONS:
+        fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return device, nullcontext()
+    return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_scaler(precision, device):
+    """torch's GradScaler for --precision fp16 (fp16 gradients underflow without it); a pass-through
+    (scale, unscale_, step and update change nothing) in every other mode."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def optimizer_step(step, model, optimizer, scheduler, scaler, grad_clip, loss):
+    """The update after a step's backward passes (of scaler.scale(loss)): unscale, clip to grad_clip, stop
+    the run at a non-finite loss or gradient norm (check_finite), step, schedule. Under fp16 a non-finite
+    gradient norm is the scaler's overflow, not a broken run: the scaler skips that update and lowers its
+    scale. Returns the gradient norm (before clipping)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    check_finite(step, loss=loss, **({} if scaler.is_enabled() else {"grad_norm": grad_norm}))
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def save_json(path, obj):

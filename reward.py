@@ -80,6 +80,7 @@ class Args:
     sample_batch_size: int = field(default=256, metadata={"help": "prompts per sampling / scoring batch"})
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    precision: str = field(default="auto", metadata={"help": policy.PRECISION_HELP})
     out_dir: str = field(default="", metadata={
         "help": "output dir; default out/gold_rm (train) or out/prefs (label)"})
     resume: bool = field(default=False, metadata={"help": "train: continue an interrupted run"})
@@ -144,10 +145,14 @@ def score_examples(model, examples, pad_id, batch_size, device, autocast, k=1, d
     return scores
 
 
-def score_texts(model, tokenizer, prompts, responses, args, device, autocast, desc=None):
-    """Gold scores of (prompt, response) texts, EOS appended to each response."""
+def score_texts(model, tokenizer, prompts, responses, args, device, autocast, desc=None, finished=None):
+    """Gold scores of (prompt, response) texts, EOS appended to each response that ended (all, unless
+    `finished` [bool per response] says otherwise): an unfinished sample is scored as it is, without EOS."""
     examples = policy.encode_rows(tokenizer, prompts, responses, args.max_prompt_len, args.max_response_len,
-                                  args.truncate_prompts)
+                                  args.truncate_prompts, add_eos=False)
+    eos = tokenizer.eos_token_id
+    examples = [(p, (r + [eos] * (finished is None or finished[i]))[:args.max_response_len])
+                for i, (p, r) in enumerate(examples)]
     return score_examples(model, examples, tokenizer.pad_token_id, args.sample_batch_size, device, autocast,
                           desc=desc)
 
@@ -182,6 +187,7 @@ def train_steps(args, tmp, model, train_pairs, pad_id, device, autocast):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
     done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler)
+    scaler = policy.grad_scaler(args.precision, device)
     bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm")
     for step in bar:
         for _ in range(args.grad_accum):
@@ -195,12 +201,8 @@ def train_steps(args, tmp, model, train_pairs, pad_id, device, autocast):
                 r = reward_scores(model, batch)
             r_chosen, r_rejected = r[0::2], r[1::2]
             loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        policy.check_finite(step, loss=loss, grad_norm=grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        policy.optimizer_step(step, model, optimizer, scheduler, scaler, args.grad_clip, loss)
         accuracy = (r_chosen > r_rejected).float().mean().item()
         policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"),
                             {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
@@ -264,7 +266,7 @@ def sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast):
         outs, logps = policy.sample(pi_ref, [i for i in ids for _ in range(2)], tokenizer.eos_token_id,
                                     tokenizer.pad_token_id, args.max_response_len, args.temperature,
                                     args.sample_batch_size, generator, desc="sampling",
-                                    suppress_ids=policy.banned_ids(tokenizer), logps_of="sampler")
+                                    suppress_ids=policy.banned_ids(tokenizer, pi_ref), logps_of="sampler")
     texts = [policy.decode_response(tokenizer, o) for o in outs]
     keep, dropped = [], {"unfinished": 0, "identical": 0, "tied": 0}
     for i, prompt in enumerate(prompts):
@@ -376,7 +378,7 @@ def main(args):
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, autocast = policy.device_and_autocast()
+    device, autocast = policy.device_and_autocast(args.precision)
     (train if args.mode == "train" else label)(args, device, autocast)
 
 

@@ -64,6 +64,7 @@ class Args:
         "help": "toy only: eval prompts whose greedy samples get a true score"})
     seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    precision: str = field(default="auto", metadata={"help": policy.PRECISION_HELP})
     out_dir: str = field(default="out/sft", metadata={"help": "where pi_ref is saved"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its saved state"})
     save_every: int = field(default=50, metadata={"help": "steps between states saved for --resume (0: no)"})
@@ -113,7 +114,7 @@ def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_respons
     rows = policy.load_rows(data_dir, "eval.jsonl", None, {"prompt": "prompt", "reference": "reference"})[:n]
     prompts = policy.encode_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_len, truncate_prompts)
     outs, _ = policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_response_len,
-                            temperature=0, suppress_ids=policy.banned_ids(tokenizer))
+                            temperature=0, suppress_ids=policy.banned_ids(tokenizer, model))
     texts = [policy.decode_response(tokenizer, o) for o in outs]
     scores = [toy_tldr.true_score(r["prompt"], *text) for r, text in zip(rows, texts)]
     refs = [toy_tldr.true_score(r["prompt"], r["reference"]) for r in rows]
@@ -159,6 +160,7 @@ def train_steps(args, tmp, model, train, pad_id, device, autocast):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
     done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler)
+    scaler = policy.grad_scaler(args.precision, device)
     bar = tqdm(range(done + 1, args.steps + 1), desc="sft")
     for step in bar:
         for _ in range(args.grad_accum):
@@ -170,12 +172,8 @@ def train_steps(args, tmp, model, train, pad_id, device, autocast):
             # --- the algorithm: minimise the response tokens' NLL ---
             with autocast:
                 loss = completion_loss(model, batch) / args.grad_accum
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        policy.check_finite(step, loss=loss, grad_norm=grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        grad_norm = policy.optimizer_step(step, model, optimizer, scheduler, scaler, args.grad_clip, loss)
         row = {"step": step, "loss": loss.item() * args.grad_accum, "grad_norm": float(grad_norm),
                "lr": scheduler.get_last_lr()[0]}
         policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"), row)
@@ -194,7 +192,7 @@ def main(args):
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, autocast = policy.device_and_autocast()
+    device, autocast = policy.device_and_autocast(args.precision)
     tokenizer, train, val = load_examples(args)
     model = policy.load_causal_lm(args, tokenizer).to(device)
     model.train()

@@ -53,6 +53,41 @@ def test_chunked_logps_equal_naive_values_and_gradients(bias, chunk):
     assert torch.allclose(naive_out.double(), ref_out, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_logps_under_autocast_match_the_naive_gather_values_and_gradients(dtype, bias):
+    """Under autocast (the CUDA path's bf16, or fp16; here on the CPU) the fused gather's forward and backward
+    see the same logits, as the naive gather's autograd does: the same values and gradients, and the softmax
+    of its backward sums to 1 for every token (the bias gradient of one token's log-prob sums to 0)."""
+    g = torch.Generator().manual_seed(3)
+    n, h, v = 37, 16, 300
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = (torch.randn(v, h, generator=g) * 2).requires_grad_()  # logits of about +-10: bf16 rounds them
+    b = torch.randn(v, generator=g).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, generator=g)
+    params = [t for t in (hidden, weight, b) if t is not None]
+    results = []
+    for fn in (dpo.gather_logps_naive, lambda *a: dpo.ChunkedLogProbs.apply(*a, 8)):
+        for t in params:
+            t.grad = None
+        with torch.autocast("cpu", dtype=dtype):
+            out = fn(hidden, weight, b, targets)
+        assert out.dtype == torch.float32
+        (out * upstream).sum().backward()
+        results.append((out.detach(), [t.grad.clone() for t in params]))
+    (naive, naive_grads), (fused, fused_grads) = results
+    assert torch.allclose(fused, naive, atol=1e-5, rtol=1e-5)
+    for a, r in zip(fused_grads, naive_grads):  # the naive weight gradient is a bf16/fp16 matmul: rounded
+        assert a.dtype == r.dtype == torch.float32
+        assert (a - r).abs().max() <= 1e-2 * r.abs().max()
+    if bias:
+        for i in range(8):
+            b.grad = None
+            with torch.autocast("cpu", dtype=dtype):
+                dpo.ChunkedLogProbs.apply(hidden[i:i + 1], weight, b, targets[i:i + 1], 8).sum().backward()
+            assert abs(b.grad.sum()) < 1e-4  # 1 - sum_v softmax_v
+
 def test_chunked_logps_gradcheck():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)

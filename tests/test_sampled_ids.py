@@ -18,17 +18,22 @@ import toy_tldr
 MAX_PROMPT, MAX_RESPONSE, NUM_PROMPTS = 128, 16, 100
 
 
-def build_bpe_tokenizer(texts, vocab_size=400):
-    """A byte-level BPE tokenizer (GPT-2's scheme, as Pythia's) trained on `texts`; <pad>, <bos>, <eos>."""
+def build_bpe_tokenizer(texts, vocab_size=400, pythia=False):
+    """A byte-level BPE tokenizer (GPT-2's scheme, as Pythia's) trained on `texts`; <pad>, <bos>, <eos>, or as
+    Pythia ships its own (pythia=True): one special token, <|endoftext|>, for BOS, EOS and unknown; no pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special = ["<|endoftext|>"] if pythia else ["<pad>", "<bos>", "<eos>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    if pythia:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[0],
+                                       unk_token=special[0])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>")
 
