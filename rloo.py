@@ -41,44 +41,46 @@ from stage import fail
 # config
 
 
+def dpo_flag(name, **default):
+    """dpo.py's flag of that name (its help), with dpo.py's default or the one given."""
+    flag = next(f for f in dataclasses.fields(dpo.Args) if f.name == name)
+    return field(default=default.get("default", flag.default), metadata=flag.metadata)
+
+
 @dataclass
 class OnlineArgs:
-    """The flags of every online method (rloo.py, online_dpo.py)."""
-    sft_path: str = field(default="out/sft", metadata={
-        "help": "pi_ref (sft.py output): the starting policy and the reference of the KL"})
+    """The flags of every online method (rloo.py, online_dpo.py); most are dpo.py's."""
+    sft_path: str = dpo_flag("sft_path")
     data: str = field(default="out/toy_tldr", metadata={
         "help": "toy_tldr dir or local .json/.jsonl/.parquet file whose prompts are sampled (sft.jsonl)"})
-    split: str = field(default="train", metadata={"help": "split to read when --data is a hub id"})
-    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
+    split: str = dpo_flag("split")
+    prompt_column: str = dpo_flag("prompt_column")
     num_prompts: int = field(default=4000, metadata={
         "help": "the first N unique training prompts (reward.py --mode label's prompts)"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts sampled per step"})
     judge: str = field(default="proxy", metadata={
         "help": "who scores the samples: proxy (the reward model at --proxy_path) or true (the toy's "
                 "hidden scorer)"})
+    beta: float = dpo_flag("beta")
     proxy_path: str = field(default="out/proxy_rm", metadata={
         "help": "the proxy reward model (reward.py --mode train --data out/prefs/train.jsonl)"})
     missing_eos_penalty: float = field(default=1.0, metadata={
         "help": "subtracted from the proxy's score of a response cut by --max_response_len (no EOS); the "
                 "true scorer judges those itself"})
-    beta: float = field(default=0.01, metadata={"help": "KL strength"})
-    steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts sampled per step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
-    lr_schedule: str = field(default="cosine", metadata={
-        "help": "after warm-up: cosine (to 0) or constant"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    num_checkpoints: int = field(default=10, metadata={
-        "help": "checkpoints at evenly spaced fractions of training, plus step 0"})
-    logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk"})
-    max_prompt_len: int = field(default=64, metadata={"help": "prompt tokens kept"})
-    max_response_len: int = field(default=24, metadata={"help": "response tokens sampled, EOS included"})
-    truncate_prompts: bool = field(default=False, metadata={
-        "help": "cut over-long prompts from the left instead of refusing"})
-    seed: int = field(default=0, metadata={"help": "seed for python, numpy and torch (prompts, samples)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
-    runs_dir: str = field(default="out/runs", metadata={"help": "runs are written to <runs_dir>/<run_name>/"})
-    run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
+    lr: float = dpo_flag("lr", default=1e-4)
+    warmup_steps: int = dpo_flag("warmup_steps", default=10)
+    lr_schedule: str = dpo_flag("lr_schedule")
+    grad_clip: float = dpo_flag("grad_clip")
+    num_checkpoints: int = dpo_flag("num_checkpoints", default=10)
+    logit_chunk: int = dpo_flag("logit_chunk")
+    max_prompt_len: int = dpo_flag("max_prompt_len")
+    max_response_len: int = dpo_flag("max_response_len")
+    truncate_prompts: bool = dpo_flag("truncate_prompts")
+    seed: int = dpo_flag("seed")
+    threads: int = dpo_flag("threads")
+    runs_dir: str = dpo_flag("runs_dir")
+    run_name: str = dpo_flag("run_name")
 
 
 @dataclass
@@ -196,10 +198,7 @@ def validate(args):
         fail(f"--k must be >= 2 (the leave-one-out baseline needs another sample), got {args.k}")
     if args.judge not in ("proxy", "true"):
         fail(f"--judge must be proxy or true, got {args.judge!r}")
-    if args.lr_schedule not in ("constant", "cosine"):
-        fail(f"--lr_schedule must be constant or cosine, got {args.lr_schedule!r}")
-    if args.run_name in (".", "..") or os.sep in args.run_name:
-        fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
+    dpo.check_run_flags(args)
     for flag, path in (("sft_path", args.sft_path),) + ((("proxy_path", args.proxy_path),)
                                                         if args.judge == "proxy" else ()):
         if not os.path.isdir(path):
@@ -211,12 +210,7 @@ def validate(args):
 def start_run(args, method):
     """Checks, seeds, prompts, pi_theta, pi_ref, the scorer, and the locked output directory."""
     validate(args)
-    policy.seed_everything(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, autocast = policy.device_and_autocast()
-    name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
-    out_dir = os.path.join(args.runs_dir, name)
+    device, autocast, name, out_dir = dpo.begin_run(args, method)
     inputs = [args.sft_path, args.data] + ([args.proxy_path] if args.judge == "proxy" else [])
     stage.check_output(out_dir, "online run", inputs)
     tokenizer = policy.load_tokenizer(args.sft_path)
