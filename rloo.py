@@ -57,8 +57,8 @@ class OnlineArgs:
     prompt_column: str = dpo_flag("prompt_column")
     num_prompts: int = field(default=4000, metadata={
         "help": "the first N unique training prompts (reward.py --mode label's prompts)"})
-    steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts sampled per step"})
+    steps: int = field(default=150, metadata={"help": "optimizer steps"})
+    prompts_per_step: int = field(default=32, metadata={"help": "prompts sampled per step"})
     judge: str = field(default="proxy", metadata={
         "help": "who scores the samples: proxy (the reward model at --proxy_path) or true (the toy's "
                 "hidden scorer)"})
@@ -68,8 +68,8 @@ class OnlineArgs:
     missing_eos_penalty: float = field(default=1.0, metadata={
         "help": "subtracted from the proxy's score of a response cut by --max_response_len (no EOS); the "
                 "true scorer judges those itself"})
-    lr: float = dpo_flag("lr", default=1e-4)
-    warmup_steps: int = dpo_flag("warmup_steps", default=10)
+    lr: float = dpo_flag("lr")
+    warmup_steps: int = dpo_flag("warmup_steps")
     lr_schedule: str = dpo_flag("lr_schedule")
     grad_clip: float = dpo_flag("grad_clip")
     num_checkpoints: int = dpo_flag("num_checkpoints", default=10)
@@ -85,6 +85,8 @@ class OnlineArgs:
 
 @dataclass
 class Args(OnlineArgs):
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts sampled per step (k samples each)"})
+    lr: float = dpo_flag("lr", default=1e-4)
     k: int = field(default=4, metadata={
         "help": "responses sampled per prompt (>= 2: the baseline needs them)"})
 

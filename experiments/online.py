@@ -71,8 +71,17 @@ def offline_stages(out, logs):
             run_all({name: argv}, 1, logs)
 
 
+def proxy_command(cli, root):
+    """{"proxy_rm": argv} of reward.py on the offline pairs' labels, or {} if the proxy is there."""
+    if os.path.isdir(os.path.join(root, "proxy_rm")):
+        return {}
+    return {"proxy_rm": ["reward.py", "--mode", "train", "--sft_path", f"{cli.out}/sft", "--data",
+                         f"{cli.out}/prefs/train.jsonl", "--out_dir", f"{root}/proxy_rm", "--threads", 1,
+                         *cli.proxy_flags.split()]}
+
+
 def training_commands(cli, root):
-    """{log name: argv}: the proxy first, then every method x seed (the slow online runs first)."""
+    """{log name: argv}: every method x seed, the online runs first (they take longest)."""
     out = cli.out
     common = ["--sft_path", f"{out}/sft", "--runs_dir", f"{root}/runs", "--beta", 0.01, "--threads", 1]
     online = ["--data", f"{out}/toy_tldr", "--proxy_path", f"{root}/proxy_rm", "--judge", cli.judge,
@@ -173,17 +182,16 @@ def main(argv=None):
     logs = os.path.join(root, "logs")
     offline_stages(cli.out, logs)
     timing["offline_stages_s"] = round(time.time() - start)
-    say(start, "the proxy reward model, on the offline pairs' labels")
-    if not os.path.isdir(os.path.join(root, "proxy_rm")):
-        run_all({"proxy_rm": ["reward.py", "--mode", "train", "--sft_path", f"{cli.out}/sft", "--data",
-                              f"{cli.out}/prefs/train.jsonl", "--out_dir", f"{root}/proxy_rm",
-                              *cli.proxy_flags.split()]}, 1, logs)
-    timing["proxy_s"] = round(time.time() - start) - timing["offline_stages_s"]
     commands = {name: argv for name, argv in training_commands(cli, root).items()
                 if not os.path.isdir(os.path.join(root, "runs", run_dir(argv)))}
-    say(start, f"{len(commands)} runs, {cli.jobs} at a time (logs in {logs})")
-    run_all(commands, cli.jobs, logs)
-    timing["runs_s"] = round(time.time() - start) - sum(timing.values())
+    offline = {name: argv for name, argv in commands.items() if argv[0] in ("dpo.py", "is_dpo.py")}
+    online = {name: argv for name, argv in commands.items() if name not in offline}
+    say(start, f"the proxy RM beside {len(offline)} offline runs, {cli.jobs} at a time (logs: {logs})")
+    run_all({**proxy_command(cli, root), **offline}, cli.jobs, logs)  # only the online runs need the proxy
+    timing["proxy_and_offline_s"] = round(time.time() - start) - timing["offline_stages_s"]
+    say(start, f"{len(online)} online runs")
+    run_all(online, cli.jobs, logs)
+    timing["online_s"] = round(time.time() - start) - sum(timing.values())
     say(start, "evaluation: the true scorer and the proxy on every checkpoint")
     rows = evaluate_runs(cli, root)
     timing["eval_s"] = round(time.time() - start) - sum(timing.values())

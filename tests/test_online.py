@@ -92,3 +92,20 @@ def test_rloo_and_online_dpo_end_to_end(tmp_path_factory, tiny_world, tmp_path):
     assert {(r["method"], r["step"]) for r in rows} >= {("rloo", 0), ("rloo", 2), ("online-dpo", 2)}
     assert {r["run"] for r in rows} == {"rloo_beta0.01_seed1", "online-dpo_beta0.01_seed1", "od-true"}
     assert evaluate.read_run_args(str(tmp_path / "runs" / "rloo_beta0.01_seed1" / "args.json"))["k"] == 3
+
+
+def test_experiment_report_from_rows(tmp_path):
+    """experiments/online.py's table and figure from evaluate.py rows: means over seeds, each method once."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "experiments"))
+    import online
+
+    rows = [{"method": m, "beta": 0.01, "seed": seed, "step": step, "fraction": step / 2, "kl": step * 1.0,
+             "true_win_rate": 0.4 + 0.1 * step * (m == "rloo") + 0.01 * seed, "gold_win_rate": 0.5,
+             "true_score": 3.0} for m in ("dpo", "rloo") for seed in (0, 1) for step in (0, 1, 2)]
+    online.report(rows, str(tmp_path), "proxy", {"total_s": 1})
+    table = (tmp_path / "report" / "summary.md").read_text()
+    assert "| rloo | 2 | 0.61 ± 0.01 | 0.61 ± 0.01 | 0.50 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 |" in table
+    assert "| dpo | 2 | 0.41 ± 0.01 |" in table and "online-dpo" not in table
+    assert (tmp_path / "report" / "online.png").stat().st_size > 0
