@@ -83,7 +83,8 @@ def proxy_command(cli, root):
 def training_commands(cli, root):
     """{log name: argv}: every method x seed, the online runs first (they take longest)."""
     out = cli.out
-    common = ["--sft_path", f"{out}/sft", "--runs_dir", f"{root}/runs", "--beta", 0.01, "--threads", 1]
+    common = ["--sft_path", f"{out}/sft", "--runs_dir", f"{root}/runs", "--beta", 0.01, "--threads", 1,
+              "--num_checkpoints", cli.num_checkpoints]
     online = ["--data", f"{out}/toy_tldr", "--proxy_path", f"{root}/proxy_rm", "--judge", cli.judge,
               *cli.online_flags.split()]
     offline = ["--data", f"{out}/prefs", "--reference_cache", f"{out}/reference_logps"]
@@ -125,7 +126,7 @@ def summary(rows):
             peak = ms([max(r["true_win_rate"] for r in run) for run in runs])
             lines.append(f"| {method} | {len(runs)} | {peak} | {final['true_win_rate']} | "
                          f"{final['gold_win_rate']} | {final['kl']} | {final['true_score']} |")
-    start = rows[0]
+    start = next(r for r in rows if r["step"] == 0)  # every run starts at pi_ref: one shared row
     lines.append(f"\npi_ref (step 0): true win-rate {start['true_win_rate']:.2f}, proxy win-rate "
                  f"{start['gold_win_rate']:.2f}, true score {start['true_score']:.2f}.")
     return "\n".join(lines) + "\n"
@@ -170,12 +171,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out", help="run.sh's OUT: the world, pi_ref and the pairs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="replicates of every method")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="replicates of every method")
     parser.add_argument("--judge", default="proxy", choices=["proxy", "true"],
                         help="who labels the online methods' samples")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--proxy_flags", default="--val_size 500",
                         help="extra flags of the proxy (reward.py --mode train)")
+    parser.add_argument("--num_checkpoints", type=int, default=5,
+                        help="checkpoints of every run, evaluated (plus step 0, shared)")
     parser.add_argument("--online_flags", default="", help="extra flags of rloo.py and online_dpo.py")
     cli = parser.parse_args(argv)
     root, start, timing = os.path.join(cli.out, "online"), time.time(), {}
@@ -184,14 +187,14 @@ def main(argv=None):
     timing["offline_stages_s"] = round(time.time() - start)
     commands = {name: argv for name, argv in training_commands(cli, root).items()
                 if not os.path.isdir(os.path.join(root, "runs", run_dir(argv)))}
-    offline = {name: argv for name, argv in commands.items() if argv[0] in ("dpo.py", "is_dpo.py")}
-    online = {name: argv for name, argv in commands.items() if name not in offline}
-    say(start, f"the proxy RM beside {len(offline)} offline runs, {cli.jobs} at a time (logs: {logs})")
-    run_all({**proxy_command(cli, root), **offline}, cli.jobs, logs)  # only the online runs need the proxy
-    timing["proxy_and_offline_s"] = round(time.time() - start) - timing["offline_stages_s"]
-    say(start, f"{len(online)} online runs")
-    run_all(online, cli.jobs, logs)
-    timing["online_s"] = round(time.time() - start) - sum(timing.values())
+    first_seed = [name for name, argv in commands.items()  # beside the proxy, which the online runs need
+                  if argv[0] in ("dpo.py", "is_dpo.py") and str(argv[-1]) == str(cli.seeds[0])]
+    say(start, f"the proxy RM beside {len(first_seed)} offline runs, {cli.jobs} at a time (logs: {logs})")
+    run_all({**proxy_command(cli, root), **{name: commands.pop(name) for name in first_seed}}, cli.jobs, logs)
+    timing["proxy_and_first_offline_s"] = round(time.time() - start) - timing["offline_stages_s"]
+    say(start, f"the other {len(commands)} runs")
+    run_all(commands, cli.jobs, logs)
+    timing["other_runs_s"] = round(time.time() - start) - sum(timing.values())
     say(start, "evaluation: the true scorer and the proxy on every checkpoint")
     rows = evaluate_runs(cli, root)
     timing["eval_s"] = round(time.time() - start) - sum(timing.values())
