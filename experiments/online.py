@@ -4,9 +4,10 @@ App. C, Fig. 6): DPO and AIS-DPO on pi_ref's offline pairs, online DPO and RLOO 
 current policy labelled by a proxy reward model that learned from those same offline pairs, all at beta
 0.01, on one win-rate-against-KL figure with the true scorer's win-rate beside the proxy's.
 
-    python experiments/online.py                 # two seeds of each, about 9 minutes on 2 cores
-    python experiments/online.py --seeds 0 1 2   # more seeds (about 4 minutes each)
+    python experiments/online.py                 # three seeds of each, 8 min 39 s on 2 cores
+    python experiments/online.py --seeds 0 1     # fewer seeds (about 2.5 minutes each)
     python experiments/online.py --judge true    # the online methods labelled by the true scorer
+                                                 # (-> <out>/online_judge_true/)
 
 It runs what is missing of run.sh's stages 1, 2 and 4 (the world, pi_ref, the offline pairs in
 <out>/prefs; 5 minutes more), then writes <out>/online/: proxy_rm/ (reward.py --mode train on
@@ -181,7 +182,8 @@ def main(argv=None):
                         help="checkpoints of every run, evaluated (plus step 0, shared)")
     parser.add_argument("--online_flags", default="", help="extra flags of rloo.py and online_dpo.py")
     cli = parser.parse_args(argv)
-    root, start, timing = os.path.join(cli.out, "online"), time.time(), {}
+    root = os.path.join(cli.out, "online" if cli.judge == "proxy" else "online_judge_true")
+    start, timing = time.time(), {}
     logs = os.path.join(root, "logs")
     offline_stages(cli.out, logs)
     timing["offline_stages_s"] = round(time.time() - start)
