@@ -143,9 +143,7 @@ def logps_of(args, model, run, prompts, responses, k):
 def leave_one_out_advantages(rewards):
     """A_i = R_i - mean_{j != i} R_j within each prompt's group. rewards [P, k], k >= 2 -> [P, k]."""
     k = rewards.shape[-1]
-    # BEGIN SOLUTION
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
-    # END SOLUTION
 
 
 def rloo_loss(logps, advantages):
