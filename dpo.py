@@ -437,6 +437,14 @@ def method_name(args):
     return args.loss_type
 
 
+def check_run_flags(args):
+    """--lr_schedule and --run_name, as every training run (dpo.py, is_dpo.py, rloo.py) takes them."""
+    if args.lr_schedule not in ("constant", "cosine"):
+        fail(f"--lr_schedule must be constant or cosine, got {args.lr_schedule!r}")
+    if args.run_name in (".", "..") or os.sep in args.run_name:
+        fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
+
+
 def validate(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
@@ -448,10 +456,7 @@ def validate(args):
         fail(f"--ipo_form must be summed or per_token, got {args.ipo_form!r}")
     if args.chipo_form not in ("huang", "isdaa"):
         fail(f"--chipo_form must be huang or isdaa, got {args.chipo_form!r}")
-    if args.lr_schedule not in ("constant", "cosine"):
-        fail(f"--lr_schedule must be constant or cosine, got {args.lr_schedule!r}")
-    if args.run_name in (".", "..") or os.sep in args.run_name:
-        fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
+    check_run_flags(args)
     if not os.path.isdir(args.sft_path):
         fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
 
@@ -478,15 +483,20 @@ class Run:
     scaler: object  # policy.grad_scaler: --precision fp16 only
 
 
-def start_run(args, method):
-    """Checks, seeds, data, pi_ref's log-probs, and the locked output directory of the run."""
-    validate(args)
+def begin_run(args, method):
+    """Seeds and threads set: (device, autocast, run name, run directory). rloo.py begins the same way."""
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, autocast = policy.device_and_autocast(args.precision)
     name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
-    out_dir = os.path.join(args.runs_dir, name)
+    return device, autocast, name, os.path.join(args.runs_dir, name)
+
+
+def start_run(args, method):
+    """Checks, seeds, data, pi_ref's log-probs, and the locked output directory of the run."""
+    validate(args)
+    device, autocast, name, out_dir = begin_run(args, method)
     inputs = [args.sft_path, args.data, args.reference_cache]
     stage.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
     tokenizer = policy.load_tokenizer(args.sft_path)
