@@ -74,6 +74,7 @@ class OnlineArgs:
     grad_clip: float = dpo_flag("grad_clip")
     num_checkpoints: int = dpo_flag("num_checkpoints", default=10)
     logit_chunk: int = dpo_flag("logit_chunk")
+    precision: str = dpo_flag("precision")
     max_prompt_len: int = dpo_flag("max_prompt_len")
     max_response_len: int = dpo_flag("max_response_len")
     truncate_prompts: bool = dpo_flag("truncate_prompts")
@@ -188,6 +189,7 @@ class Run:
     generator: torch.Generator
     device: torch.device
     autocast: object
+    scaler: object  # policy.grad_scaler: --precision fp16 only
 
 
 def validate(args):
@@ -222,7 +224,8 @@ def start_run(args, method):
     if args.judge == "proxy":
         scorer = reward.load_reward_model(args.proxy_path, tokenizer).to(device).requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    return Run(name, out_dir, tmp, tokenizer, model, ref, scorer, prompts, generator, device, autocast)
+    return Run(name, out_dir, tmp, tokenizer, model, ref, scorer, prompts, generator, device, autocast,
+               policy.grad_scaler(args.precision, device))
 
 
 def prompt_batches(args, num_prompts):
@@ -255,12 +258,9 @@ def train(args, step_loss, method):
     bar = tqdm(range(1, args.steps + 1), desc=run.name)
     for step in bar:
         loss, stats = step_loss(args, run, [run.prompts[i] for i in next(batches)])
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-        policy.check_finite(step, loss=loss.item(), grad_norm=grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        grad_norm = policy.optimizer_step(step, run.model, optimizer, scheduler, run.scaler, args.grad_clip,
+                                          loss.item())
         row = {"step": step, "epoch": step * args.prompts_per_step / len(run.prompts), "loss": loss.item(),
                **stats, "grad_norm": float(grad_norm)}
         policy.append_jsonl(os.path.join(run.tmp, "train_log.jsonl"), row)
