@@ -323,13 +323,26 @@ class ChunkedLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def sequence_logps(model, batch, chunk=1024, fused=True):
+@torch.no_grad()
+def log_sum_squared_probs(hidden, weight, bias, chunk):
+    """log sum_v p_t(v)^2 per token [N], p_t = softmax(hidden_t @ W^T + b), in float32, chunk tokens at a
+    time: the term WPO subtracts (is_dpo.py --weight wpo). No gradient: WPO's weight is a constant."""
+    terms = []
+    for s in range(0, len(hidden), chunk):
+        logits = F.linear(hidden[s:s + chunk].float(), weight.float(), None if bias is None else bias.float())
+        terms.append(torch.logsumexp(2 * logits.log_softmax(-1), -1))
+    return torch.cat(terms)
+
+
+def sequence_logps(model, batch, chunk=1024, fused=True, wpo=False):
     """sequence_logps_plain's numbers (up to float rounding), computed the fast way.
 
     batch: policy.collate_grouped output (a pair = one prompt, two responses; the prompt runs once and
     both responses continue from its keys and values: policy.response_hidden).
     Returns logps [P*k] (float32 at least) and lengths [P*k], like sequence_logps_plain. The output layer
     runs only on response positions, chunk tokens at a time (ChunkedLogProbs; fused=False: all at once).
+    wpo=True also returns, from the same hidden states, the sum over each response's tokens of
+    log sum_v p_t(v)^2 [P*k] (no gradient), for is_dpo.py --weight wpo.
     """
     mask = batch["response_mask"].bool()
     h = policy.response_hidden(model.base_model, batch)[:, :-1][mask]  # h[:, t] predicts response token t
@@ -341,12 +354,16 @@ def sequence_logps(model, batch, chunk=1024, fused=True):
         token_logps = gather_logps_naive(h, head.weight, head.bias, targets)
     rows = mask.nonzero()[:, 0]
     logps = torch.zeros(len(mask), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
-    return logps, mask.sum(1)
+    if not wpo:
+        return logps, mask.sum(1)
+    squared = log_sum_squared_probs(h, head.weight, head.bias, chunk)
+    return logps, mask.sum(1), torch.zeros(len(mask), device=h.device).index_add(0, rows, squared)
 
 
-def pair_logps(model, pairs, pad_id, device, autocast, chunk):
+def pair_logps(model, pairs, pad_id, device, autocast, chunk, wpo=False):
     """log pi(y_w|x), log pi(y_l|x), |y_w|, |y_l| of every pair, each [B], in one pass: the batch holds rows
-    chosen, rejected, chosen, ... and each pair's prompt runs once for both.
+    chosen, rejected, chosen, ... and each pair's prompt runs once for both. wpo=True adds, from the same
+    pass, WPO's sums of log sum_v p_t(v)^2 of the chosen and of the rejected response (sequence_logps).
 
     The default path of training and of the reference log-probs is the fast one (sequence_logps), for
     two reasons: it is what every number in the README and every exact test (bit-equal logs, the shared
@@ -357,32 +374,12 @@ def pair_logps(model, pairs, pad_id, device, autocast, chunk):
     examples = [example for pair in pairs for example in pair]
     batch = policy.to_device(policy.collate_grouped(examples, pad_id, k=2), device)
     with autocast:
-        logps, lengths = sequence_logps(model, batch, chunk)
-    return logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
+        out = sequence_logps(model, batch, chunk, wpo=wpo)
+    return tuple(x for t in out for x in (t[0::2], t[1::2]))
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. reference log-probs: pi_ref is the starting policy, so its log-probs of the data are taken once
-
-
-@torch.no_grad()
-def sum_log_squared_probs(model, pairs, pad_id, device, autocast, chunk):
-    """S(y) = sum over response tokens of log sum_v pi_theta(v | x, y_<t)^2, per chosen and rejected
-    response [B], [B]: the term WPO subtracts (is_dpo.py --weight wpo). No gradient: WPO's weight is a
-    constant. The output layer runs chunk tokens at a time, like the fast path."""
-    examples = [example for pair in pairs for example in pair]
-    batch = policy.to_device(policy.collate_grouped(examples, pad_id, k=2), device)
-    mask = batch["response_mask"].bool()
-    with autocast:
-        h = policy.response_hidden(model.base_model, batch)[:, :-1][mask]
-    head = model.get_output_embeddings()
-    terms = []
-    for s in range(0, len(h), chunk):
-        logits = F.linear(h[s:s + chunk], head.weight, head.bias).float()
-        terms.append(torch.logsumexp(2 * logits.log_softmax(-1), -1))  # log sum_v p(v)^2
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(len(mask), device=h.device).index_add(0, rows, torch.cat(terms))
-    return sums[0::2], sums[1::2]
 
 
 @torch.no_grad()
@@ -541,15 +538,16 @@ def micro_batch_loss(args, run, weigh, idx):
     """
     # --- the algorithm: summed log-probs, the per-pair loss, the weight ---
     pairs = [run.pairs[i] for i in idx]
-    pi_w, pi_l, len_w, len_l = pair_logps(run.model, pairs, run.tokenizer.pad_token_id, run.device,
-                                          run.autocast, args.logit_chunk)
+    wpo = getattr(args, "weight", None) == "wpo"  # is_dpo.py --weight wpo: its term from the same pass
+    out = pair_logps(run.model, pairs, run.tokenizer.pad_token_id, run.device, run.autocast, args.logit_chunk,
+                     wpo=wpo)
+    pi_w, pi_l, len_w, len_l = out[:4]
     index = torch.tensor(idx, device=run.device)
     logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": run.ref_w[index], "ref_l": run.ref_l[index],
              "len_w": len_w, "len_l": len_l}
     losses, stats = daa_losses(args, **logps)
-    if getattr(args, "weight", None) == "wpo":  # is_dpo.py --weight wpo needs the policy's whole distribution
-        logps["sq_w"], logps["sq_l"] = sum_log_squared_probs(run.model, pairs, run.tokenizer.pad_token_id,
-                                                             run.device, run.autocast, args.logit_chunk)
+    if wpo:
+        logps["sq_w"], logps["sq_l"] = out[4:]
     weights, weight_stats = weigh(args, logps, [run.rows[i] for i in idx])
     loss = (weights * losses).mean() / args.grad_accum
     return loss, {**stats, **weight_stats}

@@ -104,7 +104,7 @@ def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.
 def wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w, len_l):
     """WPO (Zhou et al. 2024, eq. 2, in TRL's use_weighting form): log w = mean over y_w's tokens of
     (log p_t(y_t) - log sum_v p_t(v)^2) plus the same for y_l, at most 0 (w <= 1). pi_* [B] summed
-    log-probs under the policy, sq_* [B] dpo.sum_log_squared_probs, len_* [B]. Weighs a pair by how
+    log-probs under the policy, sq_* [B] from dpo.pair_logps(..., wpo=True), len_* [B]. Weighs a pair by how
     likely the current policy is to write it, aligned so that a confident policy is not penalised."""
     return ((pi_w - sq_w) / len_w + (pi_l - sq_l) / len_l).clamp(max=0.0)
 

@@ -577,12 +577,12 @@ def test_chipo_never_overflows_and_stops_past_its_clip():
 
 
 def test_wpo_terms_match_a_full_forward_and_trl_form(tiny_model):
-    """sum_log_squared_probs: per response, sum over its tokens of log sum_v p_t(v)^2, from one plain full
+    """pair_logps(wpo=True): per response, sum over its tokens of log sum_v p_t(v)^2, from one plain full
     forward per response; wpo_log_weights: TRL's use_weighting (a per-token mean, both responses, w <= 1)."""
     model, tokenizer = tiny_model
     pairs = toy_pairs(tokenizer, seed=5, n=8)
-    sq_w, sq_l = dpo.sum_log_squared_probs(model, pairs, tokenizer.pad_token_id, "cpu",
-                                           contextlib.nullcontext(), 7)
+    pi_w, pi_l, len_w, len_l, sq_w, sq_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu",
+                                                          contextlib.nullcontext(), 7, wpo=True)
     expected, per_token = [], []
     for pair in pairs:
         for prompt_ids, response_ids in pair:
@@ -596,8 +596,8 @@ def test_wpo_terms_match_a_full_forward_and_trl_form(tiny_model):
             per_token.append((token_logps - sq).mean().item())
     torch.testing.assert_close(torch.stack([sq_w, sq_l], 1).reshape(-1).double(),
                                torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-5)
-    pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu",
-                                              contextlib.nullcontext(), 7)
+    plain = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu", contextlib.nullcontext(), 7)
+    assert torch.equal(pi_w, plain[0])  # the same pass gives the same log-probs
     log_w = is_dpo.wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w.float(), len_l.float())
     trl = torch.tensor(per_token, dtype=torch.float64).reshape(-1, 2).sum(1).clamp(max=0)
     torch.testing.assert_close(log_w.double(), trl, atol=1e-4, rtol=1e-5)
