@@ -107,18 +107,20 @@ def by_arm(rows):
 
 
 def summary(rows, extra=("ess",)):
-    """Markdown: per arm, mean over seeds of peak and final win-rate, final KL and the extra columns (the
-    last checkpoint that has them: the loss and the weights are measured before a step)."""
-    head = ("| run | seeds | peak win-rate | final win-rate | final KL | "
+    """Markdown: per arm, over the seeds, the mean peak win-rate, the final win-rate and KL as mean [95% CI]
+    (evaluate.mean_ci), and the mean of the extra columns (at the last checkpoint that has them: the loss
+    and the weights are measured before a step)."""
+    head = ("| run | seeds | peak win-rate | final win-rate [95% CI] | final KL [95% CI] | "
             + " | ".join(f"final {e}" for e in extra))
     lines = [head + " |", "|" + "---|" * (head.count("|"))]
     for arm, seeds in by_arm(rows).items():
         runs = list(seeds.values())
         peak = np.mean([max(r["win_rate"] for r in run) for run in runs])
-        final = {k: np.mean([[r[k] for r in run if k in r][-1] for run in runs])
-                 for k in ("win_rate", "kl", *extra)}
-        lines.append(f"| {arm} | {len(runs)} | {peak:.2f} | {final['win_rate']:.2f} | {final['kl']:.1f} | "
-                     + " | ".join(f"{final[e]:.3g}" for e in extra) + " |")
+        final = {k: [[r[k] for r in run if k in r][-1] for run in runs] for k in ("win_rate", "kl", *extra)}
+        wr, kl = evaluate.mean_ci(final["win_rate"]), evaluate.mean_ci(final["kl"])
+        lines.append(f"| {arm} | {len(runs)} | {peak:.2f} | {wr[0]:.2f} [{wr[1]:.2f}, {wr[2]:.2f}] | "
+                     f"{kl[0]:.1f} [{kl[1]:.1f}, {kl[2]:.1f}] | "
+                     + " | ".join(f"{np.mean(final[e]):.3g}" for e in extra) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +145,7 @@ def figure(name, rows, args):
         for ax, (key, label) in zip(axes, keys):
             curves(ax, [r for r in rows if key in r], key, label)
         if name == "weights":
-            log_w_histograms(axes[4], args)
+            log_w_histograms(axes[4], rows, args)
         axes[0].legend(fontsize=7)
     elif name == "ipo":
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -179,11 +181,12 @@ def figure(name, rows, args):
     return fig
 
 
-def log_w_histograms(ax, args):
-    """log w of AIS-DPO's pairs (seed 0's data) at four points of training, recomputed from theta."""
+def log_w_histograms(ax, rows, args):
+    """log w of AIS-DPO's pairs (the first seed's data) at four points of training, from the theta its rows
+    recorded (the run is not trained again; its pairs are drawn again, the same ones)."""
     world = tc.make_world(args)
     chosen, rejected = tc.sample_pairs(world, args.num_pairs, args.world_seed, args.seeds[0])
-    rows, _ = tc.train(world, chosen, rejected, "ais-dpo", 0.01, args)
+    rows = by_arm([r for r in rows if r["arm"] == "ais-dpo"])["ais-dpo"][args.seeds[0]]
     for i in np.linspace(0, len(rows) - 1, 5).round().astype(int)[1:]:
         row = rows[i]
         theta = torch.tensor([row["theta_length"], row["theta_quality"]], dtype=torch.float64)

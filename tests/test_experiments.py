@@ -33,9 +33,11 @@ def test_each_experiment_writes_rows_table_and_figure(tmp_path, name):
     table = (out / "summary.md").read_text().splitlines()
     assert len(table) == 2 + expected
     arm, seeds = next(iter(arms.items()))  # the first row of the table, recomputed
-    final = np.mean([run[-1]["win_rate"] for run in seeds.values()])
+    finals = np.array([run[-1]["win_rate"] for run in seeds.values()])
     peak = np.mean([max(r["win_rate"] for r in run) for run in seeds.values()])
-    assert table[2].startswith(f"| {arm} | 2 | {peak:.2f} | {final:.2f} |")
+    half = 12.706 * finals.std(ddof=1) / np.sqrt(2)  # Student t, 1 degree of freedom, 97.5%
+    final = f"{finals.mean():.2f} [{finals.mean() - half:.2f}, {finals.mean() + half:.2f}]"
+    assert table[2].startswith(f"| {arm} | 2 | {peak:.2f} | {final} |")
 
 
 def test_shift_changes_the_data_and_behaviour_weights_use_it(tmp_path):
