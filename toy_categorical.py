@@ -148,7 +148,9 @@ def make_world(args):
     reward = (args.quality_weight * quality - args.length_weight * (length - args.best_len) ** 2
               + args.reward_noise * rng.standard_normal(len(length)))
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    return {"phi": t(np.stack([length, quality], 1)), "log_ref": t(log_ref), "reward": t(reward)}
+    world = {"phi": t(np.stack([length, quality], 1)), "log_ref": t(log_ref), "reward": t(reward)}
+    world["beats"] = beats_matrix(world["reward"])  # built once: every win-rate of every run uses it
+    return world
 
 
 def sample_pairs(world, num_pairs, world_seed, seed, data_theta=(0.0, 0.0)):
@@ -179,11 +181,11 @@ def beats_matrix(reward):
     return (reward[:, None] > reward[None, :]).double() + 0.5 * (reward[:, None] == reward[None, :]).double()
 
 
-def measure(logp, world, beats, unseen):
+def measure(logp, world, unseen):
     """Exact win-rate against pi_ref, KL(pi_theta || pi_ref), expected r and length, and the mass on
     responses that no pair contains."""
     p = logp.exp()
-    return {"win_rate": float(p @ beats @ world["log_ref"].exp()),
+    return {"win_rate": float(p @ world["beats"] @ world["log_ref"].exp()),
             "kl": float((p * (logp - world["log_ref"])).sum()),
             "true_score": float(p @ world["reward"]),
             "mean_length": float(p @ world["phi"][:, 0]),
@@ -221,7 +223,6 @@ def train(world, chosen, rejected, method, beta, args):
     base = world["log_ref"]
     if args.weigh_against == "behaviour":
         base = policy_logps(torch.tensor(args.data_theta, dtype=torch.float64), world)
-    beats = beats_matrix(world["reward"])
     unseen = torch.ones(len(base), dtype=torch.bool)
     unseen[chosen] = unseen[rejected] = False
     checkpoints = {round(i * args.steps / (args.num_checkpoints - 1)) for i in range(args.num_checkpoints)}
@@ -230,7 +231,7 @@ def train(world, chosen, rejected, method, beta, args):
         logp = policy_logps(theta, world)
         if step in checkpoints:
             rows.append({"step": step, "fraction": step / args.steps, "theta_length": theta[0].item(),
-                         "theta_quality": theta[1].item(), **measure(logp.detach(), world, beats, unseen)})
+                         "theta_quality": theta[1].item(), **measure(logp.detach(), world, unseen)})
         if step == args.steps:
             return rows, logp.detach().exp().numpy()
         # --- the algorithm: the DAA loss per pair, times a detached importance weight ---

@@ -58,14 +58,14 @@ def ipo(args):
 
 
 def shift(args):
-    """Pairs from pi_ref tilted toward longer summaries; AIS weighs against pi_ref (as the papers) or
-    against the policy that really produced the pairs."""
+    """Pairs from pi_ref tilted toward longer and better summaries; AIS weighs against pi_ref (as the
+    papers) or against the policy that really produced the pairs."""
     rows = []
+    world = tc.make_world(args)  # one world; only the policy the pairs come from moves
     for s in SHIFTS:
         shifted = dataclasses.replace(args, data_theta=[s * SHIFT_THETA[0], s * SHIFT_THETA[1]])
-        world = tc.make_world(shifted)
         kl = tc.measure(tc.policy_logps(torch.tensor(shifted.data_theta, dtype=torch.float64), world), world,
-                        tc.beats_matrix(world["reward"]), torch.zeros(len(world["reward"]), dtype=torch.bool))
+                        torch.zeros(len(world["reward"]), dtype=torch.bool))
         for against in ("ref", "behaviour"):
             methods = ["dpo", "ais-dpo"] if against == "ref" else ["ais-dpo"]
             run_rows, _ = tc.run_all(world, [(m, 0.01) for m in methods],

@@ -48,12 +48,12 @@ def test_world_follows_its_formulas_and_seed():
 def test_kl_matches_the_log_partition_closed_form():
     # KL(pi_theta || pi_ref) = theta . E_theta[phi] - log E_ref[exp(theta . phi)]
     world = tc.make_world(small_args())
-    beats, unseen = tc.beats_matrix(world["reward"]), torch.zeros(len(world["reward"]), dtype=torch.bool)
+    unseen = torch.zeros(len(world["reward"]), dtype=torch.bool)
     for theta in [(0.3, 0.2), (-1.0, 2.5)]:
         t = torch.tensor(theta, dtype=torch.float64)
         p_ref, phi = world["log_ref"].exp().numpy(), world["phi"].numpy()
         closed = np.asarray(theta) @ (numpy_policy(world, theta) @ phi) - np.log(p_ref @ np.exp(phi @ theta))
-        kl = tc.measure(tc.policy_logps(t, world), world, beats, unseen)["kl"]
+        kl = tc.measure(tc.policy_logps(t, world), world, unseen)["kl"]
         assert kl == pytest.approx(closed, rel=1e-10)
 
 
@@ -61,14 +61,14 @@ def test_kl_matches_the_log_partition_closed_form():
 def test_win_rate_matches_a_double_loop_and_is_one_half_against_itself(noise):
     world = tc.make_world(small_args(reward_noise=noise))
     r, p_ref = world["reward"].numpy(), world["log_ref"].exp().numpy()
-    beats, unseen = tc.beats_matrix(world["reward"]), torch.zeros(len(r), dtype=torch.bool)
-    assert tc.measure(world["log_ref"], world, beats, unseen)["win_rate"] == pytest.approx(0.5, abs=1e-12)
+    unseen = torch.zeros(len(r), dtype=torch.bool)
+    assert tc.measure(world["log_ref"], world, unseen)["win_rate"] == pytest.approx(0.5, abs=1e-12)
     theta = (0.4, 0.9)
     p = numpy_policy(world, theta)
     loop = sum(p[i] * p_ref[j] * (1.0 if r[i] > r[j] else 0.5 if r[i] == r[j] else 0.0)
                for i in range(len(r)) for j in range(len(r)))
     logp = tc.policy_logps(torch.tensor(theta, dtype=torch.float64), world)
-    assert tc.measure(logp, world, beats, unseen)["win_rate"] == pytest.approx(loop, abs=1e-12)
+    assert tc.measure(logp, world, unseen)["win_rate"] == pytest.approx(loop, abs=1e-12)
     if noise == 0.0:
         assert (r[:, None] == r[None, :]).sum() > len(r)  # the ties this case exists for
 
