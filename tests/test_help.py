@@ -7,8 +7,8 @@ import pytest
 
 from test_toy_tldr import submit_cli
 
-SCRIPTS = ["toy_tldr", "sft", "reward", "dpo", "is_dpo", "evaluate", "toy_gaussian", "toy_categorical", "rloo",
-           "online_dpo"]
+SCRIPTS = ["toy_tldr", "sft", "reward", "dpo", "is_dpo", "evaluate", "toy_gaussian", "toy_categorical",
+           "rloo", "online_dpo"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
