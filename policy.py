@@ -11,7 +11,8 @@ from here:
   4. the model: loaded complete (no weight silently fresh) or built as the tiny GPT-NeoX;
   5. sampling with a KV cache, and the log-probs of what it sampled;
   6. the run around a stage: seeds, device, JSON files, finite checks, and the state that --resume
-     continues from.
+     continues from;
+  7. many processes (section 8): torchrun's ranks, and the few collective steps the stages need.
 Imports run down the pipeline only: this file imports stage.py (flags, errors, outputs) and no stage.
 """
 import dataclasses
@@ -496,7 +497,7 @@ def device_and_autocast(precision="auto"):
     """(device, autocast): CUDA when present, else the CPU; the autocast of --precision (METHOD.md,
     section 2): auto = bf16 on CUDA and none (float32) on the CPU. Autocast runs the matrix products in
     the lower precision; the weights themselves stay float32 (load_pretrained loads them so)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{WORLD.local_rank}" if torch.cuda.is_available() else "cpu")
     if precision not in PRECISIONS:
         fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
@@ -627,3 +628,73 @@ def restore_state(work, args, model, optimizer, scheduler):
     print(f"resumed from the state saved at step {state['step']}")
     return state["step"], state["order"], state["cursor"]
 
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. many processes: `torchrun --nproc_per_node N script.py ...` starts N copies of a stage, one a GPU
+# (or, in the tests, CPU processes talking through gloo). Every copy runs the same lines; they differ only
+# in their rank, which picks their GPU and their share of the work. One process: nothing here does anything.
+
+
+@dataclasses.dataclass
+class World:
+    rank: int = 0  # this process, 0 .. size - 1
+    size: int = 1  # processes in all
+    local_rank: int = 0  # this process on its machine: its GPU
+
+    @property
+    def main(self):
+        """The process that writes files and prints progress."""
+        return self.rank == 0
+
+
+WORLD = World()
+
+
+def init_distributed():
+    """Join the processes torchrun started (it sets RANK, WORLD_SIZE and LOCAL_RANK): NCCL between GPUs,
+    gloo between CPU processes. Sets and returns WORLD; a plain `python script.py` gets World()."""
+    global WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not torch.distributed.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        WORLD = World(torch.distributed.get_rank(), size, local_rank)
+    return WORLD
+
+
+def shard(items):
+    """This process's share of a list: items[rank::size] (all of it in one process)."""
+    return items[WORLD.rank::WORLD.size]
+
+
+def unshard(mine):
+    """Every process's shard() back in the original order, on every process: the inverse of shard()."""
+    if WORLD.size == 1:
+        return list(mine)
+    parts = [None] * WORLD.size
+    torch.distributed.all_gather_object(parts, list(mine))
+    out = [None] * sum(map(len, parts))
+    for rank, part in enumerate(parts):
+        out[rank::WORLD.size] = part
+    return out
+
+
+def barrier():
+    """Wait here until every process has arrived (e.g. until the main one has written a file)."""
+    if WORLD.size > 1:
+        torch.distributed.barrier()
+
+
+def mean_over_processes(value):
+    """The mean of a float (or a tensor) over the processes; itself in one process."""
+    if WORLD.size == 1:
+        return value
+    device = f"cuda:{WORLD.local_rank}" if torch.cuda.is_available() else "cpu"  # NCCL reduces GPU tensors
+    t = torch.as_tensor(value, dtype=torch.float64).detach().clone().to(device)
+    torch.distributed.all_reduce(t)
+    t /= WORLD.size
+    return t.item() if not torch.is_tensor(value) else t.to(value.device, value.dtype)
