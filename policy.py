@@ -4,8 +4,10 @@ policy.py -- what every stage does with a policy: rows in, token ids, batches, l
 sft.py, reward.py, dpo.py, is_dpo.py and evaluate.py all handle a causal LM the same way, and take it
 from here:
   1. rows: from the toy world's directory, a local .json/.jsonl/.parquet file (or a glob of them), a local
-     snapshot of a hub data set or a hub id, with a column mapping, every field type-checked;
-  2. tokens: prompt + response, the response ' ' + text + EOS, cut at --max_response_len;
+     snapshot of a hub data set or a hub id, with a column mapping, every field type-checked; text, or
+     conversations (message lists, in TRL's forms) split into a prompt and the assistant's last reply;
+  2. tokens: prompt + response; text: the response ' ' + text + EOS, cut at --max_response_len;
+     conversations: through the tokenizer's chat template (the reply ends with its end-of-turn token);
   3. batches: right-padded prompt + response (`collate`), or prompts run once for k responses each
      (`collate_grouped` + `response_hidden`: a preference pair costs one prompt, not two);
   4. the model: loaded complete (no weight silently fresh) or built as the tiny GPT-NeoX;
@@ -60,8 +62,10 @@ def load_rows(source, filename, split, columns, numeric=(), token_ids=()):
     source: a toy_tldr or stage output dir (reads <source>/<filename>), a local .json/.jsonl/.parquet
     file, a glob of such files (e.g. "dir/*.parquet": the shards of one split), a local snapshot of a hub
     data set (a directory as huggingface_hub.snapshot_download leaves it: data/<split>-*.parquet, ...) or a
-    hub dataset id. columns: {our_name: column_in_the_data}. Every mapped field must be a string,
-    or a finite number for the names in `numeric`: the first that is not is refused with its row and column.
+    hub dataset id. columns: {our_name: column_in_the_data}. Every mapped field must be a string or a list
+    of chat messages ({"role", "content"}, see split_conversation), or a finite number for the names in
+    `numeric`: the first that is not is refused with its row and column. The prompt column may be absent
+    when the responses are whole conversations (TRL's implicit prompt: it is their shared beginning).
     token_ids: optional columns of the data (e.g. chosen_ids): where the data has one, every row's value
     must be a non-empty list of token ids (integers >= 0), checked the same way.
     """
@@ -79,30 +83,108 @@ def load_rows(source, filename, split, columns, numeric=(), token_ids=()):
         rows, names = data.to_list(), data.column_names
     if not rows:
         fail(f"{source} has no rows")
-    missing = [c for c in columns.values() if c not in names]
+    implicit = columns.get("prompt") not in names and len(columns) > 1 and all(
+        isinstance(rows[0].get(theirs), list) for ours, theirs in columns.items() if ours != "prompt")
+    missing = [c for ours, c in columns.items() if c not in names and not (ours == "prompt" and implicit)]
     if missing:
         fail(f"{source} lacks column(s) {missing}; it has {names} (map them with the --*_column flags)")
-    kinds = {theirs: "a finite number" if ours in numeric else "a string" for ours, theirs in columns.items()}
+    kinds = {theirs: "a finite number" if ours in numeric else "a string or a list of messages"
+             for ours, theirs in columns.items() if theirs in names}
     kinds.update({c: "a non-empty list of token ids" for c in token_ids if c in names})
     for i, row in enumerate(rows, 1):
         for theirs, kind in kinds.items():
             value = row.get(theirs)
             if not has_kind(value, kind):
-                fail(f"{source} row {i}, column {theirs!r}: expected {kind}, got {json.dumps(value)[:60]}")
+                why = message_problem(value) if isinstance(value, list) and "messages" in kind else None
+                fail(f"{source} row {i}, column {theirs!r}: " + (why or f"expected {kind}, got "
+                                                                         f"{json.dumps(value)[:60]}"))
     # extra columns (scores, behaviour log-probs, token ids) travel along
     extra = [c for c in names if c not in columns.values() and c not in columns]
-    return [{**{ours: row[theirs] for ours, theirs in columns.items()}, **{c: row.get(c) for c in extra}}
-            for row in rows]
+    return [split_conversation({**{ours: row.get(theirs) for ours, theirs in columns.items()},
+                                **{c: row.get(c) for c in extra}}, f"{source} row {i}")
+            for i, row in enumerate(rows, 1)]
 
 
 def has_kind(value, kind):
-    """Whether a field holds `kind`: a string, a finite number (no bool), or a non-empty list of token ids."""
-    if kind == "a string":
-        return isinstance(value, str)
+    """Whether a field holds `kind`: a string or a list of messages, a finite number (no bool), or a non-empty
+    list of token ids."""
+    if kind == "a string or a list of messages":
+        return isinstance(value, str) or (isinstance(value, list) and message_problem(value) is None)
     if kind == "a finite number":
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return (isinstance(value, list) and bool(value)
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
+
+
+def message_problem(value):
+    """Why a list is not a conversation -- a non-empty list of messages {"role": str, "content": str} --
+    or None when it is one."""
+    if not value:
+        return "an empty list of messages"
+    for n, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            return f"message {n} is not a {{role, content}} object: {json.dumps(message)[:60]}"
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                return f"message {n} has no {key!r} (a string): {json.dumps(message)[:60]}"
+    return None
+
+
+RESPONSES = ("completion", "chosen", "rejected", "reference")  # our names of the response columns
+
+
+def split_conversation(row, where):
+    """A row whose fields may be conversations, as TRL's forms have them, turned into one prompt (a message
+    list) and one-message replies; a row of text is returned as it is.
+
+    - A response (completion, chosen, rejected, reference) must end with an assistant turn; that turn is
+      the reply. What comes before it, if anything, is the prompt: a whole conversation (UltraChat's
+      `messages` as --completion_column; HuggingFaceH4/ultrafeedback_binarized's chosen and rejected, whose
+      text `prompt` column is then replaced, as TRL's maybe_extract_prompt does; trl-lib's implicit prompt,
+      no prompt column at all). Every response of a row must have the same prompt, and a prompt given as
+      messages must be it: else the row is refused.
+    - A prompt given as messages that ends with an assistant turn is the conversation before that turn
+      (`messages` as --prompt_column: the label stage and evaluate.py sample after it).
+    - A text response to a message prompt is the assistant's reply (the label stage's samples).
+    """
+    prompt = row.get("prompt")
+    if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+        prompt = prompt[:-1]
+    for ours in RESPONSES:
+        value = row.get(ours)
+        if not isinstance(value, list):
+            continue
+        if value[-1]["role"] != "assistant":
+            fail(f"{where}, {ours!r}: its last message is a {value[-1]['role']!r} turn, not the assistant's "
+                 f"reply")
+        if len(value) > 1:
+            if isinstance(prompt, list) and prompt != value[:-1]:
+                fail(f"{where}: the conversation before the last reply of {ours!r} is not the row's prompt "
+                     f"(chosen and rejected must answer the same prompt)")
+            prompt = value[:-1]
+        row[ours] = value[-1:]
+    if prompt is None or prompt == []:
+        fail(f"{where}: no prompt (no prompt column, and the responses hold no conversation before their "
+             f"reply)")
+    if isinstance(prompt, str) and any(isinstance(row.get(ours), list) for ours in RESPONSES):
+        fail(f"{where}: the prompt is text but the responses are messages: give the prompt as messages too")
+    row["prompt"] = prompt
+    return row
+
+
+def reply_text(response):
+    """The text of a response: itself, or the content of a one-message reply."""
+    return response if isinstance(response, str) else response[-1]["content"].strip()
+
+
+def as_reply(prompt, text):
+    """A sampled text as a response to `prompt`: text to a text prompt, an assistant message to messages."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def unique(prompts):
+    """The prompts without repeats, in order (message lists too, compared by their JSON)."""
+    return list({json.dumps(p): p for p in prompts}.values())
 
 
 DATA_FILES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
@@ -158,9 +240,11 @@ def is_toy(data):
 # 2. tokens: (prompt_ids, response_ids) per row
 
 
-def load_tokenizer(path="", data="", model_name_or_path=""):
+def load_tokenizer(path="", data="", model_name_or_path="", chat_template=""):
     """The tokenizer at `path`; without one, the toy's word-level tokenizer (<data>/tokenizer), else the
-    model's own. A pad token is guaranteed."""
+    model's own. A pad token is guaranteed. chat_template: a chat template to use (a .jinja file, or the
+    template itself) where the tokenizer has none, e.g. a base Llama's: saved with it, later stages read
+    it from pi_ref's tokenizer."""
     from transformers import AutoTokenizer
 
     if not path:
@@ -174,6 +258,13 @@ def load_tokenizer(path="", data="", model_name_or_path=""):
         fail(f"could not load tokenizer {path!r}: {str(e).splitlines()[0][:200]}")
     if tokenizer.pad_token is None:  # e.g. Pythia: padding is masked out, any id will do
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        if os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        elif "{{" not in chat_template and "{%" not in chat_template:
+            fail(f"--chat_template {chat_template[:60]!r} is neither a file nor a jinja template")
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -209,7 +300,7 @@ def sampled_ids(tokenizer, rows, ours, column, encoded, max_response_len, stage)
         return encoded
     known = [i for i in have if max(rows[i][column]) < len(tokenizer)]
     texts = tokenizer.batch_decode([rows[i][column] for i in known], skip_special_tokens=True)
-    match = [i for i, text in zip(known, texts) if text.strip() == rows[i][ours]]
+    match = [i for i, text in zip(known, texts) if text.strip() == reply_text(rows[i][ours])]
     out = list(encoded)
     for i in match:
         out[i] = (encoded[i][0], rows[i][column][:max_response_len])
@@ -233,29 +324,144 @@ def report_shaping(stage, tokenizer, prompts, responses=()):
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts=False):
-    """Token ids of each prompt (one batched tokenizer call); an over-long prompt is refused, or cut from the
-    left if asked."""
+    """Token ids of each prompt (one batched tokenizer call): a text as it is, a message list through the
+    chat template with its generation prompt (chat_text); an over-long prompt is refused, or cut if asked:
+    a text from the left (its end, 'TL;DR:', is what cues the summary), a conversation inside its messages'
+    contents (truncate_chat), never in the template's headers.
+
+    BOS: where the tokenizer adds one itself (adds_bos: Llama's does, Pythia's and the toy's do not), every
+    prompt starts with it, unless it already does (a chat template usually writes BOS as text): never two."""
+    prompts = list(prompts)
+    chat = any(isinstance(p, list) for p in prompts)
+    if chat:
+        end_of_turn(tokenizer)
+    texts = [render(tokenizer, p, True) if isinstance(p, list) else p for p in prompts]
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     out = []
-    for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []:
+    for prompt, ids in zip(prompts, tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
         if not ids:
             fail("a prompt is empty (no tokens): nothing to condition a summary on")
+        ids = ids if ids[:1] == bos else bos + ids
         if len(ids) > max_prompt_len:
             if not truncate_prompts:
                 fail(f"a prompt has {len(ids)} tokens > --max_prompt_len {max_prompt_len} "
-                     f"(raise it, or pass --truncate_prompts to cut prompts from the left)")
-            ids = ids[-max_prompt_len:]  # keep the end: 'TL;DR:' is what cues the summary
+                     f"(raise it, or pass --truncate_prompts to cut prompts"
+                     f"{' inside their messages' if chat else ' from the left'})")
+            if isinstance(prompt, list):
+                ids = truncate_chat(tokenizer, prompt, max_prompt_len, bos)
+            else:  # keep the end: 'TL;DR:' is what cues the summary (and BOS, where there is one)
+                ids = bos + ids[len(ids) - max(max_prompt_len - len(bos), 0):]
         out.append(ids)
     return out
 
 
+def adds_bos(tokenizer):
+    """Whether the tokenizer puts BOS before a text itself (Llama's: tokenizer("x") starts with BOS, and
+    tokenizer("x", add_special_tokens=False) does not). We tokenize without special tokens and add it."""
+    bos = tokenizer.bos_token_id
+    return (bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+            and tokenizer("x", add_special_tokens=False)["input_ids"][:1] != [bos])
+
+
+def special_ids(tokenizer):
+    """The ids of every special token: BOS, EOS, pad, unknown, and the added ones marked special (a chat
+    template's headers and end-of-turn, e.g. Llama-3's <|start_header_id|>, <|eot_id|>)."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return set(tokenizer.all_special_ids) | added
+
+
+def render(tokenizer, messages, generation_prompt):
+    """A conversation as the chat template writes it, as text (generation_prompt: the assistant's header
+    after it)."""
+    if not tokenizer.chat_template:
+        fail("the data is conversational (message lists) but the tokenizer has no chat template: pass "
+             "--chat_template (a .jinja file, or the template) to sft.py, which saves it with pi_ref")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # the template's raise_exception (e.g. roles must alternate), a broken template
+        fail(f"the chat template could not render a conversation: {type(e).__name__}: {str(e)[:200]}")
+
+
+def chat_text(tokenizer, prompt, reply):
+    """The text of the reply to a prompt (messages) as the template writes it: the rendering of the whole
+    conversation after the rendering of the prompt with its generation prompt (refused where the one does
+    not start with the other: there would be no prompt / response split)."""
+    reply = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
+    before, full = render(tokenizer, prompt, True), render(tokenizer, prompt + reply, False)
+    if not full.startswith(before):
+        fail("the chat template writes a conversation so that it does not start with its prompt as written "
+             "with the generation prompt: no prompt / response split (use another --chat_template)")
+    return full[len(before):]
+
+
+def end_of_turn(tokenizer):
+    """The token that ends an assistant turn in the chat template (Llama-3: <|eot_id|>, ChatML: <|im_end|>):
+    the first special token after the reply's text in a rendered probe. It becomes the tokenizer's EOS --
+    as TRL's clone_chat_template does, and as Llama-3-Instruct ships -- so that sampling stops where the
+    data's replies end, a finished sample is one that ended with it, and pi_ref saved with this tokenizer
+    carries it to the later stages. Returns its id."""
+    probe = [{"role": "user", "content": "Hi"}]
+    text = chat_text(tokenizer, probe, "Yes")
+    special = special_ids(tokenizer)
+    before, after = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in text.split("Yes", 1))
+    ends = [t for t in after if t in special]
+    if "Yes" not in text or any(t in special for t in before) or not ends:
+        fail(f"the chat template does not write an assistant reply as its text then a special end-of-turn "
+             f"token (it wrote {text!r} after the generation prompt): use another --chat_template")
+    if tokenizer.eos_token_id != ends[0]:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ends[0])
+    return ends[0]
+
+
+def truncate_chat(tokenizer, messages, max_prompt_len, bos):
+    """The token ids of a conversation cut to max_prompt_len inside its messages' contents: tokens go from
+    the start of the oldest non-system message's content (the first user turn), then the next ones'; the
+    template's BOS, headers and generation prompt are kept whole. Refused if those alone are too long."""
+    messages = [dict(m) for m in messages]
+    for message in (m for m in messages if m["role"] != "system"):
+        content = tokenizer(message["content"], add_special_tokens=False)["input_ids"]
+        while True:
+            ids = tokenizer(render(tokenizer, messages, True), add_special_tokens=False)["input_ids"]
+            ids = ids if ids[:1] == bos else bos + ids
+            if len(ids) <= max_prompt_len:
+                return ids
+            if not content:
+                break
+            content = content[len(ids) - max_prompt_len:]  # at least the excess: a step closer each time
+            message["content"] = tokenizer.decode(content)
+    fail(f"a prompt's chat template alone (its headers, system prompt and generation prompt) has {len(ids)} "
+         f"tokens > --max_prompt_len {max_prompt_len}")
+
+
 def encode_rows(tokenizer, prompts, responses, max_prompt_len, max_response_len, truncate_prompts=False,
                 add_eos=True):
-    """[(prompt_ids, response_ids)] per row: each response is ' ' + text + EOS, cut at max_response_len."""
+    """[(prompt_ids, response_ids)] per row, each response cut at max_response_len.
+
+    Text: the response is ' ' + text + EOS, as today's TL;DR data (a completion that starts with a space
+    keeps its own).
+    Conversations (the prompt a message list, the response an assistant message or its text): the response
+    is the reply as the chat template writes it after the prompt's generation prompt (chat_text), up to and
+    including its end-of-turn token, which is the tokenizer's EOS (end_of_turn); no space is added, and no
+    second EOS is appended (TRL's DPO appends EOS to every response, giving Llama-3-Instruct's replies
+    <|eot_id|><|eot_id|>). What a template writes after the end token (ChatML's newline) belongs to the
+    next turn and is dropped: sampling stops at the end token, so sampled replies end as these do. Prompt
+    and reply are tokenized apart, as the model reads a prompt and then samples a reply.
+    add_eos=False leaves EOS off (text) or takes the end token off (conversations)."""
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_len, truncate_prompts)
-    texts = [r if r[:1].isspace() else " " + r for r in responses]
-    eos = [tokenizer.eos_token_id] if add_eos else []
+    chat = [isinstance(p, list) for p in prompts]
+    texts = [chat_text(tokenizer, p, r) if c else r if r[:1].isspace() else " " + r
+             for p, r, c in zip(prompts, responses, chat)]
+    eos = tokenizer.eos_token_id
     response_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [(p, (r + eos)[:max_response_len]) for p, r in zip(prompt_ids, response_ids)]
+    out = []
+    for p, r, c in zip(prompt_ids, response_ids, chat):
+        if c and eos in r:  # the reply up to its end token (end_of_turn found one in the template)
+            r = r[:r.index(eos) + 1] if add_eos else r[:r.index(eos)]
+        else:
+            r = r + [eos] * add_eos
+        out.append((p, r[:max_response_len]))
+    return out
 
 
 def encode(tokenizer, prompt, response, max_prompt_len, max_response_len, truncate_prompts=False,
@@ -389,10 +595,11 @@ def load_causal_lm(args, tokenizer):
 
 def banned_ids(tokenizer, model=None):
     """Ids a response must never contain: the special tokens but EOS (a response ends with EOS and holds no
-    other special token) and, given the model, the ids of its output layer that the tokenizer has no token
-    for: a padded vocabulary (Pythia: 50,304 logits for 50,277 tokens) has rows that decode to nothing."""
+    other special token; a chat template's headers are special tokens too) and, given the model, the ids
+    of its output layer that the tokenizer has no token for: a padded vocabulary (Pythia: 50,304 logits for
+    50,277 tokens) has rows that decode to nothing."""
     padded = range(len(tokenizer), model.get_output_embeddings().weight.shape[0]) if model is not None else ()
-    return sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id} | set(padded))
+    return sorted(special_ids(tokenizer) - {tokenizer.eos_token_id} | set(padded))
 
 
 

@@ -311,7 +311,9 @@ def label_rows(args, keep, scores_a, scores_b, toy, dropped):
             a_wins = rng.random() < 1 / (1 + np.exp(-(sa - sb) / args.bt_temperature))
         if not a_wins:
             a, b, sa, sb = b, a, sb, sa
-        row = {"prompt": prompt, "chosen": a[0], "rejected": b[0], "chosen_score": sa, "rejected_score": sb,
+        # text, or (a conversation's prompt) TRL's explicit form: the replies as assistant messages
+        row = {"prompt": prompt, "chosen": policy.as_reply(prompt, a[0]),
+               "rejected": policy.as_reply(prompt, b[0]), "chosen_score": sa, "rejected_score": sb,
                "chosen_behaviour_logp": a[2], "rejected_behaviour_logp": b[2],
                "chosen_ids": a[1], "rejected_ids": b[1]}  # the sampled tokens, EOS included
         if toy:  # when the true scorer judged, its scores are already sa, sb
@@ -347,7 +349,7 @@ def label(args, device, autocast):
     if args.judge == "true" and not toy:
         fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir "
              f"(use --judge rm)")
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:args.num_prompts]  # unique, in order
+    prompts = policy.unique(r["prompt"] for r in rows)[:args.num_prompts]  # in order; text or messages
     pi_ref = policy.load_policy(args.sft_path).to(device)
     # a gold model that is no reward model is refused now, before the sampling
     gold = load_reward_model(args.gold_path, tokenizer).to(device) if args.judge == "rm" else None

@@ -99,7 +99,7 @@ class Args(OnlineArgs):
 def load_prompts(args, tokenizer):
     """[(text, ids)] of the first --num_prompts unique training prompts."""
     rows = policy.load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column})
-    texts = list(dict.fromkeys(r["prompt"] for r in rows))[:args.num_prompts]
+    texts = policy.unique(r["prompt"] for r in rows)[:args.num_prompts]
     ids = policy.encode_prompts(tokenizer, texts, args.max_prompt_len, args.truncate_prompts)
     return list(zip(texts, ids))
 

@@ -44,6 +44,9 @@ class Args:
         "help": "tokenizer dir or hub id; default: <data>/tokenizer for the toy, else the model's"})
     model_name_or_path: str = field(default="", metadata={
         "help": "hub id or local dir of a causal LM; empty = a tiny GPT-NeoX built from the flags below"})
+    chat_template: str = field(default="", metadata={
+        "help": "for conversational data (message lists) and a tokenizer without a chat template (a base "
+                "model's): a .jinja file or the template itself; saved with pi_ref's tokenizer"})
     n_layer: int = field(default=2, metadata={"help": "layers of the tiny model"})
     n_embd: int = field(default=128, metadata={"help": "hidden size of the tiny model"})
     n_head: int = field(default=4, metadata={"help": "attention heads of the tiny model"})
@@ -141,10 +144,14 @@ def final_metrics(args, model, tokenizer, val, seconds, device, autocast):
 
 
 def load_examples(args):
-    """(tokenizer, train, val): (prompt_ids, response_ids) rows, the last --val_size held out."""
+    """(tokenizer, train, val): (prompt_ids, response_ids) rows, the last --val_size held out. Rows of text
+    ({prompt, completion}) or conversations: {prompt, completion} as message lists, or one whole conversation
+    per row (UltraChat's `messages`: --completion_column messages), whose last assistant turn is the
+    response and the turns before it the prompt (policy.split_conversation, policy.encode_rows)."""
     columns = {"prompt": args.prompt_column, "completion": args.completion_column}
     rows = policy.load_rows(args.data, "sft.jsonl", args.split, columns)
-    tokenizer = policy.load_tokenizer(args.tokenizer_path, args.data, args.model_name_or_path)
+    tokenizer = policy.load_tokenizer(args.tokenizer_path, args.data, args.model_name_or_path,
+                                      args.chat_template)
     examples = policy.encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
                                   args.max_prompt_len, args.max_response_len, args.truncate_prompts)
     policy.report_shaping("sft", tokenizer, [p for p, _ in examples], [r for _, r in examples])
