@@ -8,9 +8,6 @@ score_chosen, score_rejected) and TRL's explicit conversational forms (prompt, c
 as message lists).
 """
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -21,7 +18,8 @@ BOT, EOT, EOTXT = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 HEAD = ("<|start_header_id|>", "<|end_header_id|>")
 # Llama-3-8B-Instruct's template
 TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-            "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+            "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+            "message['content'] | trim + "
             "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
             "{{ content }}{% endfor %}{% if add_generation_prompt %}"
             "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
@@ -88,12 +86,14 @@ def write_snapshot(directory, splits):
     directory.mkdir()
     (directory / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{yaml}---\n")
     for split, rows in splits.items():
-        datasets.Dataset.from_list(rows).to_parquet(str(directory / "data" / f"{split}-00000-of-00001.parquet"))
+        path = directory / "data" / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
 
 
 def ultrachat_rows(convs):
     """HuggingFaceH4/ultrachat_200k: prompt (the first user turn's text), prompt_id, messages."""
-    return [{"prompt": m[0]["content"], "prompt_id": f"{i:064x}", "messages": m} for i, (m, _) in enumerate(convs)]
+    return [{"prompt": m[0]["content"], "prompt_id": f"{i:064x}", "messages": m}
+            for i, (m, _) in enumerate(convs)]
 
 
 def h4_feedback_rows(convs):
@@ -111,14 +111,15 @@ def trl_feedback_rows(convs):
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    """The data sets, and a tiny base Llama (no chat template) in bfloat16 whose replies end soon: the residual
-    stream's channel 0 is a constant that the output layer reads as a bias toward <|eot_id|>."""
+    """The data sets, and a tiny base Llama (no chat template) in bfloat16 whose replies end soon: the
+    residual stream's channel 0 is a constant that the output layer reads as a bias toward <|eot_id|>."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("chat")
     train, test = conversations(0, 40), conversations(1, 8)
-    write_snapshot(root / "ultrachat_200k", {"train_sft": ultrachat_rows(train + conversations(2, 8, turns=2)),
-                                             "test_sft": ultrachat_rows(test)})
+    chats = train + conversations(2, 8, turns=2)
+    write_snapshot(root / "ultrachat_200k",
+                   {"train_sft": ultrachat_rows(chats), "test_sft": ultrachat_rows(test)})
     write_snapshot(root / "ultrafeedback_binarized", {"train_prefs": h4_feedback_rows(train),
                                                       "test_prefs": h4_feedback_rows(test)})
     import datasets
@@ -202,15 +203,17 @@ def test_bos_once_where_the_tokenizer_adds_one_and_never_for_the_toy(standin, to
     import toy_tldr
 
     assert policy.adds_bos(tok) and tok("a cat")["input_ids"][0] == tok.bos_token_id
-    p, r = policy.encode(tok, "The cat sat", "on a mat.", MAX_PROMPT, MAX_RESPONSE)  # text: BOS, then as before
-    assert p == [tok.bos_token_id] + ids(tok, "The cat sat") and r == ids(tok, " on a mat.") + [tok.eos_token_id]
-    p, _ = policy.encode(tok, [user("The cat sat.")], "A dog.", MAX_PROMPT, MAX_RESPONSE)  # the template's BOS
+    p, r = policy.encode(tok, "The cat sat", "on a mat.", MAX_PROMPT, MAX_RESPONSE)  # text: BOS, as before
+    assert p == [tok.bos_token_id] + ids(tok, "The cat sat")
+    assert r == ids(tok, " on a mat.") + [tok.eos_token_id]
+    p, _ = policy.encode(tok, [user("The cat sat.")], "A dog.", MAX_PROMPT, MAX_RESPONSE)  # template's BOS
     assert p.count(tok.bos_token_id) == 1 and p[0] == tok.bos_token_id
     p = policy.encode_prompts(tok, ["the cat " * 30], 10, truncate_prompts=True)[0]
     assert p == [tok.bos_token_id] + ids(tok, "the cat " * 30)[-9:]
     toy_tldr.main(toy_tldr.Args(out_dir=str(tmp_path / "w"), num_sft=20, num_human_pairs=20, num_eval=5))
     toy = policy.load_tokenizer("", str(tmp_path / "w"))
-    row = policy.load_rows(str(tmp_path / "w"), "sft.jsonl", None, {"prompt": "prompt", "completion": "completion"})[0]
+    columns = {"prompt": "prompt", "completion": "completion"}
+    row = policy.load_rows(str(tmp_path / "w"), "sft.jsonl", None, columns)[0]
     assert not policy.adds_bos(toy)
     assert policy.encode(toy, row["prompt"], row["completion"], 200, 50) == (
         ids(toy, row["prompt"]), ids(toy, " " + row["completion"]) + [toy.eos_token_id])
@@ -221,8 +224,8 @@ def test_truncation_keeps_the_header_and_the_generation_prompt(tok):
     messages = [{"role": "system", "content": "Be brief."}, long, assistant("A dog."), user("And birds?")]
     full = policy.encode_prompts(tok, [messages], 1000)[0]
     head = ids(tok, BOT + f"{HEAD[0]}system{HEAD[1]}\n\nBe brief.{EOT}{HEAD[0]}user{HEAD[1]}\n\n")
-    tail = ids(tok, f"{EOT}{HEAD[0]}assistant{HEAD[1]}\n\nA dog.{EOT}{HEAD[0]}user{HEAD[1]}\n\nAnd birds?{EOT}"
-                    f"{HEAD[0]}assistant{HEAD[1]}\n\n")
+    tail = ids(tok, f"{EOT}{HEAD[0]}assistant{HEAD[1]}\n\nA dog.{EOT}{HEAD[0]}user{HEAD[1]}\n\n"
+                    f"And birds?{EOT}{HEAD[0]}assistant{HEAD[1]}\n\n")
     limit = len(head) + len(tail) + 10
     cut = policy.encode_prompts(tok, [messages], limit, truncate_prompts=True)[0]
     assert len(full) > limit >= len(cut) > limit - 5
@@ -249,3 +252,93 @@ def test_sft_loss_on_a_chat_row_is_the_nll_of_the_reply(standin, tok):
         start = len(full) - len(reply)
         nll = -torch.stack([logp[t - 1, full[t]] for t in range(start, len(full))]).mean()
         assert torch.allclose(sft.completion_loss(model, batch), nll, atol=1e-5)
+
+
+def test_the_chain_runs_on_conversations(standin):
+    """sft (UltraChat, --chat_template) -> gold RM (trl-lib's implicit prompt) -> label (UltraFeedback's
+    messages as prompts) -> DPO -> adaptive IS-DPO -> evaluate (UltraFeedback's test_prefs, the chosen reply
+    as the reference), each stage's exit 0, at tiny sizes; the pairs keep the sampled ids."""
+    import dpo
+    import evaluate
+    import is_dpo
+    import reward
+
+    sizes = {"max_prompt_len": MAX_PROMPT, "max_response_len": MAX_RESPONSE, "truncate_prompts": True}
+    sft.main(sft.Args(model_name_or_path=str(standin / "base"), data=str(standin / "ultrachat_200k"),
+                      split="train_sft", completion_column="messages",
+                      chat_template=str(standin / "llama3.jinja"), out_dir=str(standin / "sft"), steps=2,
+                      batch_size=4, lr=1e-4, warmup_steps=0, val_size=4, **sizes))
+    saved = policy.load_tokenizer(str(standin / "sft"))
+    assert saved.eos_token == EOT and saved.chat_template == TEMPLATE  # the later stages read both
+    reward.main(reward.Args(mode="train", sft_path=str(standin / "sft"), out_dir=str(standin / "gold"),
+                            data=str(standin / "trl_feedback.parquet"), steps=2, batch_size=4, val_size=4,
+                            **sizes))
+    reward.main(reward.Args(mode="label", judge="rm", sft_path=str(standin / "sft"),
+                            gold_path=str(standin / "gold"),
+                            data=str(standin / "ultrafeedback_binarized"), split="train_prefs",
+                            prompt_column="messages", out_dir=str(standin / "prefs"), num_prompts=40,
+                            sample_batch_size=16, **sizes))
+    rows = [json.loads(line) for line in open(standin / "prefs" / "train.jsonl")]
+    assert len(rows) >= 4
+    for row in rows:  # TRL's explicit conversational form, and the sampled ids ending with <|eot_id|>
+        assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+        assert row["chosen_ids"][-1] == saved.eos_token_id
+        text = saved.decode(row["chosen_ids"], skip_special_tokens=True)
+        assert text.strip() == row["chosen"][0]["content"]
+    daa = dpo.Args(sft_path=str(standin / "sft"), data=str(standin / "prefs"), **sizes)
+    pairs = dpo.load_pairs(daa, saved)[1]
+    assert [c[1] for c, _ in pairs] == [r["chosen_ids"] for r in rows]
+    assert [c[0] for c, _ in pairs] == policy.encode_prompts(saved, [r["prompt"] for r in rows], MAX_PROMPT)
+    common = dict(sft_path=str(standin / "sft"), data=str(standin / "prefs"), runs_dir=str(standin / "runs"),
+                  batch_size=4, num_epochs=1, num_checkpoints=1, beta=0.1, **sizes)
+    dpo.train(dpo.Args(**common))
+    is_dpo.main(is_dpo.Args(weight="adaptive", **common))
+    evaluate.main(evaluate.Args(runs=str(standin / "runs" / "*"),
+                                data=str(standin / "ultrafeedback_binarized"), split="test_prefs",
+                                prompt_column="messages", reference_column="chosen",
+                                judge="rm", gold_path=str(standin / "gold"), out_dir=str(standin / "eval"),
+                                plots_dir=str(standin / "plots"), num_prompts=4, kl_prompts=4,
+                                max_prompt_len=MAX_PROMPT, max_response_len=MAX_RESPONSE,
+                                truncate_prompts=True))
+    results = [json.loads(line) for line in open(standin / "eval" / "results.jsonl")]
+    assert len(results) == 4 and all(0 <= r["win_rate"] <= 1 for r in results)
+
+
+def messages_without_role(path):
+    path.write_text(json.dumps({"prompt": [{"content": "Hi"}], "completion": [assistant("Yes.")]}) + "\n")
+
+
+def prompts_that_differ(path):
+    row = trl_feedback_rows(conversations(3, 1))[0]
+    row["rejected"] = [user("Something else.")] + row["rejected"][1:]
+    path.write_text(json.dumps(row) + "\n")
+
+
+def ultrachat_file(path):
+    path.write_text("".join(json.dumps(r) + "\n" for r in ultrachat_rows(conversations(4, 12))))
+
+
+@pytest.mark.parametrize("make, stage, words", [
+    (messages_without_role, "sft", ["row 1", "'prompt'", "message 1", "'role'"]),
+    (prompts_that_differ, "reward", ["row 1", "same prompt"]),
+    (ultrachat_file, "sft", ["conversational", "no chat template", "--chat_template"]),
+], ids=["message without role", "prompts differ", "no template"])
+def test_bad_conversations_are_one_error_line(standin, tmp_path, make, stage, words):
+    """Bad conversational input: one `error:` line (stage.fail's SystemExit, as tests/test_bad_input.py's
+    command lines end), nothing written. The base model has no chat template: the third case passes none."""
+    import reward
+
+    make(tmp_path / "data.jsonl")
+    common = dict(data=str(tmp_path / "data.jsonl"), out_dir=str(tmp_path / "out"), val_size=1, batch_size=2)
+    with pytest.raises(SystemExit) as e:
+        if stage == "sft":
+            sft.main(sft.Args(model_name_or_path=str(standin / "base"), steps=1,
+                              completion_column="completion" if make is messages_without_role else "messages",
+                              **common))
+        else:
+            reward.main(reward.Args(mode="train", sft_path=str(standin / "base"), steps=1, **common))
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line, line
+    for word in words:
+        assert word in line, line
+    assert not (tmp_path / "out").exists()
