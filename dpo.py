@@ -108,7 +108,8 @@ class Args:
 def load_pairs(args, tokenizer):
     """(rows, pairs): the data's rows, and per row ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids)):
     the prompt encoded from its text, each response as the token ids it was sampled as when the row holds
-    them (chosen_ids, rejected_ids of reward.py --mode label), else encoded from its text."""
+    them (chosen_ids, rejected_ids of reward.py --mode label), else encoded from its text. Conversations
+    (message lists in TRL's preference forms) go through pi_ref's chat template (policy.encode_rows)."""
     cols = {"prompt": args.prompt_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
     rows = policy.load_rows(args.data, "train.jsonl", args.split, cols,
                             token_ids=policy.ids_columns(args))
