@@ -16,6 +16,7 @@ Two modes, the two halves of Gao et al.'s synthetic set-up (METHOD.md, section 4
 Run (after toy_tldr.py and sft.py; each about a minute on a laptop CPU):
     python reward.py --mode train
     python reward.py --mode label
+    torchrun --standalone --nproc_per_node 4 reward.py --mode label   # 4 processes (GPUs) share the prompts
 """
 import dataclasses
 import os

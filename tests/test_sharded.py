@@ -225,3 +225,13 @@ def test_run_sh_without_gpus_changes_nothing(tmp_path, hidden):
     assert len(lines) > 10
     assert {gpu for gpu, _ in lines} == {"" if hidden else "unset"}
     assert not [cmd for _, cmd in lines if "torch.distributed" in cmd]
+
+
+def test_shard_flag_and_torchrun_are_one_or_the_other(monkeypatch, tmp_path):
+    """Under torchrun (here: a World of 2 processes set by hand; init_distributed keeps it) --shard is
+    refused with one error line, before any work."""
+    monkeypatch.setattr(policy, "WORLD", policy.World(rank=0, size=2))
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(evaluate.Args(shard="0/2", runs=str(tmp_path / "none*"), out_dir=str(tmp_path / "e")))
+    assert str(stop.value) == ("error: --shard splits the checkpoints between separate commands, torchrun "
+                               "between its processes: use one or the other")
