@@ -21,6 +21,7 @@ Run (after dpo.py / is_dpo.py):
     python evaluate.py --check                            # the claims over the seeds, with 95% CIs
     python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait; python
     evaluate.py --plots_only
+    torchrun --standalone --nproc_per_node 2 evaluate.py   # the same in one command: one process a GPU
 """
 import contextlib
 import fcntl
@@ -80,8 +81,9 @@ class Args:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     out_dir: str = field(default="out/eval", metadata={"help": "results.jsonl and summary.md go here"})
     shard: str = field(default="0/1", metadata={
-        "help": "i/n: only every n-th checkpoint still to do, from the i-th, and no plots; run.sh runs n "
-                "shards side by side (one thread each), then --plots_only"})
+        "help": "i/n: only every n-th checkpoint, from the i-th, and no plots; run.sh runs n shards side "
+                "by side (one thread each), then --plots_only. (Under torchrun the processes share the "
+                "checkpoints themselves, and the main one draws the plots.)"})
     plots_dir: str = field(default="out/plots", metadata={"help": "tradeoff.png and dynamics.png go here"})
     plots_only: bool = field(default=False, metadata={
         "help": "skip evaluation; redraw plots and summary from results.jsonl"})
@@ -640,17 +642,29 @@ def score_references(args, setup):
 
 
 def checkpoints_to_do(args, setup, results_path, settings, shard, num_shards):
-    """[Checkpoint]: this shard's share of the checkpoints that results.jsonl has no row of yet."""
-    stage.prepare_dir(args.out_dir, "evaluate", setup.inputs, OWN_FILES)
+    """[Checkpoint]: this process's share of the checkpoints that results.jsonl has no row of yet.
+
+    --shard i/n (separate commands, each reading the file whenever it starts): every n-th of all the
+    checkpoints from the i-th, less those done -- a share the runs alone fix, however the commands overlap.
+    Under torchrun the processes read the file together (between barriers) and take every n-th of the
+    checkpoints not yet done (policy.shard): even shares, also when an interrupted evaluation resumes."""
+    policy.barrier()  # every process has checked the outputs (in prepare) before the main one marks them
+    if policy.WORLD.main:
+        stage.prepare_dir(args.out_dir, "evaluate", setup.inputs, OWN_FILES)
+    policy.barrier()
     with locked(results_path):
         fresh = current_results(results_path, setup.runs, settings)
+    policy.barrier()  # every process has read the file before one appends to it
     done = {(r["run"], r["step"]) for r in fresh}
     every = [Checkpoint(run.args, step, path) for run in setup.runs for step, path in run.checkpoints]
-    # same list per shard
-    todo = [c for c in every[shard::num_shards] if (c.run_args["run_name"], c.step) not in done]
+    if policy.WORLD.size > 1:
+        todo = policy.shard([c for c in every if (c.run_args["run_name"], c.step) not in done])
+        part = f" (process {policy.WORLD.rank} of {policy.WORLD.size})"
+    else:
+        todo = [c for c in every[shard::num_shards] if (c.run_args["run_name"], c.step) not in done]
+        part = f" (shard {shard}/{num_shards})" if num_shards > 1 else ""
     print(f"evaluate: {len(todo)} checkpoints to do ({len(done)} already in {results_path}), "
-          f"{len(setup.eval_rows)} prompts each"
-          + (f" (shard {shard}/{num_shards})" if num_shards > 1 else ""))
+          f"{len(setup.eval_rows)} prompts each" + part)
     return todo
 
 
@@ -709,8 +723,12 @@ def write_summary(args, results_path):
 def main(args):
     results_path = os.path.join(args.out_dir, "results.jsonl")
     shard, num_shards = parse_shard(args.shard)
+    world = policy.init_distributed()  # under torchrun the processes share the checkpoints (policy.py, 8)
+    if world.size > 1 and num_shards > 1:
+        fail("--shard splits the checkpoints between separate commands, torchrun between its processes: "
+             "use one or the other")
     if args.check:
-        return check(results_path, args.out_dir)
+        return check(results_path, args.out_dir) if world.main else None
     if not args.plots_only:
         setup = prepare(args)
         settings = eval_settings(args, setup.eval_rows)
@@ -720,7 +738,9 @@ def main(args):
             print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every "
                   "shard is")
             return
-    write_summary(args, results_path)
+        policy.barrier()  # under torchrun: every process's rows are in results.jsonl
+    if world.main:
+        write_summary(args, results_path)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Two modes, the two halves of Gao et al.'s synthetic set-up (METHOD.md, section 4
 Run (after toy_tldr.py and sft.py; each about a minute on a laptop CPU):
     python reward.py --mode train
     python reward.py --mode label
+    torchrun --standalone --nproc_per_node 4 reward.py --mode label   # 4 processes (GPUs) share the prompts
 """
 import dataclasses
 import os
@@ -256,30 +257,34 @@ def train(args, device, autocast):
 
 
 def sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast):
-    """Two samples of pi_ref per prompt at --temperature: (keep, dropped), keep holding (prompt, a, b) for the
-    pairs of two different finished responses, a and b each (text, sampled token ids with EOS, behaviour
-    log-prob: log of the distribution the ids were drawn from, temperature and suppression included)."""
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    """Two samples of pi_ref per prompt at --temperature: one outcome per prompt, either (prompt, a, b) for
+    two different finished responses, a and b each (text, sampled token ids with EOS, behaviour log-prob:
+    log of the distribution the ids were drawn from, temperature and suppression included), or the reason
+    the prompt gives no pair ("unfinished" or "identical").
+
+    Under torchrun each process samples its own share of the prompts from its own random stream: the
+    generator is seeded by seed * processes + rank (one process: --seed itself)."""
+    world = policy.WORLD
+    generator = torch.Generator(device=device).manual_seed(args.seed * world.size + world.rank)
+    desc = "sampling" if world.main else None  # one progress bar
     ids = policy.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
     policy.report_shaping("label", tokenizer, ids)  # samples cut by the length limit are dropped below
     with autocast:  # two samples per prompt: rows 2i and 2i+1
         outs, logps = policy.sample(pi_ref, [i for i in ids for _ in range(2)], tokenizer.eos_token_id,
                                     tokenizer.pad_token_id, args.max_response_len, args.temperature,
-                                    args.sample_batch_size, generator, desc="sampling",
+                                    args.sample_batch_size, generator, desc=desc,
                                     suppress_ids=policy.banned_ids(tokenizer, pi_ref), logps_of="sampler")
     texts = [policy.decode_response(tokenizer, o) for o in outs]
-    keep, dropped = [], {"unfinished": 0, "identical": 0, "tied": 0}
+    outcomes = []
     for i, prompt in enumerate(prompts):
         (a, fa), (b, fb) = texts[2 * i], texts[2 * i + 1]
         if not (fa and fb):
-            dropped["unfinished"] += 1  # a response cut by the length limit has no EOS to learn from
+            outcomes.append("unfinished")  # a response cut by the length limit has no EOS to learn from
         elif a == b:
-            dropped["identical"] += 1  # chosen == rejected carries no preference
+            outcomes.append("identical")  # chosen == rejected carries no preference
         else:
-            keep.append((prompt, (a, outs[2 * i], logps[2 * i]), (b, outs[2 * i + 1], logps[2 * i + 1])))
-    if not keep:
-        fail("no usable pairs: every sample was unfinished or identical")
-    return keep, dropped
+            outcomes.append((prompt, (a, outs[2 * i], logps[2 * i]), (b, outs[2 * i + 1], logps[2 * i + 1])))
+    return outcomes
 
 
 def judge_pairs(args, gold, tokenizer, keep, device, autocast):
@@ -291,9 +296,31 @@ def judge_pairs(args, gold, tokenizer, keep, device, autocast):
         scores_a = [toy_tldr.true_score(p, t) for p, t in zip(prompts_kept, texts_a)]
         scores_b = [toy_tldr.true_score(p, t) for p, t in zip(prompts_kept, texts_b)]
     else:
-        scores_a = score_texts(gold, tokenizer, prompts_kept, texts_a, args, device, autocast, desc="scoring")
+        desc = "scoring" if policy.WORLD.main else None  # one progress bar
+        scores_a = score_texts(gold, tokenizer, prompts_kept, texts_a, args, device, autocast, desc=desc)
         scores_b = score_texts(gold, tokenizer, prompts_kept, texts_b, args, device, autocast)
     return scores_a, scores_b
+
+
+def sample_and_judge(args, pi_ref, gold, tokenizer, prompts, device, autocast):
+    """(keep, scores_a, scores_b, dropped) over all the prompts, in their order: the pairs of sample_pairs,
+    their judge's scores, and the count of prompts dropped for each reason.
+
+    Under torchrun each process samples and judges its share of the prompts (policy.shard: every n-th),
+    and every process gets back every outcome, in prompt order (policy.unshard)."""
+    outcomes = sample_pairs(args, pi_ref, tokenizer, policy.shard(prompts), device, autocast)
+    keep = [o for o in outcomes if not isinstance(o, str)]
+    scores_a, scores_b = judge_pairs(args, gold, tokenizer, keep, device, autocast) if keep else ([], [])
+    scores = zip(scores_a, scores_b)  # in the order of keep
+    judged = policy.unshard([o if isinstance(o, str) else (o, *next(scores)) for o in outcomes])
+    dropped = {"unfinished": 0, "identical": 0, "tied": 0}
+    for o in judged:
+        if isinstance(o, str):
+            dropped[o] += 1
+    kept = [o for o in judged if not isinstance(o, str)]
+    if not kept:
+        fail("no usable pairs: every sample was unfinished or identical")
+    return [k for k, _, _ in kept], [a for _, a, _ in kept], [b for _, _, b in kept], dropped
 
 
 def label_rows(args, keep, scores_a, scores_b, toy, dropped):
@@ -331,6 +358,8 @@ def label_rows(args, keep, scores_a, scores_b, toy, dropped):
 
 
 def label(args, device, autocast):
+    """Sample, judge and label the pairs; write them to --out_dir. Under torchrun the processes share the
+    sampling and the judging (sample_and_judge); the main one alone locks, writes and publishes the output."""
     stage.check_args(args, positive=("num_prompts", "sample_batch_size", "temperature", "bt_temperature"))
     if args.label not in ("argmax", "bt"):
         fail(f"--label must be argmax or bt, got {args.label!r}")
@@ -338,7 +367,7 @@ def label(args, device, autocast):
         fail(f"--judge must be true or rm, got {args.judge!r}")
     # the output, locked before the sampling: a second labelling of it fails now, not at its end
     inputs = [args.sft_path, args.data] + ([args.gold_path] if args.judge == "rm" else [])
-    tmp = stage.start_output(args.out_dir, "reward label", inputs)
+    tmp = stage.start_output(args.out_dir, "reward label", inputs) if policy.WORLD.main else None
     if args.judge == "rm" and not os.path.isdir(args.gold_path):
         fail(f"model directory {args.gold_path} not found")
     tokenizer = policy.load_tokenizer(args.sft_path)
@@ -354,13 +383,22 @@ def label(args, device, autocast):
     # a gold model that is no reward model is refused now, before the sampling
     gold = load_reward_model(args.gold_path, tokenizer).to(device) if args.judge == "rm" else None
     t0 = time.time()
-    keep, dropped = sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast)
-    scores_a, scores_b = judge_pairs(args, gold, tokenizer, keep, device, autocast)
+    keep, scores_a, scores_b, dropped = sample_and_judge(args, pi_ref, gold, tokenizer, prompts, device,
+                                                         autocast)
     out_rows, agree = label_rows(args, keep, scores_a, scores_b, toy, dropped)
+    if policy.WORLD.main:
+        write_pairs(args, tmp, out_rows, agree, dropped, time.time() - t0)
+    policy.barrier()  # the others wait until the output is published
+
+
+def write_pairs(args, tmp, out_rows, agree, dropped, seconds):
+    """train.jsonl, args.json and metrics.json into the unfinished output tmp, then publish it."""
     toy_tldr.write_jsonl(os.path.join(tmp, "train.jsonl"), out_rows)
-    metrics = {"pairs": len(out_rows), "dropped": dropped, "judge": args.judge, "seconds": time.time() - t0}
+    metrics = {"pairs": len(out_rows), "dropped": dropped, "judge": args.judge, "seconds": seconds}
     if agree:
         metrics["label_true_agreement"] = float(np.mean(agree))
+    if policy.WORLD.size > 1:  # the samples depend on the number of processes (one stream each)
+        metrics["processes"] = policy.WORLD.size
     policy.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
     policy.save_json(os.path.join(tmp, "metrics.json"), metrics)
     stage.finish_output(tmp, args.out_dir)
@@ -380,6 +418,7 @@ def main(args):
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    policy.init_distributed()  # under torchrun: join the other processes (policy.py, section 8)
     device, autocast = policy.device_and_autocast(args.precision)
     (train if args.mode == "train" else label)(args, device, autocast)
 

@@ -8,6 +8,7 @@
 #   RUNS="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01" bash run.sh   # other methods (see below)
 #   FROM=8 bash run.sh                    # only the categorical toy and the analytic toys: under a minute
 #   FROM=8 CAT_FLAGS="--world_seed 3" SEEDS="5 6 7 8 9" bash run.sh   # the categorical toy elsewhere
+#   NPROC=4 JOBS=4 bash run.sh           # a machine with 4 GPUs (see GPUs below)
 #
 # Stages (FROM=n starts at stage n and reuses the earlier stages' outputs in $OUT):
 #   1 the toy world   2 SFT: pi_ref   3 the gold reward model (only with JUDGE=rm)
@@ -23,6 +24,9 @@
 # JUDGE=rm: a gold reward model is trained on the "human" pairs and plays both parts, as on real data.
 # Extra flags per stage: WORLD_FLAGS, SFT_FLAGS, RM_FLAGS, LABEL_FLAGS, DAA_FLAGS, EVAL_FLAGS, CAT_FLAGS
 # (the categorical toy: CAT_FLAGS="--world_seed 3" for another of its worlds), GAUSS_FLAGS.
+# GPUs: the jobs side by side take turns on them (job slot i on GPU i mod their number), and NPROC=4 runs
+# SFT, the gold RM and the labelling each in 4 processes (torchrun), one a GPU: other samples and batches
+# than one process's, so other numbers.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,8 +37,28 @@ if [[ -n "${METHODS:-}${BETAS:-}" ]]; then
   RUNS=$(for m in ${METHODS:-dpo ais-dpo}; do for b in ${BETAS:-0.01 0.1}; do echo -n "$m:$b "; done; done)
 fi
 JUDGE=${JUDGE:-true}
-JOBS=${JOBS:-2}   # DAA runs (and evaluation shards) side by side, one CPU thread each
+JOBS=${JOBS:-2}    # DAA runs (and evaluation shards) side by side, one CPU thread each
+NPROC=${NPROC:-1}  # processes of each single-job stage (SFT, gold RM, labelling): torchrun, one a GPU
 PY=${PYTHON:-python}
+PYN=$PY            # how a single-job stage starts
+if (( NPROC > 1 )); then PYN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"; fi
+# GPUs: those CUDA_VISIBLE_DEVICES names if it is set, else every one nvidia-smi finds (none: nothing
+# changes). The jobs side by side take turns on them: the job in slot i (0 .. JOBS-1) sees GPU i mod GPUs.
+GPU_IDS=${CUDA_VISIBLE_DEVICES-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null \
+                                  | grep -x '[0-9][0-9]*' || true)}
+GPU_IDS=$(echo ${GPU_IDS//,/ })  # e.g. "0 1 2 3"
+gpu_of() {  # gpu_of SLOT: "CUDA_VISIBLE_DEVICES=<the slot's GPU>", or nothing without GPUs
+  local ids=($GPU_IDS)
+  if (( ${#ids[@]} > 0 )); then echo "CUDA_VISIBLE_DEVICES=${ids[$1 % ${#ids[@]}]}"; fi
+}
+side_by_side() {  # side_by_side < FILE: FILE's command lines, JOBS at a time
+  if [[ -n "$GPU_IDS" ]]; then  # xargs numbers the slots of the lines it runs in $SLOT
+    export GPU_IDS; export -f gpu_of
+    xargs -P "$JOBS" --process-slot-var=SLOT -I{} bash -c 'export $(gpu_of "$SLOT"); {}'
+  else
+    xargs -P "$JOBS" -I{} bash -c "{}"
+  fi
+}
 FROM=${FROM:-1}
 start=$(date +%s)
 say() { echo "[run.sh $(( $(date +%s) - start ))s] $*"; }
@@ -45,16 +69,16 @@ if (( FROM <= 1 )); then
 fi
 if (( FROM <= 2 )); then
   say "2/8 SFT: pi_ref"
-  $PY sft.py --data "$OUT/toy_tldr" --out_dir "$OUT/sft" ${SFT_FLAGS:-}
+  $PYN sft.py --data "$OUT/toy_tldr" --out_dir "$OUT/sft" ${SFT_FLAGS:-}
 fi
 if (( FROM <= 3 )) && [[ "$JUDGE" == rm ]]; then
   say "3/8 the gold reward model"
-  $PY reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" \
+  $PYN reward.py --mode train --sft_path "$OUT/sft" --data "$OUT/toy_tldr" --out_dir "$OUT/gold_rm" \
     ${RM_FLAGS:-}
 fi
 if (( FROM <= 4 )); then
   say "4/8 offline pairs: pi_ref samples labelled by the judge ($JUDGE)"
-  $PY reward.py --mode label --judge "$JUDGE" --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" \
+  $PYN reward.py --mode label --judge "$JUDGE" --sft_path "$OUT/sft" --gold_path "$OUT/gold_rm" \
     --data "$OUT/toy_tldr" --out_dir "$OUT/prefs" ${LABEL_FLAGS:-}
 fi
 
@@ -82,7 +106,7 @@ if (( FROM <= 5 )); then
       echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $log 2>&1" >> "$jobs_file"
     done
   done
-  if ! xargs -P "$JOBS" -I{} bash -c "{}" < "$jobs_file"; then
+  if ! side_by_side < "$jobs_file"; then
     echo "error: a training run failed; see the logs in $OUT/logs" >&2
     exit 1
   fi
@@ -94,7 +118,7 @@ if (( FROM <= 6 )); then
              --out_dir "$OUT/eval" --plots_dir "$OUT/plots")
   pids=()
   for (( i = 0; i < JOBS; i++ )); do
-    $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} \
+    env $(gpu_of "$i") $PY evaluate.py "${eval_args[@]}" --shard "$i/$JOBS" --threads 1 ${EVAL_FLAGS:-} \
       > "$OUT/logs/eval_$i.log" 2>&1 &
     pids+=($!)
   done
