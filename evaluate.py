@@ -472,7 +472,7 @@ def plot(rows, plots_dir):
     stage.prepare_dir(plots_dir, "evaluate", own_files=OWN_FILES)
     groups = group_runs(rows)
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(sorted({m for m, _ in groups}))}
-    has_true = any("gold_win_rate" in r for r in rows)  # a gold RM judged: show the truth beside it
+    has_true = all("true_win_rate" in r for r in rows)  # the toy: show the truth beside the judge
     for draw, name in ((plot_tradeoff, "tradeoff.png"), (plot_dynamics, "dynamics.png")):
         fig = draw(plt, groups, colors, has_true)
         save_figure(fig, os.path.join(plots_dir, name))
