@@ -79,7 +79,9 @@ class Args:
         "help": "peak learning rate (AdamW; the paper: 1e-6 on Pythia)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     lr_schedule: str = field(default="cosine", metadata={
-        "help": "after warm-up: cosine (to 0) or constant (the DPO paper's)"})
+        "help": "after warm-up: cosine (to --min_lr_ratio) or constant (the DPO paper's)"})
+    min_lr_ratio: float = field(default=0.0, metadata={
+        "help": "the cosine's floor as a fraction of --lr (0: decay to 0; the IS-DAAs paper: 0.1)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     num_checkpoints: int = field(default=11, metadata={
         "help": "checkpoints at evenly spaced fractions of training, plus step 0"})
@@ -509,13 +511,11 @@ def start_run(args, method):
 
 
 def make_optimizer(args, model, total_steps):
-    """AdamW without weight decay, linear warm-up, then cosine decay to 0 or a constant rate."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
+    """AdamW without weight decay, linear warm-up, then a cosine decay to --min_lr_ratio of --lr or a constant
+    rate (policy.lr_schedule)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    if args.lr_schedule == "cosine":
-        return optimizer, get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
-    return optimizer, get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+    return optimizer, policy.lr_schedule(optimizer, args.warmup_steps, total_steps, args.lr_schedule,
+                                         args.min_lr_ratio)
 
 
 def checkpoint_steps(args, total_steps):

@@ -475,7 +475,7 @@ def plot(rows, plots_dir):
     groups = group_runs(rows)
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(sorted({m for m, _ in groups}))}
     # a gold RM judged and the truth is known (the toy): show the truth beside it
-    has_true = any("gold_win_rate" in r and "true_win_rate" in r for r in rows)
+    has_true = all("gold_win_rate" in r and "true_win_rate" in r for r in rows)
     for draw, name in ((plot_tradeoff, "tradeoff.png"), (plot_dynamics, "dynamics.png")):
         fig = draw(plt, groups, colors, has_true)
         save_figure(fig, os.path.join(plots_dir, name))

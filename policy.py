@@ -18,6 +18,7 @@ from here:
 Imports run down the pipeline only: this file imports stage.py (flags, errors, outputs) and no stage.
 """
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -733,6 +734,41 @@ def optimizer_step(step, model, optimizer, scheduler, scaler, grad_clip, loss):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+def schedule_factor(step, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
+    """The learning rate at optimizer step `step` as a fraction of the peak --lr.
+
+    Linear warm-up from 0 over warmup_steps, then either constant (1) or a half cosine from 1 down to the
+    floor min_lr_ratio, reached at total_steps:
+        warm-up:  step / warmup,  warmup = warmup_steps
+        cosine:   m + (1 - m) * (1 + cos(pi * p)) / 2,  p = (step - warmup) / (total_steps - warmup)
+    m = 0 is transformers' get_cosine_schedule_with_warmup to the last bit (same float operations); m > 0 is
+    its cosine_with_min_lr (the IS-DAAs code decays to 0.1 of the peak)."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    if shape == "constant":
+        return 1.0
+    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+    factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
+    if min_lr_ratio:
+        factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio
+    return max(0.0, factor)
+
+
+def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
+    """The one learning-rate schedule of every training stage (sft.py, reward.py, dpo.py): a LambdaLR over
+    schedule_factor. Its state_dict is what --resume saves (the factor itself is a pure function)."""
+    if shape not in SCHEDULES:
+        fail(f"--lr_schedule must be one of {', '.join(SCHEDULES)}, got {shape!r}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        fail(f"--min_lr_ratio must be in [0, 1] (a fraction of --lr), got {min_lr_ratio}")
+    factor = functools.partial(schedule_factor, warmup_steps=warmup_steps, total_steps=total_steps,
+                               shape=shape, min_lr_ratio=min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def save_json(path, obj):

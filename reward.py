@@ -68,6 +68,8 @@ class Args:
     lr: float = field(default=1e-3, metadata={"help": "--mode train: peak learning rate (AdamW)"})
     warmup_steps: int = field(default=20, metadata={
         "help": "--mode train: warmup steps before the cosine decay"})
+    min_lr_ratio: float = field(default=0.0, metadata={
+        "help": "--mode train: the cosine's floor as a fraction of --lr (0: decay to 0; IS-DAAs: 0.1)"})
     grad_clip: float = field(default=1.0, metadata={"help": "--mode train: max gradient norm"})
     val_size: int = field(default=1000, metadata={"help": "--mode train: pairs held out for accuracy"})
     num_prompts: int = field(default=4000, metadata={
@@ -183,10 +185,8 @@ def load_human_pairs(args):
 
 def train_steps(args, tmp, model, train_pairs, pad_id, device, autocast):
     """The Bradley-Terry loop, continued from the state saved in tmp if any."""
-    from transformers import get_cosine_schedule_with_warmup
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    scheduler = policy.lr_schedule(optimizer, args.warmup_steps, args.steps, min_lr_ratio=args.min_lr_ratio)
     done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler)
     scaler = policy.grad_scaler(args.precision, device)
     bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm")

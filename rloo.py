@@ -71,6 +71,7 @@ class OnlineArgs:
     lr: float = dpo_flag("lr")
     warmup_steps: int = dpo_flag("warmup_steps")
     lr_schedule: str = dpo_flag("lr_schedule")
+    min_lr_ratio: float = dpo_flag("min_lr_ratio")
     grad_clip: float = dpo_flag("grad_clip")
     num_checkpoints: int = dpo_flag("num_checkpoints", default=10)
     logit_chunk: int = dpo_flag("logit_chunk")

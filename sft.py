@@ -60,6 +60,8 @@ class Args:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps before the cosine decay"})
+    min_lr_ratio: float = field(default=0.0, metadata={
+        "help": "the cosine's floor as a fraction of --lr (0: decay to 0; the IS-DAAs paper: 0.1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     val_size: int = field(default=500, metadata={"help": "rows held out for the validation loss"})
@@ -162,10 +164,8 @@ def load_examples(args):
 
 def train_steps(args, tmp, model, train, pad_id, device, autocast):
     """The SFT loop, continued from the state saved in tmp if any; one train_log.jsonl row per step."""
-    from transformers import get_cosine_schedule_with_warmup
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    scheduler = policy.lr_schedule(optimizer, args.warmup_steps, args.steps, min_lr_ratio=args.min_lr_ratio)
     done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler)
     scaler = policy.grad_scaler(args.precision, device)
     bar = tqdm(range(done + 1, args.steps + 1), desc="sft")

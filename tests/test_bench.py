@@ -1,0 +1,37 @@
+"""bench/dpo_step.py at its tiny size on the CPU: both variants take a DPO step, agree on the loss, and report
+tokens/s and MFU by their formulas."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import dpo_step  # noqa: E402
+
+
+def test_dpo_step_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "rows.json"
+    args = dpo_step.parse_args(["--size", "tiny", "--precision", "fp32", "--pairs", "2", "--prompt_len", "12",
+                                "--response_len", "5", "--steps", "2", "--warmup", "1", "--peak_tflops", "2",
+                                "--json_out", str(out)])
+    rows = dpo_step.main(args)
+    assert [r["variant"] for r in rows] == ["fused", "naive"] and json.loads(out.read_text()) == rows
+    tiny = dpo_step.SIZES["tiny"]
+    h, v, f = tiny["hidden_size"], tiny["vocab_size"], tiny["intermediate_size"]
+    n_layer = tiny["num_hidden_layers"]
+    # a layer: 2 layer norms, fused QKV and output projections, the MLP; then the final norm, the output layer
+    layer = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+    assert rows[0]["matmul_params"] == n_layer * layer + 2 * h + v * h
+    for r in rows:
+        assert r["tokens"] == 2 * (12 + 2 * 5) and r["peak_gib"] is None and r["device"] == "cpu"
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_s"])
+        assert r["mfu"] == pytest.approx(6 * r["matmul_params"] * r["tokens"] / r["step_s"] / 2e12)
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], abs=1e-5)
+    assert abs(rows[0]["first_loss"] - math.log(2)) > 1e-3  # the shifted reference makes the loss informative
+
+
+def test_dpo_step_benchmark_refuses_an_unknown_size():
+    with pytest.raises(SystemExit):
+        dpo_step.parse_args(["--size", "pythia-7b"])

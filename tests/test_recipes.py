@@ -1,0 +1,300 @@
+"""The recipes (recipes/): the shared learning-rate schedule against its closed form, the paragraph-level
+truncation of TL;DR prompts against hand-computed cuts, recipes/pythia_tldr.sh end to end on stand-ins (a tiny
+GPT-NeoX stored in float16 with a Pythia-like tokenizer, snapshots of trl-lib/tldr and trl-lib/tldr-preference
+in their schemas), and the recipe's hyperparameters against the table of recipes/README.md."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import policy
+import toy_tldr
+from test_real_model import write_snapshot
+from test_sampled_ids import build_bpe_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+import prepare_tldr  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_datasets_cache(tmp_path, monkeypatch):
+    """The datasets library caches a local snapshot by its path: a pytest directory of an earlier session
+    at the same path would hand back that session's rows."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the schedule
+
+
+def lrs(warmup, total, steps, **kw):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = policy.lr_schedule(optimizer, warmup, total, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_schedule_matches_its_closed_form_at_warmup_middle_and_end():
+    """Peak 2.0, 10 warm-up steps, 110 in all: step 5 is half the peak, step 60 (half way through the decay)
+    the mean of peak and floor, step 110 the floor; no floor: the same with 0."""
+    for floor in (0.0, 0.1):
+        got = lrs(10, 110, 111, min_lr_ratio=floor)  # the stages take total_steps steps
+        assert got[0] == 0.0 and got[5] == pytest.approx(1.0) and got[10] == pytest.approx(2.0)
+        assert got[60] == pytest.approx(2.0 * (floor + (1 - floor) * 0.5))
+        assert got[35] == pytest.approx(2.0 * (floor + (1 - floor) * (1 + math.cos(math.pi / 4)) / 2))
+        assert got[110] == pytest.approx(2.0 * floor, abs=1e-12)
+        assert min(got[10:]) == pytest.approx(2.0 * floor, abs=1e-12)
+    assert lrs(3, 50, 10, shape="constant")[2:] == pytest.approx([4 / 3] + [2.0] * 7)
+
+
+def test_schedule_without_floor_is_transformers_cosine_to_the_last_bit():
+    """min_lr_ratio 0 (every stage's default) leaves the toy's numbers as they were."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    theirs = get_cosine_schedule_with_warmup(optimizer, 20, 124)
+    expected = []
+    for _ in range(126):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        theirs.step()
+    mine = [policy.schedule_factor(s, 20, 124) * 3e-4 for s in range(126)]
+    assert mine == expected
+
+
+def test_schedule_refuses_a_floor_outside_0_1():
+    with pytest.raises(SystemExit, match="min_lr_ratio"):
+        lrs(1, 10, 1, min_lr_ratio=1.5)
+    with pytest.raises(SystemExit, match="lr_schedule"):
+        lrs(1, 10, 1, shape="linear")
+
+
+# ----------------------------------------------------------------------------------------------
+# paragraph-level truncation
+
+
+def test_truncation_drops_whole_paragraphs_then_characters_keeping_the_frame():
+    """Counting characters as tokens: the frame is 47 characters, each paragraph 'pN' 2 plus its newline."""
+    head, tail = "SUBREDDIT: r/a\n\nTITLE: b\n\nPOST: ", "\n\nTL;DR:"
+    prompt = head + "p1\np2\np3" + tail
+    assert len(head + tail) == 40 and len(prompt) == 48
+    assert prepare_tldr.truncate_prompt(prompt, len, 48) == prompt  # fits: untouched
+    assert prepare_tldr.truncate_prompt(prompt, len, 47) == head + "p1\np2" + tail  # one paragraph
+    assert prepare_tldr.truncate_prompt(prompt, len, 45) == head + "p1\np2" + tail
+    assert prepare_tldr.truncate_prompt(prompt, len, 44) == head + "p1" + tail  # two
+    assert prepare_tldr.truncate_prompt(prompt, len, 41) == head + "p" + tail  # then a character
+    assert prepare_tldr.truncate_prompt(prompt, len, 40) == head + tail
+    assert prepare_tldr.truncate_prompt(prompt, len, 39) is None  # the frame alone is too long
+    cnn = "TITLE: t\n\nline one\nline two\n\nTL;DR:"  # tldr-preference's CNN/DM rows: the article is cut
+    assert prepare_tldr.truncate_prompt(cnn, len, 30) == "TITLE: t\n\nline one\n\nTL;DR:"
+    assert prepare_tldr.split_frame("no frame TL;DR:") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# stand-ins: the toy world's rows in the real TL;DR frame, each post in paragraphs
+
+
+def reddit_frame(toy_prompt):
+    """'SUBREDDIT: r/s TITLE: t POST: a . b . c . TL;DR:' -> trl-lib/tldr's frame, a paragraph per two
+    sentences."""
+    s, t, post = re.fullmatch(r"SUBREDDIT: r/(.*?) TITLE: (.*?) POST: (.*) TL;DR:", toy_prompt).groups()
+    sentences = [x.strip() + " ." for x in post.split(" .") if x.strip()]
+    paragraphs = [" ".join(sentences[i:i + 2]) for i in range(0, len(sentences), 2)]
+    return f"SUBREDDIT: r/{s}\n\nTITLE: {t}\n\nPOST: " + "\n".join(paragraphs) + "\n\nTL;DR:"
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    root = tmp_path_factory.mktemp("recipe")
+    toy_tldr.main(toy_tldr.Args(out_dir=str(root / "world"), num_sft=120, num_human_pairs=60, num_eval=8))
+    read = {n: [json.loads(line) for line in open(root / "world" / f"{n}.jsonl")]
+            for n in ("sft", "eval", "prefs_human")}
+    sft = [{"prompt": reddit_frame(r["prompt"]), "completion": " " + r["completion"]} for r in read["sft"]]
+    test = [{"prompt": reddit_frame(r["prompt"]), "completion": " " + r["reference"]} for r in read["eval"]]
+    prefs = [{"prompt": reddit_frame(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+             for r in read["prefs_human"]]
+    write_snapshot(root / "tldr", {"train": sft, "validation": test, "test": test}, ("prompt", "completion"))
+    write_snapshot(root / "tldr-preference", {"train": prefs, "validation": prefs},
+                   ("prompt", "chosen", "rejected"))
+    tokenizer = build_bpe_tokenizer([r["prompt"] + r["completion"] for r in sft], pythia=True)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer) + 8, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config)
+    with torch.no_grad():  # a constant channel, read by the output layer as a bias toward EOS: samples end
+        model.gpt_neox.final_layer_norm.weight[0] = 0.0
+        model.gpt_neox.final_layer_norm.bias[0] = 1.0
+        model.get_output_embeddings().weight[:, 0] = 0.0
+        model.get_output_embeddings().weight[tokenizer.eos_token_id, 0] = 4.5
+    model.half().save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root, tokenizer, sft
+
+
+def test_prepare_tldr_cuts_long_posts_of_a_snapshot_at_paragraphs(standins, tmp_path):
+    root, tokenizer, sft = standins
+    budget = 48
+
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    out = tmp_path / "train.jsonl"
+    prepare_tldr.main(prepare_tldr.Args(data=str(root / "tldr"), split="train", max_prompt_len=budget,
+                                        tokenizer_path=str(root / "model"), out=str(out)))
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) > len(sft) // 2 and all(set(r) == {"prompt", "completion"} for r in rows)
+    cut = 0
+    for row in rows:
+        head, body, tail = prepare_tldr.split_frame(row["prompt"])
+        source = [r for r in sft if r["completion"] == row["completion"] and r["prompt"].startswith(head)][0]
+        _, full, _ = prepare_tldr.split_frame(source["prompt"])
+        assert count(row["prompt"]) <= budget and tail == "\n\nTL;DR:"
+        if body != full:
+            cut += 1  # whole paragraphs gone, or (no paragraph fits) a prefix of the first one
+            assert full.startswith(body) and (full[len(body)] == "\n" or "\n" not in body)
+            longer = full[:full.index("\n", len(body) + 1)] if "\n" in full[len(body) + 1:] else full
+            assert count(head + longer + tail) > budget  # the next paragraph would not have fitted
+    assert cut > 0
+    with pytest.raises(SystemExit, match="exists"):
+        prepare_tldr.main(prepare_tldr.Args(data=str(root / "tldr"), tokenizer_path=str(root / "model"),
+                                            out=str(out)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe, end to end at a tiny size
+
+
+TINY = dict(MAX_PROMPT_LEN="64", MAX_RESPONSE_LEN="16", WARMUP_STEPS="1", SFT_LR="1e-3", SFT_BATCH="8",
+            SFT_ACCUM="1", SFT_STEPS="2", SFT_VAL="8", RM_LR="1e-3", RM_BATCH="8", RM_ACCUM="1", RM_STEPS="2",
+            RM_VAL="8", LABEL_PROMPTS="24", DAA_LR="1e-3", DAA_BATCH="4", DAA_ACCUM="1", DAA_EPOCHS="0.5",
+            BETAS="0.1", SEEDS="1", NUM_CHECKPOINTS="1", EVAL_PROMPTS="4", SAMPLE_BATCH="8")
+
+
+SHIM = """#!/usr/bin/env bash
+# the recipe's $PYTHON in the test: the test process runs the command (its imports paid once) and answers
+printf '%s\\0' "$PWD" "$@" > "$RECIPE_REQUEST"
+read -r rc < "$RECIPE_REPLY"
+exit "$rc"
+"""
+
+
+def run_in_process(cwd, argv):
+    """`python argv...` in this process, in cwd: the script run as __main__; its exit status."""
+    import runpy
+
+    old = os.getcwd(), sys.argv
+    try:
+        os.chdir(cwd)
+        sys.argv = list(argv)
+        runpy.run_path(argv[0], run_name="__main__")
+        return 0
+    except SystemExit as e:
+        print(e.code)
+        return 0 if e.code in (None, 0) else e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(old[0])
+        sys.argv = old[1]
+
+
+def run_recipe(script, env, tmp_path):
+    """bash script with $PYTHON a shim that hands every command to this process (one Python process for all
+    the stages: each would otherwise pay torch's and transformers' imports again); the commands it ran."""
+    import threading
+
+    request, reply, shim = tmp_path / "request", tmp_path / "reply", tmp_path / "python"
+    os.mkfifo(request)
+    os.mkfifo(reply)
+    shim.write_text(SHIM)
+    shim.chmod(0o755)
+    env = {**env, "PYTHON": str(shim), "RECIPE_REQUEST": str(request), "RECIPE_REPLY": str(reply)}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+    def finished():  # wakes the loop below once bash has exited
+        proc.wait()
+        with open(request, "w") as f:
+            f.write("")
+
+    threading.Thread(target=finished, daemon=True).start()
+    ran = []
+    while True:
+        with open(request) as f:
+            message = f.read()
+        if not message:
+            break
+        cwd, *argv = message.rstrip("\0").split("\0")
+        ran.append(argv)
+        rc = run_in_process(cwd, argv)
+        with open(reply, "w") as f:
+            f.write(f"{rc}\n")
+    return proc.returncode, proc.stdout.read(), ran
+
+
+def test_pythia_recipe_runs_end_to_end_on_standins(standins, tmp_path):
+    root, _, _ = standins
+    out = tmp_path / "out"
+    env = {**os.environ, **TINY, "MODEL": str(root / "model"), "GOLD_MODEL": str(root / "model"),
+           "TLDR": str(root / "tldr"), "TLDR_PREF": str(root / "tldr-preference"), "OUT": str(out)}
+    rc, stdout, ran = run_recipe(ROOT / "recipes" / "pythia_tldr.sh", env, tmp_path)
+    assert rc == 0, stdout[-3000:]
+    assert [a[0] for a in ran] == ["recipes/prepare_tldr.py"] * 3 + ["sft.py"] * 2 + ["reward.py"] * 2 + [
+        "dpo.py", "is_dpo.py", "evaluate.py"]
+    for path in ("data/tldr_train.jsonl", "data/tldr_test.jsonl", "data/tldr_pref_train.jsonl", "sft",
+                 "gold_sft", "gold_rm", "prefs/train.jsonl", "runs/dpo_beta0.1_seed1/train_log.jsonl",
+                 "runs/is-dpo_beta0.1_seed1/train_log.jsonl", "eval/summary.md", "plots/tradeoff.png"):
+        assert (out / path).exists(), path
+    rows = [json.loads(line) for line in open(out / "eval" / "results.jsonl")]
+    assert {r["run"] for r in rows} == {"dpo_beta0.1_seed1", "is-dpo_beta0.1_seed1"}
+    config = json.load(open(out / "runs" / "is-dpo_beta0.1_seed1" / "args.json"))
+    assert config["weight"] == "clipped" and config["min_lr_ratio"] == 0.1 and config["warmup_steps"] == 1
+    (tmp_path / "again").mkdir()
+    rc, stdout, ran = run_recipe(ROOT / "recipes" / "pythia_tldr.sh", env, tmp_path / "again")
+    assert rc == 0 and [a[0] for a in ran] == ["evaluate.py"] and "sft exists, skipped" in stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# the table and the script cannot drift apart
+
+
+def script_defaults(path):
+    return dict(re.findall(r"^([A-Z_]+)=\$\{\1:-\"?([^}\"]*)\"?\}", path.read_text(), re.M))
+
+
+def readme_table(path, title):
+    """{VARIABLE: our value} from the rows '| setting (`VARIABLE`) | our value | paper | source |' of the
+    table under the heading `title`."""
+    text = path.read_text().split(title, 1)[1].split("\n## ", 1)[0]
+    return {m.group(1): m.group(2).strip().strip("`") for m in
+            re.finditer(r"^\|[^|\n]*\(`([A-Z_]+)`\)[^|\n]*\|([^|\n]*)\|", text, re.M)}
+
+
+@pytest.mark.parametrize("script, title", [
+    ("pythia_tldr.sh", "## TL;DR (Pythia)"),
+    ("llama3_ultrafeedback.sh", "## Instruction following (Llama-3.2-3B)")])
+def test_readme_table_lists_the_recipes_defaults(script, title):
+    defaults = script_defaults(ROOT / "recipes" / script)
+    table = readme_table(ROOT / "recipes" / "README.md", title)
+    skip = {"OUT", "NPROC", "PYTHON", "CHAT_TEMPLATE"}  # where things go and run, not settings
+    assert len(table) >= 10
+    assert {k: v for k, v in defaults.items() if k not in skip} == table
+    lines = (ROOT / "recipes" / script).read_text().splitlines()
+    body = "\n".join(line for line in lines if not re.match(r"\s*#|[A-Z_]+=\$\{", line))
+    for name in table:  # every listed value reaches a command (not only a comment or its own default)
+        assert re.search(r"\$\{?" + name + r"\b", body), name
