@@ -377,7 +377,8 @@ def pair_logps(model, pairs, pad_id, device, autocast, chunk, wpo=False):
     """
     examples = [example for pair in pairs for example in pair]
     batch = policy.to_device(policy.collate_grouped(examples, pad_id, k=2), device)
-    with autocast:  # model: the policy, or policy.parallel's module (DDP, FSDP) whose forward is sequence_logps
+    # model: the policy, or policy.parallel's module (DDP, FSDP) whose forward is sequence_logps
+    with autocast:
         out = policy.apply(sequence_logps, model, batch, chunk, wpo=wpo)
     return tuple(x for t in out for x in (t[0::2], t[1::2]))
 
@@ -516,7 +517,8 @@ def start_run(args, method):
     if args.batch_size * world.size > len(pairs) and world.size > 1:
         fail(f"--batch_size {args.batch_size} x {world.size} processes is more than the {len(pairs)} pairs")
     # locked, and kept across a kill: --resume continues from the state saved in it
-    tmp = stage.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume) if world.main else None
+    tmp = (stage.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
+           if world.main else None)
     policy.barrier()
     model = policy.load_policy(args.sft_path).to(device)
     forward = policy.parallel(model, sequence_logps, args.fsdp, args.gradient_checkpointing)

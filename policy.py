@@ -814,7 +814,8 @@ def apply(fn, model, *inputs, **kwargs):
     if model is unwrap(model):
         return fn(model, *inputs, **kwargs)
     if getattr(model, "module", model).fn is not fn:
-        raise ValueError(f"this module computes {getattr(model, 'module', model).fn.__name__}, not {fn.__name__}")
+        raise ValueError(f"this module computes {getattr(model, 'module', model).fn.__name__}, "
+                         f"not {fn.__name__}")
     return model(*inputs, **kwargs)
 
 

@@ -212,7 +212,8 @@ def main(args):
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"sft: {params:.2f}M params, {len(train)} train rows, device {device}")
     # locked, and kept across a kill: --resume continues from the state saved in it
-    tmp = start_output(args.out_dir, "sft", inputs, resumable=True, resume=args.resume) if main_process else None
+    tmp = (start_output(args.out_dir, "sft", inputs, resumable=True, resume=args.resume)
+           if main_process else None)
     policy.barrier()
     forward = policy.parallel(model, completion_loss, args.fsdp, args.gradient_checkpointing)
     t0 = time.time()

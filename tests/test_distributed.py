@@ -13,7 +13,6 @@ import torch
 
 import dpo
 import policy
-import reward
 import sft
 import toy_tldr
 
@@ -100,7 +99,7 @@ def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-5), (row_a["step"], key)
     if script == "is_dpo.py":
         assert {"weight_mean", "weight_max", "ess"} <= log_a[0].keys()
-        assert any(row["ess"] < 7.99 for row in log_a)  # the weights differ: their global statistics are tested
+        assert any(row["ess"] < 7.99 for row in log_a)  # the weights differ: their global statistics count
     model = max(a.glob("ckpt-*"), key=lambda p: int(p.name[5:])) if script in ("dpo.py", "is_dpo.py") else a
     w_a, w_b = weights(model), weights(b / model.relative_to(a))
     assert w_a.keys() == w_b.keys()
@@ -141,7 +140,8 @@ def test_fp16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
     every step overflows every few steps (that update skipped, the scale halved); a resumed run that started
     over at the initial scale skips other steps and writes another log (checked: it fails without the fix)."""
     def scaler(precision, device):
-        return torch.amp.GradScaler(device.type, init_scale=2.0 ** 18, growth_interval=1, enabled=precision == "fp16")
+        return torch.amp.GradScaler(device.type, init_scale=2.0 ** 18, growth_interval=1,
+                                    enabled=precision == "fp16")
 
     monkeypatch.setattr(policy, "grad_scaler", scaler)
 
@@ -163,7 +163,7 @@ def test_fp16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
         sft.main(args("stopped"))
     monkeypatch.setattr(policy, "append_jsonl", append)
     sft.main(args("stopped", resume=True))
-    whole, resumed = read_log(tmp_path / "whole"), read_log(tmp_path / "stopped")
+    whole = read_log(tmp_path / "whole")
     assert not all(map(torch.isfinite, torch.tensor([r["grad_norm"] for r in whole[:4]])))  # skips happened
     assert (tmp_path / "whole" / "train_log.jsonl").read_bytes() == \
         (tmp_path / "stopped" / "train_log.jsonl").read_bytes()
@@ -177,7 +177,8 @@ def test_stages_that_do_not_split_their_work_refuse_several_processes(tiny, tmp_
     import toy_gaussian
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    calls = [lambda: rloo.train(rloo.Args(), rloo.rloo_step, "rloo"), lambda: online_dpo.main(online_dpo.Args()),
+    calls = [lambda: rloo.train(rloo.Args(), rloo.rloo_step, "rloo"),
+             lambda: online_dpo.main(online_dpo.Args()),
              lambda: toy_tldr.main(toy_tldr.Args(out_dir=str(tmp_path / "w"))),
              lambda: toy_gaussian.main(toy_gaussian.Args(out_dir=str(tmp_path / "g"))),
              lambda: toy_categorical.main(toy_categorical.Args())]
