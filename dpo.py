@@ -101,6 +101,10 @@ class Args:
     run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its saved state"})
     save_every: int = field(default=50, metadata={"help": "steps between states saved for --resume (0: no)"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun: shard every weight over the processes (FSDP) instead of copying it (DDP)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in backward instead of keeping them (less memory)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,8 +380,9 @@ def pair_logps(model, pairs, pad_id, device, autocast, chunk, wpo=False):
     """
     examples = [example for pair in pairs for example in pair]
     batch = policy.to_device(policy.collate_grouped(examples, pad_id, k=2), device)
+    # model: the policy, or policy.parallel's module (DDP, FSDP) whose forward is sequence_logps
     with autocast:
-        out = sequence_logps(model, batch, chunk, wpo=wpo)
+        out = policy.apply(sequence_logps, model, batch, chunk, wpo=wpo)
     return tuple(x for t in out for x in (t[0::2], t[1::2]))
 
 
@@ -387,15 +392,19 @@ def pair_logps(model, pairs, pad_id, device, autocast, chunk, wpo=False):
 
 @torch.no_grad()
 def reference_logps(model, pairs, pad_id, device, autocast, chunk, batch_size):
-    """log pi_ref of every chosen and rejected response, once, before training: [N], [N]."""
+    """log pi_ref of every chosen and rejected response, once, before training: [N], [N]. Over several
+    processes each computes its shard of the pairs (padded with copies of the last to a multiple of the
+    processes: FSDP needs every process to run as many batches) and every process gets them all."""
     model.eval()
     ref_w, ref_l = [], []
-    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", leave=False):
-        pi_w, pi_l, _, _ = pair_logps(model, pairs[s:s + batch_size], pad_id, device, autocast, chunk)
+    mine = policy.shard(pairs + pairs[-1:] * (-len(pairs) % policy.WORLD.size))
+    for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", leave=False,
+                  disable=not policy.WORLD.main):
+        pi_w, pi_l, _, _ = pair_logps(model, mine[s:s + batch_size], pad_id, device, autocast, chunk)
         ref_w.append(pi_w)
         ref_l.append(pi_l)
     model.train()
-    return torch.cat(ref_w), torch.cat(ref_l)
+    return tuple(policy.gather_live(torch.cat(ref))[:len(pairs)] for ref in (ref_w, ref_l))
 
 
 def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
@@ -405,6 +414,7 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
     The file is named by a hash of everything the numbers depend on -- pi_ref's weights, every pair's
     token ids, the batching, the thread count, the code of dpo.py and policy.py, the library versions --
     so a run reads exactly what it would have computed, and a changed input or line of code misses.
+    model: the policy, or policy.parallel's module of it. Over several processes the main one writes the file.
     """
     import transformers
 
@@ -412,7 +422,8 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
     if not args.reference_cache:
         return reference_logps(model, pairs, pad_id, device, autocast, args.logit_chunk, batch_size)
     key = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in policy.unwrap(model).state_dict().items():
+        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP's shards
         key.update(f"{name} {tensor.dtype}".encode())
         key.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     for path in (__file__, policy.__file__):
@@ -420,13 +431,15 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
             key.update(f.read())
     key.update(json.dumps([pairs, batch_size, args.logit_chunk, torch.get_num_threads(),
                            str(device), args.precision,  # the autocast
-                           torch.__version__, transformers.__version__]).encode())
+                           torch.__version__, transformers.__version__, policy.WORLD.size]).encode())
     path = os.path.join(args.reference_cache, key.hexdigest()[:20] + ".pt")
-    if os.path.isfile(path):
+    if all(policy.unshard([os.path.isfile(path)])):  # every process reads, or every process computes
         print(f"reference log-probs: read from {path}")
         saved = torch.load(path, weights_only=True)
         return saved["ref_w"].to(device), saved["ref_l"].to(device)
     ref_w, ref_l = reference_logps(model, pairs, pad_id, device, autocast, args.logit_chunk, batch_size)
+    if not policy.WORLD.main:
+        return ref_w, ref_l
     os.makedirs(args.reference_cache, exist_ok=True)
     torch.save({"ref_w": ref_w.cpu(), "ref_l": ref_l.cpu()}, f"{path}.{os.getpid()}.tmp")
     os.replace(f"{path}.{os.getpid()}.tmp", path)  # a whole file or none, even with runs side by side
@@ -470,9 +483,10 @@ class Run:
     """What the loop works on, set up once by start_run."""
     name: str
     out_dir: str
-    tmp: str  # the unfinished output, published as out_dir when the run ends
+    tmp: str  # the unfinished output, published as out_dir when the run ends (None but in the main process)
     tokenizer: object
     model: object  # pi_theta, started at pi_ref
+    forward: object  # the module the loop calls: its forward is sequence_logps(model, ...) (policy.parallel)
     rows: list
     pairs: list
     ref_w: torch.Tensor  # log pi_ref(y_w|x) of every pair [N]
@@ -494,20 +508,28 @@ def begin_run(args, method):
 
 
 def start_run(args, method):
-    """Checks, seeds, data, pi_ref's log-probs, and the locked output directory of the run."""
+    """Checks, seeds, data, pi_ref's log-probs, and the locked output directory of the run (written by the
+    main process only; the others wait for it)."""
     validate(args)
+    world = policy.join_processes(args)  # one process, or each of torchrun's (policy.py, section 8)
     device, autocast, name, out_dir = begin_run(args, method)
     inputs = [args.sft_path, args.data, args.reference_cache]
     stage.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
     tokenizer = policy.load_tokenizer(args.sft_path)
     rows, pairs = load_pairs(args, tokenizer)
+    if args.batch_size * world.size > len(pairs) and world.size > 1:
+        fail(f"--batch_size {args.batch_size} x {world.size} processes is more than the {len(pairs)} pairs")
     # locked, and kept across a kill: --resume continues from the state saved in it
-    tmp = stage.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
+    tmp = (stage.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
+           if world.main else None)
+    policy.barrier()
     model = policy.load_policy(args.sft_path).to(device)
-    ref_w, ref_l = shared_reference_logps(args, model, pairs, tokenizer.pad_token_id, device, autocast)
-    total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / (args.batch_size * args.grad_accum)))
-    return Run(name, out_dir, tmp, tokenizer, model, rows, pairs, ref_w, ref_l, device, autocast, total_steps,
-               policy.grad_scaler(args.precision, device))
+    forward = policy.parallel(model, sequence_logps, args.fsdp, args.gradient_checkpointing)
+    ref_w, ref_l = shared_reference_logps(args, forward, pairs, tokenizer.pad_token_id, device, autocast)
+    global_batch = args.batch_size * args.grad_accum * world.size  # pairs a step, over all processes
+    total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / global_batch))
+    return Run(name, out_dir, tmp, tokenizer, model, forward, rows, pairs, ref_w, ref_l, device, autocast,
+               total_steps, policy.grad_scaler(args.precision, device))
 
 
 def make_optimizer(args, model, total_steps):
@@ -526,9 +548,7 @@ def checkpoint_steps(args, total_steps):
 
 
 def save_checkpoint(run, step):
-    path = os.path.join(run.tmp, f"ckpt-{step}")
-    run.model.save_pretrained(path)
-    run.tokenizer.save_pretrained(path)
+    policy.save_pretrained(run.model, os.path.join(run.tmp or "", f"ckpt-{step}"), run.tokenizer)
 
 
 def micro_batch_loss(args, run, weigh, idx):
@@ -536,12 +556,16 @@ def micro_batch_loss(args, run, weigh, idx):
 
     L = mean_i(w_i * L_i) / grad_accum (METHOD.md, sections 5 and 6): L_i the DAA loss of pair i,
     w_i its weight (1 in dpo.py, an importance weight in is_dpo.py).
+    Over several processes idx is the global micro-batch: each process runs its shard of it, and the
+    per-pair log-probs of all are gathered (policy.gather_live), so that L, the weights and every logged
+    number are those of idx, as one process would compute them.
     """
     # --- the algorithm: summed log-probs, the per-pair loss, the weight ---
-    pairs = [run.pairs[i] for i in idx]
+    pairs = [run.pairs[i] for i in policy.shard(idx)]  # this process's pairs (all of them in one process)
     wpo = getattr(args, "weight", None) == "wpo"  # is_dpo.py --weight wpo: its term from the same pass
-    out = pair_logps(run.model, pairs, run.tokenizer.pad_token_id, run.device, run.autocast, args.logit_chunk,
-                     wpo=wpo)
+    out = pair_logps(run.forward, pairs, run.tokenizer.pad_token_id, run.device, run.autocast,
+                     args.logit_chunk, wpo=wpo)
+    out = [policy.gather_live(t) for t in out]  # every process's pairs, in the order of idx
     pi_w, pi_l, len_w, len_l = out[:4]
     index = torch.tensor(idx, device=run.device)
     logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": run.ref_w[index], "ref_l": run.ref_l[index],
@@ -555,18 +579,29 @@ def micro_batch_loss(args, run, weigh, idx):
 
 
 def accumulate_gradients(args, run, weigh, order, cursor):
-    """--grad_accum micro-batches, backward on each: (logged means, data order, cursor in it)."""
+    """--grad_accum micro-batches, backward on each: (logged means, data order, cursor in it). Every
+    process draws the same order; a micro-batch is --batch_size pairs for each of them. Their gradients
+    are averaged at the last micro-batch's backward only (policy.sync_gradients)."""
     logged = {}
-    for _ in range(args.grad_accum):
-        if cursor + args.batch_size > len(order):  # reshuffle every pass
+    size = args.batch_size * policy.WORLD.size  # the global micro-batch
+    for i in range(args.grad_accum):
+        if cursor + size > len(order):  # reshuffle every pass
             order, cursor = random.sample(range(len(run.pairs)), len(run.pairs)), 0
-        idx = order[cursor:cursor + args.batch_size]
-        cursor += args.batch_size
-        loss, stats = micro_batch_loss(args, run, weigh, idx)
-        run.scaler.scale(loss).backward()
+        idx = order[cursor:cursor + size]
+        cursor += size
+        with policy.sync_gradients(run.forward, now=i == args.grad_accum - 1):
+            loss, stats = micro_batch_loss(args, run, weigh, idx)
+            run.scaler.scale(loss * policy.WORLD.size).backward()  # DDP averages: policy.gather_live
         for k, v in {**stats, "loss": loss.item() * args.grad_accum}.items():
             logged[k] = logged.get(k, 0.0) + v / args.grad_accum
     return logged, order, cursor
+
+
+def write_args(args, run, method):
+    run_id = stage.read_marker(run.tmp)["run"]  # tells evaluate.py a retrained run from the old one
+    policy.save_json(os.path.join(run.tmp, "args.json"),
+                     {**dataclasses.asdict(args), "method": method, "run_name": run.name, "run_id": run_id,
+                      "total_steps": run.total_steps, "num_pairs": len(run.pairs)})
 
 
 @stage.cleans_up
@@ -575,38 +610,39 @@ def train(args, weigh=no_weights, method=None):
     method = method or method_name(args)
     run = start_run(args, method)
     optimizer, scheduler = make_optimizer(args, run.model, run.total_steps)
-    run_id = stage.read_marker(run.tmp)["run"]  # tells evaluate.py a retrained run from the old one
-    policy.save_json(os.path.join(run.tmp, "args.json"),
-                     {**dataclasses.asdict(args), "method": method, "run_name": run.name, "run_id": run_id,
-                      "total_steps": run.total_steps, "num_pairs": len(run.pairs)})
+    main = policy.WORLD.main  # writes the run's files; under torchrun the other processes only compute
+    if main:
+        write_args(args, run, method)
     save_at = checkpoint_steps(args, run.total_steps)
-    done, order, cursor = policy.restore_state(run.tmp, args, run.model, optimizer, scheduler)
+    done, order, cursor = policy.restore_state(run.tmp, args, run.model, optimizer, scheduler, run.scaler)
     if 0 in save_at and not done:
         save_checkpoint(run, 0)
-    pairs_per_step = args.batch_size * args.grad_accum
+    pairs_per_step = args.batch_size * args.grad_accum * policy.WORLD.size
     print(f"{run.name}: {len(run.pairs)} pairs, {run.total_steps} steps of {pairs_per_step} pairs, "
-          f"device {run.device}")
+          f"device {run.device}" + (f" (x {policy.WORLD.size} processes: {args.grad_accum} micro-batches of "
+                                    f"{args.batch_size} pairs each)" if policy.WORLD.size > 1 else ""))
     t0 = time.time()
-    bar = tqdm(range(done + 1, run.total_steps + 1), desc=run.name)
+    bar = tqdm(range(done + 1, run.total_steps + 1), desc=run.name, disable=not main)
     for step in bar:
         logged, order, cursor = accumulate_gradients(args, run, weigh, order, cursor)
         grad_norm = policy.optimizer_step(step, run.model, optimizer, scheduler, run.scaler, args.grad_clip,
                                           logged["loss"])
         row = {"step": step, "epoch": step * pairs_per_step / len(run.pairs), **logged,
                "grad_norm": float(grad_norm)}
-        policy.append_jsonl(os.path.join(run.tmp, "train_log.jsonl"), row)
+        if main:
+            policy.append_jsonl(os.path.join(run.tmp, "train_log.jsonl"), row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}",
                         acc=f"{row['accuracy']:.2f}")
         if step in save_at:
             save_checkpoint(run, step)
         policy.save_state(run.tmp, args, step, run.total_steps, run.model, optimizer, scheduler,
-                          order, cursor)
+                          order, cursor, run.scaler)
     policy.check_finite(run.total_steps, parameter_norm=policy.parameter_norm(run.model))
-    policy.remove_state(run.tmp)
-    stage.finish_output(run.tmp, run.out_dir)
+    if main:
+        policy.remove_state(run.tmp)
+        stage.finish_output(run.tmp, run.out_dir)
     print(f"{run.name}: done in {time.time() - t0:.0f} s -> {run.out_dir}")
     return run.out_dir
-
 
 if __name__ == "__main__":
     train(stage.parse_args(Args, __doc__))

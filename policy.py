@@ -24,7 +24,8 @@ import json
 import math
 import os
 import random
-from contextlib import nullcontext
+import sys
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -521,6 +522,8 @@ def response_hidden(base_model, batch):
     every response continues from its copy, with position ids that count real tokens only. A
     preference pair so costs one prompt instead of two (the prompt is most of a TL;DR sequence).
     """
+    if base_model.training and base_model.is_activation_checkpointing:
+        return response_hidden_whole(base_model, batch)  # checkpointed layers keep no cache
     prompt_mask, response_mask = batch["prompt_mask"], batch["response_mask"]
     k = len(response_mask) // len(prompt_mask)
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
@@ -535,6 +538,22 @@ def response_hidden(base_model, batch):
                      attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
                      position_ids=position, past_key_values=cache)
     return torch.cat([last, out.last_hidden_state], dim=1)
+
+
+def response_hidden_whole(base_model, batch):
+    """response_hidden's numbers (up to float rounding) without a KV cache: each response runs after its
+    own copy of the prompt, prompt + response as one sequence, with the same positions and mask. The path
+    of training under gradient checkpointing, where a checkpointed layer keeps no cache (HF drops it): the
+    prompt is run k times instead of once."""
+    prompt_mask, response_mask = batch["prompt_mask"], batch["response_mask"]
+    k = len(response_mask) // len(prompt_mask)
+    prompt_ids, prompt_mask = (t.repeat_interleave(k, dim=0) for t in (batch["prompt_ids"], prompt_mask))
+    position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    position = torch.cat([position, position[:, -1:] + 1 + torch.arange(response_mask.shape[1],
+                                                                         device=position.device)], dim=1)
+    out = base_model(input_ids=torch.cat([prompt_ids, batch["response_ids"]], dim=1),
+                     attention_mask=torch.cat([prompt_mask, response_mask], dim=1), position_ids=position)
+    return out.last_hidden_state[:, prompt_ids.shape[1] - 1:]  # the prompt's last column, then the response
 
 
 def to_device(batch, device):
@@ -728,6 +747,7 @@ def optimizer_step(step, model, optimizer, scheduler, scaler, grad_clip, loss):
     scale. Returns the gradient norm (before clipping)."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP's
     check_finite(step, loss=loss, **({} if scaler.is_enabled() else {"grad_norm": grad_norm}))
     scaler.step(optimizer)
     scaler.update()
@@ -798,7 +818,8 @@ def check_finite(step, **values):
 
 def parameter_norm(model):
     """The norm of all weights, checked finite when training ends: no loss checks the last update."""
-    return torch.sqrt(sum(p.detach().float().pow(2).sum() for p in model.parameters()))
+    squares = sum(p.detach().float().pow(2).sum() for p in model.parameters())
+    return torch.sqrt(squares.full_tensor() if hasattr(squares, "full_tensor") else squares)  # FSDP's shards
 
 
 
@@ -812,12 +833,13 @@ def _settings(args):
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
 
 
-def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor):
+def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler=None):
     """Every --save_every steps (but the last of `total`), all that the loop needs to go on after `step`
-    exactly as if never stopped: weights, optimizer moments, schedule, random generators, the data order
-    and the place in it, and how much of train_log.jsonl is written. Written aside and renamed: a kill
-    leaves this state or the one before."""
-    if not args.save_every or step % args.save_every or step == total:
+    exactly as if never stopped: weights, optimizer moments, schedule, fp16's loss scale (the scaler's),
+    random generators, the data order and the place in it, and how much of train_log.jsonl is written.
+    Written aside and renamed: a kill leaves this state or the one before. Over several processes nothing
+    is saved (--resume is one process's: join_processes)."""
+    if WORLD.size > 1 or not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
     state = {"step": step, "order": order, "cursor": cursor, "settings": _settings(args),
@@ -828,6 +850,8 @@ def save_state(work, args, step, total, model, optimizer, scheduler, order, curs
                      "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
                      "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
     try:
         torch.save(state, os.path.join(work, "state.pt.tmp"))
     except RuntimeError as e:  # torch reports a full disk so; an OSError ends the run in one line
@@ -842,9 +866,11 @@ def remove_state(work):
             os.remove(os.path.join(work, name))
 
 
-def restore_state(work, args, model, optimizer, scheduler):
+def restore_state(work, args, model, optimizer, scheduler, scaler=None):
     """(last step done, data order, cursor): from the saved state of an interrupted run if `work` holds
     one (weights, optimizer, schedule and random generators are restored in place), else (0, [], 0)."""
+    if WORLD.size > 1:  # --resume is refused over several processes (join_processes)
+        return 0, [], 0
     path = os.path.join(work, "state.pt")
     if not os.path.exists(path):
         return 0, [], 0
@@ -860,6 +886,8 @@ def restore_state(work, args, model, optimizer, scheduler):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
@@ -906,7 +934,17 @@ def init_distributed():
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         WORLD = World(torch.distributed.get_rank(), size, local_rank)
+        if not WORLD.main:  # one copy of every printed line: the main process's (errors still show)
+            sys.stdout = open(os.devnull, "w")
     return WORLD
+
+
+def join_processes(args):
+    """init_distributed() for a training stage. --resume is refused over several processes: the saved
+    state (save_state) is one process's."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.resume:
+        fail("--resume works in one process only: restart the run from its beginning")
+    return init_distributed()
 
 
 def shard(items):
@@ -941,3 +979,119 @@ def mean_over_processes(value):
     torch.distributed.all_reduce(t)
     t /= WORLD.size
     return t.item() if not torch.is_tensor(value) else t.to(value.device, value.dtype)
+
+
+def gather_live(mine):
+    """Every process's [B, ...] tensor, in shard() order, on every process: [N * B, ...] -- the inverse of
+    shard() for tensors (every process must hold the same B).
+
+    The other processes' entries arrive as constants (all_gather carries no gradient); this process's own
+    entries are `mine` itself, gradient included. So a loss F computed from the gathered tensors is the
+    same number on every process, and each process differentiates F through its own entries only: the
+    chain rule's sum over entries, split by process. Summed over the processes, those gradients are F's
+    whole gradient; DDP averages them instead, so a loop backpropagates WORLD.size * F. This holds for any
+    F -- a mean, a self-normalised weight, a statistic of the whole global micro-batch.
+    """
+    if WORLD.size == 1:
+        return mine
+    parts = [torch.empty_like(mine) for _ in range(WORLD.size)]
+    torch.distributed.all_gather(parts, mine.detach().contiguous())
+    parts[WORLD.rank] = mine
+    return torch.stack(parts, dim=1).reshape(-1, *mine.shape[1:])  # entry j * N + r: process r's j-th
+
+
+def mean_over_batch(mean, count):
+    """The mean over the global micro-batch of what each process averaged over its own `count` items
+    (SFT's tokens: the processes hold different numbers of them); `mean` itself in one process."""
+    if WORLD.size == 1:
+        return mean
+    count = torch.as_tensor(count, dtype=mean.dtype, device=mean.device).reshape(1)
+    return gather_live((mean * count).reshape(1)).sum() / gather_live(count).sum()
+
+
+class Forward(torch.nn.Module):
+    """fn(model, *inputs) as the forward of a module: the module DDP and FSDP wrap.
+
+    Both act through a module's forward: DDP prepares its gradient sync there, FSDP gathers the sharded
+    weights there. A loss that reads model.base_model and the output layer's weight directly (the fused
+    log-prob gather, the reward head on chosen positions) would pass by both; as this module's forward,
+    it goes through them."""
+
+    def __init__(self, fn, model):
+        super().__init__()
+        self.fn, self.model = fn, model
+
+    def forward(self, *inputs, **kwargs):
+        return self.fn(self.model, *inputs, **kwargs)
+
+
+def parallel(model, fn, fsdp=False, gradient_checkpointing=False):
+    """The module a training loop calls for fn(model, ...): Forward(fn, model) in one process; over
+    several, wrapped in DDP (gradients averaged over the processes in backward) or, with fsdp, every
+    transformer layer and the whole sharded by FSDP (torch's fully_shard: each process holds 1/N of every
+    weight and gathers a layer's weights just before it runs). gradient_checkpointing: the layers keep
+    no activations for backward and recompute them (response_hidden then runs prompt + response whole)."""
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    module = Forward(fn, model)
+    if WORLD.size == 1:
+        return module
+    if fsdp:  # its train_log departs from one process's from step 2 on (final_layer_norm's gradient): refused
+        fail("--fsdp is not ready: its runs do not yet equal one process's (use DDP, the default)")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+            fully_shard(layer)
+        return fully_shard(module)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[WORLD.local_rank] if torch.cuda.is_available() else None, broadcast_buffers=False)
+
+
+def unwrap(module):
+    """The model inside parallel()'s module (or the model itself)."""
+    module = getattr(module, "module", module)  # DDP's
+    return module.model if isinstance(module, Forward) else module
+
+
+def apply(fn, model, *inputs, **kwargs):
+    """fn(model, ...), for a plain model or for parallel()'s module made of fn (then through its forward)."""
+    if model is unwrap(model):
+        return fn(model, *inputs, **kwargs)
+    if getattr(model, "module", model).fn is not fn:
+        raise ValueError(f"this module computes {getattr(model, 'module', model).fn.__name__}, "
+                         f"not {fn.__name__}")
+    return model(*inputs, **kwargs)
+
+
+@contextmanager
+def sync_gradients(module, now):
+    """Around a micro-batch's forward and backward: the processes average their gradients only when `now`
+    (the last micro-batch of a step); before it, each accumulates its own (DDP's no_sync, FSDP's
+    set_requires_gradient_sync). Nothing to do in one process."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not now:
+        with module.no_sync():
+            yield
+        return
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP
+        module.set_requires_gradient_sync(now)
+    yield
+
+
+def is_sharded(model):
+    """Are model's weights sharded over the processes (parallel(..., fsdp=True))?"""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def save_pretrained(model, path, tokenizer=None):
+    """model.save_pretrained(path) (and the tokenizer's), by the main process only. Sharded weights are
+    gathered first, as one full state dict on the CPU of the main process (every process takes part)."""
+    state = None
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if WORLD.main:
+        model.save_pretrained(path, **({} if state is None else {"state_dict": state}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+

@@ -88,6 +88,10 @@ class Args:
         "help": "output dir; default out/gold_rm (train) or out/prefs (label)"})
     resume: bool = field(default=False, metadata={"help": "train: continue an interrupted run"})
     save_every: int = field(default=50, metadata={"help": "train: steps between states saved for --resume"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "train, under torchrun: shard every weight over the processes (FSDP) instead of copying it"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "train: recompute each layer's activations in backward instead of keeping them"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +147,8 @@ def score_examples(model, examples, pad_id, batch_size, device, autocast, k=1, d
     rows = batch_size * k
     for start in tqdm(range(0, len(examples), rows), desc=desc, leave=False, disable=desc is None):
         batch = policy.to_device(policy.collate_grouped(examples[start:start + rows], pad_id, k), device)
-        with autocast:
-            scores += reward_scores(model, batch).tolist()
+        with autocast:  # model: the reward model, or policy.parallel's module of it
+            scores += policy.apply(reward_scores, model, batch).tolist()
     return scores
 
 
@@ -184,31 +188,37 @@ def load_human_pairs(args):
 
 
 def train_steps(args, tmp, model, train_pairs, pad_id, device, autocast):
-    """The Bradley-Terry loop, continued from the state saved in tmp if any."""
+    """The Bradley-Terry loop, continued from the state saved in tmp if any. model: policy.parallel's
+    module, whose forward is reward_scores. Under torchrun every process draws the same order, scores its
+    shard of each global micro-batch (--batch_size pairs a process), and all the scores are gathered."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = policy.lr_schedule(optimizer, args.warmup_steps, args.steps, min_lr_ratio=args.min_lr_ratio)
-    done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler)
     scaler = policy.grad_scaler(args.precision, device)
-    bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm")
+    done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler, scaler)
+    size = args.batch_size * policy.WORLD.size  # the global micro-batch
+    bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm", disable=not policy.WORLD.main)
     for step in bar:
-        for _ in range(args.grad_accum):
-            if cursor + args.batch_size > len(order):
+        for i in range(args.grad_accum):
+            if cursor + size > len(order):
                 order, cursor = random.sample(range(len(train_pairs)), len(train_pairs)), 0
-            batch_pairs = [train_pairs[i] for i in order[cursor:cursor + args.batch_size]]
+            batch_pairs = [train_pairs[j] for j in policy.shard(order[cursor:cursor + size])]
             batch = policy.to_device(pair_batch(batch_pairs, pad_id), device)
-            cursor += args.batch_size
-            # --- the algorithm: -log sigmoid(r(x, y_w) - r(x, y_l)) ---
-            with autocast:
-                r = reward_scores(model, batch)
-            r_chosen, r_rejected = r[0::2], r[1::2]
-            loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
-            scaler.scale(loss).backward()
+            cursor += size
+            with policy.sync_gradients(model, now=i == args.grad_accum - 1):
+                # --- the algorithm: -log sigmoid(r(x, y_w) - r(x, y_l)) ---
+                with autocast:
+                    r = model(batch)  # reward_scores(the reward model, batch)
+                r = policy.gather_live(r.view(-1, 2)).view(-1)  # every process's pairs (DDP: gather_live)
+                r_chosen, r_rejected = r[0::2], r[1::2]
+                loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
+                scaler.scale(loss * policy.WORLD.size).backward()
         policy.optimizer_step(step, model, optimizer, scheduler, scaler, args.grad_clip, loss)
         accuracy = (r_chosen > r_rejected).float().mean().item()
-        policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"),
-                            {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
+        if policy.WORLD.main:
+            policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"),
+                                {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
         bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
-        policy.save_state(tmp, args, step, args.steps, model, optimizer, scheduler, order, cursor)
+        policy.save_state(tmp, args, step, args.steps, model, optimizer, scheduler, order, cursor, scaler)
     policy.check_finite(args.steps, parameter_norm=policy.parameter_norm(model))
 
 
@@ -232,19 +242,23 @@ def train(args, device, autocast):
     stage.check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "val_size"),
                      non_negative=("warmup_steps", "save_every"))
     stage.check_output(args.out_dir, "reward train", [args.sft_path, args.data])
+    main_process = policy.WORLD.main  # under torchrun, the one that writes the files
     tokenizer, train_pairs, val_pairs, val_rows = load_human_pairs(args)
     model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
     model.train()
     tmp = stage.start_output(args.out_dir, "reward train", [args.sft_path, args.data], resumable=True,
-                             resume=args.resume)
+                             resume=args.resume) if main_process else None
+    policy.barrier()
+    forward = policy.parallel(model, reward_scores, args.fsdp, args.gradient_checkpointing)
     t0 = time.time()
-    train_steps(args, tmp, model, train_pairs, tokenizer.pad_token_id, device, autocast)
+    train_steps(args, tmp, forward, train_pairs, tokenizer.pad_token_id, device, autocast)
     seconds = time.time() - t0
     pad = tokenizer.pad_token_id
-    validation = validation_metrics(args, model, val_pairs, val_rows, pad, device, autocast)
+    validation = validation_metrics(args, forward, val_pairs, val_rows, pad, device, autocast)
     metrics = {"train_seconds": seconds, **validation}
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    policy.save_pretrained(model, tmp, tokenizer)
+    if not main_process:
+        return
     policy.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
     policy.save_json(os.path.join(tmp, "metrics.json"), metrics)
     policy.remove_state(tmp)
@@ -415,10 +429,13 @@ def main(args):
     args.out_dir = args.out_dir or ("out/gold_rm" if args.mode == "train" else "out/prefs")
     if not os.path.isdir(args.sft_path):
         fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
+    if args.mode == "train":  # under torchrun: join the other processes (policy.py, section 8)
+        policy.join_processes(args)  # (--resume is for one process only)
+    else:
+        policy.init_distributed()
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    policy.init_distributed()  # under torchrun: join the other processes (policy.py, section 8)
     device, autocast = policy.device_and_autocast(args.precision)
     (train if args.mode == "train" else label)(args, device, autocast)
 

@@ -194,6 +194,7 @@ class Run:
 
 
 def validate(args):
+    stage.one_process_only("an online method (rloo.py, online_dpo.py)")
     stage.check_args(args, positive=("num_prompts", "steps", "prompts_per_step", "lr", "grad_clip", "beta",
                                    "logit_chunk", "max_prompt_len", "max_response_len"),
                      non_negative=("warmup_steps", "num_checkpoints", "missing_eos_penalty"))

@@ -24,6 +24,12 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+def one_process_only(what):
+    """Refuse to run `what` as several processes (torchrun --nproc_per_node N): it does not split its work."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail(f"{what} runs in one process: start it with python, not with torchrun and several processes")
+
+
 def parse_args(config_class, doc):
     """Flags from a config dataclass (every field's help and default show in --help), doc on top.
 

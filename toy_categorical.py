@@ -371,6 +371,7 @@ def run_all(world, runs, args, desc="toy_categorical runs"):
 
 @stage.cleans_up
 def main(args):
+    stage.one_process_only("toy_categorical.py")
     runs = check(args)
     if args.threads:
         torch.set_num_threads(args.threads)

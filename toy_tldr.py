@@ -27,7 +27,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from stage import check_args, check_output, cleans_up, finish_output, parse_args, start_output
+from stage import (check_args, check_output, cleans_up, finish_output, one_process_only, parse_args,
+                   start_output)
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -302,6 +303,7 @@ def make_world(args):
 
 @cleans_up
 def main(args):
+    one_process_only("toy_tldr.py")
     check_args(args, positive=("num_sft", "num_human_pairs", "num_eval", "bt_temperature"))
     check_output(args.out_dir, "toy_tldr")
     sft, human, evals = make_world(args)
