@@ -48,17 +48,30 @@ SEEDS=${SEEDS:-"1 2 3"}
 LOG_W_MAX=${LOG_W_MAX:-2.0}
 NUM_CHECKPOINTS=${NUM_CHECKPOINTS:-10}
 
-train() {  # a training stage: one process, or NPROC under torchrun
-  if [ "$NPROC" -gt 1 ]; then torchrun --nproc_per_node "$NPROC" "$@"; else "$PYTHON" "$@"; fi
+run() {  # a stage: one process, or NPROC processes under torchrun (one a GPU: policy.py, section 8)
+  if [ "$NPROC" -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
 }
+# --batch_size is one process's micro-batch: with NPROC processes a step keeps BATCH x ACCUM examples by
+# giving each process ACCUM / NPROC micro-batches
+for name in SFT_ACCUM DAA_ACCUM; do
+  if (( ${!name} % NPROC )); then
+    echo "error: $name=${!name} is not a multiple of NPROC=$NPROC" >&2
+    exit 2
+  fi
+done
 todo() { [ ! -e "$1" ] || { echo "== $1 exists, skipped"; return 1; }; }
 OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "$GRAD_CLIP")
 
 # 1. SFT: the assistant turns of UltraChat's conversations, through the chat template
-todo "$OUT/sft" && train sft.py --model_name_or_path "$MODEL" --data "$ULTRACHAT" --split train_sft \
+todo "$OUT/sft" && run sft.py --model_name_or_path "$MODEL" --data "$ULTRACHAT" --split train_sft \
   --completion_column messages ${CHAT_TEMPLATE:+--chat_template "$CHAT_TEMPLATE"} \
   --max_prompt_len "$SFT_PROMPT_LEN" --max_response_len "$SFT_RESPONSE_LEN" --truncate_prompts \
-  --lr "$SFT_LR" "${OPT[@]}" --batch_size "$SFT_BATCH" --grad_accum "$SFT_ACCUM" --steps "$SFT_STEPS" \
+  --lr "$SFT_LR" "${OPT[@]}" --batch_size "$SFT_BATCH" --grad_accum "$(($SFT_ACCUM / NPROC))" \
+  --steps "$SFT_STEPS" \
   --val_size "$SFT_VAL" --out_dir "$OUT/sft"
 
 # 2. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) on UltraFeedback's own chosen / rejected pairs
@@ -67,12 +80,12 @@ for beta in $BETAS; do
     common=(--sft_path "$OUT/sft" --data "$ULTRAFEEDBACK" --split train_prefs --chosen_column chosen
             --rejected_column rejected --max_prompt_len "$DAA_PROMPT_LEN"
             --max_response_len "$DAA_RESPONSE_LEN" --truncate_prompts --beta "$beta" --seed "$seed"
-            --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$DAA_ACCUM"
+            --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$(($DAA_ACCUM / NPROC))"
             --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS"
             --runs_dir "$OUT/runs" --reference_cache "$OUT/ref_cache")
-    todo "$OUT/runs/dpo_beta${beta}_seed$seed" && train dpo.py "${common[@]}" \
+    todo "$OUT/runs/dpo_beta${beta}_seed$seed" && run dpo.py "${common[@]}" \
       --run_name "dpo_beta${beta}_seed$seed"
-    todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && train is_dpo.py "${common[@]}" --weight clipped \
+    todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && run is_dpo.py "${common[@]}" --weight clipped \
       --log_w_max "$LOG_W_MAX" --run_name "is-dpo_beta${beta}_seed$seed"
   done
 done

@@ -9,7 +9,7 @@
 # table and the defaults here agree.
 #
 #   bash recipes/pythia_tldr.sh                          # needs a GPU machine with the hub (or local copies)
-#   NPROC=8 OUT=out/pythia bash recipes/pythia_tldr.sh   # the training stages under torchrun, 8 processes
+#   NPROC=8 OUT=out/pythia bash recipes/pythia_tldr.sh   # every stage but the data's under torchrun
 #   MODEL=/models/pythia-1b GOLD_MODEL=/models/pythia-6.9b TLDR=/data/tldr TLDR_PREF=/data/tldr-preference ...
 #
 # Every size is an environment variable (the test runs this file end to end at a tiny size on the CPU).
@@ -67,9 +67,21 @@ mkdir -p "$DATA"
 LENS=(--max_prompt_len "$MAX_PROMPT_LEN" --max_response_len "$MAX_RESPONSE_LEN")
 OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "$GRAD_CLIP")
 
-train() {  # a training stage: one process, or NPROC under torchrun
-  if [ "$NPROC" -gt 1 ]; then torchrun --nproc_per_node "$NPROC" "$@"; else "$PYTHON" "$@"; fi
+run() {  # a stage: one process, or NPROC processes under torchrun (one a GPU: policy.py, section 8)
+  if [ "$NPROC" -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
 }
+# --batch_size is one process's micro-batch: with NPROC processes a step keeps BATCH x ACCUM examples by
+# giving each process ACCUM / NPROC micro-batches
+for name in SFT_ACCUM RM_ACCUM DAA_ACCUM; do
+  if (( ${!name} % NPROC )); then
+    echo "error: $name=${!name} is not a multiple of NPROC=$NPROC" >&2
+    exit 2
+  fi
+done
 todo() { [ ! -e "$1" ] || { echo "== $1 exists, skipped"; return 1; }; }
 
 # 0. data: prompts cut at paragraph level to MAX_PROMPT_LEN tokens of the policy's tokenizer (App. D)
@@ -82,18 +94,19 @@ done
 # 1. SFT of the policy (pi_ref) and of the gold RM's base, on the reference summaries
 for spec in "$MODEL sft" "$GOLD_MODEL gold_sft"; do  # not stated: the gold RM's start (we: its own SFT)
   read -r model name <<< "$spec"
-  todo "$OUT/$name" && train sft.py --model_name_or_path "$model" --data "$DATA/tldr_train.jsonl" \
-    "${LENS[@]}" --lr "$SFT_LR" "${OPT[@]}" --batch_size "$SFT_BATCH" --grad_accum "$SFT_ACCUM" \
+  todo "$OUT/$name" && run sft.py --model_name_or_path "$model" --data "$DATA/tldr_train.jsonl" \
+    "${LENS[@]}" --lr "$SFT_LR" "${OPT[@]}" --batch_size "$SFT_BATCH" \
+    --grad_accum "$(($SFT_ACCUM / NPROC))" \
     --steps "$SFT_STEPS" --val_size "$SFT_VAL" --out_dir "$OUT/$name"
 done
 
 # 2. the gold reward model (Bradley-Terry) on the human pairs
-todo "$OUT/gold_rm" && train reward.py --mode train --sft_path "$OUT/gold_sft" \
+todo "$OUT/gold_rm" && run reward.py --mode train --sft_path "$OUT/gold_sft" \
   --data "$DATA/tldr_pref_train.jsonl" "${LENS[@]}" --lr "$RM_LR" "${OPT[@]}" --batch_size "$RM_BATCH" \
-  --grad_accum "$RM_ACCUM" --steps "$RM_STEPS" --val_size "$RM_VAL" --out_dir "$OUT/gold_rm"
+  --grad_accum "$(($RM_ACCUM / NPROC))" --steps "$RM_STEPS" --val_size "$RM_VAL" --out_dir "$OUT/gold_rm"
 
 # 3. two pi_ref samples per training prompt, labelled by the gold RM (argmax; ties and unfinished dropped)
-todo "$OUT/prefs" && "$PYTHON" reward.py --mode label --judge rm --sft_path "$OUT/sft" \
+todo "$OUT/prefs" && run reward.py --mode label --judge rm --sft_path "$OUT/sft" \
   --gold_path "$OUT/gold_rm" --data "$DATA/tldr_train.jsonl" "${LENS[@]}" --num_prompts "$LABEL_PROMPTS" \
   --temperature "$LABEL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" --out_dir "$OUT/prefs"
 
@@ -101,18 +114,18 @@ todo "$OUT/prefs" && "$PYTHON" reward.py --mode label --judge rm --sft_path "$OU
 for beta in $BETAS; do
   for seed in $SEEDS; do
     common=(--sft_path "$OUT/sft" --data "$OUT/prefs" "${LENS[@]}" --beta "$beta" --seed "$seed"
-            --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$DAA_ACCUM"
+            --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$(($DAA_ACCUM / NPROC))"
             --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs"
             --reference_cache "$OUT/ref_cache")
-    todo "$OUT/runs/dpo_beta${beta}_seed$seed" && train dpo.py "${common[@]}" \
+    todo "$OUT/runs/dpo_beta${beta}_seed$seed" && run dpo.py "${common[@]}" \
       --run_name "dpo_beta${beta}_seed$seed"
-    todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && train is_dpo.py "${common[@]}" --weight clipped \
+    todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && run is_dpo.py "${common[@]}" --weight clipped \
       --log_w_max "$LOG_W_MAX" --run_name "is-dpo_beta${beta}_seed$seed"
   done
 done
 
 # 5. gold win-rate against the reference summaries, and KL to pi_ref, of every checkpoint
-"$PYTHON" evaluate.py --runs "$OUT/runs/*" --data "$DATA/tldr_test.jsonl" --reference_column completion \
+run evaluate.py --runs "$OUT/runs/*" --data "$DATA/tldr_test.jsonl" --reference_column completion \
   --judge rm --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" \
   --temperature "$EVAL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
   --out_dir "$OUT/eval" --plots_dir "$OUT/plots"

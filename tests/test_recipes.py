@@ -269,6 +269,29 @@ def test_pythia_recipe_runs_end_to_end_on_standins(standins, tmp_path):
     assert rc == 0 and [a[0] for a in ran] == ["evaluate.py"] and "sft exists, skipped" in stdout
 
 
+@pytest.mark.parametrize("script", ["pythia_tldr.sh", "llama3_ultrafeedback.sh"])
+def test_nproc_launches_torchrun_and_keeps_the_examples_per_step(script, tmp_path):
+    """NPROC=2: every stage but the data preparation starts under torchrun with half the accumulation (a
+    step keeps BATCH x ACCUM examples: --batch_size is one process's); NPROC=3 with ACCUM 8: one error line.
+    The stages are not run: $PYTHON is a stand-in that writes down its command line."""
+    log, fake = tmp_path / "commands", tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "SEEDS": "1", "BETAS": "0.1"}
+    done = subprocess.run(["bash", str(ROOT / "recipes" / script)], env={**env, "NPROC": "2"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    stages = [line for line in log.read_text().splitlines() if "prepare_tldr" not in line]
+    assert len(stages) >= 3
+    launcher = "-m torch.distributed.run --standalone --nproc_per_node 2 "
+    assert all(line.startswith(launcher) for line in stages), stages
+    assert all(re.search(r"--grad_accum 4 ", line) for line in stages if "--grad_accum" in line)
+    assert sum("--grad_accum" in line for line in stages) >= 3
+    done = subprocess.run(["bash", str(ROOT / "recipes" / script)], env={**env, "NPROC": "3"},
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "NPROC=3" in done.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # the table and the script cannot drift apart
 
