@@ -644,5 +644,6 @@ def train(args, weigh=no_weights, method=None):
     print(f"{run.name}: done in {time.time() - t0:.0f} s -> {run.out_dir}")
     return run.out_dir
 
+
 if __name__ == "__main__":
     train(stage.parse_args(Args, __doc__))
