@@ -153,11 +153,10 @@ def main(args):
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
     if not math.isfinite(args.log_w_max):
         fail(f"--log_w_max must be finite, got {args.log_w_max}")
-    if args.behaviour_logps:
-        rows = policy.load_rows(args.data, "train.jsonl", args.split,
-                                 {"b_w": args.behaviour_chosen_column, "b_l": args.behaviour_rejected_column},
-                                 numeric=("b_w", "b_l"))
-        del rows  # only checks that the columns exist and hold finite numbers, with a clear error if not
+    if args.behaviour_logps:  # the columns must exist and hold finite numbers: a clear error now if not
+        policy.load_rows(args.data, "train.jsonl", args.split,
+                         {"b_w": args.behaviour_chosen_column, "b_l": args.behaviour_rejected_column},
+                         numeric=("b_w", "b_l"))
     return dpo.train(args, weigh=importance_weights, method=method_name(args))
 
 

@@ -19,7 +19,7 @@ import policy
 import reward
 import sft
 import toy_tldr
-from test_toy_tldr import TINY_MODEL, cli_env
+from test_toy_tldr import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPERATURE = 0.8  # not 1: the behaviour log-prob must be of the tempered distribution
