@@ -23,16 +23,6 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import prepare_tldr  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def fresh_datasets_cache(tmp_path, monkeypatch):
-    """The datasets library caches a local snapshot by its path: a pytest directory of an earlier session
-    at the same path would hand back that session's rows."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-
-
 # ----------------------------------------------------------------------------------------------
 # the schedule
 
