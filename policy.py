@@ -81,8 +81,7 @@ def load_rows(source, filename, split, columns, numeric=(), token_ids=()):
         rows = read_jsonl(source)
         names = list(rows[0]) if rows else []
     else:
-        data = load_dataset(source, split)
-        rows, names = data.to_list(), data.column_names
+        rows, names = load_dataset(source, split)
     if not rows:
         fail(f"{source} has no rows")
     implicit = columns.get("prompt") not in names and len(columns) > 1 and all(
@@ -206,9 +205,15 @@ def is_snapshot(directory, filename):
 
 
 def load_dataset(source, split):
-    """A local .json/.parquet file, a glob of shards, a local snapshot directory or a hub data set, through
-    the datasets library (a snapshot directory and a hub id the same way: its split by the file names or
-    its README's configs)."""
+    """(rows, column names) of a local .json/.jsonl/.parquet file, a glob of shards, a local snapshot
+    directory or a hub data set.
+
+    Local files are read as they are now, never through the datasets library's cache: that cache knows a
+    local file by its path and modification time only, so a file replaced at the same path by one with the
+    same mtime (cp -p, rsync -a, tar -x or unzip of another version of the data) would hand back the rows
+    of the old one. A snapshot directory's split is found as the hub finds it (its README's configs, else
+    the file names) by datasets.load_dataset_builder, which reads no rows; we read its files. A hub id goes
+    through datasets.load_dataset, whose cache is keyed by the hub's revision and cannot go stale."""
     import datasets
 
     if has_glob(source) or source.endswith((".json", ".jsonl", ".parquet")):
@@ -219,18 +224,57 @@ def load_dataset(source, split):
                  for f in files}
         if kinds not in ({"parquet"}, {"json"}):
             fail(f"{source}: expected .json/.jsonl or .parquet files of one kind, got {files[:3]}")
-        kind = kinds.pop()
-        try:
-            return datasets.load_dataset(kind, data_files=files, split="train")
-        except Exception as e:  # an empty or malformed file ends here, not in a traceback
-            fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} "
-                 f"{str(e)[:200]}".strip())
+        return read_files(source, files, kinds.pop())
     if os.path.exists(source) and not os.path.isdir(source):
         fail(f"{source}: expected a directory or a .json/.jsonl/.parquet file")
     try:
-        return datasets.load_dataset(source, split=split)
+        if not os.path.isdir(source):
+            data = datasets.load_dataset(source, split=split)
+            return data.to_list(), data.column_names
+        builder = datasets.load_dataset_builder(source)
     except Exception as e:  # offline, unknown id, unknown split: all end here
         fail(f"could not load dataset {source!r} split {split!r}: {type(e).__name__}: {str(e)[:200]}")
+    splits = builder.config.data_files or {}
+    if split not in splits:
+        fail(f"could not load dataset {source!r} split {split!r}: it has the splits {sorted(splits)}")
+    return read_files(source, list(splits[split]), builder.name)
+
+
+def read_files(source, files, kind):
+    """(rows, column names) of data files of one kind (parquet, json: JSON lines or one array of objects,
+    csv, arrow), read with pyarrow or json, in order; a file that cannot be read is refused."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    rows, names = [], None
+    for path in files:
+        try:
+            if kind == "json":
+                with open(path, encoding="utf-8") as f:
+                    array = f.read(1024).lstrip().startswith("[")
+                    f.seek(0)
+                    table = json.load(f) if array else read_jsonl(path)
+                if not all(isinstance(r, dict) for r in table):
+                    fail(f"{path} is not a JSON array of objects")
+                names = names or (list(table[0]) if table else None)
+                rows += table
+                continue
+            if kind == "parquet":
+                table = pa.parquet.read_table(path)
+            elif kind == "csv":
+                table = pa.csv.read_csv(path)
+            elif kind == "arrow":
+                with pa.memory_map(path) as f:
+                    table = pa.ipc.open_stream(f).read_all()
+            else:
+                fail(f"{source}: data files of kind {kind!r}; expected parquet, json, csv or arrow")
+        except (pa.ArrowException, OSError, ValueError) as e:  # empty, truncated, not of its kind
+            fail(f"could not read rows from {source} (empty, or not valid {kind}?): {type(e).__name__} "
+                 f"{str(e)[:200]}".strip())
+        names = names or table.column_names
+        rows += table.to_pylist()
+    return rows, names or []
 
 
 def is_toy(data):

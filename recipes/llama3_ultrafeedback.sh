@@ -4,12 +4,13 @@
 # UltraFeedback pairs themselves (offline: no gold RM, no relabelling).
 #
 #   bash recipes/llama3_ultrafeedback.sh                      # a GPU machine with the hub (or local copies)
-#   NPROC=8 CHAT_TEMPLATE=recipes/llama3.jinja bash recipes/llama3_ultrafeedback.sh
+#   NPROC=8 bash recipes/llama3_ultrafeedback.sh              # the training stages under torchrun
 #
-# Conversational data: the stages read message lists (columns `messages`, `chosen`, `rejected`) through the
-# tokenizer's chat template; a base model ships none, so CHAT_TEMPLATE (a .jinja file) gives one to sft.py,
-# which saves it with pi_ref's tokenizer for the later stages. This recipe's end-to-end test comes with the
-# conversational-data support (tests/test_recipes.py checks its values against recipes/README.md now).
+# Conversational data: the stages read message lists (columns `messages`, `chosen`, `rejected`) through a chat
+# template. A base model ships none, so CHAT_TEMPLATE (a .jinja file; default recipes/llama3.jinja, the
+# Llama-3-Instruct format) gives one to sft.py, which saves it with pi_ref's tokenizer, its <|eot_id|> as EOS,
+# for the later stages. It replaces any template the model's tokenizer has: CHAT_TEMPLATE= (empty) keeps the
+# model's own instead. tests/test_recipes.py runs this script end to end on stand-ins.
 #
 # Not in this recipe: the paper evaluates on AlpacaEval 2, Arena-Hard and MT-Bench, whose judges are GPT-4
 # models behind an API; run their own harnesses on the checkpoints in $OUT/runs/*/ckpt-*.
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-meta-llama/Llama-3.2-3B}
 ULTRACHAT=${ULTRACHAT:-HuggingFaceH4/ultrachat_200k}
 ULTRAFEEDBACK=${ULTRAFEEDBACK:-HuggingFaceH4/ultrafeedback_binarized}
-CHAT_TEMPLATE=${CHAT_TEMPLATE:-}
+CHAT_TEMPLATE=${CHAT_TEMPLATE-recipes/llama3.jinja}   # '-', not ':-': set empty, it is empty
 OUT=${OUT:-out/llama3_ultrafeedback}
 NPROC=${NPROC:-1}
 PYTHON=${PYTHON:-python}

@@ -109,23 +109,12 @@ def trl_feedback_rows(convs):
             for m, other in convs]
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    """The data sets, and a tiny base Llama (no chat template) in bfloat16 whose replies end soon: the
-    residual stream's channel 0 is a constant that the output layer reads as a bias toward <|eot_id|>."""
+def save_tiny_llama(directory, texts):
+    """A tiny base Llama (no chat template) saved in bfloat16 with a tokenizer trained on `texts`, whose
+    replies end soon: the residual stream's channel 0 is a constant that the output layer reads as a bias
+    toward <|eot_id|>. Its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("chat")
-    train, test = conversations(0, 40), conversations(1, 8)
-    chats = train + conversations(2, 8, turns=2)
-    write_snapshot(root / "ultrachat_200k",
-                   {"train_sft": ultrachat_rows(chats), "test_sft": ultrachat_rows(test)})
-    write_snapshot(root / "ultrafeedback_binarized", {"train_prefs": h4_feedback_rows(train),
-                                                      "test_prefs": h4_feedback_rows(test)})
-    import datasets
-    datasets.Dataset.from_list(trl_feedback_rows(train)).to_parquet(str(root / "trl_feedback.parquet"))
-    (root / "llama3.jinja").write_text(TEMPLATE)
-    texts = [m["content"] for c, o in train for m in c + [o]]
     tokenizer = build_llama3_tokenizer(texts + [BOT + HEAD[0] + "user assistant system" + HEAD[1] + "\n\n"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
@@ -141,8 +130,25 @@ def standin(tmp_path_factory):
             layer.mlp.down_proj.weight[0] = 0.0
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[eot, 0] = 0.6
-    model.to(torch.bfloat16).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    model.to(torch.bfloat16).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """The data sets, and the tiny base Llama (save_tiny_llama)."""
+    root = tmp_path_factory.mktemp("chat")
+    train, test = conversations(0, 40), conversations(1, 8)
+    chats = train + conversations(2, 8, turns=2)
+    write_snapshot(root / "ultrachat_200k",
+                   {"train_sft": ultrachat_rows(chats), "test_sft": ultrachat_rows(test)})
+    write_snapshot(root / "ultrafeedback_binarized", {"train_prefs": h4_feedback_rows(train),
+                                                      "test_prefs": h4_feedback_rows(test)})
+    import datasets
+    datasets.Dataset.from_list(trl_feedback_rows(train)).to_parquet(str(root / "trl_feedback.parquet"))
+    (root / "llama3.jinja").write_text(TEMPLATE)
+    save_tiny_llama(root / "base", [m["content"] for c, o in train for m in c + [o]])
     return root
 
 

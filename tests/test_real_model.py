@@ -99,6 +99,40 @@ def test_a_snapshot_directory_and_shard_globs_load_like_a_hub_id(standins):
         policy.load_rows(str(standins / "tldr-preference"), "train.jsonl", "test", {"prompt": "prompt"})
 
 
+def test_a_local_file_rewritten_at_the_same_path_and_mtime_gives_its_new_rows(tmp_path, monkeypatch):
+    """The datasets library's cache knows a local file by its path and mtime: a file replaced by another
+    version with the same mtime (cp -p, rsync -a, tar -x) would give the old rows through it. load_rows
+    reads local files and snapshots afresh: a parquet file, a snapshot directory, a glob of JSON files."""
+    import datasets
+    import os
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    columns = {"prompt": "prompt", "completion": "completion"}
+
+    def rows(tag, n):
+        return [{"prompt": f"{tag} {i}", "completion": "c"} for i in range(n)]
+
+    def write(path, tag, n):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            datasets.Dataset.from_list(rows(tag, n)).to_parquet(str(path))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows(tag, n)))
+
+    snapshot = tmp_path / "snap"
+    cases = [(tmp_path / "a.parquet", str(tmp_path / "a.parquet"), None),
+             (snapshot / "data" / "train-00000-of-00001.parquet", str(snapshot), "train"),
+             (tmp_path / "j" / "x.json", str(tmp_path / "j" / "*.json"), None)]
+    for path, source, split in cases:
+        write(path, "old", 3)
+        assert policy.load_rows(source, "", split, columns) == rows("old", 3)
+        stat = path.stat()
+        write(path, "new", 5)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert path.stat().st_mtime_ns == stat.st_mtime_ns
+        assert policy.load_rows(source, "", split, columns) == rows("new", 5), source
+
+
 def train_logs(standins, name, tmp_path, monkeypatch, precision="auto"):
     """sft.py on the tldr snapshot, then dpo.py on the tldr-preference snapshot, from the checkpoint `name`;
     every update checked to find float32 weights and gradients. Their train_log rows."""

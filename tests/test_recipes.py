@@ -15,22 +15,13 @@ import torch
 
 import policy
 import toy_tldr
+import test_chat as chat
 from test_real_model import write_snapshot
 from test_sampled_ids import build_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 import prepare_tldr  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def fresh_datasets_cache(tmp_path, monkeypatch):
-    """The datasets library caches a local snapshot by its path: a pytest directory of an earlier session
-    at the same path would hand back that session's rows."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +281,51 @@ def test_nproc_launches_torchrun_and_keeps_the_examples_per_step(script, tmp_pat
     done = subprocess.run(["bash", str(ROOT / "recipes" / script)], env={**env, "NPROC": "3"},
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "NPROC=3" in done.stderr
+
+
+LLAMA_TINY = dict(WARMUP_STEPS="1", SFT_LR="1e-3", SFT_BATCH="4", SFT_ACCUM="1", SFT_STEPS="2", SFT_VAL="4",
+                  SFT_PROMPT_LEN="96", SFT_RESPONSE_LEN="16", DAA_LR="1e-3", DAA_BATCH="4", DAA_ACCUM="1",
+                  DAA_EPOCHS="0.5", DAA_PROMPT_LEN="96", DAA_RESPONSE_LEN="16", SEEDS="1",
+                  NUM_CHECKPOINTS="1")
+
+
+def test_llama3_recipe_runs_end_to_end_on_standins(tmp_path):
+    """recipes/llama3_ultrafeedback.sh on a tiny base Llama (bfloat16, no chat template) and snapshots of
+    ultrachat_200k (train_sft / test_sft) and ultrafeedback_binarized (train_prefs / test_prefs): SFT through
+    the recipe's default template, recipes/llama3.jinja (saved with pi_ref, <|eot_id|> its EOS, rendering
+    Llama-3's format as written out by hand), then DPO and IS-DPO with clipped weights; run again, nothing."""
+    train, test = chat.conversations(0, 16), chat.conversations(1, 4)
+    chat.write_snapshot(tmp_path / "ultrachat_200k", {"train_sft": chat.ultrachat_rows(train),
+                                                      "test_sft": chat.ultrachat_rows(test)})
+    chat.write_snapshot(tmp_path / "ultrafeedback_binarized", {"train_prefs": chat.h4_feedback_rows(train),
+                                                               "test_prefs": chat.h4_feedback_rows(test)})
+    chat.save_tiny_llama(tmp_path / "base", [m["content"] for c, o in train for m in c + [o]])
+    assert policy.load_tokenizer(str(tmp_path / "base")).chat_template is None
+    out = tmp_path / "out"
+    env = {**os.environ, **LLAMA_TINY, "MODEL": str(tmp_path / "base"), "OUT": str(out),
+           "ULTRACHAT": str(tmp_path / "ultrachat_200k"),
+           "ULTRAFEEDBACK": str(tmp_path / "ultrafeedback_binarized")}
+    env.pop("CHAT_TEMPLATE", None)
+    rc, stdout, ran = run_recipe(ROOT / "recipes" / "llama3_ultrafeedback.sh", env, tmp_path)
+    assert rc == 0, stdout[-3000:]
+    assert [a[0] for a in ran] == ["sft.py", "dpo.py", "is_dpo.py"]
+    assert ran[0][ran[0].index("--chat_template") + 1] == "recipes/llama3.jinja"
+    saved = policy.load_tokenizer(str(out / "sft"))
+    assert saved.chat_template == (ROOT / "recipes" / "llama3.jinja").read_text()
+    assert saved.eos_token == chat.EOT
+    messages = train[0][0] + [chat.user("And then?")]
+    for generation_prompt in (True, False):
+        assert policy.render(saved, messages, generation_prompt) == chat.by_hand(messages, generation_prompt)
+    for run, weight in (("dpo_beta0.05_seed1", "uniform"), ("is-dpo_beta0.05_seed1", "clipped")):
+        assert (out / "runs" / run / "train_log.jsonl").exists() and list((out / "runs" / run).glob("ckpt-*"))
+        config = json.load(open(out / "runs" / run / "args.json"))
+        assert config["min_lr_ratio"] == 0.1 and config["warmup_steps"] == 1 and config["beta"] == 0.05
+        assert config["data"] == env["ULTRAFEEDBACK"] and config["split"] == "train_prefs"
+        assert config.get("weight", "uniform") == weight
+    assert json.load(open(out / "runs" / "is-dpo_beta0.05_seed1" / "args.json"))["log_w_max"] == 2.0
+    (tmp_path / "again").mkdir()
+    rc, stdout, ran = run_recipe(ROOT / "recipes" / "llama3_ultrafeedback.sh", env, tmp_path / "again")
+    assert rc == 0 and ran == [] and stdout.count("exists, skipped") == 3, stdout
 
 
 # ----------------------------------------------------------------------------------------------
