@@ -288,9 +288,9 @@ def is_toy(data):
 
 def load_tokenizer(path="", data="", model_name_or_path="", chat_template=""):
     """The tokenizer at `path`; without one, the toy's word-level tokenizer (<data>/tokenizer), else the
-    model's own. A pad token is guaranteed. chat_template: a chat template to use (a .jinja file, or the
-    template itself) where the tokenizer has none, e.g. a base Llama's: saved with it, later stages read
-    it from pi_ref's tokenizer."""
+    model's own. A pad token is guaranteed. chat_template: a chat template (a .jinja file, or the template
+    itself) that replaces the tokenizer's own, if any: a base Llama ships none. sft.py saves it with pi_ref's
+    tokenizer, and the later stages read it from there."""
     from transformers import AutoTokenizer
 
     if not path:
