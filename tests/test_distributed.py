@@ -87,12 +87,15 @@ def argv(script, flags):
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     """Every stage in 2 processes with --batch_size 4 (one torchrun command: DRIVER), then dpo.py with a
-    global batch too big for the pairs (refused), dpo.py again without gradient averaging ("unsynced");
+    global batch too big for the pairs (refused), dpo.py again without gradient averaging ("unsynced"),
+    every stage again under --fsdp;
     meanwhile, in this process, every stage with --batch_size 8. Returns (root, the command's output)."""
     root = tmp_path_factory.mktemp("runs")
     entries = [(argv(s, stage_flags(tiny, s, root / "two" / s, 4)), "synced") for s in STAGES]
     entries.insert(2, (argv("dpo.py", stage_flags(tiny, "dpo.py", root / "too_big", 40)), "fails"))
     entries.append((argv("dpo.py", stage_flags(tiny, "dpo.py", root / "unsynced", 4)), "unsynced"))
+    entries += [(argv(s, {**stage_flags(tiny, s, root / "fsdp" / s, 4), "fsdp": True}), "fsdp")
+                for s in STAGES]
     (root / "driver.py").write_text(DRIVER)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = subprocess.Popen(torchrun + [root / "driver.py", json.dumps(entries)], cwd=ROOT, text=True,
@@ -143,13 +146,15 @@ def differences(a, b, script):
     return out + [k for k in w_a if not torch.allclose(w_b[k], w_a[k], rtol=1e-3, atol=1e-4)]
 
 
+@pytest.mark.parametrize("how", ["two", "fsdp"])
 @pytest.mark.parametrize("script", STAGES)
-def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(tiny, runs, script):
-    """--batch_size 4 in each of 2 processes == --batch_size 8 in one: every train_log number (losses,
-    margins, accuracies, importance-weight statistics, the self-normalised weights' loss, gradient norms)
-    and the saved weights, to float rounding."""
+def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(tiny, runs, script, how):
+    """--batch_size 4 in each of 2 processes == --batch_size 8 in one, under DDP ("two") and under --fsdp
+    (each process holding half of every weight): every train_log number (losses, margins, accuracies,
+    importance-weight statistics, the self-normalised weights' loss, gradient norms) and the saved weights,
+    to float rounding."""
     root, _ = runs
-    a, b = (output_dir(root / name / script, script) for name in ("one", "two"))
+    a, b = (output_dir(root / name / script, script) for name in ("one", how))
     assert differences(a, b, script) == []
     if script == "is_dpo.py":
         log = read_log(a)
@@ -157,8 +162,8 @@ def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(
         assert any(row["ess"] < 7.99 for row in log)  # the weights differ: their global statistics count
     trained, start = weights(saved_model(a, script)), weights(tiny / "sft")
     assert any(not torch.equal(trained[k], start[k]) for k in trained if k in start)
-    assert sorted(os.listdir(root / "two")) == sorted(STAGES)  # the main process alone wrote, and cleaned up
-    assert script in ("sft.py", "reward.py") or os.listdir(root / "two" / script) == ["r"]
+    assert sorted(os.listdir(root / how)) == sorted(STAGES)  # the main process alone wrote, and cleaned up
+    assert script in ("sft.py", "reward.py") or os.listdir(root / how / script) == ["r"]
 
 
 def test_processes_that_do_not_average_their_gradients_write_another_run(runs):
@@ -179,7 +184,8 @@ def test_the_processes_keep_their_group_and_their_world_from_stage_to_stage(runs
         world = rf"World\(rank={rank}, size=2, local_rank={rank}\)"
         done = re.findall(rf"rank {rank}: (\S+) (\S+) -> {world}", out)
         assert done == [("sft.py", "synced"), ("reward.py", "synced"), ("dpo.py", "fails"),
-                        ("dpo.py", "synced"), ("is_dpo.py", "synced"), ("dpo.py", "unsynced")]
+                        ("dpo.py", "synced"), ("is_dpo.py", "synced"), ("dpo.py", "unsynced")] + \
+            [(script, "fsdp") for script in STAGES]
         assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the" in out
     assert not (root / "too_big").exists()
 
