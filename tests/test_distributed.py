@@ -1,7 +1,8 @@
-"""Many processes: `torchrun --nproc_per_node 2` (CPU processes talking through gloo) writes the train_log and
-the weights that one process writes with the same global batch (2 x --batch_size); a run whose processes do
-not average their gradients does not; gradient checkpointing changes no number; fp16's loss scale survives
---resume; the stages that do not split their work refuse several processes in one line."""
+"""Many processes: `torchrun --nproc_per_node 2` (CPU processes talking through gloo), under DDP and under
+--fsdp, writes the train_log and the weights that one process writes with the same global batch
+(2 x --batch_size); a run whose processes do not average their gradients does not; gradient checkpointing
+changes no number; fp16's loss scale survives --resume; the stages that do not split their work refuse
+several processes in one line."""
 import json
 import os
 import re
