@@ -1080,13 +1080,19 @@ def parallel(model, fn, fsdp=False, gradient_checkpointing=False):
     module = Forward(fn, model)
     if WORLD.size == 1:
         return module
-    if fsdp:  # its train_log departs from one process's from step 2 on (final_layer_norm's gradient): refused
-        fail("--fsdp is not ready: its runs do not yet equal one process's (use DDP, the default)")
+    if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
             fully_shard(layer)
-        return fully_shard(module)
+        root = fully_shard(module)
+        # FSDP keeps the root's own weights (embeddings, final layer norm, output layer) gathered from its
+        # forward to its backward. A forward without a backward (no_grad: pi_ref's log-probs, a validation)
+        # would leave them so, and model.parameters() would list those gathered copies, not the shards: an
+        # optimizer built then steps on copies the next gather overwrites, while the shards' gradients are
+        # never cleared by zero_grad (a train_log apart from step 2 on). So such a forward reshards at once.
+        root.register_forward_hook(lambda m, inputs, out: None if torch.is_grad_enabled() else m.reshard())
+        return root
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[WORLD.local_rank] if torch.cuda.is_available() else None, broadcast_buffers=False)
 

@@ -1,10 +1,11 @@
-"""Many processes: `torchrun --nproc_per_node 2` (CPU processes talking through gloo) writes the train_log and
-the weights that one process writes with the same global batch (2 x --batch_size); gradient checkpointing
+"""Many processes: `torchrun --nproc_per_node 2` (CPU processes talking through gloo), under DDP and under
+--fsdp, writes the train_log and the weights that one process writes with the same global batch
+(2 x --batch_size); a run whose processes do not average their gradients does not; gradient checkpointing
 changes no number; fp16's loss scale survives --resume; the stages that do not split their work refuse
 several processes in one line."""
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 
@@ -12,12 +13,39 @@ import pytest
 import torch
 
 import dpo
+import is_dpo
 import policy
+import reward
 import sft
 import toy_tldr
+from test_toy_tldr import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2"]
+STAGES = ("sft.py", "reward.py", "dpo.py", "is_dpo.py")
+
+# One torchrun command runs every stage, one after the other, as `python <script> <flags>` would (runpy):
+# its 2 processes pay for their interpreters and imports once, and keep their process group from stage to
+# stage. An entry that must fail prints its error line and the next one runs; "unsynced" runs the stage
+# with policy.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged.
+DRIVER = """
+import json, os, runpy, sys
+import torch
+sys.path.insert(0, os.getcwd())  # the repository root, where the scripts are
+import policy
+parallel, rank = policy.parallel, int(os.environ["RANK"])
+for argv, how in json.loads(sys.argv[1]):
+    policy.parallel = parallel if how != "unsynced" else lambda model, fn, *_: policy.Forward(fn, model)
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:
+        if how != "fails":
+            raise
+        print(f"rank {rank}: {argv[0]} stopped: {e}", file=sys.stderr, flush=True)
+    assert torch.distributed.is_initialized(), argv
+    assert policy.WORLD == policy.World(rank, 2, int(os.environ["LOCAL_RANK"])), (argv, policy.WORLD)
+    print(f"rank {rank}: {argv[0]} {how} -> {policy.WORLD}", file=sys.stderr, flush=True)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -32,38 +60,55 @@ def tiny(tmp_path_factory):
     return root
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def command(script, argv, processes):
-    """argv of `python script` (one process) or of `torchrun --nproc_per_node <processes> script`."""
-    if processes == 1:
-        return [sys.executable, script, *argv]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_port", str(free_port()), script, *argv]
-
-
-def run(script, argv, processes=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command(script, [str(a) for a in argv], processes), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def stage_argv(tiny, script, out):
-    """Each stage's flags for a tiny run: 2 micro-batches a step (no_sync on the first)."""
-    common = ["--threads", 1, "--warmup_steps", 1, "--grad_accum", 2]
+def stage_flags(tiny, script, out, batch_size):
+    """Each stage's flags (its Args fields) for a tiny run: 2 micro-batches a step (no sync on the first)."""
+    common = dict(threads=1, warmup_steps=1, grad_accum=2, batch_size=batch_size)
     if script == "sft.py":
-        return ["--data", tiny / "world", "--out_dir", out, "--steps", 4, "--val_size", 8,
-                "--num_sample_eval", 0, *TINY, *common]
+        return dict(data=str(tiny / "world"), out_dir=str(out), steps=4, val_size=8, num_sample_eval=0,
+                    n_layer=1, n_embd=32, n_head=2, **common)
     if script == "reward.py":
-        return ["--mode", "train", "--sft_path", tiny / "sft", "--data", tiny / "world", "--out_dir", out,
-                "--steps", 4, "--val_size", 8, "--lr", 1e-2, *common]
-    daa = ["--sft_path", tiny / "sft", "--data", tiny / "prefs.jsonl", "--runs_dir", out, "--run_name", "r",
-           "--num_epochs", 1, "--num_checkpoints", 1, "--lr", 1e-2, "--beta", 0.5, *common]
-    return daa + (["--weight", "adaptive", "--self_normalise"] if script == "is_dpo.py" else [])
+        return dict(mode="train", sft_path=str(tiny / "sft"), data=str(tiny / "world"), out_dir=str(out),
+                    steps=4, val_size=8, lr=1e-2, **common)
+    daa = dict(sft_path=str(tiny / "sft"), data=str(tiny / "prefs.jsonl"), runs_dir=str(out), run_name="r",
+               num_epochs=1, num_checkpoints=1, lr=1e-2, beta=0.5, **common)
+    return {**daa, "weight": "adaptive", "self_normalise": True} if script == "is_dpo.py" else daa
+
+
+def one_process(script, flags):
+    """The stage run in this process, as `python <script> <flags>` would run it."""
+    main = {"sft.py": sft.main, "reward.py": reward.main, "dpo.py": dpo.train, "is_dpo.py": is_dpo.main}
+    config = {"sft.py": sft.Args, "reward.py": reward.Args, "dpo.py": dpo.Args, "is_dpo.py": is_dpo.Args}
+    main[script](config[script](**flags))
+
+
+def argv(script, flags):
+    return [script] + [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """Every stage in 2 processes with --batch_size 4 (one torchrun command: DRIVER), then dpo.py with a
+    global batch too big for the pairs (refused), dpo.py again without gradient averaging ("unsynced"),
+    every stage again under --fsdp;
+    meanwhile, in this process, every stage with --batch_size 8. Returns (root, the command's output)."""
+    root = tmp_path_factory.mktemp("runs")
+    entries = [(argv(s, stage_flags(tiny, s, root / "two" / s, 4)), "synced") for s in STAGES]
+    entries.insert(2, (argv("dpo.py", stage_flags(tiny, "dpo.py", root / "too_big", 40)), "fails"))
+    entries.append((argv("dpo.py", stage_flags(tiny, "dpo.py", root / "unsynced", 4)), "unsynced"))
+    entries += [(argv(s, {**stage_flags(tiny, s, root / "fsdp" / s, 4), "fsdp": True}), "fsdp")
+                for s in STAGES]
+    (root / "driver.py").write_text(DRIVER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.Popen(torchrun + [root / "driver.py", json.dumps(entries)], cwd=ROOT, text=True,
+                           env=cli_env(root / "hf"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for script in STAGES:
+            one_process(script, stage_flags(tiny, script, root / "one" / script, 8))
+        out, _ = two.communicate(timeout=300)
+    finally:
+        two.kill()
+    assert two.returncode == 0, out[-4000:]
+    return root, out
 
 
 def output_dir(out, script):
@@ -80,33 +125,70 @@ def weights(directory):
     return load_file(str(directory / "model.safetensors"))
 
 
-@pytest.mark.parametrize("script", ["sft.py", "reward.py", "dpo.py", "is_dpo.py"])
-def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(tiny, tmp_path, script):
-    """--batch_size 4 in each of 2 processes == --batch_size 8 in one: every train_log number (losses,
-    margins, accuracies, importance-weight statistics, the self-normalised weights' loss, gradient norms)
-    and the saved weights, to float rounding. A process whose gradients were not averaged with the other's
-    (a forward that bypasses DDP, a missed sync) would train on half the data and fail both."""
-    one = run(script, stage_argv(tiny, script, tmp_path / "one") + ["--batch_size", 8])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run(script, stage_argv(tiny, script, tmp_path / "two") + ["--batch_size", 4], processes=2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (output_dir(tmp_path / name, script) for name in ("one", "two"))
+def saved_model(directory, script):
+    """The weights a stage saved: its output's, a DAA run's last checkpoint's."""
+    if script not in ("dpo.py", "is_dpo.py"):
+        return directory
+    return max(directory.glob("ckpt-*"), key=lambda p: int(p.name[5:]))
+
+
+def differences(a, b, script):
+    """Where the outputs a and b of a stage differ beyond float rounding: [(step, train_log key)] and
+    the names of the saved weights."""
     log_a, log_b = read_log(a), read_log(b)
     assert len(log_a) == len(log_b) > 1
+    out = []
     for row_a, row_b in zip(log_a, log_b):
         assert row_a.keys() == row_b.keys()
-        for key in row_a:
-            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-5), (row_a["step"], key)
-    if script == "is_dpo.py":
-        assert {"weight_mean", "weight_max", "ess"} <= log_a[0].keys()
-        assert any(row["ess"] < 7.99 for row in log_a)  # the weights differ: their global statistics count
-    model = max(a.glob("ckpt-*"), key=lambda p: int(p.name[5:])) if script in ("dpo.py", "is_dpo.py") else a
-    w_a, w_b = weights(model), weights(b / model.relative_to(a))
+        out += [(row_a["step"], k) for k in row_a if row_b[k] != pytest.approx(row_a[k], rel=1e-4, abs=1e-5)]
+    w_a, w_b = weights(saved_model(a, script)), weights(saved_model(b, script))
     assert w_a.keys() == w_b.keys()
-    for k in w_a:
-        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-3, atol=1e-4)  # Adam: rounding, amplified
-    assert any(not torch.equal(w_a[k], weights(tiny / "sft")[k]) for k in w_a if k in weights(tiny / "sft"))
-    assert sorted(os.listdir(tmp_path)) == ["one", "two"]  # the main process alone wrote, and cleaned up
+    # Adam amplifies rounding: a looser tolerance for the weights
+    return out + [k for k in w_a if not torch.allclose(w_b[k], w_a[k], rtol=1e-3, atol=1e-4)]
+
+
+@pytest.mark.parametrize("how", ["two", "fsdp"])
+@pytest.mark.parametrize("script", STAGES)
+def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(tiny, runs, script, how):
+    """--batch_size 4 in each of 2 processes == --batch_size 8 in one, under DDP ("two") and under --fsdp
+    (each process holding half of every weight): every train_log number (losses, margins, accuracies,
+    importance-weight statistics, the self-normalised weights' loss, gradient norms) and the saved weights,
+    to float rounding."""
+    root, _ = runs
+    a, b = (output_dir(root / name / script, script) for name in ("one", how))
+    assert differences(a, b, script) == []
+    if script == "is_dpo.py":
+        log = read_log(a)
+        assert {"weight_mean", "weight_max", "ess"} <= log[0].keys()
+        assert any(row["ess"] < 7.99 for row in log)  # the weights differ: their global statistics count
+    trained, start = weights(saved_model(a, script)), weights(tiny / "sft")
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if k in start)
+    assert sorted(os.listdir(root / how)) == sorted(STAGES)  # the main process alone wrote, and cleaned up
+    assert script in ("sft.py", "reward.py") or os.listdir(root / how / script) == ["r"]
+
+
+def test_processes_that_do_not_average_their_gradients_write_another_run(runs):
+    """The check above can fail: without DDP each process steps on the gradient of its own half of the
+    batch. The first step's loss is still the global batch's (gathered), but its gradient norm is not,
+    and the weights go apart."""
+    root, _ = runs
+    found = differences(root / "one" / "dpo.py" / "r", root / "unsynced" / "r", "dpo.py")
+    assert (1, "grad_norm") in found and (1, "loss") not in found
+    assert any(isinstance(k, str) for k in found)  # saved weights
+
+
+def test_the_processes_keep_their_group_and_their_world_from_stage_to_stage(runs):
+    """Several stages in one interpreter (DRIVER): after each, on both processes, the process group is up
+    and policy.WORLD is this process's; a stage's one-line error stops that stage only."""
+    root, out = runs
+    for rank in (0, 1):  # (a line may follow the other process's progress bar on the same line)
+        world = rf"World\(rank={rank}, size=2, local_rank={rank}\)"
+        done = re.findall(rf"rank {rank}: (\S+) (\S+) -> {world}", out)
+        assert done == [("sft.py", "synced"), ("reward.py", "synced"), ("dpo.py", "fails"),
+                        ("dpo.py", "synced"), ("is_dpo.py", "synced"), ("dpo.py", "unsynced")] + \
+            [(script, "fsdp") for script in STAGES]
+        assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the" in out
+    assert not (root / "too_big").exists()
 
 
 def test_gradient_checkpointing_changes_neither_the_log_probs_nor_their_gradients(tiny):
