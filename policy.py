@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -795,7 +796,9 @@ def optimizer_step(step, model, optimizer, scheduler, scaler, grad_clip, loss):
     check_finite(step, loss=loss, **({} if scaler.is_enabled() else {"grad_norm": grad_norm}))
     scaler.step(optimizer)
     scaler.update()
-    scheduler.step()
+    with warnings.catch_warnings():  # the schedule counts steps, skipped ones too: torch's warning that an
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # update was skipped is not
+        scheduler.step()  # news here
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 

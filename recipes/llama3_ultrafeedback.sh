@@ -49,22 +49,8 @@ SEEDS=${SEEDS:-"1 2 3"}
 LOG_W_MAX=${LOG_W_MAX:-2.0}
 NUM_CHECKPOINTS=${NUM_CHECKPOINTS:-10}
 
-run() {  # a stage: one process, or NPROC processes under torchrun (one a GPU: policy.py, section 8)
-  if [ "$NPROC" -gt 1 ]; then
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
-  else
-    "$PYTHON" "$@"
-  fi
-}
-# --batch_size is one process's micro-batch: with NPROC processes a step keeps BATCH x ACCUM examples by
-# giving each process ACCUM / NPROC micro-batches
-for name in SFT_ACCUM DAA_ACCUM; do
-  if (( ${!name} % NPROC )); then
-    echo "error: $name=${!name} is not a multiple of NPROC=$NPROC" >&2
-    exit 2
-  fi
-done
-todo() { [ ! -e "$1" ] || { echo "== $1 exists, skipped"; return 1; }; }
+source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, per_process
+per_process SFT_ACCUM DAA_ACCUM
 OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "$GRAD_CLIP")
 
 # 1. SFT: the assistant turns of UltraChat's conversations, through the chat template

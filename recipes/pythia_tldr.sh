@@ -67,22 +67,8 @@ mkdir -p "$DATA"
 LENS=(--max_prompt_len "$MAX_PROMPT_LEN" --max_response_len "$MAX_RESPONSE_LEN")
 OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "$GRAD_CLIP")
 
-run() {  # a stage: one process, or NPROC processes under torchrun (one a GPU: policy.py, section 8)
-  if [ "$NPROC" -gt 1 ]; then
-    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$@"
-  else
-    "$PYTHON" "$@"
-  fi
-}
-# --batch_size is one process's micro-batch: with NPROC processes a step keeps BATCH x ACCUM examples by
-# giving each process ACCUM / NPROC micro-batches
-for name in SFT_ACCUM RM_ACCUM DAA_ACCUM; do
-  if (( ${!name} % NPROC )); then
-    echo "error: $name=${!name} is not a multiple of NPROC=$NPROC" >&2
-    exit 2
-  fi
-done
-todo() { [ ! -e "$1" ] || { echo "== $1 exists, skipped"; return 1; }; }
+source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, per_process
+per_process SFT_ACCUM RM_ACCUM DAA_ACCUM
 
 # 0. data: prompts cut at paragraph level to MAX_PROMPT_LEN tokens of the policy's tokenizer (App. D)
 for spec in "$TLDR train tldr_train" "$TLDR test tldr_test" "$TLDR_PREF train tldr_pref_train"; do

@@ -18,6 +18,7 @@ import policy
 import reward
 import sft
 import toy_tldr
+from test_outputs import stopped_at_step
 from test_toy_tldr import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,17 +234,7 @@ def test_fp16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
                         precision="fp16", save_every=3, **kw)
 
     sft.main(args("whole"))
-    append = policy.append_jsonl
-
-    def interrupted_at_step_6(path, row):
-        if row.get("step") == 6:
-            raise KeyboardInterrupt
-        append(path, row)
-
-    monkeypatch.setattr(policy, "append_jsonl", interrupted_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        sft.main(args("stopped"))
-    monkeypatch.setattr(policy, "append_jsonl", append)
+    stopped_at_step(monkeypatch, 6, lambda: sft.main(args("stopped")))
     sft.main(args("stopped", resume=True))
     whole = read_log(tmp_path / "whole")
     assert not all(map(torch.isfinite, torch.tensor([r["grad_norm"] for r in whole[:4]])))  # skips happened

@@ -220,6 +220,21 @@ def test_a_lock_is_held_by_one_output_at_a_time(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == [stage.MARKER]
 
 
+def stopped_at_step(monkeypatch, step, run):
+    """run() stopped as by Ctrl-C (a KeyboardInterrupt) just when it would log `step` to its train_log."""
+    append = policy.append_jsonl
+
+    def interrupted(path, row):
+        if row.get("step") == step:
+            raise KeyboardInterrupt
+        append(path, row)
+
+    monkeypatch.setattr(policy, "append_jsonl", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(policy, "append_jsonl", append)
+
+
 def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp_path_factory, monkeypatch):
     """In-process, reward.py --mode train: a KeyboardInterrupt at step 8 (a state was saved at step 5) keeps
     the state; a new run without --resume refuses to throw it away, one with other flags refuses to go on;
@@ -234,17 +249,7 @@ def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp
                            steps=12, batch_size=8, val_size=20, save_every=5, **kw)
 
     reward.main(args("whole"))
-    append = policy.append_jsonl
-
-    def interrupted_at_step_8(path, row):
-        if row.get("step") == 8:
-            raise KeyboardInterrupt
-        append(path, row)
-
-    monkeypatch.setattr(policy, "append_jsonl", interrupted_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        reward.main(args("stopped"))
-    monkeypatch.setattr(policy, "append_jsonl", append)
+    stopped_at_step(monkeypatch, 8, lambda: reward.main(args("stopped")))
     assert not (root / "stopped").exists() and (root / ".stopped.partial" / "state.pt").exists()
     with pytest.raises(SystemExit, match="pass --resume to continue it"):
         reward.main(args("stopped"))
