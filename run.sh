@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole experiment on the embedded toy world, stage by stage: read it as the table of contents.
 #
-#   bash run.sh                           # both toys, 5 seeds each; about 9 minutes on 2 cores
+#   bash run.sh                           # both toys, 5 seeds each; about 8 minutes on 2 cores
 #   SEEDS="5 6 7 8 9" FROM=5 bash run.sh  # other seeds of the DAA runs, reusing stages 1-4
 #   WORLD_FLAGS="--seed 3" OUT=out_w3 bash run.sh   # another world (posts, pi_ref, pairs: everything)
 #   RUNS="dpo:0.01 ais-dpo:0.01 dpo:0.1" bash run.sh   # the language toy at beta 0.1 too (3 minutes more)
