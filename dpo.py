@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import distributed
 import policy
 import stage
 from stage import fail
@@ -380,9 +381,9 @@ def pair_logps(model, pairs, pad_id, device, autocast, chunk, wpo=False):
     """
     examples = [example for pair in pairs for example in pair]
     batch = policy.to_device(policy.collate_grouped(examples, pad_id, k=2), device)
-    # model: the policy, or policy.parallel's module (DDP, FSDP) whose forward is sequence_logps
+    # model: the policy, or distributed.parallel's module (DDP, FSDP) whose forward is sequence_logps
     with autocast:
-        out = policy.apply(sequence_logps, model, batch, chunk, wpo=wpo)
+        out = distributed.apply(sequence_logps, model, batch, chunk, wpo=wpo)
     return tuple(x for t in out for x in (t[0::2], t[1::2]))
 
 
@@ -397,14 +398,14 @@ def reference_logps(model, pairs, pad_id, device, autocast, chunk, batch_size):
     processes: FSDP needs every process to run as many batches) and every process gets them all."""
     model.eval()
     ref_w, ref_l = [], []
-    mine = policy.shard(pairs + pairs[-1:] * (-len(pairs) % policy.WORLD.size))
+    mine = distributed.shard(pairs + pairs[-1:] * (-len(pairs) % distributed.WORLD.size))
     for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", leave=False,
-                  disable=not policy.WORLD.main):
+                  disable=not distributed.WORLD.main):
         pi_w, pi_l, _, _ = pair_logps(model, mine[s:s + batch_size], pad_id, device, autocast, chunk)
         ref_w.append(pi_w)
         ref_l.append(pi_l)
     model.train()
-    return tuple(policy.gather_live(torch.cat(ref))[:len(pairs)] for ref in (ref_w, ref_l))
+    return tuple(distributed.gather_live(torch.cat(ref))[:len(pairs)] for ref in (ref_w, ref_l))
 
 
 def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
@@ -414,7 +415,8 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
     The file is named by a hash of everything the numbers depend on -- pi_ref's weights, every pair's
     token ids, the batching, the thread count, the code of dpo.py and policy.py, the library versions --
     so a run reads exactly what it would have computed, and a changed input or line of code misses.
-    model: the policy, or policy.parallel's module of it. Over several processes the main one writes the file.
+    model: the policy, or distributed.parallel's module of it. Over several processes the main one writes
+    the file.
     """
     import transformers
 
@@ -422,7 +424,7 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
     if not args.reference_cache:
         return reference_logps(model, pairs, pad_id, device, autocast, args.logit_chunk, batch_size)
     key = hashlib.sha256()
-    for name, tensor in policy.unwrap(model).state_dict().items():
+    for name, tensor in distributed.unwrap(model).state_dict().items():
         tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP's shards
         key.update(f"{name} {tensor.dtype}".encode())
         key.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -431,14 +433,14 @@ def shared_reference_logps(args, model, pairs, pad_id, device, autocast):
             key.update(f.read())
     key.update(json.dumps([pairs, batch_size, args.logit_chunk, torch.get_num_threads(),
                            str(device), args.precision,  # the autocast
-                           torch.__version__, transformers.__version__, policy.WORLD.size]).encode())
+                           torch.__version__, transformers.__version__, distributed.WORLD.size]).encode())
     path = os.path.join(args.reference_cache, key.hexdigest()[:20] + ".pt")
-    if all(policy.unshard([os.path.isfile(path)])):  # every process reads, or every process computes
+    if all(distributed.unshard([os.path.isfile(path)])):  # every process reads, or every process computes
         print(f"reference log-probs: read from {path}")
         saved = torch.load(path, weights_only=True)
         return saved["ref_w"].to(device), saved["ref_l"].to(device)
     ref_w, ref_l = reference_logps(model, pairs, pad_id, device, autocast, args.logit_chunk, batch_size)
-    if not policy.WORLD.main:
+    if not distributed.WORLD.main:
         return ref_w, ref_l
     os.makedirs(args.reference_cache, exist_ok=True)
     torch.save({"ref_w": ref_w.cpu(), "ref_l": ref_l.cpu()}, f"{path}.{os.getpid()}.tmp")
@@ -486,7 +488,7 @@ class Run:
     tmp: str  # the unfinished output, published as out_dir when the run ends (None but in the main process)
     tokenizer: object
     model: object  # pi_theta, started at pi_ref
-    forward: object  # the module the loop calls: its forward is sequence_logps(model, ...) (policy.parallel)
+    forward: object  # what the loop calls: its forward is sequence_logps(model, ...) (distributed.parallel)
     rows: list
     pairs: list
     ref_w: torch.Tensor  # log pi_ref(y_w|x) of every pair [N]
@@ -511,7 +513,7 @@ def start_run(args, method):
     """Checks, seeds, data, pi_ref's log-probs, and the locked output directory of the run (written by the
     main process only; the others wait for it)."""
     validate(args)
-    world = policy.join_processes(args)  # one process, or each of torchrun's (policy.py, section 8)
+    world = distributed.join_processes(args)  # one process, or each of torchrun's (distributed.py)
     device, autocast, name, out_dir = begin_run(args, method)
     inputs = [args.sft_path, args.data, args.reference_cache]
     stage.check_output(out_dir, "daa run", inputs)  # before any work: an output not to be replaced is refused
@@ -522,9 +524,9 @@ def start_run(args, method):
     # locked, and kept across a kill: --resume continues from the state saved in it
     tmp = (stage.start_output(out_dir, "daa run", inputs, resumable=True, resume=args.resume)
            if world.main else None)
-    policy.barrier()
+    distributed.barrier()
     model = policy.load_policy(args.sft_path).to(device)
-    forward = policy.parallel(model, sequence_logps, args.fsdp, args.gradient_checkpointing)
+    forward = distributed.parallel(model, sequence_logps, args.fsdp, args.gradient_checkpointing)
     ref_w, ref_l = shared_reference_logps(args, forward, pairs, tokenizer.pad_token_id, device, autocast)
     global_batch = args.batch_size * args.grad_accum * world.size  # pairs a step, over all processes
     total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / global_batch))
@@ -548,7 +550,7 @@ def checkpoint_steps(args, total_steps):
 
 
 def save_checkpoint(run, step):
-    policy.save_pretrained(run.model, os.path.join(run.tmp or "", f"ckpt-{step}"), run.tokenizer)
+    distributed.save_pretrained(run.model, os.path.join(run.tmp or "", f"ckpt-{step}"), run.tokenizer)
 
 
 def micro_batch_loss(args, run, weigh, idx):
@@ -557,15 +559,15 @@ def micro_batch_loss(args, run, weigh, idx):
     L = mean_i(w_i * L_i) / grad_accum (METHOD.md, sections 5 and 6): L_i the DAA loss of pair i,
     w_i its weight (1 in dpo.py, an importance weight in is_dpo.py).
     Over several processes idx is the global micro-batch: each process runs its shard of it, and the
-    per-pair log-probs of all are gathered (policy.gather_live), so that L, the weights and every logged
+    per-pair log-probs of all are gathered (distributed.gather_live), so that L, the weights and every logged
     number are those of idx, as one process would compute them.
     """
     # --- the algorithm: summed log-probs, the per-pair loss, the weight ---
-    pairs = [run.pairs[i] for i in policy.shard(idx)]  # this process's pairs (all of them in one process)
+    pairs = [run.pairs[i] for i in distributed.shard(idx)]  # this process's pairs (all, in one process)
     wpo = getattr(args, "weight", None) == "wpo"  # is_dpo.py --weight wpo: its term from the same pass
     out = pair_logps(run.forward, pairs, run.tokenizer.pad_token_id, run.device, run.autocast,
                      args.logit_chunk, wpo=wpo)
-    out = [policy.gather_live(t) for t in out]  # every process's pairs, in the order of idx
+    out = [distributed.gather_live(t) for t in out]  # every process's pairs, in the order of idx
     pi_w, pi_l, len_w, len_l = out[:4]
     index = torch.tensor(idx, device=run.device)
     logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": run.ref_w[index], "ref_l": run.ref_l[index],
@@ -581,17 +583,17 @@ def micro_batch_loss(args, run, weigh, idx):
 def accumulate_gradients(args, run, weigh, order, cursor):
     """--grad_accum micro-batches, backward on each: (logged means, data order, cursor in it). Every
     process draws the same order; a micro-batch is --batch_size pairs for each of them. Their gradients
-    are averaged at the last micro-batch's backward only (policy.sync_gradients)."""
+    are averaged at the last micro-batch's backward only (distributed.sync_gradients)."""
     logged = {}
-    size = args.batch_size * policy.WORLD.size  # the global micro-batch
+    size = args.batch_size * distributed.WORLD.size  # the global micro-batch
     for i in range(args.grad_accum):
         if cursor + size > len(order):  # reshuffle every pass
             order, cursor = random.sample(range(len(run.pairs)), len(run.pairs)), 0
         idx = order[cursor:cursor + size]
         cursor += size
-        with policy.sync_gradients(run.forward, now=i == args.grad_accum - 1):
+        with distributed.sync_gradients(run.forward, now=i == args.grad_accum - 1):
             loss, stats = micro_batch_loss(args, run, weigh, idx)
-            run.scaler.scale(loss * policy.WORLD.size).backward()  # DDP averages: policy.gather_live
+            run.scaler.scale(loss * distributed.WORLD.size).backward()  # DDP averages: see gather_live
         for k, v in {**stats, "loss": loss.item() * args.grad_accum}.items():
             logged[k] = logged.get(k, 0.0) + v / args.grad_accum
     return logged, order, cursor
@@ -610,17 +612,18 @@ def train(args, weigh=no_weights, method=None):
     method = method or method_name(args)
     run = start_run(args, method)
     optimizer, scheduler = make_optimizer(args, run.model, run.total_steps)
-    main = policy.WORLD.main  # writes the run's files; under torchrun the other processes only compute
+    main = distributed.WORLD.main  # writes the run's files; under torchrun the other processes only compute
     if main:
         write_args(args, run, method)
     save_at = checkpoint_steps(args, run.total_steps)
     done, order, cursor = policy.restore_state(run.tmp, args, run.model, optimizer, scheduler, run.scaler)
     if 0 in save_at and not done:
         save_checkpoint(run, 0)
-    pairs_per_step = args.batch_size * args.grad_accum * policy.WORLD.size
+    processes = distributed.WORLD.size
+    pairs_per_step = args.batch_size * args.grad_accum * processes
     print(f"{run.name}: {len(run.pairs)} pairs, {run.total_steps} steps of {pairs_per_step} pairs, "
-          f"device {run.device}" + (f" (x {policy.WORLD.size} processes: {args.grad_accum} micro-batches of "
-                                    f"{args.batch_size} pairs each)" if policy.WORLD.size > 1 else ""))
+          f"device {run.device}" + (f" (x {processes} processes: {args.grad_accum} micro-batches of "
+                                    f"{args.batch_size} pairs each)" if processes > 1 else ""))
     t0 = time.time()
     bar = tqdm(range(done + 1, run.total_steps + 1), desc=run.name, disable=not main)
     for step in bar:

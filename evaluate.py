@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import distributed
 import policy
 import reward
 import stage
@@ -647,19 +648,19 @@ def checkpoints_to_do(args, setup, results_path, settings, shard, num_shards):
     --shard i/n (separate commands, each reading the file whenever it starts): every n-th of all the
     checkpoints from the i-th, less those done -- a share the runs alone fix, however the commands overlap.
     Under torchrun the processes read the file together (between barriers) and take every n-th of the
-    checkpoints not yet done (policy.shard): even shares, also when an interrupted evaluation resumes."""
-    policy.barrier()  # every process has checked the outputs (in prepare) before the main one marks them
-    if policy.WORLD.main:
+    checkpoints not yet done (distributed.shard): even shares, also when an interrupted evaluation resumes."""
+    distributed.barrier()  # every process has checked the outputs (in prepare) before the main one marks them
+    if distributed.WORLD.main:
         stage.prepare_dir(args.out_dir, "evaluate", setup.inputs, OWN_FILES)
-    policy.barrier()
+    distributed.barrier()
     with locked(results_path):
         fresh = current_results(results_path, setup.runs, settings)
-    policy.barrier()  # every process has read the file before one appends to it
+    distributed.barrier()  # every process has read the file before one appends to it
     done = {(r["run"], r["step"]) for r in fresh}
     every = [Checkpoint(run.args, step, path) for run in setup.runs for step, path in run.checkpoints]
-    if policy.WORLD.size > 1:
-        todo = policy.shard([c for c in every if (c.run_args["run_name"], c.step) not in done])
-        part = f" (process {policy.WORLD.rank} of {policy.WORLD.size})"
+    if distributed.WORLD.size > 1:
+        todo = distributed.shard([c for c in every if (c.run_args["run_name"], c.step) not in done])
+        part = f" (process {distributed.WORLD.rank} of {distributed.WORLD.size})"
     else:
         todo = [c for c in every[shard::num_shards] if (c.run_args["run_name"], c.step) not in done]
         part = f" (shard {shard}/{num_shards})" if num_shards > 1 else ""
@@ -723,7 +724,7 @@ def write_summary(args, results_path):
 def main(args):
     results_path = os.path.join(args.out_dir, "results.jsonl")
     shard, num_shards = parse_shard(args.shard)
-    world = policy.init_distributed()  # under torchrun the processes share the checkpoints (policy.py, 8)
+    world = distributed.init_distributed()  # under torchrun the processes share the checkpoints
     if world.size > 1 and num_shards > 1:
         fail("--shard splits the checkpoints between separate commands, torchrun between its processes: "
              "use one or the other")
@@ -738,7 +739,7 @@ def main(args):
             print(f"evaluate: shard {shard}/{num_shards} done; draw the plots with --plots_only when every "
                   "shard is")
             return
-        policy.barrier()  # under torchrun: every process's rows are in results.jsonl
+        distributed.barrier()  # under torchrun: every process's rows are in results.jsonl
     if world.main:
         write_summary(args, results_path)
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import distributed
 import policy
 import stage
 import toy_tldr
@@ -147,8 +148,8 @@ def score_examples(model, examples, pad_id, batch_size, device, autocast, k=1, d
     rows = batch_size * k
     for start in tqdm(range(0, len(examples), rows), desc=desc, leave=False, disable=desc is None):
         batch = policy.to_device(policy.collate_grouped(examples[start:start + rows], pad_id, k), device)
-        with autocast:  # model: the reward model, or policy.parallel's module of it
-            scores += policy.apply(reward_scores, model, batch).tolist()
+        with autocast:  # model: the reward model, or distributed.parallel's module of it
+            scores += distributed.apply(reward_scores, model, batch).tolist()
     return scores
 
 
@@ -188,33 +189,33 @@ def load_human_pairs(args):
 
 
 def train_steps(args, tmp, model, train_pairs, pad_id, device, autocast):
-    """The Bradley-Terry loop, continued from the state saved in tmp if any. model: policy.parallel's
+    """The Bradley-Terry loop, continued from the state saved in tmp if any. model: distributed.parallel's
     module, whose forward is reward_scores. Under torchrun every process draws the same order, scores its
     shard of each global micro-batch (--batch_size pairs a process), and all the scores are gathered."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = policy.lr_schedule(optimizer, args.warmup_steps, args.steps, min_lr_ratio=args.min_lr_ratio)
     scaler = policy.grad_scaler(args.precision, device)
     done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler, scaler)
-    size = args.batch_size * policy.WORLD.size  # the global micro-batch
-    bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm", disable=not policy.WORLD.main)
+    size = args.batch_size * distributed.WORLD.size  # the global micro-batch
+    bar = tqdm(range(done + 1, args.steps + 1), desc="gold rm", disable=not distributed.WORLD.main)
     for step in bar:
         for i in range(args.grad_accum):
             if cursor + size > len(order):
                 order, cursor = random.sample(range(len(train_pairs)), len(train_pairs)), 0
-            batch_pairs = [train_pairs[j] for j in policy.shard(order[cursor:cursor + size])]
+            batch_pairs = [train_pairs[j] for j in distributed.shard(order[cursor:cursor + size])]
             batch = policy.to_device(pair_batch(batch_pairs, pad_id), device)
             cursor += size
-            with policy.sync_gradients(model, now=i == args.grad_accum - 1):
+            with distributed.sync_gradients(model, now=i == args.grad_accum - 1):
                 # --- the algorithm: -log sigmoid(r(x, y_w) - r(x, y_l)) ---
                 with autocast:
                     r = model(batch)  # reward_scores(the reward model, batch)
-                r = policy.gather_live(r.view(-1, 2)).view(-1)  # every process's pairs (DDP: gather_live)
+                r = distributed.gather_live(r.view(-1, 2)).view(-1)  # every process's pairs
                 r_chosen, r_rejected = r[0::2], r[1::2]
                 loss = bradley_terry_loss(r_chosen, r_rejected) / args.grad_accum
-                scaler.scale(loss * policy.WORLD.size).backward()
+                scaler.scale(loss * distributed.WORLD.size).backward()
         policy.optimizer_step(step, model, optimizer, scheduler, scaler, args.grad_clip, loss)
         accuracy = (r_chosen > r_rejected).float().mean().item()
-        if policy.WORLD.main:
+        if distributed.WORLD.main:
             policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"),
                                 {"step": step, "loss": loss.item() * args.grad_accum, "accuracy": accuracy})
         bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}", acc=f"{accuracy:.2f}")
@@ -242,21 +243,21 @@ def train(args, device, autocast):
     stage.check_args(args, positive=("steps", "batch_size", "grad_accum", "lr", "grad_clip", "val_size"),
                      non_negative=("warmup_steps", "save_every"))
     stage.check_output(args.out_dir, "reward train", [args.sft_path, args.data])
-    main_process = policy.WORLD.main  # under torchrun, the one that writes the files
+    main_process = distributed.WORLD.main  # under torchrun, the one that writes the files
     tokenizer, train_pairs, val_pairs, val_rows = load_human_pairs(args)
     model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device)
     model.train()
     tmp = stage.start_output(args.out_dir, "reward train", [args.sft_path, args.data], resumable=True,
                              resume=args.resume) if main_process else None
-    policy.barrier()
-    forward = policy.parallel(model, reward_scores, args.fsdp, args.gradient_checkpointing)
+    distributed.barrier()
+    forward = distributed.parallel(model, reward_scores, args.fsdp, args.gradient_checkpointing)
     t0 = time.time()
     train_steps(args, tmp, forward, train_pairs, tokenizer.pad_token_id, device, autocast)
     seconds = time.time() - t0
     pad = tokenizer.pad_token_id
     validation = validation_metrics(args, forward, val_pairs, val_rows, pad, device, autocast)
     metrics = {"train_seconds": seconds, **validation}
-    policy.save_pretrained(model, tmp, tokenizer)
+    distributed.save_pretrained(model, tmp, tokenizer)
     if not main_process:
         return
     policy.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
@@ -278,7 +279,7 @@ def sample_pairs(args, pi_ref, tokenizer, prompts, device, autocast):
 
     Under torchrun each process samples its own share of the prompts from its own random stream: the
     generator is seeded by seed * processes + rank (one process: --seed itself)."""
-    world = policy.WORLD
+    world = distributed.WORLD
     generator = torch.Generator(device=device).manual_seed(args.seed * world.size + world.rank)
     desc = "sampling" if world.main else None  # one progress bar
     ids = policy.encode_prompts(tokenizer, prompts, args.max_prompt_len, args.truncate_prompts)
@@ -310,7 +311,7 @@ def judge_pairs(args, gold, tokenizer, keep, device, autocast):
         scores_a = [toy_tldr.true_score(p, t) for p, t in zip(prompts_kept, texts_a)]
         scores_b = [toy_tldr.true_score(p, t) for p, t in zip(prompts_kept, texts_b)]
     else:
-        desc = "scoring" if policy.WORLD.main else None  # one progress bar
+        desc = "scoring" if distributed.WORLD.main else None  # one progress bar
         scores_a = score_texts(gold, tokenizer, prompts_kept, texts_a, args, device, autocast, desc=desc)
         scores_b = score_texts(gold, tokenizer, prompts_kept, texts_b, args, device, autocast)
     return scores_a, scores_b
@@ -320,13 +321,13 @@ def sample_and_judge(args, pi_ref, gold, tokenizer, prompts, device, autocast):
     """(keep, scores_a, scores_b, dropped) over all the prompts, in their order: the pairs of sample_pairs,
     their judge's scores, and the count of prompts dropped for each reason.
 
-    Under torchrun each process samples and judges its share of the prompts (policy.shard: every n-th),
-    and every process gets back every outcome, in prompt order (policy.unshard)."""
-    outcomes = sample_pairs(args, pi_ref, tokenizer, policy.shard(prompts), device, autocast)
+    Under torchrun each process samples and judges its share of the prompts (distributed.shard: every n-th),
+    and every process gets back every outcome, in prompt order (distributed.unshard)."""
+    outcomes = sample_pairs(args, pi_ref, tokenizer, distributed.shard(prompts), device, autocast)
     keep = [o for o in outcomes if not isinstance(o, str)]
     scores_a, scores_b = judge_pairs(args, gold, tokenizer, keep, device, autocast) if keep else ([], [])
     scores = zip(scores_a, scores_b)  # in the order of keep
-    judged = policy.unshard([o if isinstance(o, str) else (o, *next(scores)) for o in outcomes])
+    judged = distributed.unshard([o if isinstance(o, str) else (o, *next(scores)) for o in outcomes])
     dropped = {"unfinished": 0, "identical": 0, "tied": 0}
     for o in judged:
         if isinstance(o, str):
@@ -381,7 +382,7 @@ def label(args, device, autocast):
         fail(f"--judge must be true or rm, got {args.judge!r}")
     # the output, locked before the sampling: a second labelling of it fails now, not at its end
     inputs = [args.sft_path, args.data] + ([args.gold_path] if args.judge == "rm" else [])
-    tmp = stage.start_output(args.out_dir, "reward label", inputs) if policy.WORLD.main else None
+    tmp = stage.start_output(args.out_dir, "reward label", inputs) if distributed.WORLD.main else None
     if args.judge == "rm" and not os.path.isdir(args.gold_path):
         fail(f"model directory {args.gold_path} not found")
     tokenizer = policy.load_tokenizer(args.sft_path)
@@ -400,9 +401,9 @@ def label(args, device, autocast):
     keep, scores_a, scores_b, dropped = sample_and_judge(args, pi_ref, gold, tokenizer, prompts, device,
                                                          autocast)
     out_rows, agree = label_rows(args, keep, scores_a, scores_b, toy, dropped)
-    if policy.WORLD.main:
+    if distributed.WORLD.main:
         write_pairs(args, tmp, out_rows, agree, dropped, time.time() - t0)
-    policy.barrier()  # the others wait until the output is published
+    distributed.barrier()  # the others wait until the output is published
 
 
 def write_pairs(args, tmp, out_rows, agree, dropped, seconds):
@@ -411,8 +412,8 @@ def write_pairs(args, tmp, out_rows, agree, dropped, seconds):
     metrics = {"pairs": len(out_rows), "dropped": dropped, "judge": args.judge, "seconds": seconds}
     if agree:
         metrics["label_true_agreement"] = float(np.mean(agree))
-    if policy.WORLD.size > 1:  # the samples depend on the number of processes (one stream each)
-        metrics["processes"] = policy.WORLD.size
+    if distributed.WORLD.size > 1:  # the samples depend on the number of processes (one stream each)
+        metrics["processes"] = distributed.WORLD.size
     policy.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))
     policy.save_json(os.path.join(tmp, "metrics.json"), metrics)
     stage.finish_output(tmp, args.out_dir)
@@ -429,10 +430,10 @@ def main(args):
     args.out_dir = args.out_dir or ("out/gold_rm" if args.mode == "train" else "out/prefs")
     if not os.path.isdir(args.sft_path):
         fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
-    if args.mode == "train":  # under torchrun: join the other processes (policy.py, section 8)
-        policy.join_processes(args)  # (--resume is for one process only)
+    if args.mode == "train":  # under torchrun: join the other processes (distributed.py)
+        distributed.join_processes(args)  # (--resume is for one process only)
     else:
-        policy.init_distributed()
+        distributed.init_distributed()
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)

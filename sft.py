@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import distributed
 import policy
 import toy_tldr
 from stage import check_args, check_output, cleans_up, fail, finish_output, parse_args, start_output
@@ -110,8 +111,8 @@ def validation_loss(model, examples, pad_id, batch_size, device, autocast):
     for start in range(0, len(examples), batch_size):
         batch = policy.to_device(policy.collate(examples[start:start + batch_size], pad_id), device)
         n = int(batch["response_mask"][:, 1:].sum())
-        with autocast:  # model: the policy, or policy.parallel's module of it
-            total += policy.apply(completion_loss, model, batch).item() * n
+        with autocast:  # model: the policy, or distributed.parallel's module of it
+            total += distributed.apply(completion_loss, model, batch).item() * n
         count += n
     model.train()
     return total / count
@@ -133,16 +134,17 @@ def toy_sample_report(model, tokenizer, data_dir, n, max_prompt_len, max_respons
 
 def final_metrics(args, model, tokenizer, val, seconds, device, autocast):
     """What metrics.json says of pi_ref: training time, validation loss and, on the toy, the true scores
-    (not under FSDP: the sampler reads the model's weights whole). model: policy.parallel's module."""
+    (not under FSDP: the sampler reads the model's weights whole). model: distributed.parallel's module."""
     metrics = {"train_seconds": seconds}
     if val:
         metrics["val_loss"] = validation_loss(model, val, tokenizer.pad_token_id, args.batch_size, device,
                                               autocast)
         # finite weights can still overflow logits
         policy.check_finite(args.steps, val_loss=metrics["val_loss"])
-    if policy.is_toy(args.data) and args.num_sample_eval > 0 and not policy.is_sharded(model):
-        metrics.update(toy_sample_report(policy.unwrap(model), tokenizer, args.data, args.num_sample_eval,
-                                         args.max_prompt_len, args.max_response_len, args.truncate_prompts))
+    if policy.is_toy(args.data) and args.num_sample_eval > 0 and not distributed.is_sharded(model):
+        report = toy_sample_report(distributed.unwrap(model), tokenizer, args.data, args.num_sample_eval,
+                                   args.max_prompt_len, args.max_response_len, args.truncate_prompts)
+        metrics.update(report)
     return metrics
 
 
@@ -169,32 +171,33 @@ def load_examples(args):
 
 def train_steps(args, tmp, model, train, pad_id, device, autocast):
     """The SFT loop, continued from the state saved in tmp if any; one train_log.jsonl row per step.
-    model: policy.parallel's module, whose forward is completion_loss. Under torchrun every process draws
+    model: distributed.parallel's module, whose forward is completion_loss. Under torchrun every process draws
     the same order and takes its shard of each global micro-batch (--batch_size examples a process)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = policy.lr_schedule(optimizer, args.warmup_steps, args.steps, min_lr_ratio=args.min_lr_ratio)
     scaler = policy.grad_scaler(args.precision, device)
     done, order, cursor = policy.restore_state(tmp, args, model, optimizer, scheduler, scaler)
-    size = args.batch_size * policy.WORLD.size  # the global micro-batch
-    bar = tqdm(range(done + 1, args.steps + 1), desc="sft", disable=not policy.WORLD.main)
+    size = args.batch_size * distributed.WORLD.size  # the global micro-batch
+    bar = tqdm(range(done + 1, args.steps + 1), desc="sft", disable=not distributed.WORLD.main)
     for step in bar:
         for i in range(args.grad_accum):
             if cursor + size > len(order):  # a fresh shuffle each pass over the data
                 order, cursor = random.sample(range(len(train)), len(train)), 0
-            examples = [train[j] for j in policy.shard(order[cursor:cursor + size])]
+            examples = [train[j] for j in distributed.shard(order[cursor:cursor + size])]
             batch = policy.to_device(policy.collate(examples, pad_id), device)
             cursor += size
-            with policy.sync_gradients(model, now=i == args.grad_accum - 1):
+            with distributed.sync_gradients(model, now=i == args.grad_accum - 1):
                 # --- the algorithm: minimise the response tokens' NLL ---
                 with autocast:
                     loss = model(batch)  # completion_loss(the policy, batch)
-                # the global micro-batch's mean over its tokens (policy.mean_over_batch, gather_live)
-                loss = policy.mean_over_batch(loss, batch["response_mask"][:, 1:].sum()) / args.grad_accum
-                scaler.scale(loss * policy.WORLD.size).backward()
+                # the global micro-batch's mean over its tokens (distributed.mean_over_batch, gather_live)
+                tokens = batch["response_mask"][:, 1:].sum()
+                loss = distributed.mean_over_batch(loss, tokens) / args.grad_accum
+                scaler.scale(loss * distributed.WORLD.size).backward()
         grad_norm = policy.optimizer_step(step, model, optimizer, scheduler, scaler, args.grad_clip, loss)
         row = {"step": step, "loss": loss.item() * args.grad_accum, "grad_norm": float(grad_norm),
                "lr": scheduler.get_last_lr()[0]}
-        if policy.WORLD.main:
+        if distributed.WORLD.main:
             policy.append_jsonl(os.path.join(tmp, "train_log.jsonl"), row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         policy.save_state(tmp, args, step, args.steps, model, optimizer, scheduler, order, cursor, scaler)
@@ -208,7 +211,7 @@ def main(args):
                non_negative=("val_size", "warmup_steps", "weight_decay", "num_sample_eval", "save_every"))
     inputs = [args.data, args.tokenizer_path, args.model_name_or_path]
     check_output(args.out_dir, "sft", inputs)  # before any work: an output not to be replaced is refused
-    main_process = policy.join_processes(args).main  # under torchrun, the one that writes the files
+    main_process = distributed.join_processes(args).main  # under torchrun, the one that writes the files
     policy.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,12 +224,12 @@ def main(args):
     # locked, and kept across a kill: --resume continues from the state saved in it
     tmp = (start_output(args.out_dir, "sft", inputs, resumable=True, resume=args.resume)
            if main_process else None)
-    policy.barrier()
-    forward = policy.parallel(model, completion_loss, args.fsdp, args.gradient_checkpointing)
+    distributed.barrier()
+    forward = distributed.parallel(model, completion_loss, args.fsdp, args.gradient_checkpointing)
     t0 = time.time()
     train_steps(args, tmp, forward, train, tokenizer.pad_token_id, device, autocast)
     metrics = final_metrics(args, forward, tokenizer, val, time.time() - t0, device, autocast)
-    policy.save_pretrained(model, tmp, tokenizer)
+    distributed.save_pretrained(model, tmp, tokenizer)
     if not main_process:
         return
     policy.save_json(os.path.join(tmp, "args.json"), dataclasses.asdict(args))

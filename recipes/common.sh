@@ -1,7 +1,7 @@
 # recipes/common.sh -- what both recipes do around their stages (sourced, after their settings).
 #
 #   run SCRIPT ARGS...   a stage in one process, or in NPROC processes under torchrun (one a GPU;
-#                        policy.py, section 8)
+#                        distributed.py)
 #   todo PATH            true if PATH does not exist yet: a stage whose output exists is skipped, so running
 #                        a recipe again continues it
 #   per_process NAME...  checks that each accumulation NAME is a multiple of NPROC: --batch_size is one

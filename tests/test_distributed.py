@@ -14,6 +14,7 @@ import torch
 
 import dpo
 import is_dpo
+import distributed
 import policy
 import reward
 import sft
@@ -27,15 +28,21 @@ STAGES = ("sft.py", "reward.py", "dpo.py", "is_dpo.py")
 # One torchrun command runs every stage, one after the other, as `python <script> <flags>` would (runpy):
 # its 2 processes pay for their interpreters and imports once, and keep their process group from stage to
 # stage. An entry that must fail prints its error line and the next one runs; "unsynced" runs the stage
-# with policy.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged.
+# with distributed.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged.
 DRIVER = """
 import json, os, runpy, sys
 import torch
 sys.path.insert(0, os.getcwd())  # the repository root, where the scripts are
-import policy
-parallel, rank = policy.parallel, int(os.environ["RANK"])
+import distributed
+parallel, rank = distributed.parallel, int(os.environ["RANK"])
+
+
+def unsynced(model, fn, *_):
+    return distributed.Forward(fn, model)
+
+
 for argv, how in json.loads(sys.argv[1]):
-    policy.parallel = parallel if how != "unsynced" else lambda model, fn, *_: policy.Forward(fn, model)
+    distributed.parallel = parallel if how != "unsynced" else unsynced
     sys.argv = argv
     try:
         runpy.run_path(argv[0], run_name="__main__")
@@ -44,8 +51,9 @@ for argv, how in json.loads(sys.argv[1]):
             raise
         print(f"rank {rank}: {argv[0]} stopped: {e}", file=sys.stderr, flush=True)
     assert torch.distributed.is_initialized(), argv
-    assert policy.WORLD == policy.World(rank, 2, int(os.environ["LOCAL_RANK"])), (argv, policy.WORLD)
-    print(f"rank {rank}: {argv[0]} {how} -> {policy.WORLD}", file=sys.stderr, flush=True)
+    world = distributed.World(rank, 2, int(os.environ["LOCAL_RANK"]))
+    assert distributed.WORLD == world, (argv, distributed.WORLD)
+    print(f"rank {rank}: {argv[0]} {how} -> {distributed.WORLD}", file=sys.stderr, flush=True)
 """
 
 
@@ -180,7 +188,7 @@ def test_processes_that_do_not_average_their_gradients_write_another_run(runs):
 
 def test_the_processes_keep_their_group_and_their_world_from_stage_to_stage(runs):
     """Several stages in one interpreter (DRIVER): after each, on both processes, the process group is up
-    and policy.WORLD is this process's; a stage's one-line error stops that stage only."""
+    and distributed.WORLD is this process's; a stage's one-line error stops that stage only."""
     root, out = runs
     for rank in (0, 1):  # (a line may follow the other process's progress bar on the same line)
         world = rf"World\(rank={rank}, size=2, local_rank={rank}\)"
@@ -205,7 +213,7 @@ def test_gradient_checkpointing_changes_neither_the_log_probs_nor_their_gradient
     results = []
     for checkpointing in (False, True):
         model = policy.load_policy(str(tiny / "sft")).double().train()
-        forward = policy.parallel(model, dpo.sequence_logps, gradient_checkpointing=checkpointing)
+        forward = distributed.parallel(model, dpo.sequence_logps, gradient_checkpointing=checkpointing)
         logps, _ = forward(batch, 16)
         score = policy.response_hidden(model.base_model, batch)[:, -1] @ head  # a reward-model-like read
         (logps.sum() + score.sum()).backward()

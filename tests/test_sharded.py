@@ -15,6 +15,7 @@ import torch
 
 import evaluate
 import dpo
+import distributed
 import policy
 import reward
 import sft
@@ -146,7 +147,7 @@ def results(path):
 
 def test_two_processes_evaluate_as_the_shards_and_one_process(world):
     root, _, printed = world
-    # the main process had 3 of the 6 checkpoints to do (the other prints nothing: policy.init_distributed)
+    # the main process had 3 of the 6 checkpoints to do (the other prints nothing: init_distributed)
     assert (f"evaluate: 3 checkpoints to do (0 already in {root / 'e2' / 'results.jsonl'}), 6 prompts "
             f"each (process 0 of 2)") in printed
     assert "(process 1 of 2)" not in printed
@@ -231,7 +232,7 @@ def test_run_sh_without_gpus_changes_nothing(tmp_path, hidden):
 def test_shard_flag_and_torchrun_are_one_or_the_other(monkeypatch, tmp_path):
     """Under torchrun (here: a World of 2 processes set by hand; init_distributed keeps it) --shard is
     refused with one error line, before any work."""
-    monkeypatch.setattr(policy, "WORLD", policy.World(rank=0, size=2))
+    monkeypatch.setattr(distributed, "WORLD", distributed.World(rank=0, size=2))
     with pytest.raises(SystemExit) as stop:
         evaluate.main(evaluate.Args(shard="0/2", runs=str(tmp_path / "none*"), out_dir=str(tmp_path / "e")))
     assert str(stop.value) == ("error: --shard splits the checkpoints between separate commands, torchrun "
