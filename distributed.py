@@ -3,7 +3,7 @@ distributed.py -- a stage run by several processes at once, one a GPU: `torchrun
 script.py ...` starts N copies of it, and this file is how they share the work.
 
   * who is who: WORLD (this process's rank, their number, its GPU), init_distributed, join_processes;
-  * sharing the work: shard / unshard (every N-th item, and back), barrier, mean_over_processes;
+  * sharing the work: shard / unshard (every N-th item, and back), barrier;
   * one global batch: gather_live (every process's per-pair log-probs, each keeping its own gradient) and
     mean_over_batch, so N processes compute the loss one process would (METHOD.md, section 12);
   * the model: parallel wraps it in DDP (gradients averaged in backward) or FSDP (weights sharded), with
@@ -88,17 +88,6 @@ def barrier():
     """Wait here until every process has arrived (e.g. until the main one has written a file)."""
     if WORLD.size > 1:
         torch.distributed.barrier()
-
-
-def mean_over_processes(value):
-    """The mean of a float (or a tensor) over the processes; itself in one process."""
-    if WORLD.size == 1:
-        return value
-    device = f"cuda:{WORLD.local_rank}" if torch.cuda.is_available() else "cpu"  # NCCL reduces GPU tensors
-    t = torch.as_tensor(value, dtype=torch.float64).detach().clone().to(device)
-    torch.distributed.all_reduce(t)
-    t /= WORLD.size
-    return t.item() if not torch.is_tensor(value) else t.to(value.device, value.dtype)
 
 
 def gather_live(mine):
