@@ -101,15 +101,16 @@ def make_batch(args, vocab, device):
     return policy.to_device(policy.collate_grouped(examples, pad_id=0, k=2), device)
 
 
-def dpo_step(model, optimizer, batch, ref, fused, args, autocast):
-    """Forward of chosen + rejected (prompt once), the DPO loss, backward, clip, AdamW; the loss."""
+def dpo_step(step, model, update, batch, ref, fused, args, autocast):
+    """Forward of chosen + rejected (prompt once), the DPO loss, backward, then the training loops' own
+    update (policy.optimizer_step: clip, finite check, AdamW). update: (optimizer, schedule, scaler).
+    Returns the loss."""
     with autocast:
         logps, _ = dpo.sequence_logps(model, batch, args.chunk, fused=fused)
         loss = dpo.dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], args.beta).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer, schedule, scaler = update
+    scaler.scale(loss).backward()
+    policy.optimizer_step(step, model, optimizer, schedule, scaler, 1.0, loss)
     return loss.item()
 
 
@@ -117,6 +118,8 @@ def run_variant(args, fused, device, autocast, batch, ref):
     """Median step time, peak memory and the first loss of one variant, from the seed's fresh weights."""
     model = build_model(args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    update = (optimizer, policy.lr_schedule(optimizer, 0, 1, "constant"),  # dpo.py's, without warm-up
+              policy.grad_scaler(args.precision, device))
     cuda = device.type == "cuda"
     losses, times = [], []
     for i in range(args.warmup + args.steps):
@@ -125,14 +128,14 @@ def run_variant(args, fused, device, autocast, batch, ref):
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        losses.append(dpo_step(model, optimizer, batch, ref, fused, args, autocast))
+        losses.append(dpo_step(i + 1, model, update, batch, ref, fused, args, autocast))
         if cuda:
             torch.cuda.synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if "embed_in" not in n)
-    del model, optimizer
+    del model, optimizer, update
     return statistics.median(times), peak, losses[0], matmul_params
 
 

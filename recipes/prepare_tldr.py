@@ -23,7 +23,6 @@ is kept as it is. Writes one .jsonl file (atomically; an existing file is refuse
     python recipes/prepare_tldr.py --data trl-lib/tldr --split train --tokenizer_path EleutherAI/pythia-1b \\
         --max_prompt_len 512 --out data/tldr_train.jsonl
 """
-import json
 import os
 import re
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import policy  # noqa: E402
 import stage  # noqa: E402
+import toy_tldr  # noqa: E402
 from stage import fail  # noqa: E402
 
 # (head, body, tail) of each frame; the body is what gets cut
@@ -100,15 +100,6 @@ def prepare(args, tokenizer):
                   f"{dropped} dropped (too long even with an empty post)")
 
 
-def write_jsonl(rows, path):
-    """All rows, or nothing: written to a hidden sibling and renamed into place."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def main(args):
     stage.check_args(args, positive=("max_prompt_len",))
     if not args.out.endswith(".jsonl"):
@@ -119,7 +110,9 @@ def main(args):
         fail(f"the directory of --out {args.out} does not exist")
     tokenizer = policy.load_tokenizer(args.tokenizer_path)
     rows, report = prepare(args, tokenizer)
-    write_jsonl(rows, args.out)
+    tmp = os.path.join(os.path.dirname(args.out) or ".", f".{os.path.basename(args.out)}.{os.getpid()}.tmp")
+    toy_tldr.write_jsonl(tmp, rows)  # written aside and renamed: all the rows, or no file
+    os.replace(tmp, args.out)
     print(f"{report}; wrote {args.out}")
 
 
