@@ -485,8 +485,7 @@ def encode_rows(tokenizer, prompts, responses, max_prompt_len, max_response_len,
                 add_eos=True):
     """[(prompt_ids, response_ids)] per row, each response cut at max_response_len.
 
-    Text: the response is ' ' + text + EOS, as today's TL;DR data (a completion that starts with a space
-    keeps its own).
+    Text: the response is ' ' + text + EOS (a completion that starts with a space keeps its own).
     Conversations (the prompt a message list, the response an assistant message or its text): the response
     is the reply as the chat template writes it after the prompt's generation prompt (chat_text), up to and
     including its end-of-turn token, which is the tokenizer's EOS (end_of_turn); no space is added, and no
