@@ -38,16 +38,16 @@ LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
 
 @dataclass
 class Args:
-    sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py): the start and the reference"})
-    data: str = field(default="out/prefs", metadata={"help": "pairs: a train.jsonl, or the directory holding it"})
+    sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py): start and reference"})
+    data: str = field(default="out/prefs", metadata={"help": "pairs: train.jsonl or its directory"})
     loss_type: str = field(default="dpo", metadata={"help": "dpo | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
     ipo_form: str = field(default="summed", metadata={
         "help": "ipo: summed (Azar et al., the AIS paper) | per_token (TRL: log-ratios averaged per token)"})
-    rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the chosen's summed NLL (x beta)"})
+    rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the chosen's NLL (x beta)"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length gap |y_w| - |y_l|"})
     chipo_form: str = field(default="huang", metadata={
-        "help": "chipo: huang (the margin clipped to [-2R, 2R]) | isdaa (the IS-DAAs code: r clamped in exp)"})
+        "help": "chipo: huang (the margin clipped to [-2R, 2R]) | isdaa (the IS-DAAs code: r clamped)"})
     chipo_rmax: float = field(default=5.0, metadata={"help": "chipo, huang: the reward bound R"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo, isdaa: the clip c of r inside exp()"})
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (paper: 1; the toy: 2)"})
@@ -56,9 +56,9 @@ class Args:
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate, AdamW (paper: 1e-6 on Pythia)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
     lr_schedule: str = field(default="cosine", metadata={"help": "cosine | constant (the DPO paper's)"})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine's floor, a fraction of --lr (IS-DAAs: 0.1)"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine's floor / --lr (IS-DAAs: 0.1)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    num_checkpoints: int = field(default=11, metadata={"help": "ckpt-<step> at evenly spaced fractions, + step 0"})
+    num_checkpoints: int = field(default=11, metadata={"help": "ckpt-<step> at even fractions, + step 0"})
     logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk (lm.py)"})
     max_prompt_len: int = field(default=64, metadata={"help": "longest prompt in tokens (longer: an error)"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
@@ -70,9 +70,9 @@ class Args:
     reference_only: bool = field(default=False, metadata={
         "help": "compute log pi_ref of the pairs, save them beside the pairs, and stop"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its saved state"})
-    save_every: int = field(default=50, metadata={"help": "steps between states saved for --resume (0: none)"})
+    save_every: int = field(default=50, metadata={"help": "steps between states for --resume (0: none)"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the weights (FSDP), not DDP"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (memory)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,38 +177,52 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
 def fingerprint(path):
     """What identifies a file or a directory's files cheaply: names, sizes, times, and a hash of each head."""
     key = hashlib.sha256()
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
-    for name in files:
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+    for name in sorted(files):
         info = os.stat(name)
         with open(name, "rb") as f:
-            key.update(f"{os.path.relpath(name, path)} {info.st_size} {info.st_mtime_ns}".encode() + f.read(1 << 16))
+            key.update(f"{os.path.relpath(name, path)} {info.st_size} {info.st_mtime_ns}".encode())
+            key.update(f.read(1 << 16))
     return key.hexdigest()[:20]
+
+
+def read_reference(path, key, n):
+    """The saved log-probs if `path` holds them for `key` (n finite numbers each, checksum intact)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        logps = saved["logps"]
+        if saved["key"] == key and all(t.shape == (n,) and t.isfinite().all() for t in logps) and \
+                saved["sha256"] == hashlib.sha256(torch.stack(logps).numpy().tobytes()).hexdigest():
+            return logps
+    except Exception:  # missing, torn, foreign: computed again
+        pass
+    return None
 
 
 @torch.no_grad()
 def reference_logps(args, forward, pairs, pad_id, device, autocast):
-    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N]: read from the saved file when it was made from this pi_ref,
-    these pairs and these lengths (and holds N finite numbers), else computed and saved. Over several
-    processes each computes a shard (padded to a multiple of the processes: FSDP needs equal batches)."""
+    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N]: read from <pairs dir>/reference_logps.pt when it was made
+    from this pi_ref, these pairs and these lengths, else computed and saved. Over several processes each
+    computes a shard (padded to a multiple of the processes: FSDP needs equal batches)."""
     pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
     path = os.path.join(os.path.dirname(pairs_file), "reference_logps.pt")
     key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len]
-    saved = torch.load(path, weights_only=True) if os.path.isfile(path) else {}
-    if saved.get("key") == key and all(len(t) == len(pairs) and t.isfinite().all() for t in saved["logps"]):
+    saved = read_reference(path, key, len(pairs))
+    if saved is not None:
         print(f"reference log-probs: read from {path}")
-        return tuple(t.to(device) for t in saved["logps"])
+        return tuple(t.to(device) for t in saved)
     mine = stage.shard(pairs + pairs[-1:] * (-len(pairs) % stage.WORLD.size))
     out = []
     for s in tqdm(range(0, len(mine), 2 * args.batch_size), desc="reference log-probs", leave=False):
         with autocast:
             out.append(torch.stack(lm.pair_logps(forward, mine[s:s + 2 * args.batch_size], pad_id, device,
                                                  args.logit_chunk)[:2], 1))
-    logps = stage.gather_live(torch.cat(out))[:len(pairs)].float()
-    ref_w, ref_l = logps[:, 0].contiguous(), logps[:, 1].contiguous()
+    logps = stage.gather_live(torch.cat(out))[:len(pairs)].float().T.contiguous()  # [2, N]
     if stage.WORLD.main:
-        torch.save({"key": key, "logps": (ref_w.cpu(), ref_l.cpu())}, f"{path}.{os.getpid()}.tmp")
+        sha = hashlib.sha256(logps.cpu().numpy().tobytes()).hexdigest()
+        torch.save({"key": key, "logps": tuple(logps.cpu()), "sha256": sha}, f"{path}.{os.getpid()}.tmp")
         os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole or not at all, even with runs side by side
-    return ref_w, ref_l
+    return logps[0], logps[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +233,9 @@ def check(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     stage.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
-                                     "chipo_clip", "chipo_rmax", "logit_chunk", "max_prompt_len", "max_response_len",
-                                     "num_checkpoints"), non_negative=("rpo_eta", "warmup_steps", "save_every"))
+                                     "chipo_clip", "chipo_rmax", "logit_chunk", "max_prompt_len",
+                                     "max_response_len", "num_checkpoints"),
+                     non_negative=("rpo_eta", "warmup_steps", "save_every"))
     if args.ipo_form not in ("summed", "per_token") or args.chipo_form not in ("huang", "isdaa"):
         fail(f"--ipo_form is summed or per_token, --chipo_form huang or isdaa: got {args.ipo_form!r}, "
              f"{args.chipo_form!r}")
@@ -232,7 +247,7 @@ def check(args):
 
 @stage.cleans_up
 def train(args, weigh=None, method=None):
-    """The DAA loop. weigh(args, logps, rows) -> (w [B], stats) weighs each pair's loss (is_dpo.py); None: 1."""
+    """The DAA loop. weigh(args, logps, rows) -> (w [B], stats) weighs each pair's loss (is_dpo.py)."""
     check(args)
     world = stage.init_distributed(args.resume)
     stage.seed_everything(args.seed)
@@ -254,16 +269,18 @@ def train(args, weigh=None, method=None):
     total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / (size * args.grad_accum)))
     save_at = {round(k * total_steps / args.num_checkpoints) for k in range(args.num_checkpoints + 1)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = stage.lr_schedule(optimizer, args.warmup_steps, total_steps, args.lr_schedule, args.min_lr_ratio)
+    scheduler = stage.lr_schedule(optimizer, args.warmup_steps, total_steps, args.lr_schedule,
+                                  args.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow
     work = output.work if output else ""
     if world.main:
-        stage.save_json(os.path.join(work, "args.json"), {**dataclasses.asdict(args), "method": method or args.loss_type,
-                        "run_name": name, "run_id": output.run, "total_steps": total_steps, "num_pairs": len(pairs)})
+        stage.save_json(os.path.join(work, "args.json"), {
+            **dataclasses.asdict(args), "method": method or args.loss_type, "run_name": name,
+            "run_id": output.run, "total_steps": total_steps, "num_pairs": len(pairs)})
     done, order, cursor = stage.restore_state(work, args, model, optimizer, scheduler, scaler)
     if 0 in save_at and not done:
         stage.save_pretrained(model, os.path.join(work, "ckpt-0"), tokenizer)
-    print(f"{name}: {len(pairs)} pairs, {total_steps} steps of {size * args.grad_accum} pairs, device {device}")
+    print(f"{name}: {len(pairs)} pairs, {total_steps} steps of {size * args.grad_accum} pairs on {device}")
     t0 = time.time()
     bar = tqdm(range(done + 1, total_steps + 1), desc=name, disable=not world.main)
     for step in bar:
@@ -275,8 +292,8 @@ def train(args, weigh=None, method=None):
             with stage.sync_gradients(forward, now=micro == args.grad_accum - 1):
                 # --- the algorithm: summed log-probs of this process's pairs; every process's, gathered ---
                 with autocast:
-                    mine = lm.pair_logps(forward, [pairs[i] for i in stage.shard(idx)], tokenizer.pad_token_id,
-                                         device, args.logit_chunk)
+                    mine = lm.pair_logps(forward, [pairs[i] for i in stage.shard(idx)],
+                                         tokenizer.pad_token_id, device, args.logit_chunk)
                 pi_w, pi_l, len_w, len_l = (stage.gather_live(t) for t in mine)
                 logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w[idx], "ref_l": ref_l[idx],
                          "len_w": len_w, "len_l": len_l}
@@ -287,12 +304,14 @@ def train(args, weigh=None, method=None):
                 scaler.scale(loss * world.size).backward()  # DDP averages the processes: stage.gather_live
             for k, v in {**stats, **weight_stats, "loss": loss.item() * args.grad_accum}.items():
                 logged[k] = logged.get(k, 0.0) + v / args.grad_accum
-        grad_norm = stage.optimizer_step(step, model, optimizer, scheduler, scaler, args.grad_clip, logged["loss"])
+        grad_norm = stage.optimizer_step(step, model, optimizer, scheduler, scaler, args.grad_clip,
+                                         logged["loss"])
         row = {"step": step, "epoch": step * size * args.grad_accum / len(pairs), **logged,
                "grad_norm": float(grad_norm)}
         if world.main:
             stage.append_jsonl(os.path.join(work, "train_log.jsonl"), row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}", acc=f"{row['accuracy']:.2f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", margin=f"{row['margin']:.2f}",
+                        acc=f"{row['accuracy']:.2f}")
         if step in save_at:
             stage.save_pretrained(model, os.path.join(work, f"ckpt-{step}"), tokenizer)
         stage.save_state(work, args, step, total_steps, model, optimizer, scheduler, order, cursor, scaler)

@@ -53,15 +53,16 @@ MAX_LOG_W = 50.0  # exp(50) ~ 5e21: far inside float32, far above any weight tha
 
 @dataclass
 class Args(dpo.Args):
-    weight: str = field(default="adaptive", metadata={"help": "none | full | clipped | adaptive | fixed | sqrt"})
+    weight: str = field(default="adaptive", metadata={
+        "help": "none | full | clipped | adaptive | fixed | sqrt"})
     alpha: float = field(default=0.1, metadata={"help": "--weight fixed: the exponent alpha in [0, 1]"})
     log_w_max: float = field(default=2.0, metadata={"help": "--weight clipped: upper clip of log w"})
     self_normalise: bool = field(default=False, metadata={
-        "help": "a control: w divided by its batch mean, so only the weights' relative sizes act (the papers: no)"})
-    weight_grad: bool = field(default=False, metadata={"help": "let gradients flow through w (not recommended)"})
+        "help": "a control: w divided by its batch mean, so only the weights' relative sizes act"})
+    weight_grad: bool = field(default=False, metadata={"help": "let gradients flow through w (not advised)"})
     behaviour_logps: bool = field(default=False, metadata={
-        "help": "weigh against the data's behaviour log-probs (chosen_behaviour_logp, rejected_behaviour_logp "
-                "columns) instead of log pi_ref"})
+        "help": "weigh against the data's behaviour log-probs (columns chosen_behaviour_logp, "
+                "rejected_behaviour_logp) instead of log pi_ref"})
 
 
 def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.0):
@@ -133,9 +134,10 @@ def main(args, weigh=importance_weights):
     if not 0 <= args.alpha <= 1:
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
     if not math.isfinite(args.log_w_max) or args.log_w_max < -10:
-        fail(f"--log_w_max must be finite and >= -10 (w >= e^-10: a policy that still moves), got {args.log_w_max}")
+        fail(f"--log_w_max must be finite and >= -10 (w >= e^-10, a policy that moves), got {args.log_w_max}")
     if args.behaviour_logps:  # the columns must hold finite numbers: one clear line now if not
-        lm.load_rows(args.data, "train.jsonl", [], numeric=["chosen_behaviour_logp", "rejected_behaviour_logp"])
+        lm.load_rows(args.data, "train.jsonl", [],
+                     numeric=["chosen_behaviour_logp", "rejected_behaviour_logp"])
     return dpo.train(args, weigh=weigh, method=method_name(args))
 
 

@@ -1,5 +1,5 @@
 """
-lm.py -- the language model that every stage shares: rows in, token ids, batches, log pi(y|x), models, samples.
+lm.py -- the language model every stage shares: rows in, token ids, batches, log pi(y|x), models, samples.
 
   1. rows: local JSON lines in one form -- {prompt, completion} | {prompt, chosen, rejected} | {prompt,
      reference}, and optionally the token ids of any text column C as C_ids (scale/prepare.py writes this
@@ -65,7 +65,8 @@ def load_rows(data, filename, columns, numeric=()):
                   isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                   if c in numeric else isinstance(value, str))
             if not ok:
-                kind = "token ids" if c.endswith("_ids") else "a finite number" if c in numeric else "a string"
+                kind = ("token ids" if c.endswith("_ids") else "a finite number" if c in numeric
+                        else "a string")
                 fail(f"{path} row {i}, column {c!r}: expected {kind}, got {json.dumps(value)[:60]}"
                      + ("" if isinstance(value, str) or value is not None or c in row else
                         f" (it has {sorted(row)}; prepare other columns with `python -m scale.prepare`)"))
@@ -114,21 +115,23 @@ def encode_prompts(tokenizer, rows, max_prompt_len):
 def encode(tokenizer, rows, column, max_prompt_len, max_response_len):
     """[(prompt_ids, response_ids)] of each row's prompt and its response in `column`: the row's C_ids if it
     has them (the tokens a model sampled), else ' ' + text + EOS; cut at max_response_len."""
-    texts = [r[column] if r[column][:1].isspace() else " " + r[column] for r in rows if column + "_ids" not in r]
+    texts = [r[column] if r[column][:1].isspace() else " " + r[column]
+             for r in rows if column + "_ids" not in r]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     out = []
     for row, prompt in zip(rows, encode_prompts(tokenizer, rows, max_prompt_len)):
         ids = row.get(column + "_ids") or next(encoded) + [tokenizer.eos_token_id]
         if max(ids + prompt) >= len(tokenizer):
-            fail(f"a row's token ids reach {max(ids + prompt)}, beyond the tokenizer's {len(tokenizer)} tokens: "
-                 f"ids of another tokenizer?")
+            fail(f"a row's token ids reach {max(ids + prompt)}, beyond the tokenizer's {len(tokenizer)} "
+                 f"tokens: ids of another tokenizer?")
         out.append((prompt, ids[:max_response_len]))
     return out
 
 
 def special_ids(tokenizer):
     """BOS, EOS, pad, unknown and every added token marked special (a chat template's headers)."""
-    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    added = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return set(tokenizer.all_special_ids) | added
 
 
 def banned_ids(tokenizer, model=None):
@@ -206,8 +209,9 @@ def response_hidden(base_model, batch):
     prompt_mask, response_mask = batch["prompt_mask"], batch["response_mask"]
     k = len(response_mask) // len(prompt_mask)
     position = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    if base_model.training and base_model.is_gradient_checkpointing:
-        ids, prompt_mask, position = (t.repeat_interleave(k, 0) for t in (batch["prompt_ids"], prompt_mask, position))
+    if base_model.training and base_model.is_activation_checkpointing:
+        ids, prompt_mask, position = (t.repeat_interleave(k, 0)
+                                      for t in (batch["prompt_ids"], prompt_mask, position))
         after = position[:, -1:] + 1 + torch.arange(response_mask.shape[1], device=position.device)
         out = base_model(input_ids=torch.cat([ids, batch["response_ids"]], 1),
                          attention_mask=torch.cat([prompt_mask, response_mask], 1),
@@ -220,8 +224,8 @@ def response_hidden(base_model, batch):
         cache.batch_repeat_interleave(k)
         last, prompt_mask, position = (t.repeat_interleave(k, dim=0) for t in (last, prompt_mask, position))
     position = position[:, -1:] + 1 + torch.arange(response_mask.shape[1], device=position.device)
-    out = base_model(input_ids=batch["response_ids"], attention_mask=torch.cat([prompt_mask, response_mask], 1),
-                     position_ids=position, past_key_values=cache)
+    out = base_model(input_ids=batch["response_ids"], position_ids=position, past_key_values=cache,
+                     attention_mask=torch.cat([prompt_mask, response_mask], 1))
     return torch.cat([last, out.last_hidden_state], dim=1)
 
 
@@ -234,9 +238,10 @@ def gather_logps_naive(hidden, weight, bias, targets):
 
 class ChunkedLogProbs(torch.autograd.Function):
     """gather_logps_naive's numbers, holding one [chunk, V] block of logits at a time. Forward keeps the
-    per-token logsumexp; backward recomputes each chunk's logits and uses d logp_t / d logits = onehot(target)
-    - softmax(logits). Both compute the logits in the dtype autocast chose for the forward (ctx.dtype; autocast
-    is off inside): a softmax of logits of another precision than the saved logsumexp would not sum to 1."""
+    per-token logsumexp; backward recomputes each chunk's logits and uses d logp_t / d logits =
+    onehot(target) - softmax(logits). Both compute the logits in the dtype autocast chose for the forward
+    (ctx.dtype; autocast is off inside): a softmax of logits of another precision than the saved logsumexp
+    would not sum to 1."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
@@ -250,7 +255,8 @@ class ChunkedLogProbs(torch.autograd.Function):
             for s in range(0, len(targets), chunk):
                 logits = F.linear(hidden[s:s + chunk].to(ctx.dtype), w, b).to(acc)
                 lse[s:s + chunk] = logits.logsumexp(-1)
-                logps[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+                picked = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
+                logps[s:s + chunk] = picked - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return logps
@@ -262,7 +268,8 @@ class ChunkedLogProbs(torch.autograd.Function):
         acc = lse.dtype
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
+        wants_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_bias = torch.zeros_like(bias, dtype=acc) if wants_bias else None
         # BEGIN SOLUTION
         with torch.autocast(hidden.device.type, enabled=False):  # the logits of the forward, in ctx.dtype
             for s in range(0, len(targets), ctx.chunk):
@@ -318,7 +325,8 @@ def load_pretrained(auto_class, path, what, new_weights=()):
     try:
         model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     except Exception as e:  # missing, truncated, foreign: all end here
-        fail(f"could not load {what} from {path!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        fail(f"could not load {what} from {path!r}: {type(e).__name__}: {first_line}")
     missing = [k for k in info["missing_keys"] if not k.startswith(tuple(new_weights))]
     if missing:
         fail(f"{path} is not {what}: its files lack the weights {', '.join(sorted(missing)[:3])}")
@@ -339,7 +347,8 @@ def new_model(tokenizer, n_layer, n_embd, n_head, max_len):
     if n_embd % n_head:
         fail(f"--n_embd {n_embd} must be divisible by --n_head {n_head}")
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=n_embd, num_hidden_layers=n_layer,
-                           num_attention_heads=n_head, intermediate_size=4 * n_embd, max_position_embeddings=max_len,
+                           num_attention_heads=n_head, intermediate_size=4 * n_embd,
+                           max_position_embeddings=max_len,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     return GPTNeoXForCausalLM(config)
@@ -365,8 +374,8 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batc
     responses, logps = [], []
     banned = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=desc is None):
-        tokens, totals = sample_batch(model, prompts[start:start + batch_size], eos_id, pad_id, max_new_tokens,
-                                      temperature, generator, banned)
+        tokens, totals = sample_batch(model, prompts[start:start + batch_size], eos_id, pad_id,
+                                      max_new_tokens, temperature, generator, banned)
         responses += [row[:row.index(eos_id) + 1] if eos_id in row else row for row in tokens]
         logps += totals[logps_of].tolist()
     model.train(was_training)
@@ -374,7 +383,7 @@ def sample(model, prompts, eos_id, pad_id, max_new_tokens, temperature=1.0, batc
 
 
 def sample_batch(model, chunk, eos_id, pad_id, max_new_tokens, temperature, generator, banned):
-    """One batch of `sample`: (token lists, pad after EOS; {"policy": [B], "sampler": [B]} summed log-probs)."""
+    """One batch of `sample`: (token lists, pad after EOS; {"policy", "sampler"}: summed log-probs [B])."""
     device = banned.device
     width = max(len(p) for p in chunk)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
@@ -384,14 +393,16 @@ def sample_batch(model, chunk, eos_id, pad_id, max_new_tokens, temperature, gene
     totals = {name: torch.zeros(len(chunk), device=device) for name in ("policy", "sampler")}
     out_tokens, cache = [], None
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()
         allowed = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
         if temperature == 0:
             token, drawn = allowed.argmax(-1), torch.zeros_like(logits)  # greedy: probability 1
         else:
-            token = torch.multinomial(torch.softmax(allowed / temperature, -1), 1, generator=generator).squeeze(-1)
+            probs = torch.softmax(allowed / temperature, -1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             drawn = torch.log_softmax(allowed / temperature, dim=-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         for name, token_logps in (("policy", torch.log_softmax(logits, -1)), ("sampler", drawn)):

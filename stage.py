@@ -158,7 +158,7 @@ def parallel(model, fn, fsdp=False, gradient_checkpointing=False):
     """What a loop calls for fn(model, ...): Forward(fn, model) in one process, wrapped in DDP over several
     (or sharded by FSDP: scale/fsdp.py). gradient_checkpointing: layers recompute their activations."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if fsdp:
         if WORLD.size == 1:
             fail("--fsdp shards the weights over several processes: start the stage with torchrun")
@@ -207,8 +207,8 @@ def seed_everything(seed):
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PRECISION_HELP = ("auto (bf16 autocast on CUDA, float32 on the CPU) | fp32 | bf16 | fp16 (fp16 autocast with a "
-                  "gradient scaler); the weights and the optimizer stay float32")
+PRECISION_HELP = ("auto (bf16 autocast on CUDA, float32 on the CPU) | fp32 | bf16 | fp16 (fp16 autocast with "
+                  "a gradient scaler); the weights and the optimizer stay float32")
 
 
 def device_and_autocast(precision="auto", threads=0):
@@ -330,7 +330,8 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
             fail(f"--out_dir {out_dir} is a non-empty directory no stage of this project wrote (it has no "
                  f"{MARKER}): choose another, or empty it")
         if marker.get("stage") != stage:
-            fail(f"--out_dir {out_dir} holds the output of another stage ({marker.get('stage')}), not of {stage}")
+            fail(f"--out_dir {out_dir} holds the output of another stage ({marker.get('stage')}), "
+                 f"not of {stage}")
 
 
 def scratch_path(out_dir, kind):
@@ -350,7 +351,8 @@ class Output:
         import fcntl
 
         check_output(out_dir, stage, inputs)
-        self.out_dir, self.work, self.aside = out_dir, scratch_path(out_dir, "partial"), scratch_path(out_dir, "old")
+        self.out_dir, self.work = out_dir, scratch_path(out_dir, "partial")
+        self.aside = scratch_path(out_dir, "old")
         os.makedirs(os.path.dirname(self.work), exist_ok=True)
         self.lock = os.open(scratch_path(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -428,7 +430,7 @@ def cleans_up(stage_main):
 
 
 def prepare_dir(path, stage, inputs=(), own_files=()):
-    """A directory a stage adds files to (evaluate.py's results): made with a marker, or refused (check_output)."""
+    """A directory a stage adds files to (evaluate.py's results): made with a marker, or refused."""
     check_output(path, stage, inputs, own_files)
     os.makedirs(path, exist_ok=True)
     if read_marker(path) is None:
@@ -454,8 +456,10 @@ def save_state(work, args, step, total, model, optimizer, scheduler, order, curs
     state = {"step": step, "order": order, "cursor": cursor, "settings": settings(args),
              "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-             "rng": {"python": random.getstate(), "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+             "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+             "rng": {"python": random.getstate(),
+                     "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
                      "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     try:
@@ -482,8 +486,9 @@ def restore_state(work, args, model, optimizer, scheduler, scaler):
         fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
     changed = [k for k, v in settings(args).items() if state["settings"].get(k) != v]
     if changed:
-        fail(f"--resume with other settings than the interrupted run ({', '.join('--' + k for k in changed)}): "
-             f"use the same, or remove {work} to start over")
+        changed = ", ".join("--" + k for k in changed)
+        fail(f"--resume with other settings than the interrupted run ({changed}): use the same, or remove "
+             f"{work} to start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
