@@ -51,19 +51,18 @@ SEEDS=${SEEDS:-"1 2 3"}
 LOG_W_MAX=${LOG_W_MAX:-2.0}
 NUM_CHECKPOINTS=${NUM_CHECKPOINTS:-10}
 
-source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, per_process
+source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, prepare, per_process
 per_process SFT_ACCUM DAA_ACCUM
 OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "$GRAD_CLIP")
 
 # 0. data: UltraChat's conversations and UltraFeedback's pairs in the canonical form, prompts cut inside
 # their oldest turns to the stages' prompt budgets; the pairs through the SFT data's tokenizer (its template)
 DATA=$OUT/data
-todo "$DATA/ultrachat" && "$PYTHON" -m scale.prepare --kind sft --data "$ULTRACHAT" --split train_sft \
-  --completion_column messages --tokenizer_path "$MODEL" ${CHAT_TEMPLATE:+--chat_template "$CHAT_TEMPLATE"} \
-  --max_prompt_len "$SFT_PROMPT_LEN" --truncate_prompts --out_dir "$DATA/ultrachat"
-todo "$DATA/ultrafeedback" && "$PYTHON" -m scale.prepare --kind prefs --data "$ULTRAFEEDBACK" \
-  --split train_prefs --tokenizer_path "$DATA/ultrachat/tokenizer" --max_prompt_len "$DAA_PROMPT_LEN" \
-  --truncate_prompts --out_dir "$DATA/ultrafeedback"
+prepare "$DATA/ultrachat" --kind sft --data "$ULTRACHAT" --split train_sft --completion_column messages \
+  --tokenizer_path "$MODEL" ${CHAT_TEMPLATE:+--chat_template "$CHAT_TEMPLATE"} \
+  --max_prompt_len "$SFT_PROMPT_LEN" --truncate_prompts
+prepare "$DATA/ultrafeedback" --kind prefs --data "$ULTRAFEEDBACK" --split train_prefs \
+  --tokenizer_path "$DATA/ultrachat/tokenizer" --max_prompt_len "$DAA_PROMPT_LEN" --truncate_prompts
 
 # 1. SFT: the assistant turns of UltraChat's conversations
 todo "$OUT/sft" && run sft.py --model_name_or_path "$MODEL" --data "$DATA/ultrachat" \

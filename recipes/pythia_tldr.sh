@@ -67,22 +67,16 @@ mkdir -p "$DATA"
 LENS=(--max_prompt_len "$MAX_PROMPT_LEN" --max_response_len "$MAX_RESPONSE_LEN")
 OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "$GRAD_CLIP")
 
-source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, per_process
+source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, prepare, per_process
 per_process SFT_ACCUM RM_ACCUM DAA_ACCUM
 
 # 0. data: the canonical form (scale/prepare.py: the text and the policy's token ids), prompts cut at
 # paragraph level to MAX_PROMPT_LEN tokens (App. D). The Pythias share one tokenizer: the gold RM's too.
-prepare() {  # prepare NAME FLAGS...: $DATA/NAME, unless it exists
-  local name=$1
-  shift
-  if todo "$DATA/$name"; then
-    "$PYTHON" -m scale.prepare "$@" --tokenizer_path "$MODEL" --max_prompt_len "$MAX_PROMPT_LEN" \
-      --tldr_truncation --out_dir "$DATA/$name"
-  fi
-}
-prepare tldr_train --kind sft --data "$TLDR" --split train
-prepare tldr_test --kind eval --data "$TLDR" --split test --reference_column completion
-prepare tldr_pref_train --kind prefs --data "$TLDR_PREF" --split train
+PREPARE=(--tokenizer_path "$MODEL" --max_prompt_len "$MAX_PROMPT_LEN" --tldr_truncation)
+prepare "$DATA/tldr_train" --kind sft --data "$TLDR" --split train "${PREPARE[@]}"
+prepare "$DATA/tldr_test" --kind eval --data "$TLDR" --split test "${PREPARE[@]}" \
+  --reference_column completion
+prepare "$DATA/tldr_pref_train" --kind prefs --data "$TLDR_PREF" --split train "${PREPARE[@]}"
 
 # 1. SFT of the policy (pi_ref) and of the gold RM's base, on the reference summaries
 for spec in "$MODEL sft" "$GOLD_MODEL gold_sft"; do  # not stated: the gold RM's start (we: its own SFT)
