@@ -338,7 +338,7 @@ def adds_bos(tokenizer):
             and tokenizer("x", add_special_tokens=False)["input_ids"][:1] != [bos])
 
 
-def truncate_chat(tokenizer, messages, max_prompt_len, bos):
+def truncate_chat(tokenizer, messages, max_prompt_len, bos, where="a prompt"):
     """(ids, messages) of a conversation cut to max_prompt_len inside its messages' contents: tokens go from
     the start of the oldest non-system message's content (the first user turn), then the next ones'; the
     template's BOS, headers and generation prompt are kept whole. Refused if those alone are too long."""
@@ -354,8 +354,8 @@ def truncate_chat(tokenizer, messages, max_prompt_len, bos):
                 break
             content = content[len(ids) - max_prompt_len:]  # at least the excess: a step closer each time
             message["content"] = tokenizer.decode(content)
-    fail(f"a prompt's chat template alone (its headers, system prompt and generation prompt) has {len(ids)} "
-         f"tokens > --max_prompt_len {max_prompt_len}")
+    fail(f"{where}: the chat template alone (its headers, system prompt and generation prompt) has "
+         f"{len(ids)} tokens > --max_prompt_len {max_prompt_len}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def encode_prompts(tokenizer, prompts, max_prompt_len=0, truncate_prompts=False,
                  f"or pass --truncate_prompts to cut prompts"
                  f"{' inside their messages' if isinstance(prompt, list) else ' from the left'})")
         if cut and isinstance(prompt, list):
-            ids, messages = truncate_chat(tokenizer, prompt, max_prompt_len, bos)
+            ids, messages = truncate_chat(tokenizer, prompt, max_prompt_len, bos, f"row {n}")
             text = render(tokenizer, messages, True)
         elif cut:  # keep the end: 'TL;DR:' is what cues the summary (and BOS, where there is one)
             ids = bos + ids[len(ids) - max(max_prompt_len - len(bos), 0):]
@@ -421,13 +421,15 @@ def canonical_rows(tokenizer, rows, responses, max_prompt_len=0, truncate_prompt
     names) as text, with their token ids beside them as <column>_ids; its other columns kept."""
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_len, truncate_prompts,
                              first_row)
-    out = [{**r, "prompt": text, "prompt_ids": ids} for r, (text, ids, _) in zip(rows, prompts)]
+    out = [{"prompt": text, "prompt_ids": ids} for text, ids, _ in prompts]
     for column in responses:
         have = [i for i, r in enumerate(rows) if r.get(column) is not None]
         encoded = encode_responses(tokenizer, [rows[i]["prompt"] for i in have],
                                    [rows[i][column] for i in have])
         for i, (text, ids) in zip(have, encoded):
             out[i][column], out[i][f"{column}_ids"] = text, ids
+    for row, source in zip(out, rows):  # the other columns, after ours
+        row.update((c, v) for c, v in source.items() if c not in row)
     return out, sum(cut for _, _, cut in prompts)
 
 

@@ -198,9 +198,9 @@ def main(args):
 
     report = publish(args.out_dir, write)
     how = "--tldr_truncation" if args.tldr_truncation else "--truncate_prompts"
-    print(f"prepare: {report['rows_read']} rows read; {report['prompts_cut']} prompts cut to "
-          f"--max_prompt_len {args.max_prompt_len} ({how}); {report['rows_dropped']} rows dropped (too long "
-          f"even with an empty post); wrote {report['rows_written']} rows to "
+    dropped = f", {report['rows_dropped']} dropped (too long even with an empty post)" * args.tldr_truncation
+    print(f"prepare: {report['rows_read']} rows read, {report['prompts_cut']} prompts cut to "
+          f"--max_prompt_len {args.max_prompt_len} ({how}){dropped}; wrote {report['rows_written']} rows to "
           f"{os.path.join(args.out_dir, report['file'])} and the tokenizer (EOS {report['eos_token']!r}) to "
           f"{os.path.join(args.out_dir, 'tokenizer')}")
 

@@ -1,8 +1,8 @@
 """scale/prepare.py: the outside world's data formats turned into the canonical form, on stand-ins this file
-builds (no download): byte-level BPE tokenizers saved with save_pretrained -- one with Llama-3's special tokens
-that adds BOS itself, as Llama-3's does, given Llama-3's chat template (as a base Llama that ships none is),
-and one as Pythia ships its own (one special token, <|endoftext|>, no BOS added, no pad) -- and data files in
-the hub data sets' schemas: HuggingFaceH4/ultrachat_200k (prompt, prompt_id, messages),
+builds (no download): byte-level BPE tokenizers saved with save_pretrained -- one with Llama-3's special
+tokens that adds BOS itself, as Llama-3's does, given Llama-3's chat template (as a base Llama that ships
+none is), and one as Pythia ships its own (one special token, <|endoftext|>, no BOS added, no pad) -- and
+data files in the hub data sets' schemas: HuggingFaceH4/ultrachat_200k (prompt, prompt_id, messages),
 HuggingFaceH4/ultrafeedback_binarized (prompt, prompt_id, chosen, rejected, messages, score_chosen,
 score_rejected), trl-lib/ultrafeedback_binarized (chosen, rejected: implicit prompt), TRL's explicit
 conversational forms, trl-lib/tldr (prompt, completion) and trl-lib/tldr-preference (prompt, chosen,
@@ -152,7 +152,8 @@ def standin(tmp_path_factory):
     train, test = conversations(0, 40), conversations(1, 8)
     save_llama3_tokenizer(root / "llama", [m["content"] for c, o in train for m in c + [o]])
     (root / "llama3.jinja").write_text(TEMPLATE)
-    write_snapshot(root / "ultrachat_200k", {"train_sft": ultrachat_rows(train + conversations(2, 8, turns=2)),
+    chats = train + conversations(2, 8, turns=2)
+    write_snapshot(root / "ultrachat_200k", {"train_sft": ultrachat_rows(chats),
                                              "test_sft": ultrachat_rows(test)})
     write_snapshot(root / "ultrafeedback_binarized", {"train_prefs": h4_feedback_rows(train),
                                                       "test_prefs": h4_feedback_rows(test)})
@@ -216,8 +217,9 @@ def test_six_schemas_render_as_the_template_by_hand(standin, tmp_path):
     assert prompt_text.count(BOT) == 1 and prompt_text.endswith("assistant<|end_header_id|>\n\n")
     for name, (row, flags) in forms.items():
         source = write_jsonl(tmp_path / f"{name.replace(' ', '_')}.jsonl", [row])
-        (got,), saved = run(tmp_path / name.replace(" ", "_"), data=source, tokenizer_path=str(standin / "llama"),
-                            chat_template=str(standin / "llama3.jinja"), **flags)
+        template = str(standin / "llama3.jinja")
+        (got,), saved = run(tmp_path / name.replace(" ", "_"), data=source,
+                            tokenizer_path=str(standin / "llama"), chat_template=template, **flags)
         assert saved.eos_token == EOT and saved.chat_template == TEMPLATE, name  # the stages read both
         eot = saved.convert_tokens_to_ids(EOT)
         assert got["prompt"] == prompt_text and got["prompt_ids"] == ids(saved, prompt_text), name
@@ -294,14 +296,14 @@ def test_truncation_keeps_the_header_and_the_generation_prompt(standin, tok, tmp
     kept = tok.decode(ids_cut[len(head):-len(tail)])
     assert kept and long["content"].endswith(kept)
     assert ids(tok, text) == ids_cut and text.startswith(BOT) and text.count(BOT) == 1  # the text re-rendered
-    with pytest.raises(SystemExit, match="error: a prompt's chat template alone"):
+    with pytest.raises(SystemExit, match="error: row 1: the chat template alone"):
         data.encode_prompts(tok, [messages], len(head) + 8, truncate_prompts=True)
     with pytest.raises(SystemExit, match="row 1: .*--truncate_prompts"):
         data.encode_prompts(tok, [messages], limit)
     # through the command line: the prompt written is the cut one, its ids those of encode_prompts
     source = write_jsonl(tmp_path / "long.jsonl", [{"prompt": messages, "completion": "Birds sang."}])
-    (row,), _ = run(tmp_path / "out", data=source, tokenizer_path=str(standin / "llama"), chat_template=TEMPLATE,
-                    max_prompt_len=limit, truncate_prompts=True)
+    (row,), _ = run(tmp_path / "out", data=source, tokenizer_path=str(standin / "llama"),
+                    chat_template=TEMPLATE, max_prompt_len=limit, truncate_prompts=True)
     assert row["prompt_ids"] == ids_cut and row["prompt"] == text
 
 
@@ -350,12 +352,14 @@ def null_completion(path):
 
 def null_completion_array(path):
     path = path.with_suffix(".json")
-    path.write_text(json.dumps([{**r, "completion": None} if i == 1 else r for i, r in enumerate(sft_rows())]))
+    path.write_text(json.dumps([{**r, "completion": None} if i == 1 else r
+                                for i, r in enumerate(sft_rows())]))
     return {"data": str(path)}
 
 
 def number_prompt(path):
-    return {"data": write_jsonl(path, [{**r, "prompt": 42} if i == 0 else r for i, r in enumerate(sft_rows())])}
+    return {"data": write_jsonl(path, [{**r, "prompt": 42} if i == 0 else r
+                                       for i, r in enumerate(sft_rows())])}
 
 
 def list_completion(path):
@@ -427,7 +431,8 @@ BAD = [  # (what, words the error line must hold)
 def test_bad_input_is_one_error_line_and_writes_nothing(standin, tmp_path, make, words):
     """Bad input: one `error:` line (stage.fail's SystemExit), nothing written: no output, no temporary.
     The tokenizer has no template of its own: the template is given but where a case takes it away."""
-    flags = {"tokenizer_path": str(standin / "llama"), "chat_template": TEMPLATE, **make(tmp_path / "d.jsonl")}
+    flags = {"tokenizer_path": str(standin / "llama"), "chat_template": TEMPLATE,
+             **make(tmp_path / "d.jsonl")}
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(SystemExit) as e:
         prepare.main(prepare.Args(out_dir=str(tmp_path / "out"), **flags))
