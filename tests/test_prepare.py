@@ -472,6 +472,10 @@ def test_the_output_is_replaced_only_if_prepare_wrote_it(standin, tmp_path):
     assert len(rows) == 12 and json.load(open(tmp_path / "out" / "prepare.json"))["rows_written"] == 12
     rows, _ = run(tmp_path / "out", max_rows=5, **flags)  # a previous output: replaced whole
     assert len(rows) == 5 and sorted(os.listdir(tmp_path)) == ["d.jsonl", "out"]
+    with pytest.raises(SystemExit, match="--max_prompt_len 3"):  # a failed run leaves the previous output
+        prepare.main(prepare.Args(out_dir=str(tmp_path / "out"), max_prompt_len=3, **flags))
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "out"]
+    assert len((tmp_path / "out" / "sft.jsonl").read_text().splitlines()) == 5
     (tmp_path / "thesis").mkdir()
     (tmp_path / "thesis" / "chapter1.tex").write_text("the user's work\n")
     for out, words in ((tmp_path / "thesis", "did not write"), (tmp_path / "d.jsonl", "not a directory"),
