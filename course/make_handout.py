@@ -66,13 +66,14 @@ def placeholder(number):
 
 
 def repository_files(root=ROOT):
-    """The files git tracks under root, relative to it, without the skipped directories and the files that stay
-    out of the copy (NOT_IN_HANDOUT). An untracked file is never copied: root must be a git work tree."""
+    """The files git tracks under root, relative to it, without the skipped directories and the files that
+    stay out of the copy (NOT_IN_HANDOUT). An untracked file is never copied: root must be a git work tree."""
     try:
         listed = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=root, capture_output=True,
                                 check=True).stdout.decode().split("\0")
     except (OSError, subprocess.CalledProcessError) as e:
-        raise HandoutError(f"{root} is not a git work tree (git ls-files: {e}): the copy holds tracked files only")
+        raise HandoutError(f"{root} is not a git work tree (git ls-files: {e}): the copy holds tracked "
+                           "files only")
     keep = []
     for path in sorted(set(filter(None, listed))):
         parts = path.split("/")
@@ -152,8 +153,8 @@ def stub_bodies(path, source):
         if node is None or isinstance(node, ast.ClassDef):
             continue
         body = node.body
-        has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str)
+        value = getattr(body[0], "value", None) if isinstance(body[0], ast.Expr) else None
+        has_doc = isinstance(value, ast.Constant) and isinstance(value.value, str)
         first = body[0].end_lineno + 1 if has_doc else body[0].lineno  # 1-based, first line replaced
         indent = " " * body[0].col_offset
         lines[first - 1:node.end_lineno] = [f"{indent}{placeholder(wanted[name])}\n"]
@@ -181,7 +182,7 @@ def handout_files(root=ROOT):
             compile(source, path, "exec")
     missing = sorted(set(FUNCTIONS) - found) + sorted(set(ALSO_STUBBED) - stubbed)
     if missing:
-        raise HandoutError("exercise functions without a marked region, or functions of ALSO_STUBBED not found: "
+        raise HandoutError("exercise functions without a marked region, or ALSO_STUBBED functions not found: "
                            + ", ".join(f"{p}:{name}" for p, name in missing))
     return stripped, files
 

@@ -10,7 +10,8 @@ import sft
 
 
 def token_logps(model, rows):
-    return [common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]).squeeze(1) for p, r in rows]
+    return [common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]).squeeze(1)
+            for p, r in rows]
 
 
 def batch_and_expected(n, seed, pad=common.PAD):
@@ -28,7 +29,7 @@ def test_a_scalar_the_mean_over_every_response_token_of_the_batch():
 
 
 def test_eos_is_a_target_when_pad_is_eos():
-    """Pythia pads with EOS: a response's final EOS is still a target (only response_mask says what counts)."""
+    """Pythia pads with EOS: a response's final EOS is still a target (response_mask says what counts)."""
     for seed in range(2):
         model, batch, expected = batch_and_expected(10, seed, pad=common.EOS)
         loss = sft.completion_loss(model, batch)

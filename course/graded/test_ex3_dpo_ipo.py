@@ -87,5 +87,6 @@ def test_rdpo_loss_per_pair_and_finite():
                 len_w[i] - len_l[i]).item()
             assert math.isclose(losses[i].item(), math.log1p(math.exp(-z)), rel_tol=1e-9)
     zero = torch.zeros(2, dtype=torch.float64)
-    big = dpo.rdpo_loss(torch.tensor([-1e4, 1e4], dtype=torch.float64), zero, zero, zero, zero, zero, 1.0, 0.0)
+    margins = torch.tensor([-1e4, 1e4], dtype=torch.float64)
+    big = dpo.rdpo_loss(margins, zero, zero, zero, zero, zero, 1.0, 0.0)
     assert torch.allclose(big, torch.tensor([1e4, 0.0], dtype=torch.float64))

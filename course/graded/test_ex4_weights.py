@@ -62,7 +62,8 @@ def weights_and_losses(weight_grad, n=12, seed=4, **flags):
              "len_w": torch.randint(1, 20, (n,), generator=g),
              "len_l": torch.randint(1, 20, (n,), generator=g)}
     # the behaviour policy's log-probs, multiples of 1/8 (exact in float32), near pi_ref's but not equal
-    rows = [{"chosen_behaviour_logp": round(8 * (w + 1.5)) / 8, "rejected_behaviour_logp": round(8 * (l - 1)) / 8}
+    rows = [{"chosen_behaviour_logp": round(8 * (w + 1.5)) / 8,
+             "rejected_behaviour_logp": round(8 * (l - 1)) / 8}
             for w, l in zip(ref_w.tolist(), ref_l.tolist())]
     args = is_dpo.Args(weight_grad=weight_grad, **{"weight": "adaptive", **flags})
     w, _ = is_dpo.importance_weights(args, logps, rows=rows)
@@ -102,5 +103,6 @@ def test_every_flag_reaches_the_weights():
             for i in range(12):
                 want = expected_log_w(flags["weight"], (logps["pi_w"][i] - base_w[i]).item(),
                                       (logps["pi_l"][i] - base_l[i]).item(), logps["len_w"][i].item(),
-                                      logps["len_l"][i].item(), flags.get("alpha", 0), flags.get("log_w_max", 0))
+                                      logps["len_l"][i].item(), flags.get("alpha", 0),
+                                      flags.get("log_w_max", 0))
                 assert math.isclose(w[i].item(), math.exp(want), rel_tol=1e-5), (behaviour, flags, i)

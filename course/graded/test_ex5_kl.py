@@ -31,5 +31,6 @@ def test_zero_for_the_same_model_and_never_negative():
     rows = common.examples(9, seed=4)
     with torch.no_grad():
         same = evaluate.sequence_kl(model, model, rows, common.PAD, batch_size=3)
-        assert same.shape == (9,) and torch.allclose(same.double(), torch.zeros(9, dtype=torch.float64), atol=1e-6)
+        assert same.shape == (9,)
+        assert torch.allclose(same.double(), torch.zeros(9, dtype=torch.float64), atol=1e-6)
         assert (evaluate.sequence_kl(ref, model, rows, common.PAD, batch_size=3) > 0).all()
