@@ -118,7 +118,8 @@ def solution_lines(path, source):
             lines.append(text)
     stubbed, _ = make_handout.stub_bodies(path, source)
     kept = set(stubbed.splitlines())
-    return lines + [line.strip() for line in source.splitlines() if line not in kept and specific(line.strip())]
+    return lines + [line.strip() for line in source.splitlines()
+                    if line not in kept and specific(line.strip())]
 
 
 def test_handout_holds_no_working_version_of_an_exercise(handout):
