@@ -247,9 +247,9 @@ def current_results(path, runs, settings):
     fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
     if len(fresh) < len(rows):
         print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
-        with open(path + ".tmp", "w") as f:
+        with open(f"{path}.tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in fresh)
-        os.replace(path + ".tmp", path)
+        os.replace(f"{path}.tmp", path)
     other = [r for r in fresh if r.get("settings") != settings]
     if other:
         theirs = other[0].get("settings") or {}

@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import evaluate  # noqa: E402
+import claims  # noqa: E402
 import stage  # noqa: E402
 
 METHODS = {  # method -> its command; every run at beta 0.01
@@ -118,7 +118,7 @@ def summary(rows):
     head = ("| method | seeds | peak true win-rate | final true win-rate | final proxy win-rate | final KL "
             "| final true score |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    groups = evaluate.group_runs(rows)
+    groups = claims.group_runs(rows)
     for method in METHODS:
         runs = [run for (m, _), seeds in groups.items() if m == method for run in seeds.values()]
         if runs:
@@ -140,10 +140,10 @@ def figure(rows, judge):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (method, _), seeds in sorted(evaluate.group_runs(rows).items()):
-        _, kl, _ = evaluate.mean_curve(seeds, "kl")
+    for (method, _), seeds in sorted(claims.group_runs(rows).items()):
+        _, kl, _ = claims.mean_curve(seeds, "kl")
         for key, style, what in (("true_win_rate", "o-", "true"), ("gold_win_rate", "x--", "proxy")):
-            _, wr, _ = evaluate.mean_curve(seeds, key)
+            _, wr, _ = claims.mean_curve(seeds, key)
             ax.plot(kl, wr, style, color=COLORS.get(method), ms=4, alpha=1 if what == "true" else 0.5,
                     label=f"{method} ({what})")
     ax.set(xlabel="KL(pi_theta || pi_ref), nats", ylabel="win-rate against the references",
@@ -163,7 +163,7 @@ def report(rows, root, judge, timing):
         f.write(table)
     with open(os.path.join(work, "timing.json"), "w") as f:
         json.dump(timing, f, indent=2)
-    evaluate.save_figure(figure(rows, judge), os.path.join(work, "online.png"))
+    claims.save_figure(figure(rows, judge), os.path.join(work, "online.png"))
     stage.finish_output(work, out_dir)
     print(f"{out_dir}/online.png, summary.md\n{table}")
 
