@@ -30,8 +30,8 @@ import stage  # noqa: E402
 METHODS = {  # method -> its command; every run at beta 0.01
     "dpo": ["dpo.py"],
     "ais-dpo": ["is_dpo.py", "--weight", "adaptive"],
-    "online-dpo": ["online_dpo.py"],
-    "rloo": ["rloo.py"],
+    "online-dpo": ["extras/online_dpo.py"],
+    "rloo": ["extras/rloo.py"],
 }
 OFFLINE = ("dpo", "ais-dpo")
 COLORS = {"dpo": "tab:blue", "ais-dpo": "tab:orange", "online-dpo": "tab:green", "rloo": "tab:red"}
@@ -180,7 +180,8 @@ def main(argv=None):
                         help="extra flags of the proxy (reward.py --mode train)")
     parser.add_argument("--num_checkpoints", type=int, default=5,
                         help="checkpoints of every run, evaluated (plus step 0, shared)")
-    parser.add_argument("--online_flags", default="", help="extra flags of rloo.py and online_dpo.py")
+    parser.add_argument("--online_flags", default="",
+                        help="extra flags of extras/rloo.py and extras/online_dpo.py")
     cli = parser.parse_args(argv)
     root = os.path.join(cli.out, "online" if cli.judge == "proxy" else "online_judge_true")
     start, timing = time.time(), {}
