@@ -101,7 +101,8 @@ def load_prompts(args, tokenizer):
     for row in lm.load_rows(args.data, "sft.jsonl", ["prompt"]):
         first.setdefault(row["prompt"], row)  # each prompt's first row, in the order of the file
     rows = list(first.values())[:args.num_prompts]
-    return [(r["prompt"], ids) for r, ids in zip(rows, lm.encode_prompts(tokenizer, rows, args.max_prompt_len))]
+    ids = lm.encode_prompts(tokenizer, rows, args.max_prompt_len)
+    return [(row["prompt"], p) for row, p in zip(rows, ids)]
 
 
 def sample_responses(args, run, prompts, k):
@@ -120,8 +121,8 @@ def proxy_scores(run, examples, k, batch_size=64):
     run.scorer.eval()
     out = []
     for s in range(0, len(examples), batch_size * k):
-        batch = lm.to_device(lm.collate_grouped(examples[s:s + batch_size * k], run.tokenizer.pad_token_id, k),
-                             run.device)
+        batch = lm.collate_grouped(examples[s:s + batch_size * k], run.tokenizer.pad_token_id, k)
+        batch = lm.to_device(batch, run.device)
         with run.autocast:
             out.append(reward.reward_scores(run.scorer, batch))
     return torch.cat(out).cpu()
@@ -246,12 +247,13 @@ def train(args, step_loss, method):
         fail(f"--prompts_per_step {args.prompts_per_step} > the {len(prompts)} prompts of {args.data}")
     output = stage.start_output(out_dir, "online run", inputs)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = stage.lr_schedule(optimizer, args.warmup_steps, args.steps, args.lr_schedule, args.min_lr_ratio)
+    scheduler = stage.lr_schedule(optimizer, args.warmup_steps, args.steps, args.lr_schedule,
+                                  args.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow
     stage.save_json(os.path.join(output.work, "args.json"),
                     {**dataclasses.asdict(args), "method": method, "run_name": name, "run_id": output.run,
-                     "total_steps": args.steps, "num_epochs": args.steps * args.prompts_per_step / len(prompts),
-                     "num_prompts_read": len(prompts)})
+                     "total_steps": args.steps, "num_prompts_read": len(prompts),
+                     "num_epochs": args.steps * args.prompts_per_step / len(prompts)})
     save_at = ({round(i * args.steps / args.num_checkpoints) for i in range(args.num_checkpoints + 1)}
                if args.num_checkpoints else set())
     if 0 in save_at:
@@ -264,7 +266,8 @@ def train(args, step_loss, method):
         idx, cursor = order[cursor:cursor + args.prompts_per_step], cursor + args.prompts_per_step
         loss, stats = step_loss(args, run, [prompts[i] for i in idx])
         scaler.scale(loss).backward()
-        grad_norm = stage.optimizer_step(step, run.model, optimizer, scheduler, scaler, args.grad_clip, loss.item())
+        grad_norm = stage.optimizer_step(step, run.model, optimizer, scheduler, scaler, args.grad_clip,
+                                         loss.item())
         row = {"step": step, "epoch": step * args.prompts_per_step / len(prompts), "loss": loss.item(),
                **stats, "grad_norm": float(grad_norm)}
         stage.append_jsonl(os.path.join(output.work, "train_log.jsonl"), row)
