@@ -55,10 +55,9 @@ def test_logps_benchmark_runs_tiny(tmp_path):
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = ["--vocab", "256", "--batch", "1", "--length", "16", "--hidden", "16", "--chunks", "8", "--reps", "1",
-             "--threads", "1"]
-    proc = subprocess.run([sys.executable, "bench/logps.py", *flags], cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    flags = "--vocab 256 --batch 1 --length 16 --hidden 16 --chunks 8 --reps 1 --threads 1".split()
+    proc = subprocess.run([sys.executable, "bench/logps.py", *flags], cwd=root, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("naive ", "ours "))]
     assert [r[:2] for r in rows] == [["naive", "-"], ["ours", "8"]]
