@@ -32,6 +32,8 @@ import lm  # noqa: E402
 import stage  # noqa: E402
 from stage import fail  # noqa: E402
 
+Args = dpo.Args  # every flag is dpo.py's
+
 
 def wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w, len_l):
     """log w per pair [B]: (pi_w - sq_w) / |y_w| + (pi_l - sq_l) / |y_l|, at most 0 (w <= 1). pi_* [B]: summed
@@ -98,4 +100,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(stage.parse_args(dpo.Args, __doc__))
+    main(stage.parse_args(Args, __doc__))
