@@ -1,5 +1,5 @@
 """extras/wpo.py: WPO's weights against an independent computation (a full forward per response, TRL's
-use_weighting form), their cap at 1, extreme inputs, and a tiny run whose weights follow the policy.
+use_weighting form), their cap at 1, extreme inputs, and a tiny run whose weights follow the policy."""
 import math
 import random
 
