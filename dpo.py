@@ -247,7 +247,8 @@ def check(args):
 
 @stage.cleans_up
 def train(args, weigh=None, method=None):
-    """The DAA loop. weigh(args, logps, rows) -> (w [B], stats) weighs each pair's loss (is_dpo.py)."""
+    """The DAA loop. weigh(args, logps, rows, model) -> (w [B], stats) weighs each pair's loss (is_dpo.py;
+    model, the policy being trained, for a weight of its own distributions: extras/wpo.py)."""
     check(args)
     world = stage.init_distributed(args.resume)
     stage.seed_everything(args.seed)
@@ -298,7 +299,7 @@ def train(args, weigh=None, method=None):
                 logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w[idx], "ref_l": ref_l[idx],
                          "len_w": len_w, "len_l": len_l}
                 losses, stats = daa_losses(args, **logps)  # [B]
-                weights, weight_stats = (weigh(args, logps, [rows[i] for i in idx]) if weigh
+                weights, weight_stats = (weigh(args, logps, [rows[i] for i in idx], model) if weigh
                                          else (torch.ones_like(losses), {}))
                 loss = (weights * losses).mean() / args.grad_accum  # METHOD.md, sections 5 and 6
                 scaler.scale(loss * world.size).backward()  # DDP averages the processes: stage.gather_live

@@ -102,7 +102,7 @@ def weight_stats(log_w):
             "log_weight_mean": log_w.mean().item(), "ess": ess.item()}
 
 
-def importance_weights(args, logps, rows):
+def importance_weights(args, logps, rows, model=None):
     """w [B] of a batch (dpo.train calls it where it weighs the losses), and its diagnostics.
     logps: dpo.train's {pi_w, pi_l, ref_w, ref_l, len_w, len_l}, each [B]; rows: the batch's data rows."""
     base_w, base_l = logps["ref_w"], logps["ref_l"]
