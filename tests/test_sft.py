@@ -270,7 +270,8 @@ def test_samples_hold_no_special_token_but_eos(tokenizer):
     model = tiny_lm(tokenizer)  # untrained: every token about equally likely
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in toy_rows(8)]
     responses, _ = lm.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 24,
-                             generator=torch.Generator().manual_seed(0), suppress_ids=lm.banned_ids(tokenizer))
+                             generator=torch.Generator().manual_seed(0),
+                             suppress_ids=lm.banned_ids(tokenizer))
     other_specials = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
     assert not [t for r in responses for t in r if t in other_specials]
 
