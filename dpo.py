@@ -170,8 +170,8 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. log pi_ref of every pair: pi_ref is where the policy starts, so they are taken once, before training,
-# and saved beside the pairs (<data>/reference_logps.pt) for every run that trains from that pi_ref on them
+# 3. log pi_ref of every pair: pi_ref is where the policy starts, so they are taken once, before training;
+# `dpo.py --reference_only` saves them beside the pairs for every run that trains from that pi_ref on them
 
 
 def fingerprint(path):
@@ -202,8 +202,9 @@ def read_reference(path, key, n):
 @torch.no_grad()
 def reference_logps(args, forward, pairs, pad_id, device, autocast):
     """log pi_ref(y_w|x), log pi_ref(y_l|x) [N]: read from <pairs dir>/reference_logps.pt when it was made
-    from this pi_ref, these pairs and these lengths, else computed and saved. Over several processes each
-    computes a shard (padded to a multiple of the processes: FSDP needs equal batches)."""
+    from this pi_ref, these pairs and these lengths, else computed (and saved there by --reference_only: a
+    training run never writes beside its inputs). Over several processes each computes a shard (padded to a
+    multiple of the processes: FSDP needs equal batches)."""
     pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
     path = os.path.join(os.path.dirname(pairs_file), "reference_logps.pt")
     key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len]
@@ -218,7 +219,7 @@ def reference_logps(args, forward, pairs, pad_id, device, autocast):
             out.append(torch.stack(lm.pair_logps(forward, mine[s:s + 2 * args.batch_size], pad_id, device,
                                                  args.logit_chunk)[:2], 1))
     logps = stage.gather_live(torch.cat(out))[:len(pairs)].float().T.contiguous()  # [2, N]
-    if stage.WORLD.main:
+    if args.reference_only and stage.WORLD.main:
         sha = hashlib.sha256(logps.cpu().numpy().tobytes()).hexdigest()
         torch.save({"key": key, "logps": tuple(logps.cpu()), "sha256": sha}, f"{path}.{os.getpid()}.tmp")
         os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole or not at all, even with runs side by side
@@ -263,6 +264,7 @@ def train(args, weigh=None, method=None):
     forward = stage.parallel(model, lm.sequence_logps, args.fsdp, args.gradient_checkpointing)
     ref_w, ref_l = reference_logps(args, forward, pairs, tokenizer.pad_token_id, device, autocast)
     if args.reference_only:
+        print(f"reference log-probs of {len(pairs)} pairs: beside them, in reference_logps.pt")
         return None
     output = stage.start_output(out_dir, "daa run", inputs, args.resume) if world.main else None
     stage.barrier()

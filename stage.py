@@ -340,37 +340,56 @@ def scratch_path(out_dir, kind):
     return os.path.join(parent, f".{name}.{kind}")
 
 
+def take_lock(path, out_dir):
+    """An exclusive flock on the file `path`, or one error line naming its holder. The kernel drops it when
+    the process ends, however it ends; its holder removes the file before unlocking (Output._release), so a
+    lock on a file no longer at `path` is taken again."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 100).decode(errors="replace").strip() or "starting"
+            os.close(fd)
+            fail(f"--out_dir {out_dir} is being written by another run ({holder}); wait for it or choose another")
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+            return fd
+        os.close(fd)
+
+
 class Output:
-    """A stage's output directory, never half written and never lost. One writer: an flock on .<name>.lock
-    (the kernel drops it when the process ends, however it ends). The stage writes into .<name>.partial;
+    """A stage's output directory, never half written and never lost. One writer: a lock on .<name>.lock
+    (take_lock). The stage writes into .<name>.partial;
     publish() renames the old output aside, the new one in, then deletes the old (a kill in between leaves
     the old beside it, and the next run puts it back). A partial copy that holds a saved state (state.pt)
     is kept whatever stops the run: --resume continues it. Every output holds MARKER: {stage, run}."""
 
     def __init__(self, out_dir, stage, inputs=(), resume=False):
-        import fcntl
-
         check_output(out_dir, stage, inputs)
         self.out_dir, self.work = out_dir, scratch_path(out_dir, "partial")
-        self.aside = scratch_path(out_dir, "old")
+        self.aside, self.lock_path = scratch_path(out_dir, "old"), scratch_path(out_dir, "lock")
+        self.made, parent = [], os.path.dirname(self.work)  # made here, removed again if the run fails
+        while not os.path.exists(parent):
+            self.made, parent = self.made + [parent], os.path.dirname(parent)
         os.makedirs(os.path.dirname(self.work), exist_ok=True)
-        self.lock = os.open(scratch_path(out_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.lock)
-            fail(f"--out_dir {out_dir} is being written by another run; wait for it or choose another")
+        self.lock = take_lock(self.lock_path, out_dir)
         try:
             self._start(stage, inputs, resume)
         except BaseException:
-            os.close(self.lock)
+            self._release()
             raise
 
     def _start(self, stage, inputs, resume):
         if os.path.isdir(self.aside) and not os.path.lexists(self.out_dir):
             print(f"note: putting back {self.out_dir}, moved aside by an interrupted run")
             os.replace(self.aside, self.out_dir)
-        shutil.rmtree(self.aside, ignore_errors=True)
+        elif os.path.lexists(self.aside):
+            print(f"note: removing {self.aside}, left by an interrupted run")
+            shutil.rmtree(self.aside, ignore_errors=True)
         check_output(self.out_dir, stage, inputs)  # again, under the lock
         marker = read_marker(self.work) if os.path.isdir(self.work) else None
         if marker and marker.get("stage") == stage and os.path.exists(os.path.join(self.work, "state.pt")):
@@ -382,6 +401,7 @@ class Output:
         if os.path.lexists(self.work):
             if marker is None or marker.get("stage") != stage:
                 fail(f"{self.work} is in the way and no run of {stage} wrote it: remove it")
+            print(f"note: removing {self.work}, left by an interrupted run")
             shutil.rmtree(self.work)
         if resume:
             print(f"note: nothing to resume for {self.out_dir}: starting from the beginning")
@@ -394,14 +414,23 @@ class Output:
             os.replace(self.out_dir, self.aside)
         os.replace(self.work, self.out_dir)
         shutil.rmtree(self.aside, ignore_errors=True)
+        self.made = []
+        self._release()
+
+    def _release(self):
+        os.unlink(self.lock_path)  # before unlocking: a run waiting on this file sees it gone
         os.close(self.lock)
+        for path in self.made:  # deepest first; one that holds anything stays
+            if os.listdir(path):
+                break
+            os.rmdir(path)
 
     def abandon(self):
         if os.path.exists(os.path.join(self.work, "state.pt")):
             print(f"note: {self.work} keeps the state of this run: --resume continues from it")
         else:
             shutil.rmtree(self.work, ignore_errors=True)
-        os.close(self.lock)
+        self._release()
 
 
 _unfinished = []  # the Outputs this process started and has not published

@@ -88,7 +88,7 @@ def training_commands(cli, root):
               "--num_checkpoints", cli.num_checkpoints]
     online = ["--data", f"{out}/toy_tldr", "--proxy_path", f"{root}/proxy_rm", "--judge", cli.judge,
               *cli.online_flags.split()]
-    offline = ["--data", f"{out}/prefs", "--reference_cache", f"{out}/reference_logps"]
+    offline = ["--data", f"{out}/prefs"]  # log pi_ref of the pairs: saved beside them by the first run
     runs = {}
     for method in sorted(METHODS, key=lambda m: m in OFFLINE):
         for seed in cli.seeds:
@@ -157,14 +157,15 @@ def figure(rows, judge):
 def report(rows, root, judge, timing):
     """<root>/report/: online.png, summary.md, timing.json, written whole or not at all."""
     out_dir = os.path.join(root, "report")
-    work = stage.start_output(out_dir, "experiments/online")
+    output = stage.start_output(out_dir, "experiments/online")
+    work = output.work
     table = summary(rows)
     with open(os.path.join(work, "summary.md"), "w") as f:
         f.write(table)
     with open(os.path.join(work, "timing.json"), "w") as f:
         json.dump(timing, f, indent=2)
     claims.save_figure(figure(rows, judge), os.path.join(work, "online.png"))
-    stage.finish_output(work, out_dir)
+    output.publish()
     print(f"{out_dir}/online.png, summary.md\n{table}")
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dpo
 import is_dpo
@@ -234,21 +235,21 @@ def test_dpo_and_is_dpo_alpha0_write_the_same_log(tmp_path_factory, tiny_world):
 
 def test_a_run_reading_the_saved_reference_logps_writes_the_same_log(tmp_path_factory, tiny_world):
     """--reference_only saves log pi_ref of the pairs beside them; a run reads them and logs what a run that
-    computed them itself logs."""
+    computed them itself logs; a training run never writes beside its inputs."""
     data = tiny_world / "ref" / "prefs.jsonl"
     os.makedirs(data.parent)
     data.write_bytes((tiny_world / "prefs.jsonl").read_bytes())
     base = ["--sft_path", tiny_world / "sft", "--data", data, "--runs_dir", tiny_world / "runs_ref", *COMMON]
     first = run(tmp_path_factory, "dpo.py", *base, "--run_name", "first")
     assert first.returncode == 0 and "read from" not in first.stdout, first.stderr[-2000:]
-    assert (data.parent / "reference_logps.pt").is_file()
+    assert os.listdir(data.parent) == ["prefs.jsonl"]
     only = run(tmp_path_factory, "dpo.py", *base, "--reference_only")
-    assert only.returncode == 0 and "read from" in only.stdout, only.stderr[-2000:]
+    assert only.returncode == 0 and (data.parent / "reference_logps.pt").is_file(), only.stderr[-2000:]
     second = run(tmp_path_factory, "dpo.py", *base, "--run_name", "second")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "reference log-probs: read from" in second.stdout
     assert read_log(tiny_world / "runs_ref" / "first") == read_log(tiny_world / "runs_ref" / "second")
-    assert sorted(os.listdir(tiny_world / "runs_ref")) == [".first.lock", ".second.lock", "first", "second"]
+    assert sorted(os.listdir(tiny_world / "runs_ref")) == ["first", "second"]  # no lock or partial copy left
 
 
 def test_the_saved_reference_logps_are_recomputed_when_anything_they_came_from_changes(tiny_model, tmp_path):
@@ -259,7 +260,8 @@ def test_the_saved_reference_logps_are_recomputed_when_anything_they_came_from_c
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "model.safetensors").write_bytes(b"pi_ref")
     (tmp_path / "train.jsonl").write_text("pairs\n")
-    args = dpo.Args(sft_path=str(tmp_path / "sft"), data=str(tmp_path), batch_size=1, logit_chunk=16)
+    args = dpo.Args(sft_path=str(tmp_path / "sft"), data=str(tmp_path), batch_size=1, logit_chunk=16,
+                    reference_only=True)
     path = tmp_path / "reference_logps.pt"
     ref = lambda: dpo.reference_logps(args, model, pairs, tokenizer.pad_token_id, torch.device("cpu"),  # noqa
                                       torch.autocast("cpu", enabled=False))
