@@ -13,9 +13,8 @@ Paper scale (Pythia + TL;DR on a GPU; data prepared by scale/prepare.py): --sft_
     --lr 1e-6 --num_epochs 1 --batch_size 8 --grad_accum 8 --max_prompt_len 512 --max_response_len 53
 
 Read it top to bottom: 1. the pairs; 2. the losses, small pure functions of summed log-probs; 3. log pi_ref
-of every pair, computed once before training and saved beside the pairs; 4. the loop, written out: data,
-forward (lm.pair_logps, the fused gather of lm.py), loss, weight, backward, step, log, save.
-is_dpo.py runs this loop with importance weights: train(args, weigh=is_dpo.importance_weights).
+of every pair, taken once before training; 4. the loop, written out: data, forward (lm.pair_logps, the fused
+gather), loss, weight, backward, step, log, save. is_dpo.py runs it with weigh=is_dpo.importance_weights.
 """
 import dataclasses
 import hashlib

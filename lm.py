@@ -1,14 +1,8 @@
 """
-lm.py -- the language model every stage shares: rows in, token ids, batches, log pi(y|x), models, samples.
-
-  1. rows: local JSON lines in one form -- {prompt, completion} | {prompt, chosen, rejected} | {prompt,
-     reference}, and optionally the token ids of any text column C as C_ids (scale/prepare.py writes this
-     form from hub data sets, conversations and chat templates; toy_tldr.py writes it for the toy);
-  2. tokens: prompt ids, then response ids ending with EOS;
-  3. batches, and log pi(y|x): first its definition (sequence_logps_plain), then the fused gather that
-     training runs (sequence_logps: the prompt once per pair, the output layer in chunks), tested equal;
-  4. models: loaded with float32 master weights, or the tiny GPT-NeoX of the toy;
-  5. sampling with a KV cache, and the log-probs of what was sampled.
+lm.py -- the language model every stage shares: 1. rows of local JSON lines in one form ({prompt, completion},
+{prompt, chosen, rejected} or {prompt, reference}, with the token ids of any text column C as C_ids where known:
+toy_tldr.py and scale/prepare.py write it); 2. token ids; 3. batches and log pi(y|x), first by its definition,
+then the fused gather that training runs, tested equal; 4. models, float32 master weights; 5. sampling.
 """
 import json
 import math
@@ -41,11 +35,6 @@ def read_jsonl(path):
     return rows
 
 
-def is_ids(value):
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
-
-
 def load_rows(data, filename, columns, numeric=()):
     """The rows of `data` (a .jsonl file, or a directory holding `filename`), every column in `columns` a
     string, every one in `numeric` a finite number, and every C_ids column a list of token ids where a row
@@ -61,9 +50,11 @@ def load_rows(data, filename, columns, numeric=()):
     for i, row in enumerate(rows, 1):
         for c in [*columns, *numeric, *(k for k in row if k.endswith("_ids"))]:
             value = row.get(c)
-            ok = (is_ids(value) if c.endswith("_ids") else
-                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  if c in numeric else isinstance(value, str))
+            if c.endswith("_ids"):  # a non-empty list of token ids
+                ok = isinstance(value, list) and value and all(type(t) is int and t >= 0 for t in value)
+            else:
+                ok = (type(value) in (int, float) and math.isfinite(value) if c in numeric
+                      else isinstance(value, str))
             if not ok:
                 kind = ("token ids" if c.endswith("_ids") else "a finite number" if c in numeric
                         else "a string")
@@ -128,17 +119,13 @@ def encode(tokenizer, rows, column, max_prompt_len, max_response_len):
     return out
 
 
-def special_ids(tokenizer):
-    """BOS, EOS, pad, unknown and every added token marked special (a chat template's headers)."""
-    added = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return set(tokenizer.all_special_ids) | added
-
-
 def banned_ids(tokenizer, model=None):
-    """Ids a response never holds: the special tokens but EOS and, given the model, the rows of a padded
-    output layer that no token has (Pythia: 50,304 logits for 50,277 tokens)."""
+    """Ids a response never holds: the special tokens but EOS (a chat template's headers are special too)
+    and, given the model, the rows of a padded output layer that no token has (Pythia: 50,304 for 50,277)."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special |= set(tokenizer.all_special_ids)
     padded = range(len(tokenizer), model.get_output_embeddings().weight.shape[0]) if model is not None else ()
-    return sorted(special_ids(tokenizer) - {tokenizer.eos_token_id} | set(padded))
+    return sorted(special - {tokenizer.eos_token_id} | set(padded))
 
 
 def decode_response(tokenizer, ids):

@@ -35,10 +35,8 @@ def parse_args(config_class, doc):
 
     from transformers import HfArgumentParser
 
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    parser = HfArgumentParser(config_class, description=doc, formatter_class=Formatter, allow_abbrev=False)
+    formatter = type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = HfArgumentParser(config_class, description=doc, formatter_class=formatter, allow_abbrev=False)
     args, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -129,11 +127,9 @@ def barrier():  # wait until every process is here (e.g. until the main one has 
 
 
 def gather_live(mine):
-    """Every process's [B, ...] tensor in shard() order, on every process: [N * B, ...]. The others' entries
-    arrive as constants; this process's own entries keep their gradient. So a loss F of the gathered tensors
-    is the same number everywhere and each process differentiates it through its own entries: summed over the
-    processes that is F's whole gradient. DDP averages instead, so a loop backpropagates WORLD.size * F
-    (METHOD.md, section 12). It holds for any F: a mean, a self-normalised weight, an ESS."""
+    """Every process's [B, ...] tensor in shard() order, on every process: [N * B, ...]. This process's own
+    entries keep their gradient, the others' are constants: a loss F of them is the same number everywhere,
+    and the processes' gradients sum to F's (DDP averages: a loop backpropagates N * F; METHOD.md, 12)."""
     if WORLD.size == 1:
         return mine
     parts = [torch.empty_like(mine) for _ in range(WORLD.size)]
@@ -226,12 +222,10 @@ def device_and_autocast(precision="auto", threads=0):
     return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def check_finite(step, **values):
-    """Stop the run at the first non-finite loss or gradient norm: a NaN never heals. Nothing is published."""
+def check_finite(step, **values):  # a NaN never heals: stop at the first, publish nothing
     for name, value in values.items():
-        value = float(value.detach()) if torch.is_tensor(value) else float(value)
-        if not math.isfinite(value):
-            fail(f"non-finite {name} ({value}) at step {step}: training stopped, nothing saved")
+        if not math.isfinite(float(value)):
+            fail(f"non-finite {name} ({float(value)}) at step {step}: training stopped, nothing saved")
 
 
 def optimizer_step(step, model, optimizer, scheduler, scaler, grad_clip, loss):
@@ -256,36 +250,26 @@ def parameter_norm(model):
     return torch.sqrt(squares.full_tensor() if hasattr(squares, "full_tensor") else squares)  # FSDP's
 
 
-def schedule_factor(step, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
-    """The learning rate at `step` as a fraction of the peak: linear warm-up, then constant or a half cosine
-    from 1 to min_lr_ratio at total_steps: m + (1 - m) (1 + cos(pi p)) / 2, p = (step - warmup) / (total -
-    warmup). m = 0 is transformers' get_cosine_schedule_with_warmup to the last bit."""
-    if step < warmup_steps:
-        return float(step) / float(max(1, warmup_steps))
-    if shape == "constant":
-        return 1.0
-    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
-    factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
-    if min_lr_ratio:
-        factor = factor * (1.0 - min_lr_ratio) + min_lr_ratio
-    return max(0.0, factor)
-
-
 def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
+    """Linear warm-up from 0, then constant or a half cosine from the peak down to min_lr_ratio x the peak
+    at total_steps (METHOD.md, section 12): transformers' schedules."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
     if shape not in ("cosine", "constant"):
         fail(f"--lr_schedule must be cosine or constant, got {shape!r}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         fail(f"--min_lr_ratio must be in [0, 1] (a fraction of --lr), got {min_lr_ratio}")
-    factor = functools.partial(schedule_factor, warmup_steps=warmup_steps, total_steps=total_steps,
-                               shape=shape, min_lr_ratio=min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if shape == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps,
+                                                       min_lr_rate=min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------
 # files
 
 
-def save_json(path, obj):
+def save_json(path, obj):  # whole or not at all
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -303,11 +287,10 @@ def append_jsonl(path, row):
         os.close(fd)
 
 
-def read_marker(path):
+def read_marker(path):  # the {stage, run} of a directory a stage wrote, or None
     try:
         with open(os.path.join(path, MARKER)) as f:
-            marker = json.load(f)
-        return marker if isinstance(marker, dict) else None
+            return (lambda m: m if isinstance(m, dict) else None)(json.load(f))
     except (OSError, ValueError):
         return None
 
@@ -341,9 +324,8 @@ def scratch_path(out_dir, kind):
 
 
 def take_lock(path, out_dir):
-    """An exclusive flock on the file `path`, or one error line naming its holder. The kernel drops it when
-    the process ends, however it ends; its holder removes the file before unlocking (Output._release), so a
-    lock on a file no longer at `path` is taken again."""
+    """An exclusive flock on the file `path` (dropped by the kernel when the process ends, however it ends),
+    or one error line naming its holder. A lock on a file its holder has removed is taken again."""
     import fcntl
 
     while True:
@@ -353,7 +335,8 @@ def take_lock(path, out_dir):
         except BlockingIOError:
             holder = os.read(fd, 100).decode(errors="replace").strip() or "starting"
             os.close(fd)
-            fail(f"--out_dir {out_dir} is being written by another run ({holder}); wait for it or choose another")
+            fail(f"--out_dir {out_dir} is being written by another run ({holder}): wait for it, or choose "
+                 f"another")
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()}".encode())
@@ -420,9 +403,7 @@ class Output:
     def _release(self):
         os.unlink(self.lock_path)  # before unlocking: a run waiting on this file sees it gone
         os.close(self.lock)
-        for path in self.made:  # deepest first; one that holds anything stays
-            if os.listdir(path):
-                break
+        for path in (p for p in self.made if not os.listdir(p)):  # deepest first
             os.rmdir(path)
 
     def abandon(self):
@@ -436,7 +417,7 @@ class Output:
 _unfinished = []  # the Outputs this process started and has not published
 
 
-def start_output(out_dir, stage, inputs=(), resume=False):
+def start_output(out_dir, stage, inputs=(), resume=False):  # an Output that cleans_up abandons if need be
     _unfinished.append(Output(out_dir, stage, inputs, resume))
     return _unfinished[-1]
 
@@ -498,7 +479,7 @@ def save_state(work, args, step, total, model, optimizer, scheduler, order, curs
     os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
 
 
-def remove_state(work):
+def remove_state(work):  # the state is for --resume only, not part of the published output
     for name in ("state.pt", "state.pt.tmp"):
         if os.path.exists(os.path.join(work, name)):
             os.remove(os.path.join(work, name))
