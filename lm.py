@@ -1,8 +1,9 @@
 """
-lm.py -- the language model every stage shares: 1. rows of local JSON lines in one form ({prompt, completion},
-{prompt, chosen, rejected} or {prompt, reference}, with the token ids of any text column C as C_ids where known:
-toy_tldr.py and scale/prepare.py write it); 2. token ids; 3. batches and log pi(y|x), first by its definition,
-then the fused gather that training runs, tested equal; 4. models, float32 master weights; 5. sampling.
+lm.py -- the language model every stage shares: 1. rows of local JSON lines in one form ({prompt,
+completion}, {prompt, chosen, rejected} or {prompt, reference}, with the token ids of any text column C as
+C_ids where known: toy_tldr.py and scale/prepare.py write it); 2. token ids; 3. batches and log pi(y|x),
+first by its definition, then the fused gather that training runs, tested equal; 4. models, float32 master
+weights; 5. sampling.
 """
 import json
 import math
