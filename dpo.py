@@ -259,6 +259,8 @@ def train(args, weigh=None, method=None):
         stage.check_output(out_dir, "daa run", inputs)  # before any work
     tokenizer = lm.load_tokenizer(args.sft_path)
     rows, pairs = load_pairs(args, tokenizer)
+    if args.batch_size * world.size > len(pairs) and world.size > 1 and not args.reference_only:
+        fail(f"--batch_size {args.batch_size} x {world.size} processes is more than the {len(pairs)} pairs")
     model = lm.load_model(args.sft_path).to(device)
     forward = stage.parallel(model, lm.sequence_logps, args.fsdp, args.gradient_checkpointing)
     ref_w, ref_l = reference_logps(args, forward, pairs, tokenizer.pad_token_id, device, autocast)
