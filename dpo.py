@@ -201,12 +201,13 @@ def read_reference(path, key, n):
 @torch.no_grad()
 def reference_logps(args, forward, pairs, pad_id, device, autocast):
     """log pi_ref(y_w|x), log pi_ref(y_l|x) [N]: read from <pairs dir>/reference_logps.pt when it was made
-    from this pi_ref, these pairs and these lengths, else computed (and saved there by --reference_only: a
+    from this pi_ref, these pairs, lengths and precision, else computed (and saved there by --reference_only: a
     training run never writes beside its inputs). Over several processes each computes a shard (padded to a
     multiple of the processes: FSDP needs equal batches)."""
     pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
     path = os.path.join(os.path.dirname(pairs_file), "reference_logps.pt")
-    key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len]
+    key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len,
+           str(autocast.fast_dtype) if isinstance(autocast, torch.autocast) else "float32"]
     saved = read_reference(path, key, len(pairs))
     if saved is not None:
         print(f"reference log-probs: read from {path}")

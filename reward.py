@@ -109,12 +109,12 @@ def train(args, device, autocast):
     world, toy = stage.WORLD, os.path.isfile(os.path.join(args.data, "prefs_human.jsonl"))
     rows = lm.load_rows(args.data, "prefs_human.jsonl" if toy else "train.jsonl", ["prompt", "chosen",
                                                                                    "rejected"])
-    if len(rows) <= args.val_size:
-        fail(f"{len(rows)} pairs is not more than --val_size {args.val_size}")
+    if (n := len(rows) - args.val_size) < max(1, args.batch_size * world.size * (world.size > 1)):
+        fail(f"{n} pairs to train on (--val_size {args.val_size} held out): below --batch_size x processes")
     tokenizer = lm.load_tokenizer(args.sft_path)
     pairs = list(zip(*(lm.encode(tokenizer, rows, c, args.max_prompt_len, args.max_response_len)
                        for c in ("chosen", "rejected"))))
-    train_pairs, val_pairs, pad = pairs[:-args.val_size], pairs[-args.val_size:], tokenizer.pad_token_id
+    train_pairs, val_pairs, pad = pairs[:n], pairs[n:], tokenizer.pad_token_id
     model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device).train()
     output = stage.start_output(args.out_dir, "reward train", [args.sft_path, args.data], args.resume) \
         if world.main else None

@@ -163,8 +163,7 @@ def parallel(model, fn, fsdp=False, gradient_checkpointing=False):
     if WORLD.size == 1:
         return Forward(fn, model)
     return torch.nn.parallel.DistributedDataParallel(
-        Forward(fn, model), device_ids=[WORLD.local_rank] if torch.cuda.is_available() else None,
-        broadcast_buffers=False)
+        Forward(fn, model), device_ids=[WORLD.local_rank] if torch.cuda.is_available() else None)
 
 
 @contextmanager
@@ -224,8 +223,8 @@ def device_and_autocast(precision="auto", threads=0):
 
 def check_finite(step, **values):  # a NaN never heals: stop at the first, publish nothing
     for name, value in values.items():
-        if not math.isfinite(float(value)):
-            fail(f"non-finite {name} ({float(value)}) at step {step}: training stopped, nothing saved")
+        if not math.isfinite(value := float(value.detach() if torch.is_tensor(value) else value)):
+            fail(f"non-finite {name} ({value}) at step {step}: training stopped, nothing saved")
 
 
 def optimizer_step(step, model, optimizer, scheduler, scaler, grad_clip, loss):

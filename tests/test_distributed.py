@@ -128,8 +128,10 @@ def torchrun_entries(tiny, root):
             (argv("dpo.py", flags("too_big", "dpo.py", 40)), "fails"),
             (argv("dpo.py", flags("two", "dpo.py", reference_only=True)), "reference"),
             (argv("dpo.py", flags("two", "dpo.py")), "synced"),
+            (argv("is_dpo.py", flags("two", "is_dpo.py", reference_only=True)), "reference"),
             (argv("is_dpo.py", flags("two", "is_dpo.py", **checkpointing)), "synced"),
             (argv("dpo.py", flags("unsynced", "dpo.py")), "unsynced")] + \
+        [(argv(s, flags("fsdp", s, fsdp=True, reference_only=True)), "reference") for s in DAA] + \
         [(argv(s, flags("fsdp", s, fsdp=True)), "fsdp") for s in STAGES]
 
 
@@ -146,6 +148,9 @@ def runs(tiny, tmp_path_factory):
     try:
         for script in STAGES:
             data = pairs_dir(root, "one", script, tiny) if script in DAA else None
+            if script in DAA:  # the reference log-probs first, saved beside the pairs
+                one_process(script, {**stage_flags(tiny, script, root / "one" / script, 8, data),
+                                     "reference_only": True})
             one_process(script, stage_flags(tiny, script, root / "one" / script, 8, data))
         out, _ = two.communicate(timeout=300)
     finally:
@@ -215,23 +220,23 @@ def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
     trained, start = weights(saved_model(a, script)), weights(tiny / "sft")
     assert any(not torch.equal(trained[k], start[k]) for k in trained if k in start)
-    # the main process alone wrote (its outputs and their lock files), and cleaned up
-    locks = [f".{s}.lock" for s in STAGES if s not in DAA]  # a DAA run's is in its runs dir
-    assert sorted(os.listdir(root / how)) == sorted([*STAGES, *locks])
-    assert script not in DAA or sorted(os.listdir(root / how / script)) == [".r.lock", "r"]
+    # the main process alone wrote its outputs, and cleaned up (no lock file, no partial copy left)
+    assert sorted(os.listdir(root / how)) == sorted(STAGES)
+    assert script not in DAA or sorted(os.listdir(root / how / script)) == ["r"]
 
 
 def test_only_the_main_process_writes_the_reference_log_probs_and_every_process_reads_them(runs):
-    """Under torchrun the reference log-probs are computed in shards and saved by the main process alone;
-    a later run on the same pairs (dpo.py after dpo.py --reference_only) reads them on every process."""
+    """Under torchrun the reference log-probs are computed in shards and saved by --reference_only's main
+    process alone; a later run on the same pairs reads them on every process; a training run writes none."""
     root, out = runs
     assert not re.findall(r"rank 1: wrote", out)
     wrote = re.findall(r"rank 0: wrote (\S+)", out)
-    assert sorted(wrote) == sorted(str(reference_file(root, name, script)) for name, script in (
-        ("two", "dpo.py"), ("two", "is_dpo.py"), ("unsynced", "dpo.py"), ("fsdp", "dpo.py"),
-        ("fsdp", "is_dpo.py")))
-    assert f"reference log-probs: read from {reference_file(root, 'two', 'dpo.py')}" in out
-    assert out.count("reference log-probs: read from") == 1
+    saved = [(name, script) for name in ("two", "fsdp") for script in DAA]
+    assert sorted(wrote) == sorted(str(reference_file(root, name, script)) for name, script in saved)
+    for name, script in saved:
+        assert f"reference log-probs: read from {reference_file(root, name, script)}" in out
+    assert out.count("reference log-probs: read from") == len(saved)
+    assert not reference_file(root, "unsynced", "dpo.py").exists()
 
 
 def test_processes_that_do_not_average_their_gradients_write_another_run(runs):
@@ -252,8 +257,9 @@ def test_the_processes_keep_their_group_and_their_world_from_stage_to_stage(runs
         world = rf"World\(rank={rank}, size=2, local_rank={rank}\)"
         done = re.findall(rf"rank {rank}: (\S+) (\S+) -> {world}", out)
         assert done == [("sft.py", "synced"), ("reward.py", "synced"), ("dpo.py", "fails"),
-                        ("dpo.py", "reference"), ("dpo.py", "synced"), ("is_dpo.py", "synced"),
-                        ("dpo.py", "unsynced")] + [(script, "fsdp") for script in STAGES]
+                        ("dpo.py", "reference"), ("dpo.py", "synced"), ("is_dpo.py", "reference"),
+                        ("is_dpo.py", "synced"), ("dpo.py", "unsynced")] + \
+            [(script, "reference") for script in DAA] + [(script, "fsdp") for script in STAGES]
         assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the 48" in out
     assert not (root / "too_big").exists()
     assert os.listdir(root / "data" / "too_big" / "dpo.py") == ["train.jsonl"]
