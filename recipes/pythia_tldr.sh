@@ -100,7 +100,7 @@ todo "$OUT/prefs" && run reward.py --mode label --judge rm --sft_path "$OUT/sft"
   --out_dir "$OUT/prefs"
 
 # 4. log pi_ref of the pairs, once, saved beside them ($OUT/prefs/reference_logps.pt, keyed by pi_ref, the
-# pairs and the lengths): every DAA run reads them there (a run that finds them stale computes them again)
+# pairs and the lengths): every DAA run reads them there (a run that finds them stale computes its own)
 todo "$OUT/prefs/reference_logps.pt" && run dpo.py --reference_only --sft_path "$OUT/sft" \
   --data "$OUT/prefs" "${LENS[@]}" --batch_size "$DAA_BATCH"
 

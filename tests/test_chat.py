@@ -174,8 +174,9 @@ def test_the_chain_runs_on_conversations(standin):
     assert [c[0] for c, _ in pairs] == [r["prompt_ids"] for r in rows]
     common = dict(sft_path=str(root / "sft"), data=str(root / "prefs"), runs_dir=str(root / "runs"),
                   batch_size=4, num_epochs=1, num_checkpoints=1, beta=0.1, **lens)
+    dpo.train(dpo.Args(reference_only=True, **common))
+    assert (root / "prefs" / "reference_logps.pt").is_file()  # saved beside the pairs, for every run
     dpo.train(dpo.Args(**common))
-    assert (root / "prefs" / "reference_logps.pt").is_file()  # saved beside the pairs
     is_dpo.main(is_dpo.Args(weight="adaptive", **common))
     evaluate.main(evaluate.Args(runs=str(root / "runs" / "*"), data=str(root / "d_eval"), judge="rm",
                                 gold_path=str(root / "gold"), out_dir=str(root / "eval"),

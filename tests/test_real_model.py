@@ -8,7 +8,6 @@ snapshots and globs is tests/test_prepare.py's).
 """
 import copy
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -78,9 +77,8 @@ def test_weights_load_and_train_as_float32_whatever_the_dtype_stored(standins):
 
 
 def train_logs(standins, name, tmp_path, monkeypatch, precision="auto"):
-    """sft.py on the prepared tldr snapshot, then dpo.py on the prepared tldr-preference snapshot (a copy:
-    dpo.py saves the reference log-probs beside the pairs), from the checkpoint `name`; every update checked
-    to find float32 weights and gradients. Their train_log rows."""
+    """sft.py on the prepared tldr snapshot, then dpo.py on the prepared tldr-preference snapshot, from the
+    checkpoint `name`; every update checked to find float32 weights and gradients. Their train_log rows."""
     dtypes = set()
     step = stage.optimizer_step
 
@@ -90,14 +88,13 @@ def train_logs(standins, name, tmp_path, monkeypatch, precision="auto"):
 
     monkeypatch.setattr(stage, "optimizer_step", checked_step)
     out = tmp_path / name
-    shutil.copytree(standins / "data" / "tldr-preference", out / "pairs")
     common = dict(max_prompt_len=MAX_PROMPT, max_response_len=MAX_RESPONSE, seed=0, precision=precision)
     sft.main(sft.Args(model_name_or_path=str(standins / name), tokenizer_path=str(standins / name),
                       data=str(standins / "data" / "tldr"), out_dir=str(out / "sft"), steps=4, batch_size=8,
                       val_size=10, lr=1e-3, warmup_steps=1, **common))
-    dpo.train(dpo.Args(sft_path=str(out / "sft"), data=str(out / "pairs"), runs_dir=str(out),
-                       run_name="dpo", batch_size=8, num_epochs=0.5, lr=1e-3, warmup_steps=1,
-                       num_checkpoints=1, beta=0.1, **common))
+    dpo.train(dpo.Args(sft_path=str(out / "sft"), data=str(standins / "data" / "tldr-preference"),
+                       runs_dir=str(out), run_name="dpo", batch_size=8, num_epochs=0.5, lr=1e-3,
+                       warmup_steps=1, num_checkpoints=1, beta=0.1, **common))
     assert dtypes == {torch.float32}
     return [lm.read_jsonl(out / stage_name / "train_log.jsonl") for stage_name in ("sft", "dpo")]
 
