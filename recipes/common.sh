@@ -1,7 +1,7 @@
 # recipes/common.sh -- what both recipes do around their stages (sourced, after their settings).
 #
 #   run SCRIPT ARGS...   a stage in one process, or in NPROC processes under torchrun (one a GPU;
-#                        distributed.py)
+#                        stage.py's torchrun helpers)
 #   todo PATH            true if PATH does not exist yet: a stage whose output exists is skipped, so running
 #                        a recipe again continues it
 #   prepare DIR ARGS...  scale/prepare.py ARGS... --out_dir DIR, unless DIR exists: a data set from the hub

@@ -70,14 +70,19 @@ todo "$OUT/sft" && run sft.py --model_name_or_path "$MODEL" --data "$DATA/ultrac
   --lr "$SFT_LR" "${OPT[@]}" --batch_size "$SFT_BATCH" --grad_accum "$(($SFT_ACCUM / NPROC))" \
   --steps "$SFT_STEPS" --val_size "$SFT_VAL" --out_dir "$OUT/sft"
 
-# 2. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) on UltraFeedback's own chosen / rejected pairs
+# 2. log pi_ref of the pairs, once, saved beside them ($DATA/ultrafeedback/reference_logps.pt, keyed by
+# pi_ref, the pairs and the lengths): every DAA run reads them there
+PAIRS=$DATA/ultrafeedback/train.jsonl
+DAA_LENS=(--max_prompt_len "$DAA_PROMPT_LEN" --max_response_len "$DAA_RESPONSE_LEN")
+todo "$DATA/ultrafeedback/reference_logps.pt" && run dpo.py --reference_only --sft_path "$OUT/sft" \
+  --data "$PAIRS" "${DAA_LENS[@]}" --batch_size "$DAA_BATCH"
+
+# 3. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) on UltraFeedback's own chosen / rejected pairs
 for beta in $BETAS; do
   for seed in $SEEDS; do
-    common=(--sft_path "$OUT/sft" --data "$DATA/ultrafeedback/train.jsonl" --max_prompt_len "$DAA_PROMPT_LEN"
-            --max_response_len "$DAA_RESPONSE_LEN" --beta "$beta" --seed "$seed"
+    common=(--sft_path "$OUT/sft" --data "$PAIRS" "${DAA_LENS[@]}" --beta "$beta" --seed "$seed"
             --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$(($DAA_ACCUM / NPROC))"
-            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS"
-            --runs_dir "$OUT/runs" --reference_cache "$OUT/ref_cache")
+            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs")
     todo "$OUT/runs/dpo_beta${beta}_seed$seed" && run dpo.py "${common[@]}" \
       --run_name "dpo_beta${beta}_seed$seed"
     todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && run is_dpo.py "${common[@]}" --weight clipped \

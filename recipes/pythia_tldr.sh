@@ -99,13 +99,17 @@ todo "$OUT/prefs" && run reward.py --mode label --judge rm --sft_path "$OUT/sft"
   --num_prompts "$LABEL_PROMPTS" --temperature "$LABEL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
   --out_dir "$OUT/prefs"
 
-# 4. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) for every beta and seed
+# 4. log pi_ref of the pairs, once, saved beside them ($OUT/prefs/reference_logps.pt, keyed by pi_ref, the
+# pairs and the lengths): every DAA run reads them there (a run that finds them stale computes its own)
+todo "$OUT/prefs/reference_logps.pt" && run dpo.py --reference_only --sft_path "$OUT/sft" \
+  --data "$OUT/prefs" "${LENS[@]}" --batch_size "$DAA_BATCH"
+
+# 5. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) for every beta and seed
 for beta in $BETAS; do
   for seed in $SEEDS; do
     common=(--sft_path "$OUT/sft" --data "$OUT/prefs" "${LENS[@]}" --beta "$beta" --seed "$seed"
             --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$(($DAA_ACCUM / NPROC))"
-            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs"
-            --reference_cache "$OUT/ref_cache")
+            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs")
     todo "$OUT/runs/dpo_beta${beta}_seed$seed" && run dpo.py "${common[@]}" \
       --run_name "dpo_beta${beta}_seed$seed"
     todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && run is_dpo.py "${common[@]}" --weight clipped \
@@ -113,7 +117,7 @@ for beta in $BETAS; do
   done
 done
 
-# 5. gold win-rate against the reference summaries, and KL to pi_ref, of every checkpoint
+# 6. gold win-rate against the reference summaries, and KL to pi_ref, of every checkpoint
 run evaluate.py --runs "$OUT/runs/*" --data "$DATA/tldr_test/eval.jsonl" --judge rm \
   --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" \
   --temperature "$EVAL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
