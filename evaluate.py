@@ -115,21 +115,22 @@ def evaluate_checkpoint(model, ref, setup, args):
         kl = sequence_kl(model, ref, list(zip(kl_prompts, kl_outs)), pad, args.sample_batch_size)
     metrics = {"kl": kl.mean().item(), "mean_length": float(np.mean([len(o) for o in outs])),
                "finished": float(np.mean([f for _, f in texts])), "example": texts[0][0]}
-    metrics.update(judge_samples(setup, args, texts))
+    metrics.update(judge_samples(setup, args, texts, outs))
     metrics["win_rate"] = metrics["true_win_rate" if args.judge == "true" else "gold_win_rate"]
     return metrics
 
 
-def judge_samples(setup, args, texts):
-    """The true scorer's (toy) and the gold RM's (--judge rm) verdicts on the samples [(text, finished)]."""
+def judge_samples(setup, args, texts, outs=None):
+    """The true scorer's (toy) and the gold RM's verdicts on the samples [(text, finished)], ids `outs`."""
     metrics, rows = {}, setup.rows
     if setup.toy:  # the hidden scorer: an unfinished summary is scored as such
         import toy_tldr
         true = [toy_tldr.true_score(r["prompt"], t, f) for r, (t, f) in zip(rows, texts)]
         metrics.update(true_win_rate=win_rate(true, setup.ref_true), true_score=float(np.mean(true)))
     if setup.gold is not None:
-        scores = gold_scores(setup, args, [{**r, "sample": t} for r, (t, _) in zip(rows, texts)], "sample",
-                             [f for _, f in texts])
+        rows = [{**r, "sample": t, **({"sample_ids": outs[i]} if outs else {})}
+                for i, (r, (t, _)) in enumerate(zip(rows, texts))]
+        scores = gold_scores(setup, args, rows, "sample", [f for _, f in texts])
         metrics.update(gold_win_rate=win_rate(scores, setup.ref_gold), gold_score=float(np.mean(scores)))
     return metrics
 

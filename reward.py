@@ -196,9 +196,9 @@ def sample_and_judge(args, pi_ref, gold, tokenizer, prompts, device, autocast):
         if args.judge == "true":  # the toy's hidden scorer plays the human
             from toy_tldr import true_score
             scores.append([true_score(o[0]["prompt"], o[side][0]) for o in keep])
-        else:  # the gold RM reads the text re-encoded, as it was trained
-            examples = lm.encode(tokenizer, [{**o[0], "text": o[side][0]} for o in keep], "text",
-                                 args.max_prompt_len, args.max_response_len)
+        else:  # the gold RM reads the ids sampled (a chat reply's text would be re-encoded with a space)
+            rows = [{**o[0], "text": o[side][0], "text_ids": o[side][1]} for o in keep]
+            examples = lm.encode(tokenizer, rows, "text", args.max_prompt_len, args.max_response_len)
             scores.append(score_examples(gold, examples, tokenizer.pad_token_id, args.sample_batch_size,
                                          device, autocast, desc="scoring" if world.main else None))
     scored = zip(*scores)
