@@ -17,6 +17,7 @@ import math
 import os
 import re
 
+from lm import read_jsonl
 from stage import fail
 
 RESPONSES = ("completion", "chosen", "rejected", "reference")  # our names of the response columns
@@ -25,25 +26,7 @@ MARKERS = (".stage.json", "prepare.json")  # a directory holding one was written
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. rows
-
-
-def read_jsonl(path):
-    """The rows of a JSON-lines file; a line that is not a JSON object is refused with its number."""
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                torn = "" if line.endswith("\n") else " (a torn last line?)"
-                fail(f"{path} line {n} is not valid JSON{torn}: {e}")
-            if not isinstance(row, dict):
-                fail(f"{path} line {n} is not a JSON object: {line.strip()[:60]}")
-            rows.append(row)
-    return rows
+# 1. rows (a JSON-lines file is read as the core reads it: lm.read_jsonl)
 
 
 def load_rows(source, filename, split, columns, max_rows=0, numeric=()):

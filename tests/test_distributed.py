@@ -21,6 +21,7 @@ import reward
 import sft
 import stage
 import toy_tldr
+from test_outputs import stopped_at_step
 from test_toy_tldr import assert_clean_error, cli_env, no_partial_copy, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,21 +291,6 @@ def test_gradient_checkpointing_changes_neither_the_log_probs_nor_their_gradient
     assert all(g is not None for g in g0 + g1)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
-
-
-def stopped_at_step(monkeypatch, step, run):
-    """run() stopped as by Ctrl-C (a KeyboardInterrupt) just when it would log `step` to its train_log."""
-    append = stage.append_jsonl
-
-    def interrupted(path, row):
-        if row.get("step") == step:
-            raise KeyboardInterrupt
-        append(path, row)
-
-    monkeypatch.setattr(stage, "append_jsonl", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run()
-    monkeypatch.setattr(stage, "append_jsonl", append)
 
 
 def test_fp16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
