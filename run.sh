@@ -88,7 +88,7 @@ if (( FROM <= 5 )); then
   say "5/8 reference log-probs: log pi_ref of the pairs, once, saved beside them ($OUT/prefs)"
   # every DAA run starts from this pi_ref on these pairs and reads them (a run with other
   # --max_prompt_len/--max_response_len in DAA_FLAGS computes its own)
-  $PY dpo.py --reference_only --sft_path "$OUT/sft" --data "$OUT/prefs" --threads 1
+  $PY dpo.py --reference_only --sft_path "$OUT/sft" --data "$OUT/prefs" --threads "$JOBS"  # alone: every core
   say "5/8 DAA runs {$RUNS} x seeds {$SEEDS} ($JOBS at a time, one thread each; logs in $OUT/logs)"
   common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --threads 1"
   jobs_file="$OUT/logs/jobs.txt"

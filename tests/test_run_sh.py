@@ -59,7 +59,7 @@ def test_the_stages_in_order_and_the_reference_log_probs_once_before_the_daa_run
     assert first == [["toy_tldr.py", "--out_dir"], ["sft.py", "--data"], ["reward.py", "train"],
                      ["reward.py", "label"], ["dpo.py", "--reference_only"]]
     out = tmp_path / "out"
-    assert commands[4] == f"dpo.py --reference_only --sft_path {out}/sft --data {out}/prefs --threads 1"
+    assert commands[4] == f"dpo.py --reference_only --sft_path {out}/sft --data {out}/prefs --threads 2"
     assert [c for c in commands if "--reference_only" in c] == [commands[4]]
     assert not [c for c in commands if "--reference_cache" in c]
     daa = [cmd for _, cmd in daa_runs(lines)]
