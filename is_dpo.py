@@ -20,11 +20,11 @@ predecessor). With r(y) = log pi_theta(y) - log pi_ref(y) summed over response t
 Run (after the stages that dpo.py needs):
     python is_dpo.py                              # AIS-DPO, beta 0.01 -> out/runs/ais-dpo_beta0.01_seed0/
     python is_dpo.py --weight clipped             # IS-DPO with w <= e^2
-    python is_dpo.py --weight fixed --alpha 0     # exactly dpo.py (same train_log numbers)
+    python is_dpo.py --weight fixed --alpha 0     # exactly dpo.py (the same train_log numbers)
 
 How this departs from dpo.py and from the papers:
-  1. It adds only `importance_weights` (and its config); data, log-probs, losses, loop and
-     checkpoints are dpo.py's, called through `dpo.train(args, weigh=importance_weights)`.
+  1. It adds only `importance_weights` and its flags: dpo.train(args, weigh=importance_weights) runs
+     dpo.py's loop, which multiplies each pair's loss by the weight it returns.
   2. log w is computed in log space and exponentiated last; it never multiplies probabilities.
   3. w is detached by default (--weight_grad keeps its gradient). With the gradient, the loss is
      lowered by making *every* response unlikely: the policy collapses (METHOD.md, section 6).
@@ -33,9 +33,9 @@ How this departs from dpo.py and from the papers:
   5. The papers weigh against pi_ref; --behaviour_logps uses the log-probs of the policy that
      generated the data (columns written by reward.py --mode label) in place of log pi_ref.
   6. The weights are not normalised, as in the papers. Adam ignores a constant loss scale, but AIS's
-     log w drifts down during training (to about -2.6 by the end of run.sh's seed-0 run) while Adam's
-     second-moment average remembers ~1000 steps: the steps shrink, like a learning-rate decay.
-     --self_normalise (w divided by its batch mean) is the control that removes that part.
+     log w drifts down during training while Adam's second-moment average remembers ~1000 steps: the
+     steps shrink, like a learning-rate decay. --self_normalise (w divided by its batch mean) is the
+     control that removes that part.
 """
 import math
 from dataclasses import dataclass, field
@@ -43,33 +43,26 @@ from dataclasses import dataclass, field
 import torch
 
 import dpo
-import policy
+import lm
 import stage
 from stage import fail
 
 RATIO_MODES = ("none", "full", "clipped", "adaptive", "fixed", "sqrt")  # w from pi_theta / pi_ref
-WEIGHT_MODES = RATIO_MODES + ("wpo",)
 MAX_LOG_W = 50.0  # exp(50) ~ 5e21: far inside float32, far above any weight that matters
 
 
 @dataclass
 class Args(dpo.Args):
     weight: str = field(default="adaptive", metadata={
-        "help": "none | full | clipped | adaptive | fixed | sqrt | wpo (Zhou et al. 2024, as TRL's "
-                "use_weighting: the policy's own probabilities, no ratio)"})
+        "help": "none | full | clipped | adaptive | fixed | sqrt"})
     alpha: float = field(default=0.1, metadata={"help": "--weight fixed: the exponent alpha in [0, 1]"})
     log_w_max: float = field(default=2.0, metadata={"help": "--weight clipped: upper clip of log w"})
     self_normalise: bool = field(default=False, metadata={
-        "help": "a control: divide w by its batch mean, so only the weights' relative sizes act (the "
-                "papers do not)"})
-    weight_grad: bool = field(default=False, metadata={
-        "help": "let gradients flow through w (not recommended)"})
+        "help": "a control: w divided by its batch mean, so only the weights' relative sizes act"})
+    weight_grad: bool = field(default=False, metadata={"help": "let gradients flow through w (not advised)"})
     behaviour_logps: bool = field(default=False, metadata={
-        "help": "use the data's behaviour log-probs instead of log pi_ref in w"})
-    behaviour_chosen_column: str = field(default="chosen_behaviour_logp", metadata={
-        "help": "column of the chosen response's behaviour log-prob"})
-    behaviour_rejected_column: str = field(default="rejected_behaviour_logp", metadata={
-        "help": "column of the rejected response's behaviour log-prob"})
+        "help": "weigh against the data's behaviour log-probs (columns chosen_behaviour_logp, "
+                "rejected_behaviour_logp) instead of log pi_ref"})
 
 
 def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.0):
@@ -101,14 +94,6 @@ def log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=0.0, log_w_max=2.
     return log_w.clamp(max=MAX_LOG_W)
 
 
-def wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w, len_l):
-    """WPO (Zhou et al. 2024, eq. 2, in TRL's use_weighting form): log w = mean over y_w's tokens of
-    (log p_t(y_t) - log sum_v p_t(v)^2) plus the same for y_l, at most 0 (w <= 1). pi_* [B] summed
-    log-probs under the policy, sq_* [B] from dpo.pair_logps(..., wpo=True), len_* [B]. Weighs a pair by how
-    likely the current policy is to write it, aligned so that a confident policy is not penalised."""
-    return ((pi_w - sq_w) / len_w + (pi_l - sq_l) / len_l).clamp(max=0.0)
-
-
 def weight_stats(log_w):
     """Mean, max and effective sample size (sum w)^2 / sum w^2 of a batch, from log w."""
     log_w = log_w.detach().double()
@@ -117,47 +102,43 @@ def weight_stats(log_w):
             "log_weight_mean": log_w.mean().item(), "ess": ess.item()}
 
 
-def importance_weights(args, logps, rows):
-    """dpo.train's `weigh` hook: w [B] for the batch, and its diagnostics."""
+def importance_weights(args, logps, rows, model=None):
+    """w [B] of a batch (dpo.train calls it where it weighs the losses), and its diagnostics.
+    logps: dpo.train's {pi_w, pi_l, ref_w, ref_l, len_w, len_l}, each [B]; rows: the batch's data rows."""
     base_w, base_l = logps["ref_w"], logps["ref_l"]
     if args.behaviour_logps:
-        base_w = torch.tensor([r[args.behaviour_chosen_column] for r in rows], device=base_w.device)
-        base_l = torch.tensor([r[args.behaviour_rejected_column] for r in rows], device=base_l.device)
-    if args.weight == "wpo":  # no ratio: the policy's own token probabilities (not an exercise)
-        log_w = wpo_log_weights(logps["pi_w"], logps["pi_l"], logps["sq_w"], logps["sq_l"],
-                                logps["len_w"].float(), logps["len_l"].float()).detach()
-    else:
-        # BEGIN SOLUTION
-        r_w, r_l = logps["pi_w"] - base_w, logps["pi_l"] - base_l
-        log_w = log_importance_weights(args.weight, r_w, r_l, logps["len_w"].float(), logps["len_l"].float(),
-                                       args.alpha, args.log_w_max)
-        if not args.weight_grad:
-            log_w = log_w.detach()
-        # END SOLUTION
-    stats = weight_stats(log_w)  # diagnostics of the paper's weights, before any normalisation
+        base_w = torch.tensor([r["chosen_behaviour_logp"] for r in rows], device=base_w.device)
+        base_l = torch.tensor([r["rejected_behaviour_logp"] for r in rows], device=base_l.device)
+    # BEGIN SOLUTION
+    r_w, r_l = logps["pi_w"] - base_w, logps["pi_l"] - base_l
+    log_w = log_importance_weights(args.weight, r_w, r_l, logps["len_w"].float(), logps["len_l"].float(),
+                                   args.alpha, args.log_w_max)
+    if not args.weight_grad:
+        log_w = log_w.detach()
+    # END SOLUTION
+    stats = weight_stats(log_w)  # the papers' weights, before any normalisation
     if args.self_normalise:  # w / mean_batch(w), in log space
         log_w = log_w - torch.logsumexp(log_w, 0) + math.log(len(log_w))
     return torch.exp(log_w), stats
 
 
 def method_name(args):
-    prefix = {"none": "w1", "full": "fullis", "clipped": "is", "adaptive": "ais",
-              "fixed": f"a{args.alpha:g}", "sqrt": "sqrtis", "wpo": "wpo"}[args.weight]
+    prefix = {"none": "w1", "full": "fullis", "clipped": "is", "adaptive": "ais", "fixed": f"a{args.alpha:g}",
+              "sqrt": "sqrtis"}[args.weight]
     return f"{prefix}{'-sn' if args.self_normalise else ''}-{args.loss_type}"
 
 
-def main(args):
-    if args.weight not in WEIGHT_MODES:
-        fail(f"--weight must be one of {', '.join(WEIGHT_MODES)}, got {args.weight!r}")
+def main(args, weigh=importance_weights):
+    if args.weight not in RATIO_MODES:
+        fail(f"--weight must be one of {', '.join(RATIO_MODES)}, got {args.weight!r}")
     if not 0 <= args.alpha <= 1:
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
-    if not math.isfinite(args.log_w_max):
-        fail(f"--log_w_max must be finite, got {args.log_w_max}")
-    if args.behaviour_logps:  # the columns must exist and hold finite numbers: a clear error now if not
-        policy.load_rows(args.data, "train.jsonl", args.split,
-                         {"b_w": args.behaviour_chosen_column, "b_l": args.behaviour_rejected_column},
-                         numeric=("b_w", "b_l"))
-    return dpo.train(args, weigh=importance_weights, method=method_name(args))
+    if not math.isfinite(args.log_w_max) or args.log_w_max < -10:
+        fail(f"--log_w_max must be finite and >= -10 (w >= e^-10, a policy that moves), got {args.log_w_max}")
+    if args.behaviour_logps:  # the columns must hold finite numbers: one clear line now if not
+        lm.load_rows(args.data, "train.jsonl", [],
+                     numeric=["chosen_behaviour_logp", "rejected_behaviour_logp"])
+    return dpo.train(args, weigh=weigh, method=method_name(args))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@
 #
 # Stages (FROM=n starts at stage n and reuses the earlier stages' outputs in $OUT):
 #   1 the toy world   2 SFT: pi_ref   3 the gold reward model (only with JUDGE=rm)
-#   4 offline pairs: two pi_ref samples a prompt, labelled by the judge   5 the DAA runs
+#   4 offline pairs: two pi_ref samples a prompt, labelled by the judge
+#   5 log pi_ref of the pairs (once, saved beside them), then the DAA runs
 #   6 evaluation of every checkpoint   7 the claims with their confidence intervals
 #   8 the categorical toy (the same claims, computed exactly; SEEDS apply) and the analytic toys
 #
 # RUNS lists method:beta pairs, each trained once per seed. Methods: dpo, ais-dpo (adaptive weights),
 # is-dpo (clipped weights), ais-sn-dpo (adaptive weights divided by their batch mean: a control),
-# wpo-dpo (WPO's weights: the policy's own probabilities, no ratio).
+# wpo-dpo (WPO's weights: the policy's own probabilities, no ratio; extras/wpo.py).
 # METHODS="..." and BETAS="..." instead build every method x beta pair.
 # JUDGE=true (default): the toy's hidden true scorer labels the pairs and judges the win-rate.
 # JUDGE=rm: a gold reward model is trained on the "human" pairs and plays both parts, as on real data.
@@ -84,10 +85,12 @@ fi
 
 mkdir -p "$OUT/logs"
 if (( FROM <= 5 )); then
+  say "5/8 reference log-probs: log pi_ref of the pairs, once, saved beside them ($OUT/prefs)"
+  # every DAA run starts from this pi_ref on these pairs and reads them (a run with other
+  # --max_prompt_len/--max_response_len in DAA_FLAGS computes its own)
+  $PY dpo.py --reference_only --sft_path "$OUT/sft" --data "$OUT/prefs" --threads "$JOBS"  # alone: every core
   say "5/8 DAA runs {$RUNS} x seeds {$SEEDS} ($JOBS at a time, one thread each; logs in $OUT/logs)"
-  # the runs share pi_ref and the pairs: the first to need the reference log-probs saves them for the rest
-  common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs"
-  common="$common --reference_cache $OUT/reference_logps --threads 1"
+  common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --threads 1"
   jobs_file="$OUT/logs/jobs.txt"
   : > "$jobs_file"
   for seed in $SEEDS; do
@@ -98,7 +101,7 @@ if (( FROM <= 5 )); then
         ais-dpo)    cmd="is_dpo.py --weight adaptive" ;;
         is-dpo)     cmd="is_dpo.py --weight clipped" ;;
         ais-sn-dpo) cmd="is_dpo.py --weight adaptive --self_normalise" ;;
-        wpo-dpo)    cmd="is_dpo.py --weight wpo" ;;
+        wpo-dpo)    cmd="extras/wpo.py" ;;
         *) echo "error: unknown method $method in RUNS (dpo, ais-dpo, is-dpo, ais-sn-dpo, wpo-dpo)" >&2
            exit 2 ;;
       esac

@@ -1,22 +1,26 @@
 """
-stage.py -- what every stage shares: flags, one-line errors, and outputs that never lose anything.
+stage.py -- the lines every stage's loop shares, none of them about alignment: flags, one-line errors,
+seeds and devices, the optimizer step and its schedule, outputs that never lose anything, the state that
+--resume continues from, and the few lines that let torchrun run a stage as several processes.
 
-Every script (toy_tldr.py, sft.py, reward.py, dpo.py, is_dpo.py, evaluate.py, toy_gaussian.py) parses its
-flags with `parse_args`, checks them with `check_args`, stops with one `error:` line through `fail`, and
-writes its output through `start_output` / `finish_output`: into a hidden, locked sibling directory that is
-renamed into place only when complete, never over a directory the stage did not write (README, "Outputs,
-inputs, interruptions"). Nothing here is about alignment: read it when you need to, not first.
+Read a stage (sft.py, dpo.py, ...) first; come here when it calls something you want to see.
 """
 import dataclasses
 import functools
 import json
 import math
 import os
+import random
 import shutil
+import sys
 import time
+import warnings
+from contextlib import contextmanager, nullcontext
 
+import numpy as np
+import torch
 
-MARKER = ".stage.json"  # in every output a stage writes: which stage and run wrote it
+MARKER = ".stage.json"  # in every output a stage writes: which stage and which run wrote it
 
 
 def fail(message):
@@ -24,25 +28,15 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
-def one_process_only(what):
-    """Refuse to run `what` as several processes (torchrun --nproc_per_node N): it does not split its work."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        fail(f"{what} runs in one process: start it with python, not with torchrun and several processes")
-
-
 def parse_args(config_class, doc):
-    """Flags from a config dataclass (every field's help and default show in --help), doc on top.
-
-    An unknown or misspelt flag is refused as argparse refuses one: usage, one error line, exit 2
-    (HfArgumentParser alone raises a ValueError; allow_abbrev=False: --lr must not stand for --lr_x)."""
+    """Flags from a config dataclass (every field's help and default show in --help), doc on top. An unknown
+    or misspelt flag is refused with usage and one error line (allow_abbrev=False: --lr is not --lr_x)."""
     import argparse
 
     from transformers import HfArgumentParser
 
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    parser = HfArgumentParser(config_class, description=doc, formatter_class=Formatter, allow_abbrev=False)
+    formatter = type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    parser = HfArgumentParser(config_class, description=doc, formatter_class=formatter, allow_abbrev=False)
     args, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -67,41 +61,254 @@ def check_args(args, positive=(), non_negative=()):
         fail(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
 
 
-def scratch_path(out_dir, kind):
-    """A hidden sibling of out_dir, .<name>.<kind>: its lock, its unfinished copy. Hidden, so that a
-    glob such as out/runs/* never takes one for an output."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    return os.path.join(parent, f".{name}.{kind}")
+# ----------------------------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node N script.py` starts N copies of a stage, one a GPU (or CPU
+# processes talking through gloo). Each runs every line; the rank picks its GPU and its share of the work.
+# In one process (`python script.py`) every function here returns its input or does nothing.
 
 
-def read_marker(path):
-    """The marker of a directory a stage wrote, or None."""
+@dataclasses.dataclass
+class World:
+    rank: int = 0  # this process, 0 .. size - 1
+    size: int = 1  # processes in all
+    local_rank: int = 0  # this process on its machine: its GPU
+
+    @property
+    def main(self):  # the process that writes files and prints
+        return self.rank == 0
+
+
+WORLD = World()
+
+
+def init_distributed(resume=False):
+    """Join the processes torchrun started (RANK, WORLD_SIZE, LOCAL_RANK): NCCL between GPUs, gloo between
+    CPU processes. --resume is one process's (its saved state is)."""
+    global WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and resume:
+        fail("--resume works in one process only: restart the run from its beginning")
+    if size > 1 and not torch.distributed.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        WORLD = World(torch.distributed.get_rank(), size, local_rank)
+        if not WORLD.main:  # one copy of every printed line (errors still show)
+            sys.stdout = open(os.devnull, "w")
+    return WORLD
+
+
+def one_process_only(what):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail(f"{what} runs in one process: start it with python, not with torchrun and several processes")
+
+
+def shard(items):
+    """This process's share of a list: items[rank::size]."""
+    return items[WORLD.rank::WORLD.size]
+
+
+def unshard(mine):
+    """Every process's shard() back in the original order, on every process."""
+    if WORLD.size == 1:
+        return list(mine)
+    parts = [None] * WORLD.size
+    torch.distributed.all_gather_object(parts, list(mine))
+    out = [None] * sum(map(len, parts))
+    for rank, part in enumerate(parts):
+        out[rank::WORLD.size] = part
+    return out
+
+
+def barrier():  # wait until every process is here (e.g. until the main one has written a file)
+    if WORLD.size > 1:
+        torch.distributed.barrier()
+
+
+def gather_live(mine):
+    """Every process's [B, ...] tensor in shard() order, on every process: [N * B, ...]. This process's own
+    entries keep their gradient, the others' are constants: a loss F of them is the same number everywhere,
+    and the processes' gradients sum to F's (DDP averages: a loop backpropagates N * F; METHOD.md, 12)."""
+    if WORLD.size == 1:
+        return mine
+    parts = [torch.empty_like(mine) for _ in range(WORLD.size)]
+    torch.distributed.all_gather(parts, mine.detach().contiguous())
+    parts[WORLD.rank] = mine
+    return torch.stack(parts, dim=1).reshape(-1, *mine.shape[1:])  # entry j * N + r: process r's j-th
+
+
+class Forward(torch.nn.Module):
+    """fn(model, ...) as a module's forward: DDP syncs gradients and FSDP gathers weights only through a
+    module's forward, and our losses read model.base_model and the output layer directly."""
+
+    def __init__(self, fn, model):
+        super().__init__()
+        self.fn, self.model = fn, model
+
+    def forward(self, *inputs, **kwargs):
+        return self.fn(self.model, *inputs, **kwargs)
+
+
+def parallel(model, fn, fsdp=False, gradient_checkpointing=False):
+    """What a loop calls for fn(model, ...): Forward(fn, model) in one process, wrapped in DDP over several
+    (or sharded by FSDP: scale/fsdp.py). gradient_checkpointing: layers recompute their activations."""
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if fsdp:
+        if WORLD.size == 1:
+            fail("--fsdp shards the weights over several processes: start the stage with torchrun")
+        from scale.fsdp import shard_model
+        return shard_model(Forward(fn, model))
+    if WORLD.size == 1:
+        return Forward(fn, model)
+    return torch.nn.parallel.DistributedDataParallel(
+        Forward(fn, model), device_ids=[WORLD.local_rank] if torch.cuda.is_available() else None)
+
+
+@contextmanager
+def sync_gradients(module, now):
+    """Around a micro-batch's forward and backward: average the gradients over the processes only `now`
+    (the step's last micro-batch); before it each process accumulates its own."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not now:
+        with module.no_sync():
+            yield
+        return
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP
+        module.set_requires_gradient_sync(now)
+    yield
+
+
+def save_pretrained(model, path, tokenizer=None):
+    """save_pretrained by the main process (FSDP's shards are gathered first: every process takes part)."""
+    state = None
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from scale.fsdp import full_state_dict
+        state = full_state_dict(model)
+    if WORLD.main:
+        model.save_pretrained(path, **({} if state is None else {"state_dict": state}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds, devices, the optimizer step
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("auto (bf16 autocast on CUDA, float32 on the CPU) | fp32 | bf16 | fp16 (fp16 autocast with "
+                  "a gradient scaler); the weights and the optimizer stay float32")
+
+
+def device_and_autocast(precision="auto", threads=0):
+    """(device, autocast): CUDA when present, else the CPU; autocast runs matrix products in bf16/fp16 while
+    the weights stay float32 (METHOD.md, section 2). threads: torch's CPU threads (0: its default)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(f"cuda:{WORLD.local_rank}" if torch.cuda.is_available() else "cpu")
+    if precision not in PRECISIONS:
+        fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return device, nullcontext()
+    return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def check_finite(step, **values):  # a NaN never heals: stop at the first, publish nothing
+    for name, value in values.items():
+        if not math.isfinite(value := float(value.detach() if torch.is_tensor(value) else value)):
+            fail(f"non-finite {name} ({value}) at step {step}: training stopped, nothing saved")
+
+
+def optimizer_step(step, model, optimizer, scheduler, scaler, grad_clip, loss):
+    """Unscale, clip, stop at a non-finite loss or gradient norm, step, schedule. Under fp16 a non-finite norm
+    is the scaler's overflow: it skips the update and lowers its scale. Returns the norm before clipping."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP's
+    check_finite(step, loss=loss, **({} if scaler.is_enabled() else {"grad_norm": grad_norm}))
+    scaler.step(optimizer)
+    scaler.update()
+    with warnings.catch_warnings():  # the schedule counts a step the fp16 scaler skipped too: no news
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def parameter_norm(model):
+    """The norm of all weights, checked finite when training ends (no loss checks the last update)."""
+    squares = sum(p.detach().float().pow(2).sum() for p in model.parameters())
+    return torch.sqrt(squares.full_tensor() if hasattr(squares, "full_tensor") else squares)  # FSDP's
+
+
+def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
+    """Linear warm-up from 0, then constant or a half cosine from the peak down to min_lr_ratio x the peak
+    at total_steps (METHOD.md, section 12): transformers' schedules."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    if shape not in ("cosine", "constant"):
+        fail(f"--lr_schedule must be cosine or constant, got {shape!r}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        fail(f"--min_lr_ratio must be in [0, 1] (a fraction of --lr), got {min_lr_ratio}")
+    if shape == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps,
+                                                       min_lr_rate=min_lr_ratio)
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def save_json(path, obj):  # whole or not at all
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def append_jsonl(path, row):
+    """One row, one write() to a file opened for appending: rows never interleave, a stop tears at most
+    the last line."""
+    line = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, line) != len(line):
+            raise OSError(28, "short write (disk full?)", path)
+    finally:
+        os.close(fd)
+
+
+def read_marker(path):  # the {stage, run} of a directory a stage wrote, or None
     try:
         with open(os.path.join(path, MARKER)) as f:
-            marker = json.load(f)
-        return marker if isinstance(marker, dict) else None
+            return (lambda m: m if isinstance(m, dict) else None)(json.load(f))
     except (OSError, ValueError):
         return None
 
 
 def check_output(out_dir, stage, inputs=(), own_files=()):
-    """Refuse, before any work, an output whose replacement would lose something: one of the run's
-    inputs (or a directory holding one, or one inside one), a file, or a non-empty directory that
-    this stage did not write (no marker naming it, and files other than `own_files`)."""
+    """Refuse, before any work, an output whose replacement would lose something: an input of the run (or
+    a directory holding one), a file, or a non-empty directory no run of this stage wrote."""
     out = os.path.realpath(out_dir)
-    if os.path.dirname(out) == out:
-        fail(f"--out_dir {out_dir} is the root directory")
-    for path in inputs:
-        if path and os.path.exists(path):
-            real = os.path.realpath(path)
-            if out == real or real.startswith(out + os.sep) or out.startswith(real + os.sep):
-                fail(f"--out_dir {out_dir} is or overlaps an input of this run ({path}): "
-                     f"it would be overwritten")
+    if os.path.dirname(out) == out or not out_dir.strip():
+        fail(f"--out_dir {out_dir!r} is the root or empty")
+    for path in filter(os.path.exists, filter(None, inputs)):
+        real = os.path.realpath(path)
+        if out == real or real.startswith(out + os.sep) or out.startswith(real + os.sep):
+            fail(f"--out_dir {out_dir} is or overlaps an input of this run ({path}): it would be overwritten")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         fail(f"--out_dir {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and not set(os.listdir(out_dir)) <= set(own_files):
         marker = read_marker(out_dir)
-        if marker is None:  # (an output of this project written before the markers: remove it, or mark it)
+        if marker is None:
             fail(f"--out_dir {out_dir} is a non-empty directory no stage of this project wrote (it has no "
                  f"{MARKER}): choose another, or empty it")
         if marker.get("stage") != stage:
@@ -109,9 +316,15 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
                  f"not of {stage}")
 
 
-def take_lock(path, what):
-    """An exclusive fcntl lock on the file `path` (created), or one error line naming its holder.
-    The kernel drops the lock when its process ends, however it ends: a lock is never stale."""
+def scratch_path(out_dir, kind):
+    """A hidden sibling of out_dir, .<name>.<kind> (hidden: a glob such as out/runs/* never takes it)."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.{kind}")
+
+
+def take_lock(path, out_dir):
+    """An exclusive flock on the file `path` (dropped by the kernel when the process ends, however it ends),
+    or one error line naming its holder. A lock on a file its holder has removed is taken again."""
     import fcntl
 
     while True:
@@ -119,171 +332,184 @@ def take_lock(path, what):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip()
+            holder = os.read(fd, 100).decode(errors="replace").strip() or "starting"
             os.close(fd)
-            fail(f"{what} is being written by another run ({holder or 'starting'}); "
-                 f"wait for it or choose another")
-        try:  # the file we locked must still be the one at `path` (its last holder removes it)
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
+            fail(f"--out_dir {out_dir} is being written by another run ({holder}): wait for it, or choose "
+                 f"another")
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+            return fd
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()}".encode())
-    return fd
-
-
-def release_lock(fd, path):
-    os.unlink(path)  # before unlocking: a run waiting on this file sees it gone and takes a new one
-    os.close(fd)
-
-
-def missing_parents(out_dir):
-    """The directories above out_dir that do not exist yet, deepest first."""
-    missing, path = [], os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-def remove_empty(dirs):
-    for path in dirs:  # deepest first; one that holds anything (another run's output) stays
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
 
 
 class Output:
-    """One stage's output directory, written so that nothing is lost and nothing is half written.
+    """A stage's output directory, never half written and never lost. One writer: a lock on .<name>.lock
+    (take_lock). The stage writes into .<name>.partial;
+    publish() renames the old output aside, the new one in, then deletes the old (a kill in between leaves
+    the old beside it, and the next run puts it back). A partial copy that holds a saved state (state.pt)
+    is kept whatever stops the run: --resume continues it. Every output holds MARKER: {stage, run}."""
 
-    * a lock, <parent>/.<name>.lock, held to the end: a second run on the same output fails at once;
-    * the stage writes into a new hidden directory: .<name>.tmp-<pid>-<random>, or for a training
-      stage .<name>.partial, which outlives a kill so that --resume can continue from its saved state;
-    * publish: the old output is renamed aside, the new one renamed in, then the old one deleted, so a
-      kill at any moment leaves out_dir whole (old or new) or absent, and the other copy beside it;
-    * abandon (any failure): the new directory is removed -- unless it holds the saved state of a
-      run that was interrupted (not stopped by an error), which --resume continues.
-    Every directory it writes holds the marker naming the stage and the run.
-    """
-
-    def __init__(self, out_dir, stage, inputs=(), resumable=False, resume=False):
+    def __init__(self, out_dir, stage, inputs=(), resume=False):
         check_output(out_dir, stage, inputs)
-        self.out_dir, self.stage, self.resumable = out_dir, stage, resumable
-        self.made = missing_parents(out_dir)  # made here, and removed again if the run fails
-        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-        self.lock_path = scratch_path(out_dir, "lock")
-        self.lock = take_lock(self.lock_path, f"--out_dir {out_dir}")
+        self.out_dir, self.work = out_dir, scratch_path(out_dir, "partial")
+        self.aside, self.lock_path = scratch_path(out_dir, "old"), scratch_path(out_dir, "lock")
+        self.made, parent = [], os.path.dirname(self.work)  # made here, removed again if the run fails
+        while not os.path.exists(parent):
+            self.made, parent = self.made + [parent], os.path.dirname(parent)
+        os.makedirs(os.path.dirname(self.work), exist_ok=True)
+        self.lock = take_lock(self.lock_path, out_dir)
         try:
-            self._clear_leftovers()
-            check_output(out_dir, stage, inputs)  # again, under the lock: another run may have published
-            unique = f"tmp-{os.getpid()}-{os.urandom(4).hex()}"
-            self.work = scratch_path(out_dir, "partial" if resumable else unique)
-            marker = read_marker(self.work) if os.path.isdir(self.work) else None
-            saved = os.path.exists(os.path.join(self.work, "state.pt"))
-            if marker and marker.get("stage") == stage and saved:
-                if not resume:
-                    fail(f"{self.work} holds the saved state of an interrupted run of {out_dir}: "
-                         f"pass --resume to continue it, or remove it to start over")
-                self.run = marker.get("run", "")
-                return
-            if os.path.lexists(self.work):  # not ours, or nothing saved yet: nothing to continue
-                if marker is None or marker.get("stage") != stage:
-                    fail(f"{self.work} is in the way and no run of {stage} wrote it: remove it")
-                shutil.rmtree(self.work)
-            if resume:
-                print(f"note: nothing to resume for {out_dir}: starting from the beginning")
-            self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(2).hex()}"
-            os.makedirs(self.work)
-            with open(os.path.join(self.work, MARKER), "w") as f:
-                json.dump({"stage": stage, "run": self.run}, f)
+            self._start(stage, inputs, resume)
         except BaseException:
-            release_lock(self.lock, self.lock_path)
-            remove_empty(self.made)
+            self._release()
             raise
 
-    def _clear_leftovers(self):
-        """Copies left by a killed run of this output (we hold the lock: no one is writing them). The old
-        output that a publish killed between its two renames had moved aside is put back."""
-        parent, name = os.path.split(scratch_path(self.out_dir, ""))
-        for entry in sorted(os.listdir(parent)):
-            path = os.path.join(parent, entry)
-            if entry.startswith(f"{name}old-") and not os.path.lexists(self.out_dir):
-                print(f"note: putting back {self.out_dir}, moved aside by an interrupted run")
-                os.replace(path, self.out_dir)
-            elif entry.startswith((f"{name}tmp-", f"{name}old-")):
-                print(f"note: removing {path}, left by an interrupted run")
-                shutil.rmtree(path, ignore_errors=True)
+    def _start(self, stage, inputs, resume):
+        if os.path.isdir(self.aside) and not os.path.lexists(self.out_dir):
+            print(f"note: putting back {self.out_dir}, moved aside by an interrupted run")
+            os.replace(self.aside, self.out_dir)
+        elif os.path.lexists(self.aside):
+            print(f"note: removing {self.aside}, left by an interrupted run")
+            shutil.rmtree(self.aside, ignore_errors=True)
+        check_output(self.out_dir, stage, inputs)  # again, under the lock
+        marker = read_marker(self.work) if os.path.isdir(self.work) else None
+        if marker and marker.get("stage") == stage and os.path.exists(os.path.join(self.work, "state.pt")):
+            if not resume:
+                fail(f"{self.work} holds the saved state of an interrupted run of {self.out_dir}: pass "
+                     f"--resume to continue it, or remove it to start over")
+            self.run = marker.get("run", "")
+            return
+        if os.path.lexists(self.work):
+            if marker is None or marker.get("stage") != stage:
+                fail(f"{self.work} is in the way and no run of {stage} wrote it: remove it")
+            print(f"note: removing {self.work}, left by an interrupted run")
+            shutil.rmtree(self.work)
+        if resume:
+            print(f"note: nothing to resume for {self.out_dir}: starting from the beginning")
+        self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(2).hex()}"
+        os.makedirs(self.work)
+        save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run})
 
     def publish(self):
-        aside = None
         if os.path.lexists(self.out_dir):
-            aside = scratch_path(self.out_dir, f"old-{os.getpid()}-{os.urandom(4).hex()}")
-            os.replace(self.out_dir, aside)
+            os.replace(self.out_dir, self.aside)
         os.replace(self.work, self.out_dir)
-        if aside:
-            shutil.rmtree(aside)
-        release_lock(self.lock, self.lock_path)
+        shutil.rmtree(self.aside, ignore_errors=True)
+        self.made = []
+        self._release()
 
-    def abandon(self, interrupted):
-        """interrupted: stopped from outside (Ctrl-C, a crash, a full disk), not by an error of the run."""
-        state = os.path.join(self.work, "state.pt")
-        if interrupted and self.resumable and os.path.exists(state):
+    def _release(self):
+        os.unlink(self.lock_path)  # before unlocking: a run waiting on this file sees it gone
+        os.close(self.lock)
+        for path in (p for p in self.made if not os.listdir(p)):  # deepest first
+            os.rmdir(path)
+
+    def abandon(self):
+        if os.path.exists(os.path.join(self.work, "state.pt")):
             print(f"note: {self.work} keeps the state of this run: --resume continues from it")
         else:
             shutil.rmtree(self.work, ignore_errors=True)
-        release_lock(self.lock, self.lock_path)
-        remove_empty(self.made)
+        self._release()
 
 
-_unfinished = {}  # work dir -> Output: started in this process, not yet published
+_unfinished = []  # the Outputs this process started and has not published
 
 
-def start_output(out_dir, stage, inputs=(), resumable=False, resume=False):
-    """The directory to write the stage's output into (see Output); finish_output publishes it."""
-    output = Output(out_dir, stage, inputs, resumable, resume)
-    _unfinished[output.work] = output
-    return output.work
-
-
-def finish_output(work, out_dir):
-    output = _unfinished.pop(work)
-    assert output.out_dir == out_dir
-    output.publish()
+def start_output(out_dir, stage, inputs=(), resume=False):  # an Output that cleans_up abandons if need be
+    _unfinished.append(Output(out_dir, stage, inputs, resume))
+    return _unfinished[-1]
 
 
 def cleans_up(stage_main):
-    """Decorates a stage's main function: whatever way it stops early, the outputs it started are
-    abandoned (their unfinished copies removed, their locks released), and a failure to read or
-    write a file (a full or read-only disk) ends in one error line instead of a traceback."""
+    """Decorates a stage's main: however it stops early, the outputs it started are abandoned, and a
+    failure to read or write a file (a full or read-only disk) ends in one error line, not a traceback."""
     @functools.wraps(stage_main)
     def wrapper(*args, **kwargs):
-        before = set(_unfinished)
         try:
             return stage_main(*args, **kwargs)
         except OSError as e:
-            _abandon(before, interrupted=True)
             fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
-        except SystemExit:
-            _abandon(before, interrupted=False)
-            raise
         finally:
-            _abandon(before, interrupted=True)
+            while _unfinished:
+                output = _unfinished.pop()
+                if os.path.isdir(output.work):
+                    output.abandon()
     return wrapper
 
 
-def _abandon(before, interrupted):
-    for work in set(_unfinished) - before:
-        _unfinished.pop(work).abandon(interrupted)
-
-
 def prepare_dir(path, stage, inputs=(), own_files=()):
-    """A directory a stage adds files to without replacing it (evaluate.py's results and plots):
-    created with a marker, or refused if it holds other files than `own_files` and no marker of this stage."""
+    """A directory a stage adds files to (evaluate.py's results): made with a marker, or refused."""
     check_output(path, stage, inputs, own_files)
     os.makedirs(path, exist_ok=True)
     if read_marker(path) is None:
-        with open(os.path.join(path, MARKER), "w") as f:
-            json.dump({"stage": stage}, f)
+        save_json(os.path.join(path, MARKER), {"stage": stage})
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume: all that a loop needs to go on exactly as if never stopped, saved every --save_every steps
+# in the output's partial copy (which a kill leaves in place)
+
+
+def settings(args):
+    """What a resumed run must share with the interrupted one: every flag but --resume and --save_every."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
+
+
+def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
+    """Weights, optimizer moments, schedule, fp16's loss scale, random generators, the data order and the
+    place in it, and how much of train_log.jsonl is written; aside and renamed (whole or not at all)."""
+    if WORLD.size > 1 or not args.save_every or step % args.save_every or step == total:
+        return
+    numpy_rng = np.random.get_state()
+    state = {"step": step, "order": order, "cursor": cursor, "settings": settings(args),
+             "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+             "rng": {"python": random.getstate(),
+                     "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+                     "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    try:
+        torch.save(state, os.path.join(work, "state.pt.tmp"))
+    except RuntimeError as e:  # torch reports a full disk so
+        raise OSError(f"could not save the training state in {work}: {e}") from e
+    os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
+
+
+def remove_state(work):  # the state is for --resume only, not part of the published output
+    for name in ("state.pt", "state.pt.tmp"):
+        if os.path.exists(os.path.join(work, name)):
+            os.remove(os.path.join(work, name))
+
+
+def restore_state(work, args, model, optimizer, scheduler, scaler):
+    """(last step done, data order, cursor) of the saved state in `work`, restored in place; (0, [], 0)."""
+    path = os.path.join(work, "state.pt")
+    if WORLD.size > 1 or not os.path.exists(path):
+        return 0, [], 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn by a full disk
+        fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
+    changed = [k for k, v in settings(args).items() if state["settings"].get(k) != v]
+    if changed:
+        changed = ", ".join("--" + k for k in changed)
+        fail(f"--resume with other settings than the interrupted run ({changed}): use the same, or remove "
+             f"{work} to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    with open(os.path.join(work, "train_log.jsonl"), "r+b") as f:
+        f.truncate(state["log_bytes"])  # the rows of steps after the save are written again
+    print(f"resumed from the state saved at step {state['step']}")
+    return state["step"], state["order"], state["cursor"]

@@ -41,7 +41,7 @@ without that.
 Exact: the win-rate sum_{y,y'} pi_theta(y) pi_ref(y') (1[r(y) > r(y')] + 1[r(y) = r(y')] / 2), the KL
 sum_y pi_theta(y) (log pi_theta(y) - log pi_ref(y)), the mass on responses no pair contains. Training is
 full-batch Adam on the empirical loss (no minibatch noise). Only the data are random: each seed draws
-new pairs and labels. The claims are those of evaluate.py --check, over the seeds.
+new pairs and labels. The claims are those of evaluate.py --check (claims.py), over the seeds.
 
 Other methods (--runs): any weight of is_dpo.py on DPO, IPO or RPO, named as is_dpo.py names its runs
 (a0.2-dpo, sqrtis-dpo, ais-ipo, rpo, ...); --data_theta draws the pairs from a shifted policy.
@@ -64,8 +64,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import claims
 import dpo
-import evaluate
 import is_dpo
 import stage
 
@@ -263,7 +263,7 @@ def plot(rows, finals, world, runs, best_len, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = evaluate.group_runs(rows)
+    groups = claims.group_runs(rows)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     length = world["phi"][:, 0].numpy()
     lengths = np.arange(1, int(length.max()) + 1)
@@ -274,7 +274,7 @@ def plot(rows, finals, world, runs, best_len, path):
         color = plt.cm.tab10(i)
         label = f"{method}, beta {beta:g}"
         for ax, key in zip(axes[:2], ["win_rate", "kl"]):
-            x, mean, std = evaluate.mean_curve(groups[(method, beta)], key)
+            x, mean, std = claims.mean_curve(groups[(method, beta)], key)
             ax.plot(x, mean, "o-", ms=3, color=color, label=label)
             low, high = (0, 1) if key == "win_rate" else (0, None)
             ax.fill_between(x, np.clip(mean - std, low, high), np.clip(mean + std, low, high), color=color,
@@ -290,7 +290,7 @@ def plot(rows, finals, world, runs, best_len, path):
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
     fig.suptitle("The categorical toy: exact values, mean ± std over seeds (each seed draws new pairs)")
-    evaluate.save_figure(fig, path)
+    claims.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -343,8 +343,8 @@ def write_outputs(work, rows, finals, world, runs, args):
     with open(os.path.join(work, "results.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    table, holds = evaluate.check_table(rows)
-    summary = evaluate.summary_table(rows)
+    table, holds = claims.check_table(rows)
+    summary = claims.summary_table(rows)
     with open(os.path.join(work, "check.md"), "w") as f:
         f.write(table)
     with open(os.path.join(work, "summary.md"), "w") as f:
@@ -376,10 +376,10 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     world = make_world(args)
-    work = stage.start_output(args.out_dir, "toy_categorical")
+    output = stage.start_output(args.out_dir, "toy_categorical")
     rows, finals = run_all(world, runs, args)
-    summary, table, holds = write_outputs(work, rows, finals, world, runs, args)
-    stage.finish_output(work, args.out_dir)
+    summary, table, holds = write_outputs(output.work, rows, finals, world, runs, args)
+    output.publish()
     print(summary)
     print(table)
     print("every claim holds" if holds else "some claims do not hold (NO above)")

@@ -1,26 +1,20 @@
-"""Two small numerical experiments behind importance-sampled DPO: numpy and matplotlib, a few seconds on a
-CPU.
+"""
+toy_gaussian.py -- two small numerical experiments behind importance-sampled DPO (numpy and matplotlib, a
+few seconds on a CPU).
 
 1. Correlation (paper Fig. 1). The reference is a 1-D Gaussian mixture mu = pi_ref, the policy a narrow
-Gaussian
-   pi_theta = N(theta, 0.1^2) slid across [-1, 1]. For each theta: KL(pi_theta || pi_ref) by quadrature, and
-   two
-   losses on preference pairs drawn from mu (offline data): the mu-weighted squared log-ratio margin, and the
-   same
-   loss importance-weighted towards pi_theta (mu-IS). On a log scale the mu-IS loss tracks the KL; the
-   mu-weighted
-   loss does not, because it only looks at pi_theta where mu happens to put its samples.
+   Gaussian pi_theta = N(theta, 0.1^2) slid across [-1, 1]. For each theta: KL(pi_theta || pi_ref) by
+   quadrature, and two losses on preference pairs drawn from mu (offline data): the mu-weighted squared
+   log-ratio margin, and the same loss importance-weighted towards pi_theta (mu-IS). On a log scale the
+   mu-IS loss tracks the KL; the mu-weighted loss does not: it sees pi_theta only where mu puts samples.
 2. Variance (paper App. E). Sequences of T tokens, a uniform reference over V tokens and the same policy
    categorical at every step. The sequence weight w = prod_t pi_theta/pi_ref has a variance that grows
    exponentially in T; w^(1/T) keeps it bounded (it even shrinks), at the price of a bias E[w^alpha] <= 1
-   (Jensen, App. A).
-   Exact values (the steps are independent) are drawn as lines, Monte Carlo estimates as markers.
+   (Jensen, App. A). Exact values (the steps are independent): lines; Monte Carlo estimates: markers.
 
-Run:  python toy_gaussian.py          (python toy_gaussian.py --help lists the flags and their defaults)
-See:  out/toy_gaussian/correlation.png  KL and the mu-IS loss rise and fall together; the mu-weighted loss
-does not
-      out/toy_gaussian/variance.png     log Var[w] is a straight rising line in T, log Var[w^(1/T)] never
-      rises
+Run:  python toy_gaussian.py          (--help lists the flags and their defaults)
+See:  out/toy_gaussian/correlation.png  KL and the mu-IS loss rise and fall together, the mu-weighted one not
+      out/toy_gaussian/variance.png     log Var[w]: a straight rising line in T; log Var[w^(1/T)] never rises
       out/toy_gaussian/results.json     every plotted number and the two Pearson correlations
 """
 import argparse
@@ -36,31 +30,28 @@ matplotlib.use("Agg")  # write files only: works on a machine without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import stage  # noqa: E402  (output checks; it imports neither torch nor transformers)
+import stage  # noqa: E402  (the output directory, written whole)
 
 
 @dataclass
 class Args:
     seed: int = field(default=0, metadata={"help": "seed of the one random generator behind every draw"})
-    out_dir: str = field(default="out/toy_gaussian", metadata={
-        "help": "where results.json and the figures go"})
+    out_dir: str = field(default="out/toy_gaussian", metadata={"help": "results.json and the figures"})
     theta_min: float = field(default=-1.0, metadata={"help": "smallest policy mean theta"})
     theta_max: float = field(default=1.0, metadata={"help": "largest policy mean theta"})
     n_theta: int = field(default=41, metadata={"help": "number of theta values on the grid"})
-    n_samples: int = field(default=2000, metadata={
-        "help": "preference pairs (y_w, y_l) drawn from mu per theta"})
+    n_samples: int = field(default=2000, metadata={"help": "preference pairs (y_w, y_l) from mu per theta"})
     vocab_size: int = field(default=10, metadata={"help": "V: the reference is uniform over V tokens"})
-    peak: float = field(default=1.5, metadata={
-        "help": "pi_theta = softmax(peak * linspace(-1, 1, V)); 0 is pi_ref"})
+    peak: float = field(default=1.5, metadata={"help": "pi_theta = softmax(peak * linspace(-1, 1, V))"})
     t_max: int = field(default=20, metadata={"help": "longest sequence length T"})
     alphas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4], metadata={
-        "help": "fixed exponents alpha in [0, 1] for w^alpha"})
+        "help": "fixed exponents alpha in [0, 1] of w^alpha"})
     n_mc: int = field(default=10000, metadata={"help": "Monte Carlo sequences drawn from pi_ref"})
 
 
 def parse_args(argv=None) -> Args:
-    """A tiny argparse built from the fields of Args, so the dataclass is the one place a flag is defined."""
-    # usage=SUPPRESS: a bad flag then prints exactly one line, "toy_gaussian.py: error: ...", and exits with 2
+    """Flags from the fields of Args (numpy alone, unlike stage.parse_args). usage=SUPPRESS: a bad flag
+    prints one line, "toy_gaussian.py: error: ...", and exits with 2."""
     parser = argparse.ArgumentParser(usage=argparse.SUPPRESS, description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Args):
@@ -68,11 +59,9 @@ def parse_args(argv=None) -> Args:
         kind = dict(type=float, nargs="+") if isinstance(default, list) else dict(type=type(default))
         parser.add_argument(f"--{f.name}", default=default, help=f.metadata["help"], **kind)
     args = Args(**vars(parser.parse_args(argv)))
-    for f in dataclasses.fields(Args):  # nan passes every comparison below unnoticed, inf breaks the grids
-        value = getattr(args, f.name)
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not np.isfinite(v) for v in values):
-            parser.error(f"--{f.name} must be finite, got {value}")
+    for name, value in vars(args).items():  # nan passes every comparison below unnoticed, inf breaks grids
+        if not isinstance(value, str) and not np.isfinite(value).all():
+            parser.error(f"--{name} must be finite, got {value}")
     if not 0 <= args.seed < 2 ** 32:
         parser.error(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.n_samples < 1 or args.n_mc < 2:
@@ -86,8 +75,7 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-# ---------------------------------------------------------------- 1. correlation: Gaussian mixture vs
-# Gaussian
+# ---------------------------------------------------------------- 1. correlation: a mixture and a Gaussian
 MIX_WEIGHTS = np.array([0.3, 0.4, 0.3])  # mu = pi_ref = sum_k w_k N(m_k, 0.2^2)
 MIX_MEANS = np.array([-0.8, 0.0, 0.8])
 MIX_STD = 0.2
@@ -136,23 +124,18 @@ def pair_losses(theta, y_w, y_l):
 
 
 def correlation_sweep(rng, thetas, n_samples):
-    """KL and both losses for every theta (fresh pairs from mu at each theta), and the Pearson
-    correlations."""
-    kl, mu_loss, mu_is_loss = [], [], []
-    for theta in thetas:
-        kl.append(kl_quadrature(functools.partial(gaussian_logpdf, mean=theta, std=POLICY_STD),
-                                mixture_logpdf))
-        losses = pair_losses(theta, sample_mixture(rng, n_samples), sample_mixture(rng, n_samples))
-        mu_loss.append(losses[0])
-        mu_is_loss.append(losses[1])
+    """KL and both losses for every theta (fresh pairs from mu at each), and the Pearson correlations."""
+    kl = [kl_quadrature(functools.partial(gaussian_logpdf, mean=theta, std=POLICY_STD), mixture_logpdf)
+          for theta in thetas]
+    mu_loss, mu_is_loss = map(list, zip(*[pair_losses(theta, sample_mixture(rng, n_samples),
+                                                       sample_mixture(rng, n_samples)) for theta in thetas]))
     log_kl = np.log(kl)
     return {"theta": list(map(float, thetas)), "kl": kl, "mu_loss": mu_loss, "mu_is_loss": mu_is_loss,
             "pearson_log_kl_vs_log_mu_loss": float(np.corrcoef(log_kl, np.log(mu_loss))[0, 1]),
             "pearson_log_kl_vs_log_mu_is_loss": float(np.corrcoef(log_kl, np.log(mu_is_loss))[0, 1])}
 
 
-# ---------------------------------------------------------------- 2. variance: a uniform reference over V
-# tokens
+# ---------------------------------------------------------------- 2. variance: a uniform reference, V tokens
 def policy_probs(vocab_size, peak):
     """pi_theta: softmax(peak * linspace(-1, 1, V)), the same categorical at every step. Shape (V,)."""
     logits = peak * np.linspace(-1.0, 1.0, vocab_size)
@@ -176,9 +159,8 @@ def exact_moments(log_r, alpha, T):
 
 
 def mc_moments(log_w, alpha):
-    """Monte Carlo log E[w^alpha] and log Var[w^alpha] from samples of log w, shape (n,). The samples are
-    scaled
-    by their largest value before exponentiating, so nothing overflows however long the sequences are."""
+    """Monte Carlo log E[w^alpha] and log Var[w^alpha] from samples of log w, shape (n,), scaled by their
+    largest value before exponentiating: nothing overflows however long the sequences are."""
     s = alpha * log_w
     top = s.max()
     x = np.exp(s - top)
@@ -187,8 +169,7 @@ def mc_moments(log_w, alpha):
 
 
 def variance_sweep(rng, vocab_size, peak, t_max, alphas, n_mc):
-    """Exact and Monte Carlo moments of w^alpha for T = 1..t_max, for alpha = 1, 1/T, 1/sqrt(T) and each fixed
-    alpha."""
+    """Exact and Monte Carlo moments of w^alpha, T = 1..t_max, alpha = 1, 1/T, 1/sqrt(T) and each alpha."""
     log_r = np.log(policy_probs(vocab_size, peak)) + np.log(vocab_size)  # log pi_theta/pi_ref per token
     # n_mc sequences of length t_max from pi_ref; the prefix of length T gives the T-step log weight (cumsum),
     # so the MC points of neighbouring T share samples: one draw serves every T. Expect the MC points of the
@@ -209,38 +190,28 @@ def variance_sweep(rng, vocab_size, peak, t_max, alphas, n_mc):
 
 
 # ---------------------------------------------------------------- plots and output files
-def save_atomic(path, write):
-    """Write through a temporary name, then rename: a reader never sees a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # its own name: two runs side by side must not write one file
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def plot_correlation(corr, path):
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.semilogy(corr["theta"], corr["kl"], "k-", lw=2, label="KL(pi_theta || pi_ref) (quadrature)")
-    ax.semilogy(corr["theta"], corr["mu_loss"], "o-", ms=3,
-                label=f"mu-weighted loss (Pearson r of logs {corr['pearson_log_kl_vs_log_mu_loss']:.2f})")
-    ax.semilogy(corr["theta"], corr["mu_is_loss"], "s-", ms=3,
-                label=f"mu-IS loss (Pearson r of logs {corr['pearson_log_kl_vs_log_mu_is_loss']:.2f})")
+    for key, style, name in (("mu_loss", "o-", "mu-weighted"), ("mu_is_loss", "s-", "mu-IS")):
+        ax.semilogy(corr["theta"], corr[key], style, ms=3,
+                    label=f"{name} loss (Pearson r of logs {corr[f'pearson_log_kl_vs_log_{key}']:.2f})")
     ax.set(xlabel="theta, the mean of pi_theta = N(theta, 0.1²)", ylabel="value (log scale)")
     ax.set_title("On a log scale the mu-IS loss tracks the KL, the mu-weighted loss does not\n"
                  "pairs drawn from mu = pi_ref = 0.3 N(-0.8, 0.2²) + 0.4 N(0, 0.2²) + 0.3 N(0.8, 0.2²)",
                  fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 
 def plot_variance(var, path, vocab_size, peak):
     fig, (ax_var, ax_mean) = plt.subplots(1, 2, figsize=(11, 4.5))
     for i, (name, c) in enumerate(var["curves"].items()):
-        color = f"C{i}"
-        ax_var.plot(var["T"], c["log_var_exact"], "-", color=color, label=name)
-        ax_var.plot(var["T"], c["log_var_mc"], "o", color=color, ms=3, mfc="none")
-        ax_mean.plot(var["T"], c["mean_exact"], "-", color=color, label=name)
-        ax_mean.plot(var["T"], c["mean_mc"], "o", color=color, ms=3, mfc="none")
+        for ax, key in ((ax_var, "log_var"), (ax_mean, "mean")):
+            ax.plot(var["T"], c[f"{key}_exact"], "-", color=f"C{i}", label=name)
+            ax.plot(var["T"], c[f"{key}_mc"], "o", color=f"C{i}", ms=3, mfc="none")
     ax_var.set(xlabel="sequence length T", ylabel="log Var[w^alpha]",
                title=f"Variance (V = {vocab_size}, peak = {peak:g}): lines exact, circles Monte Carlo")
     ax_mean.axhline(1.0, color="gray", ls=":", lw=1)
@@ -248,32 +219,25 @@ def plot_variance(var, path, vocab_size, peak):
                 title="Bias: E[w^alpha] <= 1 (Jensen), = 1 for w")
     ax_var.legend(fontsize=8)
     fig.tight_layout()
-    save_atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 
+@stage.cleans_up
 def main(args: Args):
     stage.one_process_only("toy_gaussian.py")
-    # added to, never replaced; a directory holding other files and no marker of this script is refused
-    own_files = {"results.json", "correlation.png", "variance.png"}
-    stage.prepare_dir(args.out_dir, "toy_gaussian", own_files=own_files)
+    output = stage.start_output(args.out_dir, "toy_gaussian")  # written whole, then renamed into place
     rng = np.random.default_rng(args.seed)  # the only source of randomness
-    thetas = np.linspace(args.theta_min, args.theta_max, args.n_theta)
-    corr = correlation_sweep(rng, thetas, args.n_samples)
+    corr = correlation_sweep(rng, np.linspace(args.theta_min, args.theta_max, args.n_theta), args.n_samples)
     var = variance_sweep(rng, args.vocab_size, args.peak, args.t_max, args.alphas, args.n_mc)
-
-    plot_correlation(corr, os.path.join(args.out_dir, "correlation.png"))
-    plot_variance(var, os.path.join(args.out_dir, "variance.png"), args.vocab_size, args.peak)
+    plot_correlation(corr, os.path.join(output.work, "correlation.png"))
+    plot_variance(var, os.path.join(output.work, "variance.png"), args.vocab_size, args.peak)
     # -inf (a zero variance at alpha = 0) is not valid JSON: it is written as null
     clean = lambda x: x if not isinstance(x, float) or np.isfinite(x) else None  # noqa: E731
     var["curves"] = {k: {kk: list(map(clean, vv)) for kk, vv in c.items()} for k, c in var["curves"].items()}
-    results = {"config": dataclasses.asdict(args), "correlation": corr, "variance": var}
-
-    def write_json(p):
-        with open(p, "w") as f:
-            json.dump(results, f, indent=1)
-    save_atomic(os.path.join(args.out_dir, "results.json"), write_json)
-
+    with open(os.path.join(output.work, "results.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(args), "correlation": corr, "variance": var}, f, indent=1)
+    output.publish()
     print(f"correlation over theta: Pearson(log KL, log mu-weighted loss) = "
           f"{corr['pearson_log_kl_vs_log_mu_loss']:.3f}, Pearson(log KL, log mu-IS loss) = "
           f"{corr['pearson_log_kl_vs_log_mu_is_loss']:.3f}")

@@ -27,8 +27,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from stage import (check_args, check_output, cleans_up, finish_output, one_process_only, parse_args,
-                   start_output)
+from stage import check_args, check_output, cleans_up, one_process_only, parse_args, start_output
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -307,7 +306,8 @@ def main(args):
     check_args(args, positive=("num_sft", "num_human_pairs", "num_eval", "bt_temperature"))
     check_output(args.out_dir, "toy_tldr")
     sft, human, evals = make_world(args)
-    tmp = start_output(args.out_dir, "toy_tldr")  # a fresh hidden directory, renamed to out_dir when complete
+    output = start_output(args.out_dir, "toy_tldr")  # a hidden directory, renamed to out_dir when complete
+    tmp = output.work
     write_jsonl(os.path.join(tmp, "sft.jsonl"), sft)
     write_jsonl(os.path.join(tmp, "prefs_human.jsonl"), human)
     write_jsonl(os.path.join(tmp, "eval.jsonl"), evals)
@@ -317,7 +317,7 @@ def main(args):
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "vocab_size": len(vocabulary()),
                    "reference_true_score": ref_score, "human_label_agreement": agree}, f, indent=2)
-    finish_output(tmp, args.out_dir)
+    output.publish()
     print(f"wrote {args.out_dir}: {len(sft)} sft rows, {len(human)} human pairs, {len(evals)} eval prompts, "
           f"vocab {len(vocabulary())}; reference true score {ref_score:.2f}; "
           f"human labels agree with the true order on {agree:.1%} of pairs")

@@ -1,14 +1,14 @@
 """
 bench/dpo_step.py -- one DPO training step of a Pythia-1B-shaped model: tokens/s, peak memory and MFU, with
-the fused log-prob gather (dpo.sequence_logps fused=True) beside the naive one (fused=False).
+the fused log-prob gather (lm.sequence_logps) beside the naive one (lm.gather_logps_naive in its place).
 
     python bench/dpo_step.py                               # on a GPU: Pythia-1B shape, bf16 autocast
     python bench/dpo_step.py --pairs 16 --steps 10         # a larger batch, more timed steps
     python bench/dpo_step.py --size tiny --precision fp32  # a CPU smoke run (seconds)
 
 A step is what dpo.py does per optimizer step: the pairs' prompts run once, chosen and rejected continue from
-their keys and values (policy.collate_grouped, dpo.sequence_logps), the DPO loss against reference
-log-probs computed beforehand (as dpo.py caches them; here the model's own, shifted by seeded noise so that
+their keys and values (lm.collate_grouped, lm.sequence_logps), the DPO loss against reference
+log-probs computed beforehand (as dpo.py saves them; here the model's own, shifted by seeded noise so that
 the loss depends on what the variants compute), backward, gradient clipping, AdamW. The model is a
 GPTNeoXConfig with Pythia-1B's dimensions (16 layers, hidden 2048, 8 heads, MLP 8192, vocabulary 50,304,
 rotary on 25% of each head, parallel residual, untied output layer) and random weights; the token ids are
@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import dpo  # noqa: E402
-import policy  # noqa: E402
+import lm  # noqa: E402
+import stage  # noqa: E402
 
 SIZES = {  # GPTNeoXConfig fields
     "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192,
@@ -51,7 +52,7 @@ SIZES = {  # GPTNeoXConfig fields
 @dataclass
 class Args:
     size: str = field(default="pythia-1b", metadata={"help": "pythia-1b | tiny (a CPU smoke run)"})
-    precision: str = field(default="auto", metadata={"help": policy.PRECISION_HELP})
+    precision: str = field(default="auto", metadata={"help": stage.PRECISION_HELP})
     pairs: int = field(default=8, metadata={"help": "preference pairs per step"})
     prompt_len: int = field(default=400, metadata={"help": "prompt tokens (TL;DR-like: ~400)"})
     response_len: int = field(default=50, metadata={"help": "tokens of each response (TL;DR-like: ~50)"})
@@ -91,26 +92,38 @@ def build_model(args, device):
 
 
 def make_batch(args, vocab, device):
-    """policy.collate_grouped of random pairs: one prompt, a chosen and a rejected response each."""
+    """lm.collate_grouped of random pairs: one prompt, a chosen and a rejected response each."""
     g = torch.Generator().manual_seed(args.seed + 1)
     examples = []
     for _ in range(args.pairs):
         prompt = torch.randint(vocab, (args.prompt_len,), generator=g).tolist()
         for _ in range(2):
             examples.append((prompt, torch.randint(vocab, (args.response_len,), generator=g).tolist()))
-    return policy.to_device(policy.collate_grouped(examples, pad_id=0, k=2), device)
+    return lm.to_device(lm.collate_grouped(examples, pad_id=0, k=2), device)
+
+
+def naive_sequence_logps(model, batch):
+    """lm.sequence_logps with the textbook gather in place of the fused one: lm.gather_logps_naive, the whole
+    [N, V] logits and log-softmax of the response tokens at once."""
+    mask = batch["response_mask"].bool()
+    hidden = lm.response_hidden(model.base_model, batch)[:, :-1][mask]  # hidden[:, t] predicts token t
+    head = model.get_output_embeddings()
+    token_logps = lm.gather_logps_naive(hidden, head.weight, head.bias, batch["response_ids"][mask])
+    zeros = torch.zeros(len(mask), dtype=token_logps.dtype, device=hidden.device)
+    return zeros.index_add(0, mask.nonzero()[:, 0], token_logps)
 
 
 def dpo_step(step, model, update, batch, ref, fused, args, autocast):
     """Forward of chosen + rejected (prompt once), the DPO loss, backward, then the training loops' own
-    update (policy.optimizer_step: clip, finite check, AdamW). update: (optimizer, schedule, scaler).
+    update (stage.optimizer_step: clip, finite check, AdamW). update: (optimizer, schedule, scaler).
     Returns the loss."""
     with autocast:
-        logps, _ = dpo.sequence_logps(model, batch, args.chunk, fused=fused)
+        logps = (lm.sequence_logps(model, batch, args.chunk)[0] if fused
+                 else naive_sequence_logps(model, batch))
         loss = dpo.dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], args.beta).mean()
     optimizer, schedule, scaler = update
     scaler.scale(loss).backward()
-    policy.optimizer_step(step, model, optimizer, schedule, scaler, 1.0, loss)
+    stage.optimizer_step(step, model, optimizer, schedule, scaler, 1.0, loss)
     return loss.item()
 
 
@@ -118,8 +131,8 @@ def run_variant(args, fused, device, autocast, batch, ref):
     """Median step time, peak memory and the first loss of one variant, from the seed's fresh weights."""
     model = build_model(args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
-    update = (optimizer, policy.lr_schedule(optimizer, 0, 1, "constant"),  # dpo.py's, without warm-up
-              policy.grad_scaler(args.precision, device))
+    update = (optimizer, stage.lr_schedule(optimizer, 0, 1, "constant"),  # dpo.py's, without warm-up
+              torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
     cuda = device.type == "cuda"
     losses, times = [], []
     for i in range(args.warmup + args.steps):
@@ -140,11 +153,11 @@ def run_variant(args, fused, device, autocast, batch, ref):
 
 
 def main(args):
-    device, autocast = policy.device_and_autocast(args.precision)
+    device, autocast = stage.device_and_autocast(args.precision)
     model = build_model(args, device)
     batch = make_batch(args, model.config.vocab_size, device)
-    with torch.no_grad(), autocast:  # the reference log-probs, computed once as dpo.py caches them
-        ref = dpo.sequence_logps(model, batch, args.chunk)[0].float()
+    with torch.no_grad(), autocast:  # the reference log-probs, computed once as dpo.py saves them
+        ref = lm.sequence_logps(model, batch, args.chunk)[0].float()
     noise = torch.randn(len(ref), generator=torch.Generator().manual_seed(args.seed + 2))
     ref = ref + noise.to(ref.device)  # pi_theta = pi_ref at the start would make every first loss log 2
     del model

@@ -1,5 +1,5 @@
 """
-bench/logps.py -- time and peak memory of the per-token log-prob gather: naive vs fused (dpo.py).
+bench/logps.py -- time and peak memory of the per-token log-prob gather: naive vs fused (lm.py).
 
     python bench/logps.py                                # naive vs ours at chunk 128 (about a minute)
     python bench/logps.py --chunks 128 512 2048          # three chunk sizes
@@ -9,8 +9,8 @@ bench/logps.py -- time and peak memory of the per-token log-prob gather: naive v
 Defaults: V 50,304, N = batch 4 x length 512 = 2,048 tokens, H 512, CPU, float32, no bias.
 Each variant runs forward AND backward (upstream gradient of ones; gradients w.r.t. the hidden
 states and the output weight):
-  naive  dpo.gather_logps_naive: the full [N, V] logits, log_softmax, gather;
-  ours   dpo.ChunkedLogProbs.apply(h, W, None, targets, chunk): [chunk, V] logits at a time, the
+  naive  lm.gather_logps_naive: the full [N, V] logits, log_softmax, gather;
+  ours   lm.ChunkedLogProbs.apply(h, W, None, targets, chunk): [chunk, V] logits at a time, the
          forward keeps only the logsumexp, the backward recomputes each chunk's logits;
   lean   (--prototypes) the same algorithm with every [chunk, V] step done in place;
   vocab  (--prototypes) chunks over the vocabulary: [N, vc] blocks of as many numbers as [chunk, V].
@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import dpo  # noqa: E402
+import lm  # noqa: E402
 
 MB = 2 ** 20
 
@@ -98,7 +98,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# a prototype, for comparison only: the algorithm of dpo.ChunkedLogProbs (float32/float64 inputs,
+# a prototype, for comparison only: the algorithm of lm.ChunkedLogProbs (float32/float64 inputs,
 # no bias, no dtype casts) with every [chunk, V] step done in place, so a chunk costs ONE
 # [chunk, V] buffer in each pass instead of two, and each element is touched fewer times.
 
@@ -190,9 +190,9 @@ def vocab_columns(chunk, n, v):
 
 def make_fn(variant, chunk):
     if variant == "naive":
-        return lambda h, w, t: dpo.gather_logps_naive(h, w, None, t)
+        return lambda h, w, t: lm.gather_logps_naive(h, w, None, t)
     if variant == "ours":
-        return lambda h, w, t: dpo.ChunkedLogProbs.apply(h, w, None, t, chunk)
+        return lambda h, w, t: lm.ChunkedLogProbs.apply(h, w, None, t, chunk)
     if variant == "lean":
         return lambda h, w, t: LeanLogProbs.apply(h, w, t, chunk)
     if variant == "vocab":

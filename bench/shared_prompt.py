@@ -1,13 +1,13 @@
 """
-bench/shared_prompt.py -- what running a pair's prompt once saves (dpo.sequence_logps, reward.reward_scores).
+bench/shared_prompt.py -- what running a pair's prompt once saves (lm.sequence_logps, reward.reward_scores).
 
     python bench/shared_prompt.py                                   # the toy's sizes (about 20 s)
     python bench/shared_prompt.py --prompt_len 400 --response_len 50 --n_embd 256 --pairs 8   # TL;DR-like
     lengths
 
 A preference pair is (prompt, chosen) and (prompt, rejected). The textbook batch is two full sequences per
-pair (policy.collate: right-padded, one forward); ours runs the prompt once and lets both responses continue
-from its keys and values (policy.collate_grouped + policy.response_hidden). Both variants compute the summed
+pair (lm.collate: right-padded, one forward); ours runs the prompt once and lets both responses continue
+from its keys and values (lm.collate_grouped + lm.response_hidden). Both variants compute the summed
 log-probs of the response tokens with the same fused gather, then backward; the script first checks that
 they agree, then reports the median wall time of forward + backward over --reps calls, and the tokens
 each variant feeds the model. Random token ids on a randomly initialised GPT-NeoX; CPU, float32.
@@ -22,24 +22,23 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dpo  # noqa: E402
-import policy  # noqa: E402
+import lm  # noqa: E402
 
 
 def two_sequences_logps(model, examples, pad_id, chunk):
     """The textbook way: every (prompt, response) row a full right-padded sequence."""
-    batch = policy.collate(examples, pad_id)
+    batch = lm.collate(examples, pad_id)
     hidden = model.base_model(input_ids=batch["input_ids"],
                               attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["response_mask"][:, 1:]
     head = model.get_output_embeddings()
-    token_logps = dpo.ChunkedLogProbs.apply(hidden[:, :-1][mask], head.weight, head.bias,
-                                            batch["input_ids"][:, 1:][mask], chunk)
+    token_logps = lm.ChunkedLogProbs.apply(hidden[:, :-1][mask], head.weight, head.bias,
+                                           batch["input_ids"][:, 1:][mask], chunk)
     return torch.zeros(len(mask)).index_add(0, mask.nonzero()[:, 0], token_logps)
 
 
 def shared_prompt_logps(model, examples, pad_id, chunk):
-    return dpo.sequence_logps(model, policy.collate_grouped(examples, pad_id, k=2), chunk)[0]
+    return lm.sequence_logps(model, lm.collate_grouped(examples, pad_id, k=2), chunk)[0]
 
 
 def main():

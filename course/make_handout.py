@@ -4,12 +4,15 @@ raise NotImplementedError("Exercise N: <title>, see EXERCISES.md").
 
     python course/make_handout.py OUT_DIR
 
-Copies the files git tracks (and new files it does not ignore; never out/, .git or __pycache__) to OUT_DIR,
+Copies the files git tracks (`git ls-files`: never an untracked file, nor out/ or __pycache__) to OUT_DIR,
 which must be new or empty and outside the repository. In every .py file, the lines from a `# BEGIN SOLUTION`
 comment to the next `# END SOLUTION` become one `raise` at the marker's indentation; everything else is
 copied as it is, so the copy imports and runs, and each exercise's graded tests (course/graded/) fail with
-its NotImplementedError until the student writes the body. The instructor's files (INSTRUCTOR_ONLY) stay
-out of the copy.
+its NotImplementedError until the student writes the body.
+
+The copy holds no working version of an exercise elsewhere: the instructor's files and the code that
+contains or checks the reference answers (NOT_IN_HANDOUT: tests/, bench/, CI) stay out, and the body of each
+function of ALSO_STUBBED (code that would make an exercise a one-liner) becomes its exercise's `raise` too.
 
 The numbering is the table below, shared with EXERCISES.md ("## Exercise N: <title>"): every marked region
 must lie in a function of FUNCTIONS, and every function of FUNCTIONS must hold one (tests/test_course.py).
@@ -40,13 +43,18 @@ FUNCTIONS = {  # (file, function's qualified name) -> exercise number; exercise 
     ("is_dpo.py", "log_importance_weights"): 4,
     ("is_dpo.py", "importance_weights"): 4,
     ("evaluate.py", "sequence_kl"): 5,
-    ("dpo.py", "ChunkedLogProbs.backward"): 6,
+    ("lm.py", "ChunkedLogProbs.backward"): 6,
     ("toy_gaussian.py", "pair_losses"): 7,
     ("toy_gaussian.py", "exact_moments"): 7,
 }
+ALSO_STUBBED = {  # (file, function) -> exercise: whole bodies (after the docstring) that would give it away
+    ("lm.py", "sequence_logps_plain"): 1,  # log pi(y|x) by the definition: exercise 1 would be one line
+    ("dpo.py", "rdpo_loss"): 3,  # R-DPO at alpha = 0 is DPO
+}
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 SKIPPED_DIRS = ("out", ".git", "__pycache__", ".pytest_cache")
-INSTRUCTOR_ONLY = ("course/make_handout.py", "course/wrong/", "tests/test_course.py")
+INSTRUCTOR_ONLY = ("course/make_handout.py", "course/wrong/", "course/right/", "tests/test_course.py")
+NOT_IN_HANDOUT = INSTRUCTOR_ONLY + ("tests/", "bench/", ".ci/")  # tests/ and bench/ hold reference answers
 
 
 class HandoutError(Exception):
@@ -58,31 +66,24 @@ def placeholder(number):
 
 
 def repository_files(root=ROOT):
-    """The repository's files, relative to root: tracked and new ones git does not ignore, without the skipped
-    directories and the instructor's files. Without git: every file under root but the skipped directories."""
+    """The files git tracks under root, relative to it, without the skipped directories and the files that
+    stay out of the copy (NOT_IN_HANDOUT). An untracked file is never copied: root must be a git work tree."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                                cwd=root, capture_output=True, check=True).stdout.decode().split("\0")
-    except (OSError, subprocess.CalledProcessError):
-        listed = walk_files(root)
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=root, capture_output=True,
+                                check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise HandoutError(f"{root} is not a git work tree (git ls-files: {e}): the copy holds tracked "
+                           "files only")
     keep = []
     for path in sorted(set(filter(None, listed))):
         parts = path.split("/")
         if any(p in SKIPPED_DIRS or p.startswith("out_") for p in parts[:-1]):
             continue
-        if any(path == x or (x.endswith("/") and path.startswith(x)) for x in INSTRUCTOR_ONLY):
+        if any(path == x or (x.endswith("/") and path.startswith(x)) for x in NOT_IN_HANDOUT):
             continue
         if os.path.isfile(os.path.join(root, path)):  # a tracked file deleted in the work tree is left out
             keep.append(path)
     return keep
-
-
-def walk_files(root):
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = [x for x in dirs if x not in SKIPPED_DIRS and not x.startswith("out_")]
-        out += [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for f in files]
-    return out
 
 
 def functions_by_line(source):
@@ -133,20 +134,55 @@ def strip_solutions(path, source):
     return handout, found
 
 
+def stub_bodies(path, source):
+    """(source with the body of each function of ALSO_STUBBED in path, after its docstring, replaced by its
+    exercise's raise; the functions stubbed)."""
+    wanted = {name: number for (p, name), number in ALSO_STUBBED.items() if p == path}
+    lines, done = source.splitlines(keepends=True), set()
+    nodes = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                nodes[prefix + child.name] = child
+                visit(child, prefix + child.name + ".")
+
+    visit(ast.parse(source), "")
+    for name in sorted(wanted, key=lambda n: -nodes[n].lineno if n in nodes else 0):
+        node = nodes.get(name)
+        if node is None or isinstance(node, ast.ClassDef):
+            continue
+        body = node.body
+        value = getattr(body[0], "value", None) if isinstance(body[0], ast.Expr) else None
+        has_doc = isinstance(value, ast.Constant) and isinstance(value.value, str)
+        first = body[0].end_lineno + 1 if has_doc else body[0].lineno  # 1-based, first line replaced
+        indent = " " * body[0].col_offset
+        lines[first - 1:node.end_lineno] = [f"{indent}{placeholder(wanted[name])}\n"]
+        done.add((path, name))
+    return "".join(lines), done
+
+
 def handout_files(root=ROOT):
-    """{relative path: new text} for the files whose solutions were stripped, and every file to copy."""
-    files, stripped, found = repository_files(root), {}, set()
+    """{relative path: new text} for the files whose solutions were stripped or bodies stubbed, and every file
+    to copy."""
+    files, stripped, found, stubbed = repository_files(root), {}, set(), set()
     for path in files:
         if not path.endswith(".py"):
             continue
         with open(os.path.join(root, path), encoding="utf-8") as f:
             source = f.read()
+        if any(p == path for p, _ in ALSO_STUBBED):
+            source, seen = stub_bodies(path, source)
+            stubbed |= seen
+            stripped[path] = source
         if BEGIN in source or END in source:
             stripped[path], seen = strip_solutions(path, source)
             found |= seen
-    missing = sorted(set(FUNCTIONS) - found)
+        elif path in stripped:
+            compile(source, path, "exec")
+    missing = sorted(set(FUNCTIONS) - found) + sorted(set(ALSO_STUBBED) - stubbed)
     if missing:
-        raise HandoutError("exercise functions without a marked region: "
+        raise HandoutError("exercise functions without a marked region, or ALSO_STUBBED functions not found: "
                            + ", ".join(f"{p}:{name}" for p, name in missing))
     return stripped, files
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate  # noqa: E402
+import claims  # noqa: E402
 import stage  # noqa: E402
 import toy_categorical as tc  # noqa: E402
 
@@ -108,7 +108,7 @@ def by_arm(rows):
 
 def summary(rows, extra=("ess",)):
     """Markdown: per arm, over the seeds, the mean peak win-rate, the final win-rate and KL as mean [95% CI]
-    (evaluate.mean_ci), and the mean of the extra columns (at the last checkpoint that has them: the loss
+    (claims.mean_ci), and the mean of the extra columns (at the last checkpoint that has them: the loss
     and the weights are measured before a step)."""
     head = ("| run | seeds | peak win-rate | final win-rate [95% CI] | final KL [95% CI] | "
             + " | ".join(f"final {e}" for e in extra))
@@ -117,7 +117,7 @@ def summary(rows, extra=("ess",)):
         runs = list(seeds.values())
         peak = np.mean([max(r["win_rate"] for r in run) for run in runs])
         final = {k: [[r[k] for r in run if k in r][-1] for run in runs] for k in ("win_rate", "kl", *extra)}
-        wr, kl = evaluate.mean_ci(final["win_rate"]), evaluate.mean_ci(final["kl"])
+        wr, kl = claims.mean_ci(final["win_rate"]), claims.mean_ci(final["kl"])
         lines.append(f"| {arm} | {len(runs)} | {peak:.2f} | {wr[0]:.2f} [{wr[1]:.2f}, {wr[2]:.2f}] | "
                      f"{kl[0]:.1f} [{kl[1]:.1f}, {kl[2]:.1f}] | "
                      + " | ".join(f"{np.mean(final[e]):.3g}" for e in extra) + " |")
@@ -126,7 +126,7 @@ def summary(rows, extra=("ess",)):
 
 def curves(ax, rows, key, ylabel):
     for arm, seeds in by_arm(rows).items():
-        x, mean, _ = evaluate.mean_curve(seeds, key)
+        x, mean, _ = claims.mean_curve(seeds, key)
         ax.plot(x, mean, "o-", ms=2, label=arm)
     ax.set(xlabel="fraction of training", ylabel=ylabel)
     ax.grid(alpha=0.3)
@@ -150,8 +150,8 @@ def figure(name, rows, args):
     elif name == "ipo":
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for arm, seeds in by_arm(rows).items():
-            _, kl, _ = evaluate.mean_curve(seeds, "kl")
-            _, wr, _ = evaluate.mean_curve(seeds, "win_rate")
+            _, kl, _ = claims.mean_curve(seeds, "kl")
+            _, wr, _ = claims.mean_curve(seeds, "win_rate")
             ax.plot(kl, wr, "-" if arm.startswith("ipo") else "--", label=arm)
         ax.set(xlabel="KL(pi_theta || pi_ref)", ylabel="win-rate", xscale="symlog")
         ax.grid(alpha=0.3)
@@ -205,7 +205,8 @@ EXTRA = {"alpha": ("ess", "loss"), "ipo": ("ess",), "shift": ("ess",), "rpo": ("
 @stage.cleans_up
 def run(name, args, out_root):
     out_dir = os.path.join(out_root, name)
-    work = stage.start_output(out_dir, f"experiments/{name}")
+    output = stage.start_output(out_dir, f"experiments/{name}")
+    work = output.work
     rows = EXPERIMENTS[name](args)
     with open(os.path.join(work, "results.jsonl"), "w") as f:
         for row in rows:
@@ -213,8 +214,8 @@ def run(name, args, out_root):
     table = summary(rows, EXTRA[name])
     with open(os.path.join(work, "summary.md"), "w") as f:
         f.write(table)
-    evaluate.save_figure(figure(name, rows, args), os.path.join(work, f"{name}.png"))
-    stage.finish_output(work, out_dir)
+    claims.save_figure(figure(name, rows, args), os.path.join(work, f"{name}.png"))
+    output.publish()
     print(f"{name}: {out_dir}/summary.md, {name}.png\n{table}")
 
 

@@ -24,14 +24,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import evaluate  # noqa: E402
+import claims  # noqa: E402
 import stage  # noqa: E402
 
 METHODS = {  # method -> its command; every run at beta 0.01
     "dpo": ["dpo.py"],
     "ais-dpo": ["is_dpo.py", "--weight", "adaptive"],
-    "online-dpo": ["online_dpo.py"],
-    "rloo": ["rloo.py"],
+    "online-dpo": ["extras/online_dpo.py"],
+    "rloo": ["extras/rloo.py"],
 }
 OFFLINE = ("dpo", "ais-dpo")
 COLORS = {"dpo": "tab:blue", "ais-dpo": "tab:orange", "online-dpo": "tab:green", "rloo": "tab:red"}
@@ -88,7 +88,7 @@ def training_commands(cli, root):
               "--num_checkpoints", cli.num_checkpoints]
     online = ["--data", f"{out}/toy_tldr", "--proxy_path", f"{root}/proxy_rm", "--judge", cli.judge,
               *cli.online_flags.split()]
-    offline = ["--data", f"{out}/prefs", "--reference_cache", f"{out}/reference_logps"]
+    offline = ["--data", f"{out}/prefs"]  # log pi_ref of the pairs: saved beside them by the first run
     runs = {}
     for method in sorted(METHODS, key=lambda m: m in OFFLINE):
         for seed in cli.seeds:
@@ -118,7 +118,7 @@ def summary(rows):
     head = ("| method | seeds | peak true win-rate | final true win-rate | final proxy win-rate | final KL "
             "| final true score |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    groups = evaluate.group_runs(rows)
+    groups = claims.group_runs(rows)
     for method in METHODS:
         runs = [run for (m, _), seeds in groups.items() if m == method for run in seeds.values()]
         if runs:
@@ -140,10 +140,10 @@ def figure(rows, judge):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (method, _), seeds in sorted(evaluate.group_runs(rows).items()):
-        _, kl, _ = evaluate.mean_curve(seeds, "kl")
+    for (method, _), seeds in sorted(claims.group_runs(rows).items()):
+        _, kl, _ = claims.mean_curve(seeds, "kl")
         for key, style, what in (("true_win_rate", "o-", "true"), ("gold_win_rate", "x--", "proxy")):
-            _, wr, _ = evaluate.mean_curve(seeds, key)
+            _, wr, _ = claims.mean_curve(seeds, key)
             ax.plot(kl, wr, style, color=COLORS.get(method), ms=4, alpha=1 if what == "true" else 0.5,
                     label=f"{method} ({what})")
     ax.set(xlabel="KL(pi_theta || pi_ref), nats", ylabel="win-rate against the references",
@@ -157,14 +157,15 @@ def figure(rows, judge):
 def report(rows, root, judge, timing):
     """<root>/report/: online.png, summary.md, timing.json, written whole or not at all."""
     out_dir = os.path.join(root, "report")
-    work = stage.start_output(out_dir, "experiments/online")
+    output = stage.start_output(out_dir, "experiments/online")
+    work = output.work
     table = summary(rows)
     with open(os.path.join(work, "summary.md"), "w") as f:
         f.write(table)
     with open(os.path.join(work, "timing.json"), "w") as f:
         json.dump(timing, f, indent=2)
-    evaluate.save_figure(figure(rows, judge), os.path.join(work, "online.png"))
-    stage.finish_output(work, out_dir)
+    claims.save_figure(figure(rows, judge), os.path.join(work, "online.png"))
+    output.publish()
     print(f"{out_dir}/online.png, summary.md\n{table}")
 
 
@@ -180,7 +181,8 @@ def main(argv=None):
                         help="extra flags of the proxy (reward.py --mode train)")
     parser.add_argument("--num_checkpoints", type=int, default=5,
                         help="checkpoints of every run, evaluated (plus step 0, shared)")
-    parser.add_argument("--online_flags", default="", help="extra flags of rloo.py and online_dpo.py")
+    parser.add_argument("--online_flags", default="",
+                        help="extra flags of extras/rloo.py and extras/online_dpo.py")
     cli = parser.parse_args(argv)
     root = os.path.join(cli.out, "online" if cli.judge == "proxy" else "online_judge_true")
     start, timing = time.time(), {}

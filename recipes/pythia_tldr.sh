@@ -67,20 +67,21 @@ mkdir -p "$DATA"
 LENS=(--max_prompt_len "$MAX_PROMPT_LEN" --max_response_len "$MAX_RESPONSE_LEN")
 OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "$GRAD_CLIP")
 
-source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, per_process
+source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, prepare, per_process
 per_process SFT_ACCUM RM_ACCUM DAA_ACCUM
 
-# 0. data: prompts cut at paragraph level to MAX_PROMPT_LEN tokens of the policy's tokenizer (App. D)
-for spec in "$TLDR train tldr_train" "$TLDR test tldr_test" "$TLDR_PREF train tldr_pref_train"; do
-  read -r src split name <<< "$spec"
-  todo "$DATA/$name.jsonl" && "$PYTHON" recipes/prepare_tldr.py --data "$src" --split "$split" \
-    --tokenizer_path "$MODEL" --max_prompt_len "$MAX_PROMPT_LEN" --out "$DATA/$name.jsonl"
-done
+# 0. data: the canonical form (scale/prepare.py: the text and the policy's token ids), prompts cut at
+# paragraph level to MAX_PROMPT_LEN tokens (App. D). The Pythias share one tokenizer: the gold RM's too.
+PREPARE=(--tokenizer_path "$MODEL" --max_prompt_len "$MAX_PROMPT_LEN" --tldr_truncation)
+prepare "$DATA/tldr_train" --kind sft --data "$TLDR" --split train "${PREPARE[@]}"
+prepare "$DATA/tldr_test" --kind eval --data "$TLDR" --split test "${PREPARE[@]}" \
+  --reference_column completion
+prepare "$DATA/tldr_pref_train" --kind prefs --data "$TLDR_PREF" --split train "${PREPARE[@]}"
 
 # 1. SFT of the policy (pi_ref) and of the gold RM's base, on the reference summaries
 for spec in "$MODEL sft" "$GOLD_MODEL gold_sft"; do  # not stated: the gold RM's start (we: its own SFT)
   read -r model name <<< "$spec"
-  todo "$OUT/$name" && run sft.py --model_name_or_path "$model" --data "$DATA/tldr_train.jsonl" \
+  todo "$OUT/$name" && run sft.py --model_name_or_path "$model" --data "$DATA/tldr_train" \
     "${LENS[@]}" --lr "$SFT_LR" "${OPT[@]}" --batch_size "$SFT_BATCH" \
     --grad_accum "$(($SFT_ACCUM / NPROC))" \
     --steps "$SFT_STEPS" --val_size "$SFT_VAL" --out_dir "$OUT/$name"
@@ -88,21 +89,27 @@ done
 
 # 2. the gold reward model (Bradley-Terry) on the human pairs
 todo "$OUT/gold_rm" && run reward.py --mode train --sft_path "$OUT/gold_sft" \
-  --data "$DATA/tldr_pref_train.jsonl" "${LENS[@]}" --lr "$RM_LR" "${OPT[@]}" --batch_size "$RM_BATCH" \
-  --grad_accum "$(($RM_ACCUM / NPROC))" --steps "$RM_STEPS" --val_size "$RM_VAL" --out_dir "$OUT/gold_rm"
+  --data "$DATA/tldr_pref_train/train.jsonl" "${LENS[@]}" --lr "$RM_LR" "${OPT[@]}" \
+  --batch_size "$RM_BATCH" --grad_accum "$(($RM_ACCUM / NPROC))" --steps "$RM_STEPS" --val_size "$RM_VAL" \
+  --out_dir "$OUT/gold_rm"
 
 # 3. two pi_ref samples per training prompt, labelled by the gold RM (argmax; ties and unfinished dropped)
 todo "$OUT/prefs" && run reward.py --mode label --judge rm --sft_path "$OUT/sft" \
-  --gold_path "$OUT/gold_rm" --data "$DATA/tldr_train.jsonl" "${LENS[@]}" --num_prompts "$LABEL_PROMPTS" \
-  --temperature "$LABEL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" --out_dir "$OUT/prefs"
+  --gold_path "$OUT/gold_rm" --data "$DATA/tldr_train/sft.jsonl" "${LENS[@]}" \
+  --num_prompts "$LABEL_PROMPTS" --temperature "$LABEL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
+  --out_dir "$OUT/prefs"
 
-# 4. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) for every beta and seed
+# 4. log pi_ref of the pairs, once, saved beside them ($OUT/prefs/reference_logps.pt, keyed by pi_ref, the
+# pairs and the lengths): every DAA run reads them there (a run that finds them stale computes its own)
+todo "$OUT/prefs/reference_logps.pt" && run dpo.py --reference_only --sft_path "$OUT/sft" \
+  --data "$OUT/prefs" "${LENS[@]}" --batch_size "$DAA_BATCH"
+
+# 5. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) for every beta and seed
 for beta in $BETAS; do
   for seed in $SEEDS; do
     common=(--sft_path "$OUT/sft" --data "$OUT/prefs" "${LENS[@]}" --beta "$beta" --seed "$seed"
             --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$(($DAA_ACCUM / NPROC))"
-            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs"
-            --reference_cache "$OUT/ref_cache")
+            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs")
     todo "$OUT/runs/dpo_beta${beta}_seed$seed" && run dpo.py "${common[@]}" \
       --run_name "dpo_beta${beta}_seed$seed"
     todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && run is_dpo.py "${common[@]}" --weight clipped \
@@ -110,9 +117,9 @@ for beta in $BETAS; do
   done
 done
 
-# 5. gold win-rate against the reference summaries, and KL to pi_ref, of every checkpoint
-run evaluate.py --runs "$OUT/runs/*" --data "$DATA/tldr_test.jsonl" --reference_column completion \
-  --judge rm --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" \
+# 6. gold win-rate against the reference summaries, and KL to pi_ref, of every checkpoint
+run evaluate.py --runs "$OUT/runs/*" --data "$DATA/tldr_test/eval.jsonl" --judge rm \
+  --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" \
   --temperature "$EVAL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
   --out_dir "$OUT/eval" --plots_dir "$OUT/plots"
 echo "== done: $OUT/eval/summary.md, $OUT/plots/tradeoff.png"

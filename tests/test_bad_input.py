@@ -33,9 +33,9 @@ BASE = {
     "label": ["reward.py", "--mode", "label", "--sft_path", "{S}", "--gold_path", "{G}", "--data", "{W}",
               "--out_dir", "{O}", "--num_prompts", 4],
     "dpo": ["dpo.py", "--sft_path", "{S}", "--data", "{P}", "--runs_dir", "{O}", "--run_name", "run",
-            "--batch_size", 4, "--num_checkpoints", 0],
+            "--batch_size", 4, "--num_checkpoints", 1],
     "is_dpo": ["is_dpo.py", "--sft_path", "{S}", "--data", "{P}", "--runs_dir", "{O}", "--run_name", "run",
-               "--batch_size", 4, "--num_checkpoints", 0],
+               "--batch_size", 4, "--num_checkpoints", 1],
     "evaluate": ["evaluate.py", "--runs", "{R}", "--data", "{W}", "--gold_path", "{G}", "--out_dir", "{O}",
                  "--plots_dir", "{O}_plots", "--num_prompts", 2],
     "toy_gaussian": ["toy_gaussian.py", "--out_dir", "{O}", "--n_theta", 3, "--n_samples", 10, "--t_max", 2,
@@ -68,7 +68,8 @@ CASES = [  # (script, flags added to its BASE, words the error line must hold)
     ("sft", ["--data", "{D}/number_prompt.jsonl"], ["row 1", "'prompt'", "a string"]),
     ("sft", ["--data", "{D}/list_completion.jsonl"], ["row 3", "'completion'"]),
     ("sft", ["--data", "{D}/torn.jsonl"], ["line 4", "torn"]),
-    ("sft", ["--data", "{D}/null_completion.json"], ["row 2", "'completion'"]),  # read by datasets
+    ("sft", ["--data", "{D}/null_completion.json"], ["not a .jsonl", "scale.prepare"]),
+    ("sft", ["--data", "{D}/other_columns.jsonl"], ["row 1", "'prompt'", "scale.prepare"]),
     ("sft", ["--model_name_or_path", "{G}"], ["not a policy"]),
     ("sft", ["--lr", 1e10], ["non-finite"]),
     ("rm", ["--grad_clip", "nan"], ["--grad_clip"]),
@@ -104,6 +105,9 @@ CASES = [  # (script, flags added to its BASE, words the error line must hold)
     ("dpo", ["--runs_dir", "{W}", "--run_name", "tokenizer"], ["input"]),
     ("dpo", ["--data", "{D}/list_chosen.jsonl"], ["row 2", "'chosen'"]),
     ("dpo", ["--loss_type", "ipo", "--beta", 1e-300], ["non-finite loss", "step 1"]),
+    ("dpo", ["--num_checkpoints", 0], ["--num_checkpoints"]),
+    ("dpo", ["--data", "{D}/beyond_vocab.jsonl"], ["beyond the tokenizer"]),
+    ("is_dpo", ["--log_w_max=-50"], ["--log_w_max"]),
     ("is_dpo", ["--alpha", "nan"], ["--alpha"]),
     ("is_dpo", ["--weight", "fixed", "--alpha", 2], ["--alpha"]),
     ("is_dpo", ["--log_w_max", "inf"], ["--log_w_max"]),
@@ -164,6 +168,8 @@ def write_bad_data(d, world):
                         for i, r in enumerate(behaviour)))
     write("text_behaviour.jsonl", [{**behaviour[0], "rejected_behaviour_logp": "-12.0"}, *behaviour[1:]])
     write("prefs.jsonl", behaviour)
+    write("other_columns.jsonl", [{"question": r["prompt"], "answer": r["completion"]} for r in rows])
+    write("beyond_vocab.jsonl", [behaviour[0], {**behaviour[1], "chosen_ids": [10 ** 6, 3]}, *behaviour[2:]])
 
 
 def build_inputs(root):

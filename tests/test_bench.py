@@ -1,5 +1,5 @@
-"""bench/dpo_step.py at its tiny size on the CPU: both variants take a DPO step, agree on the loss, and report
-tokens/s and MFU by their formulas."""
+"""bench/: dpo_step.py at its tiny size on the CPU (both variants take a DPO step, agree on the loss, report
+tokens/s and MFU by their formulas; its naive arm computes the fused arm's numbers); logps.py, tiny."""
 import json
 import math
 import os
@@ -35,3 +35,29 @@ def test_dpo_step_benchmark_runs_tiny_on_the_cpu(tmp_path):
 def test_dpo_step_benchmark_refuses_an_unknown_size():
     with pytest.raises(SystemExit):
         dpo_step.parse_args(["--size", "pythia-7b"])
+
+
+def test_the_naive_arm_computes_the_fused_arms_numbers():
+    """dpo_step's naive arm (lm.gather_logps_naive in lm.sequence_logps' place) against lm.sequence_logps."""
+    import torch
+
+    import lm
+
+    args = dpo_step.parse_args(["--size", "tiny", "--pairs", "3", "--prompt_len", "7", "--response_len", "4"])
+    model = dpo_step.build_model(args, torch.device("cpu")).double()
+    batch = dpo_step.make_batch(args, model.config.vocab_size, torch.device("cpu"))
+    fused, _ = lm.sequence_logps(model, batch, chunk=5)
+    torch.testing.assert_close(dpo_step.naive_sequence_logps(model, batch), fused, atol=1e-10, rtol=0)
+
+
+def test_logps_benchmark_runs_tiny(tmp_path):
+    """bench/logps.py at a tiny size: the in-process agreement check, then one child process a variant."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = "--vocab 256 --batch 1 --length 16 --hidden 16 --chunks 8 --reps 1 --threads 1".split()
+    proc = subprocess.run([sys.executable, "bench/logps.py", *flags], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("naive ", "ours "))]
+    assert [r[:2] for r in rows] == [["naive", "-"], ["ours", "8"]]

@@ -1,6 +1,7 @@
-"""course/ (issue 13): the student copy from course/make_handout.py fails every graded test with its
-exercise's NotImplementedError, the solution passes them all, and every wrong answer of course/wrong/ fails
-one."""
+"""course/: the student copy from course/make_handout.py (tracked files only, no working version of an
+exercise anywhere in it) fails every graded test with its exercise's NotImplementedError, the solution
+passes them all, every wrong answer of course/wrong/ fails one, and every right answer of course/right/
+passes all."""
 import importlib.util
 import os
 import re
@@ -24,6 +25,7 @@ def load(path, name):
 
 make_handout = load(ROOT / "course" / "make_handout.py", "make_handout")
 answers = load(ROOT / "course" / "wrong" / "answers.py", "wrong_answers")
+rights = load(ROOT / "course" / "right" / "answers.py", "right_answers")
 GRADED_FILES = {int(re.match(r"test_ex(\d+)_", p.name).group(1)): p
                 for p in sorted(GRADED.glob("test_ex*.py"))}
 
@@ -59,21 +61,88 @@ def test_every_exercise_with_code_has_graded_tests_and_a_place_in_exercises_md()
         section = sheet.split(f"## Exercise {number}:")[1].split("\n## ")[0]
         assert f"python -m pytest -q course/graded/{path.name}" in section
     assert {w.exercise for w in answers.WRONG} == coded and len(answers.WRONG) >= 12
+    assert {r.exercise for r in rights.RIGHT} == coded
 
 
 def test_handout_strips_every_solution_and_copies_the_rest(handout):
     stripped, files = make_handout.handout_files()
-    assert sorted(stripped) == sorted({path for path, _ in make_handout.FUNCTIONS})
+    exercise_files = {path for path, _ in [*make_handout.FUNCTIONS, *make_handout.ALSO_STUBBED]}
+    assert sorted(stripped) == sorted(exercise_files)
     for path in files:
         text = (handout / path).read_bytes()
         if path in stripped:
             assert b"SOLUTION" not in text and b"NotImplementedError(\"Exercise" in text
-            assert max(map(len, text.decode().splitlines())) <= 110
+            written = set(text.decode().splitlines()) - set((ROOT / path).read_text().splitlines())
+            assert written and max(map(len, written)) <= 110  # the raise lines fit
         else:
             assert text == (ROOT / path).read_bytes(), path
-    for path in make_handout.INSTRUCTOR_ONLY:
-        assert not (handout / path).exists()
+    for path in make_handout.NOT_IN_HANDOUT:
+        assert not (handout / path).exists(), path
+    assert not (handout / "tests").exists() and not (handout / "bench").exists()
     assert os.access(handout / "run.sh", os.X_OK) and not (handout / "out").exists()
+
+
+def git(root, *args):
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_handout_copies_only_files_git_tracks(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    for name in ("tracked.py", "sub/tracked.md", "untracked.py", "sub/untracked.txt", "ignored.log"):
+        (repo / name).write_text("x = 1\n")
+    (repo / ".gitignore").write_text("*.log\n")
+    git(repo, "init", "-q")
+    git(repo, "add", "tracked.py", "sub/tracked.md", ".gitignore")
+    assert make_handout.repository_files(str(repo)) == [".gitignore", "sub/tracked.md", "tracked.py"]
+    (repo / "tracked.py").unlink()  # deleted in the work tree: nothing to copy
+    assert make_handout.repository_files(str(repo)) == [".gitignore", "sub/tracked.md"]
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(make_handout.HandoutError, match="not a git work tree"):
+        make_handout.repository_files(str(tmp_path / "plain"))
+
+
+def specific(text):
+    """A line of code long enough to be specific: not a comment, nor a block's header (`with ...:`)."""
+    return len(text) >= 25 and not text.startswith("#") and not text.endswith(":")
+
+
+def solution_lines(path, source):
+    """The specific lines of every marked region of source, and of the bodies of path's ALSO_STUBBED
+    functions."""
+    lines, inside = [], False
+    for line in source.splitlines():
+        text = line.strip()
+        inside = (inside or text == make_handout.BEGIN) and text != make_handout.END
+        if inside and specific(text):
+            lines.append(text)
+    stubbed, _ = make_handout.stub_bodies(path, source)
+    kept = set(stubbed.splitlines())
+    return lines + [line.strip() for line in source.splitlines()
+                    if line not in kept and specific(line.strip())]
+
+
+def test_handout_holds_no_working_version_of_an_exercise(handout):
+    """No line of a solution, or of a body ALSO_STUBBED, is anywhere in the copy (a test's reference, a
+    bench's copy of the backward loop), and the stubbed functions raise their exercise's
+    NotImplementedError."""
+    answers_lines = {}
+    for path in sorted({p for p, _ in [*make_handout.FUNCTIONS, *make_handout.ALSO_STUBBED]}):
+        for line in solution_lines(path, (ROOT / path).read_text()):
+            answers_lines.setdefault(line, path)
+    assert len(answers_lines) >= 20
+    for copied in sorted(p for p in handout.rglob("*") if p.is_file()):
+        try:
+            text = copied.read_text()
+        except UnicodeDecodeError:
+            continue
+        found = [line for line in answers_lines if line in text]
+        where = copied.relative_to(handout)
+        assert not found, f"{where} holds solution code of {answers_lines[found[0]]}: {found[0]!r}"
+    for (path, name), number in make_handout.ALSO_STUBBED.items():
+        source = (handout / path).read_text()
+        body = source.split(f"def {name.split('.')[-1]}(")[1].split("\ndef ")[0]
+        assert make_handout.placeholder(number) in body, (path, name)
 
 
 def test_handout_refuses_a_non_empty_or_inner_out_dir(handout, capsys):
@@ -119,13 +188,26 @@ def test_the_solution_passes_every_graded_test(exercise):
     assert results and all(e is None for e in results.values()), results
 
 
-@pytest.mark.parametrize("wrong", answers.WRONG, ids=[w.name for w in answers.WRONG])
-def test_every_wrong_answer_fails_a_graded_test(wrong, monkeypatch):
-    module_name, *owner, attr = wrong.target.split(".")
+def put_in_place(answer, monkeypatch):
+    """The answer's function in place of the attribute it replaces (a static method on a class)."""
+    module_name, *owner, attr = answer.target.split(".")
     target = sys.modules[module_name] if module_name in sys.modules else __import__(module_name)
     for name in owner:
         target = getattr(target, name)
-    monkeypatch.setattr(target, attr, staticmethod(wrong.function) if owner else wrong.function)
+    monkeypatch.setattr(target, attr, staticmethod(answer.function) if owner else answer.function)
+
+
+@pytest.mark.parametrize("wrong", answers.WRONG, ids=[w.name for w in answers.WRONG])
+def test_every_wrong_answer_fails_a_graded_test(wrong, monkeypatch):
+    put_in_place(wrong, monkeypatch)
     results = run_graded(wrong.exercise)
     caught = [name for name, e in results.items() if isinstance(e, AssertionError)]
     assert caught, f"{wrong.name} ({wrong.what}) passes every graded test of exercise {wrong.exercise}"
+
+
+@pytest.mark.parametrize("right", rights.RIGHT, ids=[r.name for r in rights.RIGHT])
+def test_every_right_answer_passes_every_graded_test(right, monkeypatch):
+    put_in_place(right, monkeypatch)
+    results = run_graded(right.exercise)
+    failed = {name: e for name, e in results.items() if e is not None}
+    assert results and not failed, f"{right.name} ({right.what}) fails graded tests: {failed}"

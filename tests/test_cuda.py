@@ -6,6 +6,7 @@ under bf16 autocast on CUDA agree with float32 on the CPU to bf16's precision.""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,18 @@ import sys
 import pytest
 
 from conftest import ROOT, VISIBLE_GPUS
-from test_evaluate import TINY
+
+# run.sh at a tiny size: every stage, the toy world to the claims, in a few minutes
+TINY = {
+    "WORLD_FLAGS": "--num_sft 240 --num_human_pairs 96 --num_eval 12",
+    "SFT_FLAGS": "--steps 20 --lr 0.01 --warmup_steps 0 --batch_size 16 --val_size 16 --num_sample_eval 4 "
+                 "--n_layer 1 --n_embd 32 --n_head 2",
+    "RM_FLAGS": "--steps 3 --batch_size 8 --val_size 16",
+    "LABEL_FLAGS": "--num_prompts 48",
+    "DAA_FLAGS": "--num_epochs 4 --batch_size 2 --num_checkpoints 2 --warmup_steps 0 --lr 1e-2",
+    "EVAL_FLAGS": "--num_prompts 6",
+    "GAUSS_FLAGS": "--n_theta 5 --n_samples 100 --t_max 3 --n_mc 200",
+}
 
 
 def gpu_env(**extra):
@@ -40,7 +52,7 @@ def test_the_tiny_main_job_runs_on_cuda(tmp_path):
                           env=gpu_env(**TINY, OUT=str(out), PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "device cuda" in proc.stdout  # sft.py says where it trains
+    assert re.search(r"^sft: .* rows, cuda", proc.stdout, re.M)  # sft.py says where it trains
     rows = [json.loads(line) for line in open(out / "eval" / "results.jsonl")]
     assert len(rows) == len(list(out.glob("runs/*/ckpt-*"))) >= 6
     assert all(math.isfinite(r["kl"]) and 0 <= r["win_rate"] <= 1 for r in rows)
@@ -50,23 +62,27 @@ def test_the_tiny_main_job_runs_on_cuda(tmp_path):
 
 
 COMPARE = r"""
-import random, torch, policy, sft, dpo, reward, toy_tldr
+import random, torch, lm, reward, stage, toy_tldr
 tokenizer = toy_tldr.build_tokenizer()
 torch.manual_seed(0)
-model = policy.load_causal_lm(sft.Args(n_layer=2, n_embd=64, n_head=4), tokenizer)
+model = lm.new_model(tokenizer, n_layer=2, n_embd=64, n_head=4, max_len=88)
 rng = random.Random(0)
-pairs = []
+rows = []
 for _ in range(6):
     facts, prompt = toy_tldr.make_post(rng)
-    summaries = [toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)] for _ in range(2)]
-    pairs.append(tuple(policy.encode(tokenizer, prompt, summary, 64, 24) for summary in summaries))
-device, autocast = policy.device_and_autocast()
+    for _ in range(2):
+        summary = toy_tldr.reference_summary(facts, rng)
+        rows.append({"prompt": prompt, "response": summary[: rng.randint(1, 60)]})
+examples = lm.encode(tokenizer, rows, "response", 64, 24)
+pairs = list(zip(examples[0::2], examples[1::2]))
+device, autocast = stage.device_and_autocast()
 assert device.type == "cuda", device
-cpu = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False), 1024)
-gpu = dpo.pair_logps(model.to(device), pairs, tokenizer.pad_token_id, device, autocast, 1024)
+cpu = lm.pair_logps(model, pairs, tokenizer.pad_token_id, torch.device("cpu"), 1024)
+with autocast:
+    gpu = lm.pair_logps(model.to(device), pairs, tokenizer.pad_token_id, device, 1024)
 for a, b in zip(cpu[:2], gpu[:2]):
     torch.testing.assert_close(b.detach().float().cpu(), a.detach().float(), rtol=2e-2, atol=0.5)
-batch = reward.pair_batch(pairs, tokenizer.pad_token_id)
+batch = lm.collate_grouped([ex for pair in pairs for ex in pair], tokenizer.pad_token_id, k=2)
 from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
 torch.manual_seed(1)
 config = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
@@ -74,7 +90,7 @@ scorer = GPTNeoXForSequenceClassification(GPTNeoXConfig(**config, num_labels=1))
 with torch.no_grad():
     s_cpu = reward.reward_scores(scorer, batch)
     with autocast:
-        s_gpu = reward.reward_scores(scorer.to(device), policy.to_device(batch, device))
+        s_gpu = reward.reward_scores(scorer.to(device), lm.to_device(batch, device))
 torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=5e-2, atol=5e-2)
 logps_gap = float((gpu[0].detach().float().cpu() - cpu[0].detach()).abs().max())
 print("ok", logps_gap, float((s_gpu.cpu() - s_cpu).abs().max()))

@@ -1,11 +1,13 @@
 """Many processes: `torchrun --nproc_per_node 2` (CPU processes talking through gloo), under DDP and under
 --fsdp, writes the train_log and the weights that one process writes with the same global batch
-(2 x --batch_size); a run whose processes do not average their gradients does not; gradient checkpointing
-changes no number; fp16's loss scale survives --resume; the stages that do not split their work refuse
-several processes in one line."""
+(2 x --batch_size), and the same reference log-probs beside the pairs (the main process alone writing them);
+a run whose processes do not average their gradients does not; gradient checkpointing changes no number;
+fp16's loss scale survives --resume; --fsdp in one process and the stages that do not split their work
+refuse in one line."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,35 +16,44 @@ import torch
 
 import dpo
 import is_dpo
-import distributed
-import policy
+import lm
 import reward
 import sft
+import stage
 import toy_tldr
 from test_outputs import stopped_at_step
-from test_toy_tldr import cli_env
+from test_toy_tldr import assert_clean_error, cli_env, no_partial_copy, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("sft.py", "reward.py", "dpo.py", "is_dpo.py")
+DAA = ("dpo.py", "is_dpo.py")
 
 # One torchrun command runs every stage, one after the other, as `python <script> <flags>` would (runpy):
 # its 2 processes pay for their interpreters and imports once, and keep their process group from stage to
 # stage. An entry that must fail prints its error line and the next one runs; "unsynced" runs the stage
-# with distributed.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged.
+# with stage.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged.
+# Every file a process renames into place as the reference log-probs is reported with its rank.
 DRIVER = """
 import json, os, runpy, sys
 import torch
 sys.path.insert(0, os.getcwd())  # the repository root, where the scripts are
-import distributed
-parallel, rank = distributed.parallel, int(os.environ["RANK"])
+import stage
+parallel, rank, replace = stage.parallel, int(os.environ["RANK"]), os.replace
 
 
 def unsynced(model, fn, *_):
-    return distributed.Forward(fn, model)
+    return stage.Forward(fn, model)
 
 
+def reported_replace(src, dst):
+    if os.path.basename(dst) == "reference_logps.pt":
+        print(f"rank {rank}: wrote {dst}", file=sys.stderr, flush=True)
+    return replace(src, dst)
+
+
+os.replace = reported_replace
 for argv, how in json.loads(sys.argv[1]):
-    distributed.parallel = parallel if how != "unsynced" else unsynced
+    stage.parallel = parallel if how != "unsynced" else unsynced
     sys.argv = argv
     try:
         runpy.run_path(argv[0], run_name="__main__")
@@ -51,25 +62,34 @@ for argv, how in json.loads(sys.argv[1]):
             raise
         print(f"rank {rank}: {argv[0]} stopped: {e}", file=sys.stderr, flush=True)
     assert torch.distributed.is_initialized(), argv
-    world = distributed.World(rank, 2, int(os.environ["LOCAL_RANK"]))
-    assert distributed.WORLD == world, (argv, distributed.WORLD)
-    print(f"rank {rank}: {argv[0]} {how} -> {distributed.WORLD}", file=sys.stderr, flush=True)
+    world = stage.World(rank, 2, int(os.environ["LOCAL_RANK"]))
+    assert stage.WORLD == world, (argv, stage.WORLD)
+    print(f"rank {rank}: {argv[0]} {how} -> {stage.WORLD}", file=sys.stderr, flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A toy world, a 3-step pi_ref and its human pairs as DAA data."""
+    """A toy world, a 3-step pi_ref and its human pairs as DAA data (prefs.jsonl)."""
     root = tmp_path_factory.mktemp("distributed")
     toy_tldr.main(toy_tldr.Args(out_dir=str(root / "world"), num_sft=120, num_human_pairs=48, num_eval=8))
     sft.main(sft.Args(data=str(root / "world"), out_dir=str(root / "sft"), steps=3, batch_size=8, val_size=8,
                       num_sample_eval=0, n_layer=1, n_embd=32, n_head=2))
-    rows = [json.loads(line) for line in open(root / "world" / "prefs_human.jsonl")]
-    toy_tldr.write_jsonl(root / "prefs.jsonl", rows)
+    shutil.copyfile(root / "world" / "prefs_human.jsonl", root / "prefs.jsonl")
     return root
 
 
-def stage_flags(tiny, script, out, batch_size):
+def pairs_dir(root, name, script, tiny=None):
+    """A DAA run's own copy of tiny's pairs: the reference log-probs it saves beside them are its own, so no
+    run reads another's (one process's numbers would hide a difference of two processes')."""
+    path = root / "data" / name / script
+    if tiny is not None and not path.exists():  # made once: a copy made again would have another key
+        path.mkdir(parents=True)
+        shutil.copyfile(tiny / "prefs.jsonl", path / "train.jsonl")
+    return path
+
+
+def stage_flags(tiny, script, out, batch_size, data=None):
     """Each stage's flags (its Args fields) for a tiny run: 2 micro-batches a step (no sync on the first)."""
     common = dict(threads=1, warmup_steps=1, grad_accum=2, batch_size=batch_size)
     if script == "sft.py":
@@ -78,7 +98,7 @@ def stage_flags(tiny, script, out, batch_size):
     if script == "reward.py":
         return dict(mode="train", sft_path=str(tiny / "sft"), data=str(tiny / "world"), out_dir=str(out),
                     steps=4, val_size=8, lr=1e-2, **common)
-    daa = dict(sft_path=str(tiny / "sft"), data=str(tiny / "prefs.jsonl"), runs_dir=str(out), run_name="r",
+    daa = dict(sft_path=str(tiny / "sft"), data=str(data), runs_dir=str(out), run_name="r",
                num_epochs=1, num_checkpoints=1, lr=1e-2, beta=0.5, **common)
     return {**daa, "weight": "adaptive", "self_normalise": True} if script == "is_dpo.py" else daa
 
@@ -87,32 +107,52 @@ def one_process(script, flags):
     """The stage run in this process, as `python <script> <flags>` would run it."""
     main = {"sft.py": sft.main, "reward.py": reward.main, "dpo.py": dpo.train, "is_dpo.py": is_dpo.main}
     config = {"sft.py": sft.Args, "reward.py": reward.Args, "dpo.py": dpo.Args, "is_dpo.py": is_dpo.Args}
-    main[script](config[script](**flags))
+    return main[script](config[script](**flags))
 
 
 def argv(script, flags):
     return [script] + [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
 
 
+def torchrun_entries(tiny, root):
+    """[(argv, how)]: every stage in 2 processes with --batch_size 4 (DDP; reward.py and is_dpo.py with
+    --gradient_checkpointing; dpo.py's reference log-probs first by --reference_only, then read from
+    beside the pairs), dpo.py with a global batch too big for the pairs (refused), dpo.py again without
+    gradient averaging ("unsynced"), then every stage under --fsdp."""
+    def flags(name, script, batch_size=4, **extra):
+        data = pairs_dir(root, name, script, tiny) if script in DAA else None
+        return {**stage_flags(tiny, script, root / name / script, batch_size, data), **extra}
+
+    checkpointing = {"gradient_checkpointing": True}
+    return [(argv("sft.py", flags("two", "sft.py")), "synced"),
+            (argv("reward.py", flags("two", "reward.py", **checkpointing)), "synced"),
+            (argv("dpo.py", flags("too_big", "dpo.py", 40)), "fails"),
+            (argv("dpo.py", flags("two", "dpo.py", reference_only=True)), "reference"),
+            (argv("dpo.py", flags("two", "dpo.py")), "synced"),
+            (argv("is_dpo.py", flags("two", "is_dpo.py", reference_only=True)), "reference"),
+            (argv("is_dpo.py", flags("two", "is_dpo.py", **checkpointing)), "synced"),
+            (argv("dpo.py", flags("unsynced", "dpo.py")), "unsynced")] + \
+        [(argv(s, flags("fsdp", s, fsdp=True, reference_only=True)), "reference") for s in DAA] + \
+        [(argv(s, flags("fsdp", s, fsdp=True)), "fsdp") for s in STAGES]
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
-    """Every stage in 2 processes with --batch_size 4 (one torchrun command: DRIVER), then dpo.py with a
-    global batch too big for the pairs (refused), dpo.py again without gradient averaging ("unsynced"),
-    every stage again under --fsdp;
-    meanwhile, in this process, every stage with --batch_size 8. Returns (root, the command's output)."""
+    """The torchrun command (DRIVER, torchrun_entries); meanwhile, in this process, every stage with
+    --batch_size 8 ("one"). Returns (root, the command's output)."""
     root = tmp_path_factory.mktemp("runs")
-    entries = [(argv(s, stage_flags(tiny, s, root / "two" / s, 4)), "synced") for s in STAGES]
-    entries.insert(2, (argv("dpo.py", stage_flags(tiny, "dpo.py", root / "too_big", 40)), "fails"))
-    entries.append((argv("dpo.py", stage_flags(tiny, "dpo.py", root / "unsynced", 4)), "unsynced"))
-    entries += [(argv(s, {**stage_flags(tiny, s, root / "fsdp" / s, 4), "fsdp": True}), "fsdp")
-                for s in STAGES]
+    entries = torchrun_entries(tiny, root)
     (root / "driver.py").write_text(DRIVER)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = subprocess.Popen(torchrun + [root / "driver.py", json.dumps(entries)], cwd=ROOT, text=True,
                            env=cli_env(root / "hf"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for script in STAGES:
-            one_process(script, stage_flags(tiny, script, root / "one" / script, 8))
+            data = pairs_dir(root, "one", script, tiny) if script in DAA else None
+            if script in DAA:  # the reference log-probs first, saved beside the pairs
+                one_process(script, {**stage_flags(tiny, script, root / "one" / script, 8, data),
+                                     "reference_only": True})
+            one_process(script, stage_flags(tiny, script, root / "one" / script, 8, data))
         out, _ = two.communicate(timeout=300)
     finally:
         two.kill()
@@ -121,7 +161,7 @@ def runs(tiny, tmp_path_factory):
 
 
 def output_dir(out, script):
-    return out / "r" if script in ("dpo.py", "is_dpo.py") else out
+    return out / "r" if script in DAA else out
 
 
 def read_log(directory):
@@ -136,7 +176,7 @@ def weights(directory):
 
 def saved_model(directory, script):
     """The weights a stage saved: its output's, a DAA run's last checkpoint's."""
-    if script not in ("dpo.py", "is_dpo.py"):
+    if script not in DAA:
         return directory
     return max(directory.glob("ckpt-*"), key=lambda p: int(p.name[5:]))
 
@@ -156,13 +196,17 @@ def differences(a, b, script):
     return out + [k for k in w_a if not torch.allclose(w_b[k], w_a[k], rtol=1e-3, atol=1e-4)]
 
 
+def reference_file(root, name, script):
+    return pairs_dir(root, name, script) / "reference_logps.pt"
+
+
 @pytest.mark.parametrize("how", ["two", "fsdp"])
 @pytest.mark.parametrize("script", STAGES)
 def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(tiny, runs, script, how):
     """--batch_size 4 in each of 2 processes == --batch_size 8 in one, under DDP ("two") and under --fsdp
     (each process holding half of every weight): every train_log number (losses, margins, accuracies,
-    importance-weight statistics, the self-normalised weights' loss, gradient norms) and the saved weights,
-    to float rounding."""
+    importance-weight statistics and the ESS, the self-normalised weights' loss, gradient norms) and the saved
+    weights, to float rounding; a DAA run's reference log-probs, saved beside its pairs, too."""
     root, _ = runs
     a, b = (output_dir(root / name / script, script) for name in ("one", how))
     assert differences(a, b, script) == []
@@ -170,10 +214,30 @@ def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(
         log = read_log(a)
         assert {"weight_mean", "weight_max", "ess"} <= log[0].keys()
         assert any(row["ess"] < 7.99 for row in log)  # the weights differ: their global statistics count
+    if script in DAA:
+        saved = [torch.load(reference_file(root, name, script))["logps"] for name in ("one", how)]
+        assert len(saved[0][0]) == 48
+        for x, y in zip(*saved):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
     trained, start = weights(saved_model(a, script)), weights(tiny / "sft")
     assert any(not torch.equal(trained[k], start[k]) for k in trained if k in start)
-    assert sorted(os.listdir(root / how)) == sorted(STAGES)  # the main process alone wrote, and cleaned up
-    assert script in ("sft.py", "reward.py") or os.listdir(root / how / script) == ["r"]
+    # the main process alone wrote its outputs, and cleaned up (no lock file, no partial copy left)
+    assert sorted(os.listdir(root / how)) == sorted(STAGES)
+    assert script not in DAA or sorted(os.listdir(root / how / script)) == ["r"]
+
+
+def test_only_the_main_process_writes_the_reference_log_probs_and_every_process_reads_them(runs):
+    """Under torchrun the reference log-probs are computed in shards and saved by --reference_only's main
+    process alone; a later run on the same pairs reads them on every process; a training run writes none."""
+    root, out = runs
+    assert not re.findall(r"rank 1: wrote", out)
+    wrote = re.findall(r"rank 0: wrote (\S+)", out)
+    saved = [(name, script) for name in ("two", "fsdp") for script in DAA]
+    assert sorted(wrote) == sorted(str(reference_file(root, name, script)) for name, script in saved)
+    for name, script in saved:
+        assert f"reference log-probs: read from {reference_file(root, name, script)}" in out
+    assert out.count("reference log-probs: read from") == len(saved)
+    assert not reference_file(root, "unsynced", "dpo.py").exists()
 
 
 def test_processes_that_do_not_average_their_gradients_write_another_run(runs):
@@ -181,47 +245,50 @@ def test_processes_that_do_not_average_their_gradients_write_another_run(runs):
     batch. The first step's loss is still the global batch's (gathered), but its gradient norm is not,
     and the weights go apart."""
     root, _ = runs
-    found = differences(root / "one" / "dpo.py" / "r", root / "unsynced" / "r", "dpo.py")
+    found = differences(root / "one" / "dpo.py" / "r", root / "unsynced" / "dpo.py" / "r", "dpo.py")
     assert (1, "grad_norm") in found and (1, "loss") not in found
     assert any(isinstance(k, str) for k in found)  # saved weights
 
 
 def test_the_processes_keep_their_group_and_their_world_from_stage_to_stage(runs):
     """Several stages in one interpreter (DRIVER): after each, on both processes, the process group is up
-    and distributed.WORLD is this process's; a stage's one-line error stops that stage only."""
+    and stage.WORLD is this process's; a stage's one-line error stops that stage only, before it writes."""
     root, out = runs
     for rank in (0, 1):  # (a line may follow the other process's progress bar on the same line)
         world = rf"World\(rank={rank}, size=2, local_rank={rank}\)"
         done = re.findall(rf"rank {rank}: (\S+) (\S+) -> {world}", out)
         assert done == [("sft.py", "synced"), ("reward.py", "synced"), ("dpo.py", "fails"),
-                        ("dpo.py", "synced"), ("is_dpo.py", "synced"), ("dpo.py", "unsynced")] + \
-            [(script, "fsdp") for script in STAGES]
-        assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the" in out
+                        ("dpo.py", "reference"), ("dpo.py", "synced"), ("is_dpo.py", "reference"),
+                        ("is_dpo.py", "synced"), ("dpo.py", "unsynced")] + \
+            [(script, "reference") for script in DAA] + [(script, "fsdp") for script in STAGES]
+        assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the 48" in out
     assert not (root / "too_big").exists()
+    assert os.listdir(root / "data" / "too_big" / "dpo.py") == ["train.jsonl"]
 
 
 def test_gradient_checkpointing_changes_neither_the_log_probs_nor_their_gradients(tiny):
-    """Under gradient checkpointing a layer keeps no KV cache, so response_hidden runs prompt + response
-    whole (response_hidden_whole): the same log-probs, reward scores and gradients as the cached path."""
+    """Under gradient checkpointing a layer keeps no KV cache, so lm.response_hidden runs prompt + response
+    whole: through stage.parallel's module, in float64, the same log-probs, reward scores and gradients as
+    the cached path (the runs above with --gradient_checkpointing match one process's without it)."""
     torch.manual_seed(0)
-    tokenizer = policy.load_tokenizer(str(tiny / "sft"))
-    rows = [json.loads(line) for line in open(tiny / "prefs.jsonl")][:6]
-    pairs = [((tokenizer.encode(r["prompt"]), tokenizer.encode(" " + r[c]) + [tokenizer.eos_token_id])
-              for c in ("chosen", "rejected")) for r in rows]
-    batch = policy.collate_grouped([e for pair in pairs for e in pair], tokenizer.pad_token_id, k=2)
+    tokenizer = lm.load_tokenizer(str(tiny / "sft"))
+    rows = lm.read_jsonl(str(tiny / "prefs.jsonl"))[:6]
+    pairs = list(zip(*(lm.encode(tokenizer, rows, c, 64, 24) for c in ("chosen", "rejected"))))
+    batch = lm.collate_grouped([e for pair in pairs for e in pair], tokenizer.pad_token_id, k=2)
     head = torch.randn(32, 1, dtype=torch.float64)
     results = []
     for checkpointing in (False, True):
-        model = policy.load_policy(str(tiny / "sft")).double().train()
-        forward = distributed.parallel(model, dpo.sequence_logps, gradient_checkpointing=checkpointing)
+        model = lm.load_model(str(tiny / "sft")).double().train()
+        forward = stage.parallel(model, lm.sequence_logps, gradient_checkpointing=checkpointing)
         logps, _ = forward(batch, 16)
-        score = policy.response_hidden(model.base_model, batch)[:, -1] @ head  # a reward-model-like read
+        score = lm.response_hidden(model.base_model, batch)[:, -1] @ head  # a reward-model-like read
         (logps.sum() + score.sum()).backward()
         results.append((logps.detach(), score.detach(), [p.grad for p in model.parameters()]))
         assert model.base_model.is_activation_checkpointing == checkpointing
     (l0, s0, g0), (l1, s1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s1, s0, rtol=1e-10, atol=1e-10)
+    assert all(g is not None for g in g0 + g1)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
 
@@ -230,11 +297,12 @@ def test_fp16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
     """--precision fp16: the GradScaler's scale is part of the saved state. A scaler that doubles its scale
     every step overflows every few steps (that update skipped, the scale halved); a resumed run that started
     over at the initial scale skips other steps and writes another log (checked: it fails without the fix)."""
-    def scaler(precision, device):
-        return torch.amp.GradScaler(device.type, init_scale=2.0 ** 18, growth_interval=1,
-                                    enabled=precision == "fp16")
+    grad_scaler = torch.amp.GradScaler
 
-    monkeypatch.setattr(policy, "grad_scaler", scaler)
+    def scaler(device_type, enabled):
+        return grad_scaler(device_type, init_scale=2.0 ** 18, growth_interval=1, enabled=enabled)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
 
     def args(name, **kw):
         return sft.Args(data=str(tiny / "world"), out_dir=str(tmp_path / name), steps=10, batch_size=8,
@@ -243,6 +311,7 @@ def test_fp16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
 
     sft.main(args("whole"))
     stopped_at_step(monkeypatch, 6, lambda: sft.main(args("stopped")))
+    assert os.path.exists(os.path.join(stage.scratch_path(str(tmp_path / "stopped"), "partial"), "state.pt"))
     sft.main(args("stopped", resume=True))
     whole = read_log(tmp_path / "whole")
     assert not all(map(torch.isfinite, torch.tensor([r["grad_norm"] for r in whole[:4]])))  # skips happened
@@ -250,10 +319,28 @@ def test_fp16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
         (tmp_path / "stopped" / "train_log.jsonl").read_bytes()
 
 
+def test_fsdp_in_one_process_is_refused_in_one_line(tiny, tmp_path):
+    """--fsdp shards over torchrun's processes: without torchrun every training stage stops with one error
+    line and writes nothing (no output, no partial copy, no reference log-probs); so does the command line."""
+    fsdp_line = "error: --fsdp shards the weights over several processes: start the stage with torchrun"
+    for script in STAGES:
+        data = pairs_dir(tmp_path, "fsdp", script, tiny) if script in DAA else None
+        flags = stage_flags(tiny, script, tmp_path / script, 8, data)
+        with pytest.raises(SystemExit) as e:
+            one_process(script, {**flags, "fsdp": True})
+        assert str(e.value) == fsdp_line
+        out = output_dir(tmp_path / script, script)
+        assert not out.exists() and no_partial_copy(str(out))
+        assert script not in DAA or os.listdir(data) == ["train.jsonl"]
+    result = run_cli("sft.py", *argv("sft.py", {**stage_flags(tiny, "sft.py", tmp_path / "cli", 8),
+                                                "fsdp": True})[1:], home=tmp_path / "hf")
+    assert_clean_error(result, tmp_path / "cli", "--fsdp", "torchrun")
+
+
 def test_stages_that_do_not_split_their_work_refuse_several_processes(tiny, tmp_path, monkeypatch):
-    """rloo.py, online_dpo.py and the toys in one error line under WORLD_SIZE > 1; --resume too."""
-    import online_dpo
-    import rloo
+    """extras/rloo.py, extras/online_dpo.py and the toys in one error line under WORLD_SIZE > 1; --resume
+    too."""
+    from extras import online_dpo, rloo
     import toy_categorical
     import toy_gaussian
 
@@ -266,6 +353,9 @@ def test_stages_that_do_not_split_their_work_refuse_several_processes(tiny, tmp_
     for call in calls:
         with pytest.raises(SystemExit, match="runs in one process: start it with python"):
             call()
-    with pytest.raises(SystemExit, match="--resume works in one process only"):
-        sft.main(sft.Args(data=str(tiny / "world"), out_dir=str(tmp_path / "s"), resume=True))
+    for main, config in ((sft.main, sft.Args), (dpo.train, dpo.Args), (is_dpo.main, is_dpo.Args)):
+        with pytest.raises(SystemExit, match="--resume works in one process only"):
+            main(config(**({"data": str(tiny / "world"), "out_dir": str(tmp_path / "s")} if main is sft.main
+                           else {"sft_path": str(tiny / "sft"), "runs_dir": str(tmp_path / "runs")}),
+                        resume=True))
     assert not os.listdir(tmp_path)

@@ -1,5 +1,5 @@
-"""dpo.py and is_dpo.py: the fused gather, the losses, the importance weights, the scripts end to end."""
-import contextlib
+"""dpo.py and is_dpo.py: the losses and the importance weights against hand computations, the reference
+log-probs saved beside the pairs, and the scripts end to end."""
 import json
 import math
 import os
@@ -10,217 +10,11 @@ import torch.nn.functional as F
 
 import dpo
 import is_dpo
-import policy
+import lm
 import sft
 import toy_tldr
+from test_lm import encode, tiny_model, toy_examples  # noqa: F401  (tiny_model: a fixture)
 from test_toy_tldr import submit_cli
-
-# ---------------------------------------------------------------------------------------------
-# the fused log-prob gather
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_chunked_logps_equal_naive_values_and_gradients(bias, chunk):
-    g = torch.Generator().manual_seed(0)
-    n, h, v = 23, 8, 11
-    hidden = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
-    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
-    targets = torch.randint(0, v, (n,), generator=g)
-    upstream = torch.randn(n, dtype=torch.float64, generator=g)
-
-    def grads(fn):
-        for t in (hidden, weight, b):
-            if t is not None:
-                t.grad = None
-        out = fn()
-        (out * upstream).sum().backward()
-        return out.detach(), [t.grad.clone() for t in (hidden, weight, b) if t is not None]
-
-    # independent reference: log_softmax written out, in float64
-    def by_hand():
-        logits = hidden @ weight.T + (b if b is not None else 0)
-        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, 1)
-
-    ref_out, ref_grads = grads(by_hand)
-    fused = lambda: dpo.ChunkedLogProbs.apply(hidden, weight, b, targets, chunk)  # noqa: E731
-    out, fused_grads = grads(fused)
-    assert torch.allclose(out, ref_out, atol=1e-12)  # float64 in, float64 out
-    for a, r in zip(fused_grads, ref_grads):
-        assert torch.allclose(a, r, atol=1e-10, rtol=1e-10)
-    naive_out, naive_grads = grads(lambda: dpo.gather_logps_naive(hidden, weight, b, targets))
-    assert torch.allclose(naive_out.double(), ref_out, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bias", [True, False])
-def test_chunked_logps_under_autocast_match_the_naive_gather_values_and_gradients(dtype, bias):
-    """Under autocast (the CUDA path's bf16, or fp16; here on the CPU) the fused gather's forward and backward
-    see the same logits, as the naive gather's autograd does: the same values and gradients, and the softmax
-    of its backward sums to 1 for every token (the bias gradient of one token's log-prob sums to 0)."""
-    g = torch.Generator().manual_seed(3)
-    n, h, v = 37, 16, 300
-    hidden = torch.randn(n, h, generator=g, requires_grad=True)
-    weight = (torch.randn(v, h, generator=g) * 2).requires_grad_()  # logits of about +-10: bf16 rounds them
-    b = torch.randn(v, generator=g).requires_grad_() if bias else None
-    targets = torch.randint(0, v, (n,), generator=g)
-    upstream = torch.randn(n, generator=g)
-    params = [t for t in (hidden, weight, b) if t is not None]
-    results = []
-    for fn in (dpo.gather_logps_naive, lambda *a: dpo.ChunkedLogProbs.apply(*a, 8)):
-        for t in params:
-            t.grad = None
-        with torch.autocast("cpu", dtype=dtype):
-            out = fn(hidden, weight, b, targets)
-        assert out.dtype == torch.float32
-        (out * upstream).sum().backward()
-        results.append((out.detach(), [t.grad.clone() for t in params]))
-    (naive, naive_grads), (fused, fused_grads) = results
-    assert torch.allclose(fused, naive, atol=1e-5, rtol=1e-5)
-    for a, r in zip(fused_grads, naive_grads):  # the naive weight gradient is a bf16/fp16 matmul: rounded
-        assert a.dtype == r.dtype == torch.float32
-        assert (a - r).abs().max() <= 1e-2 * r.abs().max()
-    if bias:
-        for i in range(8):
-            b.grad = None
-            with torch.autocast("cpu", dtype=dtype):
-                dpo.ChunkedLogProbs.apply(hidden[i:i + 1], weight, b, targets[i:i + 1], 8).sum().backward()
-            assert abs(b.grad.sum()) < 1e-4  # 1 - sum_v softmax_v
-
-def test_chunked_logps_gradcheck():
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    weight = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    bias = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
-    targets = torch.randint(0, 5, (6,), generator=g)
-    # output is float32 by design, so check the backward against finite differences of the naive
-    # float64 formula instead of torch.autograd.gradcheck on the Function itself
-    upstream = torch.randn(6, dtype=torch.float64, generator=g)
-    (dpo.ChunkedLogProbs.apply(hidden, weight, bias, targets, 4).double() * upstream).sum().backward()
-    eps = 1e-6
-    for tensor in (hidden, weight, bias):
-        flat = tensor.detach().view(-1)
-        for i in range(0, flat.numel(), 3):
-            old = flat[i].item()
-            vals = []
-            for delta in (eps, -eps):
-                flat[i] = old + delta
-                vals.append((dpo.gather_logps_naive(hidden.detach(), weight.detach(), bias.detach(),
-                                                    targets).double() * upstream).sum().item())
-            flat[i] = old
-            fd = (vals[0] - vals[1]) / (2 * eps)
-            assert abs(fd - tensor.grad.view(-1)[i].item()) < 1e-3
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    tokenizer = toy_tldr.build_tokenizer()
-    torch.manual_seed(0)
-    model = policy.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
-    return model.double(), tokenizer
-
-
-def toy_examples(tokenizer, n, seed=0):
-    import random
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        facts, prompt = toy_tldr.make_post(rng)
-        out.append(policy.encode(tokenizer, prompt,
-                                 toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24))
-    return out
-
-
-def full_forward_logps(model, examples):
-    """Independent: each example alone, one full forward, full log_softmax, summed over response positions."""
-    out = []
-    for p, r in examples:
-        logp = model(input_ids=torch.tensor([p + r])).logits.log_softmax(-1)[0, len(p) - 1:-1]
-        out.append(logp.gather(-1, torch.tensor(r)[:, None]).sum())
-    return torch.stack(out)
-
-
-def test_plain_logps_match_each_example_alone(tiny_model):
-    """The plain definition on a right-padded batch equals one unpadded forward per example."""
-    model, tokenizer = tiny_model
-    examples = toy_examples(tokenizer, 6)
-    plain, lengths = dpo.sequence_logps_plain(model, policy.collate(examples, tokenizer.pad_token_id))
-    torch.testing.assert_close(plain, full_forward_logps(model, examples), atol=1e-10, rtol=0)
-    assert lengths.tolist() == [len(r) for _, r in examples]
-
-
-def test_fast_logps_equal_the_plain_definition(tiny_model):
-    """The fast path (prompt once, chunked output layer; also unchunked) against the plain definition."""
-    model, tokenizer = tiny_model
-    examples = toy_examples(tokenizer, 6)
-    plain, plain_lengths = dpo.sequence_logps_plain(model, policy.collate(examples, tokenizer.pad_token_id))
-    batch = policy.collate_grouped(examples, tokenizer.pad_token_id)
-    fused, lengths = dpo.sequence_logps(model, batch, chunk=7)
-    naive, _ = dpo.sequence_logps(model, batch, fused=False)
-    torch.testing.assert_close(fused, plain, atol=1e-10, rtol=0)
-    torch.testing.assert_close(naive, plain, atol=1e-10, rtol=0)
-    assert lengths.tolist() == plain_lengths.tolist()
-
-
-def test_fast_logps_gradients_equal_the_plain_definition(tiny_model):
-    model, tokenizer = tiny_model
-    examples = toy_examples(tokenizer, 4, seed=1)
-    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
-    paths = {"plain": lambda: dpo.sequence_logps_plain(model,
-                                                       policy.collate(examples, tokenizer.pad_token_id)),
-             "fused": lambda: dpo.sequence_logps(model,
-                                                 policy.collate_grouped(examples, tokenizer.pad_token_id), 5),
-             "naive": lambda: dpo.sequence_logps(model,
-                                                 policy.collate_grouped(examples, tokenizer.pad_token_id),
-                                                 fused=False)}
-    grads = {}
-    for name, logps in paths.items():
-        model.zero_grad()
-        (logps()[0] * upstream).sum().backward()
-        grads[name] = [p.grad.clone() for p in model.parameters()]
-    for name in ("fused", "naive"):
-        for a, b in zip(grads[name], grads["plain"]):
-            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
-
-
-def toy_pairs(tokenizer, seed, n):
-    """n pairs of two tokenized responses to one toy post each (prefixes of references of random length)."""
-    import random
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        facts, prompt = toy_tldr.make_post(rng)
-        pairs.append(tuple(policy.encode(tokenizer, prompt,
-                                         toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)], 64, 24)
-                           for _ in range(2)))
-    return pairs
-
-
-def test_pair_logps_share_the_prompt_and_equal_the_plain_definition(tiny_model):
-    """Chosen and rejected continue from one prompt pass; values and parameter gradients must be those
-    of the plain definition on the chosen and on the rejected responses (prompts of different lengths, so left
-    padding is exercised)."""
-    model, tokenizer = tiny_model
-    pairs = toy_pairs(tokenizer, seed=3, n=4)
-    assert len({len(p[0][0]) for p in pairs}) > 1
-    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
-    model.zero_grad()
-    pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu",
-                                              contextlib.nullcontext(), 5)
-    (upstream * (pi_w - 0.3 * pi_l)).sum().backward()
-    shared = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    plain = [dpo.sequence_logps_plain(model, policy.collate([p[k] for p in pairs], tokenizer.pad_token_id))[0]
-             for k in (0, 1)]
-    ref_w, ref_l = plain
-    (upstream * (ref_w - 0.3 * ref_l)).sum().backward()
-    torch.testing.assert_close(pi_w.double(), ref_w.detach(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(pi_l.double(), ref_l.detach(), atol=1e-5, rtol=0)
-    assert len_w.tolist() == [len(p[0][1]) for p in pairs] and len_l.tolist() == [len(p[1][1]) for p in pairs]
-    for a, b in zip(shared, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
 
 # ---------------------------------------------------------------------------------------------
 # the losses against hand computations
@@ -240,6 +34,7 @@ def loss_of(loss_type, **kw):
     return losses.item(), stats
 
 
+@pytest.mark.core
 def test_losses_by_hand():
     r_w, r_l = PI_W - REF_W, PI_L - REF_L  # 2, -3
     delta = r_w - r_l  # 5
@@ -275,6 +70,7 @@ def r_tensors(n=64, scale=3.0, seed=0):
     return r_w, r_l, len_w, len_l
 
 
+@pytest.mark.core
 def test_weight_modes_by_hand():
     r_w, r_l, len_w, len_l = r_tensors()
     lw = lambda mode, **kw: is_dpo.log_importance_weights(mode, r_w, r_l, len_w, len_l, **kw)  # noqa: E731
@@ -289,6 +85,7 @@ def test_weight_modes_by_hand():
     assert torch.equal(lw("fixed", alpha=1.0), lw("full"))  # alpha = 1: full IS
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("mode", is_dpo.RATIO_MODES)
 def test_weights_exactly_one_when_policy_is_reference(mode):
     ref_w, ref_l = -20 * torch.rand(16), -20 * torch.rand(16)
@@ -299,6 +96,7 @@ def test_weights_exactly_one_when_policy_is_reference(mode):
     assert stats["ess"] == pytest.approx(16)
 
 
+@pytest.mark.core
 def test_self_normalised_weights_by_hand():
     """--self_normalise: w_i / mean_j(w_j), from the same log w; the diagnostics stay those of the raw
     weights."""
@@ -316,6 +114,7 @@ def test_self_normalised_weights_by_hand():
     assert is_dpo.method_name(is_dpo.Args(weight="adaptive", self_normalise=True)) == "ais-sn-dpo"
 
 
+@pytest.mark.core
 def test_clipped_weights_never_exceed_bound():
     for seed in range(5):
         r_w, r_l, len_w, len_l = r_tensors(256, scale=50.0, seed=seed)
@@ -324,6 +123,7 @@ def test_clipped_weights_never_exceed_bound():
             assert (w <= math.exp(bound)).all()
 
 
+@pytest.mark.core
 def test_ess_by_hand():
     log_w = torch.log(torch.tensor([1.0, 2.0, 3.0, 0.5]))
     stats = is_dpo.weight_stats(log_w)
@@ -332,18 +132,19 @@ def test_ess_by_hand():
     assert stats["weight_max"] == pytest.approx(3.0)
 
 
+@pytest.mark.core
 def test_detached_weight_scales_the_gradient(tiny_model):
     """grad of (w * loss) with w detached == w * grad of loss, w evaluated at the current policy."""
     model, tokenizer = tiny_model
     examples = toy_examples(tokenizer, 2, seed=3)
     pairs = [(examples[0], (examples[0][0], examples[1][1]))]  # one prompt, two responses
     pad = tokenizer.pad_token_id
-    ref_w, ref_l, _, _ = dpo.pair_logps(model, pairs, pad, "cpu", contextlib.nullcontext(), 16)
+    ref_w, ref_l, _, _ = lm.pair_logps(model, pairs, pad, "cpu", 16)
     ref_w, ref_l = ref_w.detach() + 0.7, ref_l.detach() - 0.4  # a policy that has moved from pi_ref
 
     def grad_of(weighted):
         model.zero_grad()
-        pi_w, pi_l, len_w, len_l = dpo.pair_logps(model, pairs, pad, "cpu", contextlib.nullcontext(), 16)
+        pi_w, pi_l, len_w, len_l = lm.pair_logps(model, pairs, pad, "cpu", 16)
         logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w, "ref_l": ref_l, "len_w": len_w, "len_l": len_l}
         args = is_dpo.Args(weight="adaptive", beta=0.1)
         losses, _ = dpo.daa_losses(args, **logps)
@@ -358,8 +159,9 @@ def test_detached_weight_scales_the_gradient(tiny_model):
         assert torch.allclose(a, w * b, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("loss_type", dpo.LOSS_TYPES)
-@pytest.mark.parametrize("mode", is_dpo.WEIGHT_MODES)
+@pytest.mark.parametrize("mode", is_dpo.RATIO_MODES)
 def test_extreme_log_ratios_stay_finite(loss_type, mode):
     pi = torch.tensor([1e4, -1e4, 1e4, -1e4], requires_grad=True)
     pl = torch.tensor([-1e4, 1e4, 1e4, -1e4], requires_grad=True)
@@ -368,7 +170,6 @@ def test_extreme_log_ratios_stay_finite(loss_type, mode):
     args = is_dpo.Args(loss_type=loss_type, weight=mode, beta=0.01, alpha=0.5)
     logps = {"pi_w": pi, "pi_l": pl, "ref_w": zeros, "ref_l": zeros, "len_w": lens, "len_l": lens.flip(0)}
     losses, _ = dpo.daa_losses(args, **logps)
-    logps.update(sq_w=zeros - 1e4, sq_l=zeros + 1e4)  # wpo's sum of log sum_v p^2, also extreme
     w, stats = is_dpo.importance_weights(args, logps, None)
     loss = (w * losses).mean()
     loss.backward()
@@ -432,50 +233,70 @@ def test_dpo_and_is_dpo_alpha0_write_the_same_log(tmp_path_factory, tiny_world):
     AutoModelForCausalLM.from_pretrained(tiny_world / "runs" / "dpo_beta0.01_seed3" / "ckpt-6")
 
 
-def test_a_run_reading_shared_reference_logps_writes_the_same_log(tmp_path_factory, tiny_world):
-    cache = tiny_world / "reference_cache"
-    base = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "prefs.jsonl", "--runs_dir",
-            tiny_world / "runs_cached",
-            "--reference_cache", cache, *COMMON]
+def test_a_run_reading_the_saved_reference_logps_writes_the_same_log(tmp_path_factory, tiny_world):
+    """--reference_only saves log pi_ref of the pairs beside them; a run reads them and logs what a run that
+    computed them itself logs; a training run never writes beside its inputs."""
+    data = tiny_world / "ref" / "prefs.jsonl"
+    os.makedirs(data.parent)
+    data.write_bytes((tiny_world / "prefs.jsonl").read_bytes())
+    base = ["--sft_path", tiny_world / "sft", "--data", data, "--runs_dir", tiny_world / "runs_ref", *COMMON]
     first = run(tmp_path_factory, "dpo.py", *base, "--run_name", "first")
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert len(os.listdir(cache)) == 1 and "read from" not in first.stdout
+    assert first.returncode == 0 and "read from" not in first.stdout, first.stderr[-2000:]
+    assert os.listdir(data.parent) == ["prefs.jsonl"]
+    only = run(tmp_path_factory, "dpo.py", *base, "--reference_only")
+    assert only.returncode == 0 and (data.parent / "reference_logps.pt").is_file(), only.stderr[-2000:]
     second = run(tmp_path_factory, "dpo.py", *base, "--run_name", "second")
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "reference log-probs: read from" in second.stdout and len(os.listdir(cache)) == 1
-    assert read_log(tiny_world / "runs_cached" / "first") == read_log(tiny_world / "runs_cached" / "second")
+    assert "reference log-probs: read from" in second.stdout
+    assert read_log(tiny_world / "runs_ref" / "first") == read_log(tiny_world / "runs_ref" / "second")
+    assert sorted(os.listdir(tiny_world / "runs_ref")) == ["first", "second"]  # no lock or partial copy left
 
 
-def test_shared_reference_logps_miss_when_pi_ref_or_the_pairs_change(tiny_model, tmp_path):
+def test_the_saved_reference_logps_are_recomputed_when_anything_they_came_from_changes(tiny_model, tmp_path):
+    """Another pi_ref, other pairs, other lengths, a torn, foreign or tampered file: computed again."""
     model, tokenizer = tiny_model
     examples = toy_examples(tokenizer, 4, seed=5)
     pairs = [(examples[0], (examples[0][0], examples[1][1])), (examples[2], (examples[2][0], examples[3][1]))]
-    args = dpo.Args(reference_cache=str(tmp_path), batch_size=1, logit_chunk=16)
-    pad, cpu, no_autocast = tokenizer.pad_token_id, torch.device("cpu"), contextlib.nullcontext()
-    ref_w, ref_l = dpo.shared_reference_logps(args, model, pairs, pad, cpu, no_autocast)
-    direct = dpo.reference_logps(model, pairs, pad, cpu, no_autocast, 16, 2)
-    assert torch.equal(ref_w, direct[0]) and torch.equal(ref_l, direct[1])
-    again = dpo.shared_reference_logps(args, model, pairs, pad, cpu, no_autocast)  # read back
-    assert torch.equal(again[0], ref_w) and torch.equal(again[1], ref_l) and len(os.listdir(tmp_path)) == 1
-    dpo.shared_reference_logps(args, model, pairs[:1], pad, cpu, no_autocast)  # other pairs: a new file
-    assert len(os.listdir(tmp_path)) == 2
-    with torch.no_grad():
-        model.get_output_embeddings().weight[0, 0] += 1.0  # another pi_ref: a new file, new numbers
-    try:
-        moved = dpo.shared_reference_logps(args, model, pairs, pad, cpu, no_autocast)
-        assert len(os.listdir(tmp_path)) == 3 and not torch.equal(moved[0], ref_w)
-    finally:
-        with torch.no_grad():
-            model.get_output_embeddings().weight[0, 0] -= 1.0
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "model.safetensors").write_bytes(b"pi_ref")
+    (tmp_path / "train.jsonl").write_text("pairs\n")
+    args = dpo.Args(sft_path=str(tmp_path / "sft"), data=str(tmp_path), batch_size=1, logit_chunk=16,
+                    reference_only=True)
+    path = tmp_path / "reference_logps.pt"
+    ref = lambda: dpo.reference_logps(args, model, pairs, tokenizer.pad_token_id, torch.device("cpu"),  # noqa
+                                      torch.autocast("cpu", enabled=False))
+    direct = [lm.sequence_logps_plain(model, lm.collate([p[k] for p in pairs], tokenizer.pad_token_id))[0]
+              for k in (0, 1)]
+    first = ref()
+    for a, b in zip(first, direct):
+        torch.testing.assert_close(a.double(), b.detach(), atol=1e-5, rtol=0)
+    saved = path.stat().st_mtime_ns
+    assert all(torch.equal(a, b) for a, b in zip(ref(), first)) and path.stat().st_mtime_ns == saved  # read
+
+    def recomputed(change):
+        before = path.read_bytes()
+        change()
+        ref()
+        return path.read_bytes() != before or not path.exists()
+
+    assert recomputed(lambda: (tmp_path / "sft" / "model.safetensors").write_bytes(b"another pi_ref"))
+    assert recomputed(lambda: (tmp_path / "train.jsonl").write_text("other pairs\n"))
+    assert recomputed(lambda: setattr(args, "max_response_len", 12))
+    for damage in (lambda: path.write_bytes(path.read_bytes()[:50]), lambda: path.write_bytes(b"garbage")):
+        damage()
+        assert all(torch.equal(a, b) for a, b in zip(ref(), first))
+    saved = torch.load(path, weights_only=True)
+    saved["logps"] = tuple(t + 1.0 for t in saved["logps"])  # shifted values, the checksum of the old ones
+    torch.save(saved, path)
+    assert all(torch.equal(a, b) for a, b in zip(ref(), first))
 
 
 @pytest.mark.parametrize("flags", [["--weight", "adaptive"], ["--weight", "clipped", "--loss_type", "ipo"],
-                                   ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"],
-                                   ["--weight", "wpo"]])
+                                   ["--weight", "full", "--behaviour_logps", "--loss_type", "chipo"]])
 def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
     out = run(tmp_path_factory, "is_dpo.py", "--sft_path", tiny_world / "sft", "--data",
               tiny_world / "prefs.jsonl", "--runs_dir", tiny_world / "runs_is", *COMMON,
-              "--num_checkpoints", 0, *flags)
+              "--num_checkpoints", 1, *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     name = [n for n in os.listdir(tiny_world / "runs_is") if n.startswith(is_dpo.method_name(is_dpo.Args(
         weight=flags[1],
@@ -484,9 +305,7 @@ def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
     for row in log:
         assert {"weight_mean", "weight_max", "ess", "loss", "margin", "accuracy", "epoch"} <= set(row)
         assert all(math.isfinite(v) for v in row.values())
-    if flags[1] == "wpo":  # the policy's own probabilities: below 1 from the start
-        assert all(row["weight_max"] <= 1.0 for row in log) and log[0]["weight_mean"] < 1.0
-    elif "--behaviour_logps" not in flags:  # first step: the policy is pi_ref, every weight is 1
+    if "--behaviour_logps" not in flags:  # first step: the policy is pi_ref, every weight is 1
         assert log[0]["weight_mean"] == pytest.approx(1.0, abs=1e-4)
 
 
@@ -499,11 +318,14 @@ def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
     ("dpo", {"sft_path": "/nonexistent/sft"}, "not found"),
     ("dpo", {"data": "/nonexistent/prefs.jsonl"}, "not found"),
     ("dpo", {"batch_size": 0}, "--batch_size"),
-    ("is_dpo", {"behaviour_logps": True, "behaviour_chosen_column": "nope"}, "nope"),
+    ("is_dpo", {"behaviour_logps": True, "data": "WORLD"}, "chosen_behaviour_logp"),
+    ("dpo", {"num_checkpoints": 0}, "--num_checkpoints"),
+    ("is_dpo", {"weight": "clipped", "log_w_max": -50.0}, "--log_w_max"),
 ])
 def test_bad_input_gives_one_line(tiny_world, script, flags, message):
     base = {"sft_path": str(tiny_world / "sft"), "data": str(tiny_world / "prefs.jsonl"),
             "runs_dir": str(tiny_world / "bad"), **flags}
+    base["data"] = str(tiny_world / "world" / "prefs_human.jsonl") if base["data"] == "WORLD" else base["data"]
     with pytest.raises(SystemExit) as e:
         if script == "dpo":
             dpo.train(dpo.Args(**base))
@@ -574,37 +396,3 @@ def test_chipo_never_overflows_and_stops_past_its_clip():
                     -math.log(sig(10))]
         torch.testing.assert_close(losses, torch.tensor(expected, dtype=dtype), rtol=1e-5, atol=1e-6)
         assert r_w.grad[[0, 1, 4]].abs().max() == 0 and r_w.grad[2] != 0
-
-
-def test_wpo_terms_match_a_full_forward_and_trl_form(tiny_model):
-    """pair_logps(wpo=True): per response, sum over its tokens of log sum_v p_t(v)^2, from one plain full
-    forward per response; wpo_log_weights: TRL's use_weighting (a per-token mean, both responses, w <= 1)."""
-    model, tokenizer = tiny_model
-    pairs = toy_pairs(tokenizer, seed=5, n=8)
-    pi_w, pi_l, len_w, len_l, sq_w, sq_l = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu",
-                                                          contextlib.nullcontext(), 7, wpo=True)
-    expected, per_token = [], []
-    for pair in pairs:
-        for prompt_ids, response_ids in pair:
-            ids = torch.tensor([prompt_ids + response_ids])
-            with torch.no_grad():
-                logp = model(input_ids=ids).logits[0].double().log_softmax(-1)  # [T, V]
-            rows = logp[len(prompt_ids) - 1:-1]  # the positions that predict the response tokens
-            sq = torch.log((rows.exp() ** 2).sum(-1))  # log sum_v p(v)^2, the definition
-            expected.append(sq.sum().item())
-            token_logps = rows.gather(-1, torch.tensor(response_ids)[:, None]).squeeze(-1)
-            per_token.append((token_logps - sq).mean().item())
-    torch.testing.assert_close(torch.stack([sq_w, sq_l], 1).reshape(-1).double(),
-                               torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-5)
-    plain = dpo.pair_logps(model, pairs, tokenizer.pad_token_id, "cpu", contextlib.nullcontext(), 7)
-    assert torch.equal(pi_w, plain[0])  # the same pass gives the same log-probs
-    log_w = is_dpo.wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w.float(), len_l.float())
-    trl = torch.tensor(per_token, dtype=torch.float64).reshape(-1, 2).sum(1).clamp(max=0)
-    torch.testing.assert_close(log_w.double(), trl, atol=1e-4, rtol=1e-5)
-    assert (log_w <= 0).all() and (log_w < 0).any()
-
-
-def test_wpo_weights_cap_at_one():
-    big = torch.tensor([5.0, -1.0])
-    log_w = is_dpo.wpo_log_weights(big, big, torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2))
-    assert log_w.tolist() == [0.0, -2.0]

@@ -18,6 +18,7 @@ TINY = dict(max_len=12, num_qualities=5, ref_len=4.0, ref_sd=1.5, best_len=6.0, 
             num_checkpoints=3, seeds=[0, 1])
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("name", list(ablations.EXPERIMENTS))
 def test_each_experiment_writes_rows_table_and_figure(tmp_path, name):
     args = dataclasses.replace(tc.Args(), **TINY)
@@ -40,6 +41,7 @@ def test_each_experiment_writes_rows_table_and_figure(tmp_path, name):
     assert table[2].startswith(f"| {arm} | 2 | {peak:.2f} | {final} |")
 
 
+@pytest.mark.core
 def test_shift_changes_the_data_and_behaviour_weights_use_it(tmp_path):
     args = dataclasses.replace(tc.Args(), **TINY)
     rows = ablations.shift(args)

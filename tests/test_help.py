@@ -8,12 +8,12 @@ import pytest
 from test_toy_tldr import submit_cli
 
 SCRIPTS = ["toy_tldr", "sft", "reward", "dpo", "is_dpo", "evaluate", "toy_gaussian", "toy_categorical",
-           "rloo", "online_dpo"]
+           "extras/rloo", "extras/online_dpo", "extras/wpo"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_lists_every_flag(tmp_path_factory, name):
     result = submit_cli(tmp_path_factory, f"{name}.py", "--help").result(timeout=600)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for f in dataclasses.fields(importlib.import_module(name).Args):
+    for f in dataclasses.fields(importlib.import_module(name.replace("/", ".")).Args):
         assert f"--{f.name}" in result.stdout, f.name

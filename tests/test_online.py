@@ -1,5 +1,6 @@
-"""rloo.py and online_dpo.py: the leave-one-out advantage by hand, the RLOO gradient against the exact
-policy gradient of a small categorical policy, online DPO on given pairs against dpo.py, both end to end."""
+"""extras/rloo.py and extras/online_dpo.py: the leave-one-out advantage by hand, the RLOO gradient against the
+exact policy gradient of a small categorical policy, online DPO on given pairs against dpo.py, both end to
+end."""
 import itertools
 import json
 import os
@@ -8,10 +9,8 @@ import pytest
 import torch
 
 import dpo
-import evaluate
-import online_dpo
-import policy
-import rloo
+import lm
+from extras import online_dpo, rloo
 from test_dpo import read_log, run, tiny_world  # noqa: F401 (tiny_world is a fixture)
 
 
@@ -51,7 +50,7 @@ def test_online_dpo_on_given_pairs_is_offline_dpo(tmp_path_factory, tiny_world, 
               tmp_path / "off", "--batch_size", 48, "--num_epochs", 2, "--num_checkpoints", 1)
     assert off.returncode == 0, off.stderr[-2000:]
     d_args = dpo.Args(sft_path=str(tiny_world / "sft"), data=str(tiny_world / "prefs.jsonl"))
-    _, pairs = dpo.load_pairs(d_args, policy.load_tokenizer(d_args.sft_path))
+    _, pairs = dpo.load_pairs(d_args, lm.load_tokenizer(d_args.sft_path))
     args = online_dpo.Args(sft_path=str(tiny_world / "sft"), data=str(tiny_world / "world"), judge="true",
                            seed=3, lr=1e-3, warmup_steps=1, steps=2, prompts_per_step=4, num_checkpoints=1,
                            runs_dir=str(tmp_path / "on"))
@@ -76,8 +75,8 @@ def test_rloo_and_online_dpo_end_to_end(tmp_path_factory, tiny_world, tmp_path):
     tiny = ["--sft_path", tiny_world / "sft", "--data", tiny_world / "world", "--proxy_path",
             tmp_path / "proxy", "--runs_dir", tmp_path / "runs", "--steps", 2, "--prompts_per_step", 4,
             "--num_prompts", 16, "--num_checkpoints", 2, "--max_response_len", 8, "--seed", 1]
-    cases = (("rloo.py", ["--k", 3]), ("online_dpo.py", []),
-             ("online_dpo.py", ["--judge", "true", "--run_name", "od-true"]))
+    cases = (("extras/rloo.py", ["--k", 3]), ("extras/online_dpo.py", []),
+             ("extras/online_dpo.py", ["--judge", "true", "--run_name", "od-true"]))
     for script, flags in cases:
         result = run(tmp_path_factory, script, *tiny, *flags)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -91,7 +90,7 @@ def test_rloo_and_online_dpo_end_to_end(tmp_path_factory, tiny_world, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "eval" / "results.jsonl")]
     assert {(r["method"], r["step"]) for r in rows} >= {("rloo", 0), ("rloo", 2), ("online-dpo", 2)}
     assert {r["run"] for r in rows} == {"rloo_beta0.01_seed1", "online-dpo_beta0.01_seed1", "od-true"}
-    assert evaluate.read_run_args(str(tmp_path / "runs" / "rloo_beta0.01_seed1" / "args.json"))["k"] == 3
+    assert json.load(open(tmp_path / "runs" / "rloo_beta0.01_seed1" / "args.json"))["k"] == 3
 
 
 def test_experiment_report_from_rows(tmp_path):

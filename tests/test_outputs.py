@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 import evaluate
-import policy
 import stage
 import toy_tldr
 from test_toy_tldr import ROOT, TINY_MODEL, cli_env, pipeline_stage, read_jsonl, start_pipeline, submit_cli
@@ -183,15 +182,16 @@ def test_a_run_that_fails_while_writing_leaves_the_old_output_whole(tmp_path, mo
 
 def test_copies_left_by_a_killed_publish_are_cleared_by_the_next_run(tmp_path, capsys, monkeypatch):
     small_world(tmp_path / "world")
-    for leftover in (".world.tmp-123-abcd", ".world.old-123-abcd"):  # a killed run, a killed publish
+    for leftover in (".world.partial", ".world.old"):  # a killed run (no state saved), a killed publish
         (tmp_path / leftover).mkdir()
+    (tmp_path / ".world.partial" / stage.MARKER).write_text(json.dumps({"stage": "toy_tldr", "run": "x"}))
     small_world(tmp_path / "world", seed=1)
     assert "left by an interrupted run" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["world"]
     assert json.loads((tmp_path / "world" / "config.json").read_text())["seed"] == 1
     # a publish killed between its two renames: the old output aside, none in place. The next run puts it
     # back first, so that it is there even when that run fails
-    os.rename(tmp_path / "world", tmp_path / ".world.old-123-abcd")
+    os.rename(tmp_path / "world", tmp_path / ".world.old")
     monkeypatch.setattr(toy_tldr, "write_jsonl", lambda path, rows: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         small_world(tmp_path / "world", seed=2)
@@ -206,33 +206,33 @@ def test_a_saved_state_is_never_thrown_away_without_resume(tmp_path):
     (partial / stage.MARKER).write_text(json.dumps({"stage": "sft", "run": "x"}))
     (partial / "state.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="pass --resume to continue it"):
-        stage.start_output(str(tmp_path / "run"), "sft", resumable=True)
+        stage.start_output(str(tmp_path / "run"), "sft")
     assert sorted(os.listdir(tmp_path)) == [".run.partial"] and (partial / "state.pt").exists()
 
 
 def test_a_lock_is_held_by_one_output_at_a_time(tmp_path):
-    work = stage.start_output(str(tmp_path / "out"), "toy_tldr")
+    output = stage.start_output(str(tmp_path / "out"), "toy_tldr")
     try:
         with pytest.raises(SystemExit, match=f"being written by another run \\(pid {os.getpid()}\\)"):
             stage.Output(str(tmp_path / "out"), "toy_tldr")
     finally:
-        stage.finish_output(work, str(tmp_path / "out"))
+        output.publish()
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(tmp_path / "out") == [stage.MARKER]
 
 
 def stopped_at_step(monkeypatch, step, run):
     """run() stopped as by Ctrl-C (a KeyboardInterrupt) just when it would log `step` to its train_log."""
-    append = policy.append_jsonl
+    append = stage.append_jsonl
 
     def interrupted(path, row):
         if row.get("step") == step:
             raise KeyboardInterrupt
         append(path, row)
 
-    monkeypatch.setattr(policy, "append_jsonl", interrupted)
+    monkeypatch.setattr(stage, "append_jsonl", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(policy, "append_jsonl", append)
+    monkeypatch.setattr(stage, "append_jsonl", append)
 
 
 def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp_path_factory, monkeypatch):
@@ -255,6 +255,7 @@ def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp
         reward.main(args("stopped"))
     with pytest.raises(SystemExit, match=r"other settings than the interrupted run \(--lr\)"):
         reward.main(args("stopped", resume=True, lr=0.5))
+    assert (root / ".stopped.partial" / "state.pt").exists()  # the refusal keeps the state
     reward.main(args("stopped", resume=True))
     whole, resumed = root / "whole", root / "stopped"
     assert (whole / "train_log.jsonl").read_bytes() == (resumed / "train_log.jsonl").read_bytes()
@@ -288,7 +289,7 @@ def test_a_torn_last_line_of_results_is_dropped_reported_and_cut_before_the_next
     assert "| dpo | 0.1 | 1 |" in (path.parent / "summary.md").read_text()
     # before a row is appended (under the lock) the torn line is cut off: the new row starts a line of its own
     assert evaluate.read_results(path, repair=True) == rows and path.read_text() == whole
-    policy.append_jsonl(path, result_row(2))
+    stage.append_jsonl(path, result_row(2))
     assert evaluate.read_results(path) == rows + [result_row(2)]
     path.write_text(whole.replace("}\n", "\n", 1) + json.dumps(result_row(2)) + "\n")  # damaged inside
     with pytest.raises(SystemExit, match="line 1 is not a JSON object"):

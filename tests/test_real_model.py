@@ -3,21 +3,25 @@ by save_pretrained in float16 and in bfloat16, with a byte-level BPE tokenizer a
 special token, <|endoftext|>, no pad token) and a padded vocabulary (more logits than tokens, as Pythia's
 50,304 for 50,277); and local snapshots of trl-lib/tldr (prompt, completion; train, validation, test) and
 trl-lib/tldr-preference (prompt, chosen, rejected; train, validation), laid out as
-huggingface_hub.snapshot_download leaves them: README.md with the configs, and
-data/<split>-00000-of-00001.parquet.
+huggingface_hub.snapshot_download leaves them, prepared by scale/prepare.py for the stages (how prepare reads
+snapshots and globs is tests/test_prepare.py's).
 """
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import dpo
 import evaluate
-import policy
+import lm
 import reward
 import sft
+import stage
 import toy_tldr
+from scale import prepare
+from test_prepare import write_snapshot
 from test_sampled_ids import build_bpe_tokenizer
 
 PADDED, MAX_PROMPT, MAX_RESPONSE = 8, 96, 16
@@ -25,28 +29,16 @@ SPLITS = {"tldr": {"train": "sft.jsonl", "validation": "eval.jsonl", "test": "ev
           "tldr-preference": {"train": "prefs_human.jsonl", "validation": "prefs_human.jsonl"}}
 
 
-def write_snapshot(directory, splits, columns):
-    """A hub data set's snapshot: README.md whose YAML names each split's files, and the parquet shards."""
-    import datasets
-
-    yaml = "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in splits)
-    directory.mkdir()
-    (directory / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{yaml}---\n")
-    for split, rows in splits.items():
-        path = directory / "data" / f"{split}-00000-of-00001.parquet"
-        datasets.Dataset.from_list([{c: r[c] for c in columns} for r in rows]).to_parquet(str(path))
-
-
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
-    """The toy world's rows as the two TRL data sets, and pi_ref stored in float16, bfloat16, and float32 (the
-    float16 weights, widened)."""
+    """The toy world's rows as the two TRL data sets, prepared (data/tldr: sft.jsonl, data/tldr-preference:
+    train.jsonl), and pi_ref stored in float16, bfloat16, and float32 (the float16 weights, widened)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     root = tmp_path_factory.mktemp("real")
     toy_tldr.main(toy_tldr.Args(out_dir=str(root / "world"), num_sft=120, num_human_pairs=40, num_eval=8))
-    read = {name: [json.loads(line) for line in open(root / "world" / name)]
-            for name in ("sft.jsonl", "eval.jsonl", "prefs_human.jsonl")}
+    read = {name: lm.read_jsonl(root / "world" / name) for name in ("sft.jsonl", "eval.jsonl",
+                                                                     "prefs_human.jsonl")}
     for rows in (read["sft.jsonl"], read["eval.jsonl"]):
         for r in rows:  # trl-lib/tldr's completions start with a space
             r["completion"] = " " + r.get("completion", r.get("reference", ""))
@@ -67,6 +59,10 @@ def standins(tmp_path_factory):
             stored = stored.float()  # the float16 weights, exactly, stored as float32
         stored.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
+    for kind, name in (("sft", "tldr"), ("prefs", "tldr-preference")):
+        prepare.main(prepare.Args(kind=kind, data=str(root / name), tokenizer_path=str(root / "fp16"),
+                                  max_prompt_len=MAX_PROMPT, truncate_prompts=True,
+                                  out_dir=str(root / "data" / name)))
     return root
 
 
@@ -75,86 +71,32 @@ def test_weights_load_and_train_as_float32_whatever_the_dtype_stored(standins):
 
     for name, stored in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         assert AutoModelForCausalLM.from_pretrained(standins / name).dtype == stored  # transformers' "auto"
-        for model in (policy.load_policy(str(standins / name)),
-                      policy.load_causal_lm(sft.Args(model_name_or_path=str(standins / name)), None),
+        for model in (lm.load_model(str(standins / name)),  # pi_ref, a checkpoint, sft.py's start
                       reward.load_reward_model(str(standins / name), new_head=True)):
             assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_a_snapshot_directory_and_shard_globs_load_like_a_hub_id(standins):
-    import datasets
-
-    for name, splits in SPLITS.items():
-        columns = {"prompt": "prompt", **({"completion": "completion"} if name == "tldr" else
-                                          {"chosen": "chosen", "rejected": "rejected"})}
-        for split in splits:
-            files = str(standins / name / "data" / f"{split}-*")
-            expected = datasets.load_dataset("parquet", data_files=files, split="train").to_list()
-            assert policy.load_rows(str(standins / name), "train.jsonl", split, columns) == expected
-            shards = str(standins / name / "data" / f"{split}-*.parquet")
-            assert policy.load_rows(shards, "train.jsonl", "ignored", columns) == expected
-    with pytest.raises(SystemExit, match="no file matches"):
-        policy.load_rows(str(standins / "tldr" / "none-*.parquet"), "x", "train", {"prompt": "prompt"})
-    with pytest.raises(SystemExit, match="split"):
-        policy.load_rows(str(standins / "tldr-preference"), "train.jsonl", "test", {"prompt": "prompt"})
-
-
-def test_a_local_file_rewritten_at_the_same_path_and_mtime_gives_its_new_rows(tmp_path, monkeypatch):
-    """The datasets library's cache knows a local file by its path and mtime: a file replaced by another
-    version with the same mtime (cp -p, rsync -a, tar -x) would give the old rows through it. load_rows
-    reads local files and snapshots afresh: a parquet file, a snapshot directory, a glob of JSON files."""
-    import datasets
-    import os
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    columns = {"prompt": "prompt", "completion": "completion"}
-
-    def rows(tag, n):
-        return [{"prompt": f"{tag} {i}", "completion": "c"} for i in range(n)]
-
-    def write(path, tag, n):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".parquet":
-            datasets.Dataset.from_list(rows(tag, n)).to_parquet(str(path))
-        else:
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows(tag, n)))
-
-    snapshot = tmp_path / "snap"
-    cases = [(tmp_path / "a.parquet", str(tmp_path / "a.parquet"), None),
-             (snapshot / "data" / "train-00000-of-00001.parquet", str(snapshot), "train"),
-             (tmp_path / "j" / "x.json", str(tmp_path / "j" / "*.json"), None)]
-    for path, source, split in cases:
-        write(path, "old", 3)
-        assert policy.load_rows(source, "", split, columns) == rows("old", 3)
-        stat = path.stat()
-        write(path, "new", 5)
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        assert path.stat().st_mtime_ns == stat.st_mtime_ns
-        assert policy.load_rows(source, "", split, columns) == rows("new", 5), source
-
-
 def train_logs(standins, name, tmp_path, monkeypatch, precision="auto"):
-    """sft.py on the tldr snapshot, then dpo.py on the tldr-preference snapshot, from the checkpoint `name`;
-    every update checked to find float32 weights and gradients. Their train_log rows."""
+    """sft.py on the prepared tldr snapshot, then dpo.py on the prepared tldr-preference snapshot, from the
+    checkpoint `name`; every update checked to find float32 weights and gradients. Their train_log rows."""
     dtypes = set()
-    step = policy.optimizer_step
+    step = stage.optimizer_step
 
     def checked_step(step_no, model, *rest):
         dtypes.update(t.dtype for p in model.parameters() for t in (p, p.grad) if t is not None)
         return step(step_no, model, *rest)
 
-    monkeypatch.setattr(policy, "optimizer_step", checked_step)
+    monkeypatch.setattr(stage, "optimizer_step", checked_step)
     out = tmp_path / name
-    common = dict(max_prompt_len=MAX_PROMPT, max_response_len=MAX_RESPONSE, truncate_prompts=True,
-                  seed=0, precision=precision)
+    common = dict(max_prompt_len=MAX_PROMPT, max_response_len=MAX_RESPONSE, seed=0, precision=precision)
     sft.main(sft.Args(model_name_or_path=str(standins / name), tokenizer_path=str(standins / name),
-                      data=str(standins / "tldr"), out_dir=str(out / "sft"), steps=4, batch_size=8,
+                      data=str(standins / "data" / "tldr"), out_dir=str(out / "sft"), steps=4, batch_size=8,
                       val_size=10, lr=1e-3, warmup_steps=1, **common))
-    dpo.train(dpo.Args(sft_path=str(out / "sft"), data=str(standins / "tldr-preference"), runs_dir=str(out),
-                       run_name="dpo", batch_size=8, num_epochs=0.5, lr=1e-3, warmup_steps=1,
-                       num_checkpoints=0, beta=0.1, **common))
+    dpo.train(dpo.Args(sft_path=str(out / "sft"), data=str(standins / "data" / "tldr-preference"),
+                       runs_dir=str(out), run_name="dpo", batch_size=8, num_epochs=0.5, lr=1e-3,
+                       warmup_steps=1, num_checkpoints=1, beta=0.1, **common))
     assert dtypes == {torch.float32}
-    return [[json.loads(line) for line in open(out / stage / "train_log.jsonl")] for stage in ("sft", "dpo")]
+    return [lm.read_jsonl(out / stage_name / "train_log.jsonl") for stage_name in ("sft", "dpo")]
 
 
 def assert_logs_close(logs, other, rel):
@@ -187,8 +129,8 @@ def test_autocast_precisions_train_close_to_float32_with_float32_weights(standin
 def pulled_pi_ref(standins):
     """The float16 stand-in with a constant hidden channel (the final layer norm's first), which its output
     layer reads as a strong pull toward the padded ids and a weaker one toward EOS."""
-    model = policy.load_policy(str(standins / "fp16")).eval()
-    tokenizer = policy.load_tokenizer(str(standins / "fp16"))
+    model = lm.load_model(str(standins / "fp16")).eval()
+    tokenizer = lm.load_tokenizer(str(standins / "fp16"))
     with torch.no_grad():
         model.gpt_neox.final_layer_norm.weight[0] = 0.0
         model.gpt_neox.final_layer_norm.bias[0] = 1.0
@@ -203,17 +145,18 @@ def test_padded_vocabulary_ids_are_never_sampled(standins):
     them. Made likely here, they would be drawn otherwise."""
     model, tokenizer = pulled_pi_ref(standins)
     prompts = [tokenizer("TL;DR:")["input_ids"]] * 8
-    banned = policy.banned_ids(tokenizer, model)
+    banned = lm.banned_ids(tokenizer, model)
     assert banned == list(range(len(tokenizer), len(tokenizer) + PADDED))  # <|endoftext|> is EOS
-    for suppress, padded_drawn in ((policy.banned_ids(tokenizer), True), (banned, False)):
-        outs, _ = policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.eos_token_id, MAX_RESPONSE,
-                                generator=torch.Generator().manual_seed(0), suppress_ids=suppress)
+    for suppress, padded_drawn in ((lm.banned_ids(tokenizer), True), (banned, False)):
+        outs, _ = lm.sample(model, prompts, tokenizer.eos_token_id, tokenizer.eos_token_id, MAX_RESPONSE,
+                            generator=torch.Generator().manual_seed(0), suppress_ids=suppress)
         assert any(t >= len(tokenizer) for o in outs for t in o) == padded_drawn
 
 
 def test_the_label_stage_samples_no_padded_id_and_drops_unfinished_samples(standins, tmp_path):
-    """reward.py --mode label --judge rm on the tldr snapshot: no padded id in any pair, every kept response
-    ended with EOS, and the pairs with an unfinished sample were dropped before the gold RM scored any."""
+    """reward.py --mode label --judge rm on the prepared tldr snapshot: no padded id in any pair, every kept
+    response ended with EOS, the prepared prompt ids carried along, and the pairs with an unfinished sample
+    were dropped before the gold RM scored any."""
     model, tokenizer = pulled_pi_ref(standins)
     gold = reward.load_reward_model(str(standins / "fp16"), tokenizer, new_head=True)
     torch.nn.init.normal_(gold.score.weight, generator=torch.Generator().manual_seed(0))
@@ -221,38 +164,50 @@ def test_the_label_stage_samples_no_padded_id_and_drops_unfinished_samples(stand
         saved.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     reward.main(reward.Args(mode="label", judge="rm", sft_path=str(tmp_path / "pi_ref"),
-                            gold_path=str(tmp_path / "gold"), data=str(standins / "tldr"),
+                            gold_path=str(tmp_path / "gold"), data=str(standins / "data" / "tldr"),
                             out_dir=str(tmp_path / "prefs"), num_prompts=40, max_prompt_len=MAX_PROMPT,
-                            max_response_len=MAX_RESPONSE, truncate_prompts=True, sample_batch_size=16))
-    rows = [json.loads(line) for line in open(tmp_path / "prefs" / "train.jsonl")]
+                            max_response_len=MAX_RESPONSE, sample_batch_size=16))
+    rows = lm.read_jsonl(tmp_path / "prefs" / "train.jsonl")
     metrics = json.load(open(tmp_path / "prefs" / "metrics.json"))
     assert rows and metrics["dropped"]["unfinished"] > 0
+    prepared = lm.read_jsonl(standins / "data" / "tldr" / "sft.jsonl")
+    prompt_ids = {r["prompt"]: r["prompt_ids"] for r in prepared}
     for row in rows:
+        assert row["prompt_ids"] == prompt_ids[row["prompt"]]
         for side in ("chosen", "rejected"):
             ids = row[f"{side}_ids"]
             assert ids[-1] == tokenizer.eos_token_id and max(ids) < len(tokenizer)
-    with pytest.raises(SystemExit, match="not found"):  # a stage's output is not taken for a hub snapshot
-        policy.load_rows(str(tmp_path / "prefs"), "eval.jsonl", "train", {"prompt": "prompt"})
 
 
 def test_the_gold_rm_scores_an_unfinished_sample_as_it_is_without_eos(standins, monkeypatch):
-    tokenizer = policy.load_tokenizer(str(standins / "fp16"))
+    """evaluate.py's gold scoring: a finished sample is scored with its EOS, an unfinished one as it is,
+    without; the same numbers as reward.score_examples on those ids alone (to float rounding: another batch
+    shape, another padding). evaluate.judge_samples passes each sample's finished flag."""
+    tokenizer = lm.load_tokenizer(str(standins / "fp16"))
     gold = reward.load_reward_model(str(standins / "fp16"), tokenizer, new_head=True).eval()
     torch.nn.init.normal_(gold.score.weight, generator=torch.Generator().manual_seed(0))
-    args = reward.Args(max_prompt_len=MAX_PROMPT, max_response_len=MAX_RESPONSE, sample_batch_size=4)
-    prompts, texts = ["TL;DR:"] * 2, ["my car broke", "my car broke"]
-    device, autocast = policy.device_and_autocast()
-    finished, unfinished = reward.score_texts(gold, tokenizer, prompts, texts, args, device, autocast,
-                                              finished=[True, False])
-    with_eos, without_eos = (reward.score_examples(
-        gold, [policy.encode(tokenizer, "TL;DR:", "my car broke", MAX_PROMPT, MAX_RESPONSE, add_eos=eos)],
-        tokenizer.pad_token_id, 4, device, autocast)[0] for eos in (True, False))
-    assert (finished, unfinished) == (with_eos, without_eos) and with_eos != without_eos
-    # evaluate.py --judge rm passes each sample's finished flag
+    args = evaluate.Args(max_prompt_len=MAX_PROMPT, max_response_len=MAX_RESPONSE, sample_batch_size=4)
+    device, autocast = stage.device_and_autocast()
+    setup = SimpleNamespace(tokenizer=tokenizer, gold=gold, device=device, autocast=autocast, toy=False)
+    rows = [{"prompt": "TL;DR:", "sample": "my car broke"}] * 2 + [
+        {"prompt": "TL;DR: a longer one", "sample": "my car broke down on the way"}]
+    finished, unfinished, longer = evaluate.gold_scores(setup, args, rows, "sample", [True, False, True])
+    (prompt, response), = lm.encode(tokenizer, rows[:1], "sample", MAX_PROMPT, MAX_RESPONSE)
+    assert response[-1] == tokenizer.eos_token_id
+    with_eos, without_eos = reward.score_examples(gold, [(prompt, response), (prompt, response[:-1])],
+                                                  tokenizer.pad_token_id, 4, device, autocast)
+    assert finished == pytest.approx(with_eos, rel=1e-4, abs=1e-5)
+    assert unfinished == pytest.approx(without_eos, rel=1e-4, abs=1e-5)
+    assert abs(with_eos - without_eos) > 1e-3  # EOS is read: the two differ
+    alone = evaluate.gold_scores(setup, args, rows[2:], "sample", [True])
+    assert alone == pytest.approx([longer], rel=1e-4, abs=1e-5)
     seen = {}
-    monkeypatch.setattr(reward, "score_texts", lambda *a, finished=None, **k: seen.setdefault("f", finished))
-    setup = evaluate.Setup([], [], [{"prompt": "p"}] * 2, [], tokenizer, False, device=device,
-                           autocast=autocast)
-    setup.gold, setup.ref_scores = gold, {"gold": [0.0, 0.0]}
+
+    def recorded(setup, args, rows, column, finished=None):
+        seen["finished"] = finished
+        return [0.0] * len(rows)
+
+    monkeypatch.setattr(evaluate, "gold_scores", recorded)
+    setup.rows, setup.ref_gold = [{"prompt": "p"}] * 2, [0.0, 0.0]
     evaluate.judge_samples(setup, args, [("a", True), ("b", False)])
-    assert seen["f"] == [True, False]
+    assert seen["finished"] == [True, False]

@@ -1,7 +1,9 @@
-"""The recipes (recipes/): the shared learning-rate schedule against its closed form, the paragraph-level
-truncation of TL;DR prompts against hand-computed cuts, recipes/pythia_tldr.sh end to end on stand-ins (a tiny
-GPT-NeoX stored in float16 with a Pythia-like tokenizer, snapshots of trl-lib/tldr and trl-lib/tldr-preference
-in their schemas), and the recipe's hyperparameters against the table of recipes/README.md."""
+"""The recipes (recipes/): the shared learning-rate schedule (stage.py) against its closed form, both recipes
+end to end on stand-ins (recipes/pythia_tldr.sh: a tiny GPT-NeoX stored in float16 with a Pythia-like
+tokenizer, snapshots of trl-lib/tldr and trl-lib/tldr-preference in their schemas; recipes/
+llama3_ultrafeedback.sh: a tiny base Llama in bfloat16, snapshots of ultrachat_200k and
+ultrafeedback_binarized), their torchrun launches (NPROC), and their hyperparameters against the tables of
+recipes/README.md. How scale/prepare.py cuts TL;DR prompts is tests/test_prepare.py's."""
 import json
 import math
 import os
@@ -13,24 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 
-import policy
+import lm
+import stage
+import test_prepare as chat
 import toy_tldr
-import test_chat as chat
-from test_real_model import write_snapshot
+from test_chat import save_tiny_llama
+from test_prepare import write_snapshot
 from test_sampled_ids import build_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "recipes"))
-import prepare_tldr  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
 # the schedule
 
 
-def lrs(warmup, total, steps, **kw):
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    scheduler = policy.lr_schedule(optimizer, warmup, total, **kw)
+def lrs(warmup, total, steps, peak=2.0, **kw):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = stage.lr_schedule(optimizer, warmup, total, **kw)
     out = []
     for _ in range(steps):
         out.append(optimizer.param_groups[0]["lr"])
@@ -63,8 +65,7 @@ def test_schedule_without_floor_is_transformers_cosine_to_the_last_bit():
         expected.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         theirs.step()
-    mine = [policy.schedule_factor(s, 20, 124) * 3e-4 for s in range(126)]
-    assert mine == expected
+    assert lrs(20, 124, 126, peak=3e-4) == expected
 
 
 def test_schedule_refuses_a_floor_outside_0_1():
@@ -72,27 +73,6 @@ def test_schedule_refuses_a_floor_outside_0_1():
         lrs(1, 10, 1, min_lr_ratio=1.5)
     with pytest.raises(SystemExit, match="lr_schedule"):
         lrs(1, 10, 1, shape="linear")
-
-
-# ----------------------------------------------------------------------------------------------
-# paragraph-level truncation
-
-
-def test_truncation_drops_whole_paragraphs_then_characters_keeping_the_frame():
-    """Counting characters as tokens: the frame is 47 characters, each paragraph 'pN' 2 plus its newline."""
-    head, tail = "SUBREDDIT: r/a\n\nTITLE: b\n\nPOST: ", "\n\nTL;DR:"
-    prompt = head + "p1\np2\np3" + tail
-    assert len(head + tail) == 40 and len(prompt) == 48
-    assert prepare_tldr.truncate_prompt(prompt, len, 48) == prompt  # fits: untouched
-    assert prepare_tldr.truncate_prompt(prompt, len, 47) == head + "p1\np2" + tail  # one paragraph
-    assert prepare_tldr.truncate_prompt(prompt, len, 45) == head + "p1\np2" + tail
-    assert prepare_tldr.truncate_prompt(prompt, len, 44) == head + "p1" + tail  # two
-    assert prepare_tldr.truncate_prompt(prompt, len, 41) == head + "p" + tail  # then a character
-    assert prepare_tldr.truncate_prompt(prompt, len, 40) == head + tail
-    assert prepare_tldr.truncate_prompt(prompt, len, 39) is None  # the frame alone is too long
-    cnn = "TITLE: t\n\nline one\nline two\n\nTL;DR:"  # tldr-preference's CNN/DM rows: the article is cut
-    assert prepare_tldr.truncate_prompt(cnn, len, 30) == "TITLE: t\n\nline one\n\nTL;DR:"
-    assert prepare_tldr.split_frame("no frame TL;DR:") is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +94,7 @@ def standins(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("recipe")
     toy_tldr.main(toy_tldr.Args(out_dir=str(root / "world"), num_sft=120, num_human_pairs=60, num_eval=8))
-    read = {n: [json.loads(line) for line in open(root / "world" / f"{n}.jsonl")]
-            for n in ("sft", "eval", "prefs_human")}
+    read = {n: lm.read_jsonl(root / "world" / f"{n}.jsonl") for n in ("sft", "eval", "prefs_human")}
     sft = [{"prompt": reddit_frame(r["prompt"]), "completion": " " + r["completion"]} for r in read["sft"]]
     test = [{"prompt": reddit_frame(r["prompt"]), "completion": " " + r["reference"]} for r in read["eval"]]
     prefs = [{"prompt": reddit_frame(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
@@ -136,40 +115,11 @@ def standins(tmp_path_factory):
         model.get_output_embeddings().weight[tokenizer.eos_token_id, 0] = 4.5
     model.half().save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    return root, tokenizer, sft
-
-
-def test_prepare_tldr_cuts_long_posts_of_a_snapshot_at_paragraphs(standins, tmp_path):
-    root, tokenizer, sft = standins
-    budget = 48
-
-    def count(text):
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    out = tmp_path / "train.jsonl"
-    prepare_tldr.main(prepare_tldr.Args(data=str(root / "tldr"), split="train", max_prompt_len=budget,
-                                        tokenizer_path=str(root / "model"), out=str(out)))
-    rows = [json.loads(line) for line in open(out)]
-    assert len(rows) > len(sft) // 2 and all(set(r) == {"prompt", "completion"} for r in rows)
-    cut = 0
-    for row in rows:
-        head, body, tail = prepare_tldr.split_frame(row["prompt"])
-        source = [r for r in sft if r["completion"] == row["completion"] and r["prompt"].startswith(head)][0]
-        _, full, _ = prepare_tldr.split_frame(source["prompt"])
-        assert count(row["prompt"]) <= budget and tail == "\n\nTL;DR:"
-        if body != full:
-            cut += 1  # whole paragraphs gone, or (no paragraph fits) a prefix of the first one
-            assert full.startswith(body) and (full[len(body)] == "\n" or "\n" not in body)
-            longer = full[:full.index("\n", len(body) + 1)] if "\n" in full[len(body) + 1:] else full
-            assert count(head + longer + tail) > budget  # the next paragraph would not have fitted
-    assert cut > 0
-    with pytest.raises(SystemExit, match="exists"):
-        prepare_tldr.main(prepare_tldr.Args(data=str(root / "tldr"), tokenizer_path=str(root / "model"),
-                                            out=str(out)))
+    return root
 
 
 # ----------------------------------------------------------------------------------------------
-# the recipe, end to end at a tiny size
+# the recipes, end to end at a tiny size
 
 
 TINY = dict(MAX_PROMPT_LEN="64", MAX_RESPONSE_LEN="16", WARMUP_STEPS="1", SFT_LR="1e-3", SFT_BATCH="8",
@@ -187,14 +137,24 @@ exit "$rc"
 
 
 def run_in_process(cwd, argv):
-    """`python argv...` in this process, in cwd: the script run as __main__; its exit status."""
+    """`python argv...` in this process, in cwd: the script (or `-m module`) run as __main__; its exit
+    status."""
     import runpy
 
     old = os.getcwd(), sys.argv
     try:
         os.chdir(cwd)
-        sys.argv = list(argv)
-        runpy.run_path(argv[0], run_name="__main__")
+        if argv[0] == "-m":  # sys.argv[0] becomes the module's file, as with python -m
+            sys.argv = list(argv[1:])
+            imported = sys.modules.pop(argv[1], None)  # run afresh as __main__, as python -m does
+            try:
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            finally:
+                if imported is not None:
+                    sys.modules[argv[1]] = imported
+        else:
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
         return 0
     except SystemExit as e:
         print(e.code)
@@ -238,26 +198,43 @@ def run_recipe(script, env, tmp_path):
     return proc.returncode, proc.stdout.read(), ran
 
 
-def test_pythia_recipe_runs_end_to_end_on_standins(standins, tmp_path):
-    root, _, _ = standins
+def commands(ran):
+    """The recipe's commands by what they run: the script, or `-m module`."""
+    return [" ".join(a[:2]) if a[0] == "-m" else a[0] for a in ran]
+
+
+def test_pythia_recipe_runs_end_to_end_on_standins(standins, tmp_path, capsys):
+    """Data first (scale.prepare: the two snapshots, --tldr_truncation), the SFTs, the gold RM, the labels,
+    log pi_ref of the pairs once (dpo.py --reference_only, saved beside them), DPO and IS-DPO, the evaluation;
+    run again, only the evaluation (it skips the rows it has)."""
+    root = standins
     out = tmp_path / "out"
     env = {**os.environ, **TINY, "MODEL": str(root / "model"), "GOLD_MODEL": str(root / "model"),
            "TLDR": str(root / "tldr"), "TLDR_PREF": str(root / "tldr-preference"), "OUT": str(out)}
     rc, stdout, ran = run_recipe(ROOT / "recipes" / "pythia_tldr.sh", env, tmp_path)
     assert rc == 0, stdout[-3000:]
-    assert [a[0] for a in ran] == ["recipes/prepare_tldr.py"] * 3 + ["sft.py"] * 2 + ["reward.py"] * 2 + [
-        "dpo.py", "is_dpo.py", "evaluate.py"]
-    for path in ("data/tldr_train.jsonl", "data/tldr_test.jsonl", "data/tldr_pref_train.jsonl", "sft",
-                 "gold_sft", "gold_rm", "prefs/train.jsonl", "runs/dpo_beta0.1_seed1/train_log.jsonl",
+    assert commands(ran) == ["-m scale.prepare"] * 3 + ["sft.py"] * 2 + ["reward.py"] * 2 + [
+        "dpo.py"] * 2 + ["is_dpo.py", "evaluate.py"]
+    assert "--reference_only" in ran[7] and "--reference_only" not in ran[8]
+    for path in ("data/tldr_train/sft.jsonl", "data/tldr_test/eval.jsonl", "data/tldr_pref_train/train.jsonl",
+                 "data/tldr_train/tokenizer", "sft", "gold_sft", "gold_rm", "prefs/train.jsonl",
+                 "prefs/reference_logps.pt", "runs/dpo_beta0.1_seed1/train_log.jsonl",
                  "runs/is-dpo_beta0.1_seed1/train_log.jsonl", "eval/summary.md", "plots/tradeoff.png"):
         assert (out / path).exists(), path
-    rows = [json.loads(line) for line in open(out / "eval" / "results.jsonl")]
+    budget = int(TINY["MAX_PROMPT_LEN"])
+    for name in ("tldr_train/sft.jsonl", "tldr_test/eval.jsonl", "tldr_pref_train/train.jsonl"):
+        rows = lm.read_jsonl(out / "data" / name)
+        assert rows and all(len(r["prompt_ids"]) <= budget and r["prompt"].endswith("TL;DR:") for r in rows)
+    assert all("reference_ids" in r for r in lm.read_jsonl(out / "data" / "tldr_test" / "eval.jsonl"))
+    rows = lm.read_jsonl(out / "eval" / "results.jsonl")
     assert {r["run"] for r in rows} == {"dpo_beta0.1_seed1", "is-dpo_beta0.1_seed1"}
     config = json.load(open(out / "runs" / "is-dpo_beta0.1_seed1" / "args.json"))
     assert config["weight"] == "clipped" and config["min_lr_ratio"] == 0.1 and config["warmup_steps"] == 1
+    said = capsys.readouterr().out  # what the stages (run in this process) printed
+    assert said.count("reference log-probs: read from") == 2  # the DAA runs read what --reference_only saved
     (tmp_path / "again").mkdir()
     rc, stdout, ran = run_recipe(ROOT / "recipes" / "pythia_tldr.sh", env, tmp_path / "again")
-    assert rc == 0 and [a[0] for a in ran] == ["evaluate.py"] and "sft exists, skipped" in stdout
+    assert rc == 0 and commands(ran) == ["evaluate.py"] and "sft exists, skipped" in stdout, stdout[-3000:]
 
 
 @pytest.mark.parametrize("script", ["pythia_tldr.sh", "llama3_ultrafeedback.sh"])
@@ -272,7 +249,7 @@ def test_nproc_launches_torchrun_and_keeps_the_examples_per_step(script, tmp_pat
     done = subprocess.run(["bash", str(ROOT / "recipes" / script)], env={**env, "NPROC": "2"},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    stages = [line for line in log.read_text().splitlines() if "prepare_tldr" not in line]
+    stages = [line for line in log.read_text().splitlines() if not line.startswith("-m scale.prepare ")]
     assert len(stages) >= 3
     launcher = "-m torch.distributed.run --standalone --nproc_per_node 2 "
     assert all(line.startswith(launcher) for line in stages), stages
@@ -291,16 +268,19 @@ LLAMA_TINY = dict(WARMUP_STEPS="1", SFT_LR="1e-3", SFT_BATCH="4", SFT_ACCUM="1",
 
 def test_llama3_recipe_runs_end_to_end_on_standins(tmp_path):
     """recipes/llama3_ultrafeedback.sh on a tiny base Llama (bfloat16, no chat template) and snapshots of
-    ultrachat_200k (train_sft / test_sft) and ultrafeedback_binarized (train_prefs / test_prefs): SFT through
-    the recipe's default template, recipes/llama3.jinja (saved with pi_ref, <|eot_id|> its EOS, rendering
-    Llama-3's format as written out by hand), then DPO and IS-DPO with clipped weights; run again, nothing."""
+    ultrachat_200k (train_sft / test_sft) and ultrafeedback_binarized (train_prefs / test_prefs): the data
+    prepared through the recipe's default template, recipes/llama3.jinja (saved with the data's tokenizer and
+    then with pi_ref, <|eot_id|> its EOS, rendering Llama-3's format as written out by hand), SFT, log pi_ref
+    of the pairs once, then DPO and IS-DPO with clipped weights; run again, nothing."""
+    from scale import data
+
     train, test = chat.conversations(0, 16), chat.conversations(1, 4)
-    chat.write_snapshot(tmp_path / "ultrachat_200k", {"train_sft": chat.ultrachat_rows(train),
-                                                      "test_sft": chat.ultrachat_rows(test)})
-    chat.write_snapshot(tmp_path / "ultrafeedback_binarized", {"train_prefs": chat.h4_feedback_rows(train),
-                                                               "test_prefs": chat.h4_feedback_rows(test)})
-    chat.save_tiny_llama(tmp_path / "base", [m["content"] for c, o in train for m in c + [o]])
-    assert policy.load_tokenizer(str(tmp_path / "base")).chat_template is None
+    write_snapshot(tmp_path / "ultrachat_200k", {"train_sft": chat.ultrachat_rows(train),
+                                                 "test_sft": chat.ultrachat_rows(test)})
+    write_snapshot(tmp_path / "ultrafeedback_binarized", {"train_prefs": chat.h4_feedback_rows(train),
+                                                          "test_prefs": chat.h4_feedback_rows(test)})
+    save_tiny_llama(tmp_path / "base", [m["content"] for c, o in train for m in c + [o]])
+    assert lm.load_tokenizer(str(tmp_path / "base")).chat_template is None
     out = tmp_path / "out"
     env = {**os.environ, **LLAMA_TINY, "MODEL": str(tmp_path / "base"), "OUT": str(out),
            "ULTRACHAT": str(tmp_path / "ultrachat_200k"),
@@ -308,24 +288,30 @@ def test_llama3_recipe_runs_end_to_end_on_standins(tmp_path):
     env.pop("CHAT_TEMPLATE", None)
     rc, stdout, ran = run_recipe(ROOT / "recipes" / "llama3_ultrafeedback.sh", env, tmp_path)
     assert rc == 0, stdout[-3000:]
-    assert [a[0] for a in ran] == ["sft.py", "dpo.py", "is_dpo.py"]
+    assert commands(ran) == ["-m scale.prepare"] * 2 + ["sft.py", "dpo.py", "dpo.py", "is_dpo.py"]
     assert ran[0][ran[0].index("--chat_template") + 1] == "recipes/llama3.jinja"
-    saved = policy.load_tokenizer(str(out / "sft"))
-    assert saved.chat_template == (ROOT / "recipes" / "llama3.jinja").read_text()
-    assert saved.eos_token == chat.EOT
+    assert "--reference_only" in ran[3] and (out / "data" / "ultrafeedback" / "reference_logps.pt").is_file()
+    template = (ROOT / "recipes" / "llama3.jinja").read_text()
+    for saved in (lm.load_tokenizer(str(out / "data" / "ultrachat" / "tokenizer")),
+                  lm.load_tokenizer(str(out / "sft"))):
+        assert saved.chat_template == template and saved.eos_token == chat.EOT
     messages = train[0][0] + [chat.user("And then?")]
     for generation_prompt in (True, False):
-        assert policy.render(saved, messages, generation_prompt) == chat.by_hand(messages, generation_prompt)
+        assert data.render(saved, messages, generation_prompt) == chat.by_hand(messages, generation_prompt)
+    pairs = lm.read_jsonl(out / "data" / "ultrafeedback" / "train.jsonl")
+    assert len(pairs) == len(train) and all(r["chosen_ids"][-1] == saved.eos_token_id for r in pairs)
+    prepared = json.load(open(out / "data" / "ultrafeedback" / "prepare.json"))["args"]
+    assert prepared["data"] == env["ULTRAFEEDBACK"] and prepared["split"] == "train_prefs"
     for run, weight in (("dpo_beta0.05_seed1", "uniform"), ("is-dpo_beta0.05_seed1", "clipped")):
         assert (out / "runs" / run / "train_log.jsonl").exists() and list((out / "runs" / run).glob("ckpt-*"))
         config = json.load(open(out / "runs" / run / "args.json"))
         assert config["min_lr_ratio"] == 0.1 and config["warmup_steps"] == 1 and config["beta"] == 0.05
-        assert config["data"] == env["ULTRAFEEDBACK"] and config["split"] == "train_prefs"
+        assert config["data"] == str(out / "data" / "ultrafeedback" / "train.jsonl")
         assert config.get("weight", "uniform") == weight
     assert json.load(open(out / "runs" / "is-dpo_beta0.05_seed1" / "args.json"))["log_w_max"] == 2.0
     (tmp_path / "again").mkdir()
     rc, stdout, ran = run_recipe(ROOT / "recipes" / "llama3_ultrafeedback.sh", env, tmp_path / "again")
-    assert rc == 0 and ran == [] and stdout.count("exists, skipped") == 3, stdout
+    assert rc == 0 and ran == [] and stdout.count("exists, skipped") == 6, stdout
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,54 +1,62 @@
 """Tests for sft.py: encoding and masks, the loss against a naive computation, the loss going down,
-generation = teacher forcing, and the command line (the contract, a column mapping, bad input).
+generation = teacher forcing, and the command line (the contract, a local .jsonl, bad input).
 
-The command lines are queued on the session's runner before the first test (see test_toy_tldr.py)."""
+The command lines are queued on the session's runner before the other tests (see test_toy_tldr.py)."""
 import json
 import math
 import random
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
 
-import policy
+import lm
 import sft
+import stage
 import toy_tldr
-from test_toy_tldr import (TINY_MODEL, assert_clean_error, assert_ran, pipeline_stage, read_jsonl,
-                           start_pipeline,
-                           submit_cases, write_small_world)
+from test_toy_tldr import (TINY_MODEL, assert_clean_error, assert_ran, no_partial_copy, pipeline_stage,
+                           read_jsonl, start_pipeline, submit_cases, write_small_world)
 
 SIZES = ["--steps", 2, "--batch_size", 8, "--val_size", 10, "--num_sample_eval", 4, *TINY_MODEL]
 
 
 # ----------------------------------------------------------------------------------------------
-# the command lines, queued before the first test of this file
+# the command lines, queued before the other tests
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """Queues the pipeline and this file's command lines on the runner before its first test:
+    """Queues the pipeline and this file's command lines on the runner:
     ({case: Future of its CompletedProcess}, the directory holding each case's --out_dir)."""
     start_pipeline(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("sft_cli")
     world = write_small_world(tmp / "world")
-    with open(tmp / "posts.jsonl", "w") as f:  # a local data set with other column names
+    with open(tmp / "rows.jsonl", "w") as f:  # a local .jsonl of the canonical form, one more column
         for r in read_jsonl(world / "sft.jsonl"):
-            f.write(json.dumps({"post": r["prompt"], "summary": r["completion"], "id": 7}) + "\n")
+            f.write(json.dumps({**r, "id": 7}) + "\n")
+    with open(tmp / "posts.jsonl", "w") as f:  # other column names: scale/prepare.py maps them, not sft.py
+        for r in read_jsonl(world / "sft.jsonl"):
+            f.write(json.dumps({"post": r["prompt"], "summary": r["completion"]}) + "\n")
     (tmp / "empty.jsonl").write_text("")
+    (tmp / "rows.parquet").write_text("")
     local = ["--tokenizer_path", world / "tokenizer"]
     cases = {
-        "mapped columns": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column",
-                           "summary", *local],
-        "truncated prompts": ["--data", world, "--max_prompt_len", 20, "--truncate_prompts"],
-        "wrong column": ["--data", tmp / "posts.jsonl", "--prompt_column", "post", "--completion_column",
-                         "tldr", *local],
+        "local jsonl": ["--data", tmp / "rows.jsonl", *local],
+        "other columns": ["--data", tmp / "posts.jsonl", *local],
+        "not jsonl": ["--data", tmp / "rows.parquet", *local],
         "missing data file": ["--data", tmp / "no_such_file.jsonl", *local],
         "empty jsonl": ["--data", tmp / "empty.jsonl", *local],
+        "no tokenizer": ["--data", tmp / "rows.jsonl"],
         "prompt too long": ["--data", world, "--max_prompt_len", 20],
         "zero steps": ["--data", world, "--steps", 0],
     }
     return submit_cases(tmp_path_factory, "sft.py", {k: [*SIZES, *v] for k, v in cases.items()}, tmp), tmp
+
+
+@pytest.mark.before_the_rest
+def test_command_lines_start(cli_runs):
+    """The command lines start before the session's other tests, and run while they do."""
+    assert len(cli_runs[0]) == 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +70,7 @@ def tokenizer():
 
 def tiny_lm(tokenizer, seed=0):
     torch.manual_seed(seed)
-    return policy.load_causal_lm(sft.Args(n_layer=1, n_embd=32, n_head=2), tokenizer)
+    return lm.new_model(tokenizer, n_layer=1, n_embd=32, n_head=2, max_len=88)
 
 
 def toy_rows(n, seed=0):
@@ -79,50 +87,64 @@ def teacher_forced_logp(model, prompt, response):
 # 1. encoding, batching, the loss
 
 
+@pytest.mark.core
 def test_encode_appends_eos_and_collate_masks_only_the_response(tokenizer):
     rows = toy_rows(2)
-    examples = [policy.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in rows]
+    examples = lm.encode(tokenizer, rows, "completion", 64, 24)
     for r, (p, resp) in zip(rows, examples):
         assert p == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
         assert resp[-1] == tokenizer.eos_token_id and tokenizer.decode(resp[:-1]) == r["completion"]
-    batch = policy.collate(examples, tokenizer.pad_token_id)
+    batch = lm.collate(examples, tokenizer.pad_token_id)
     for i, (p, resp) in enumerate(examples):
         n = len(p) + len(resp)
         assert batch["input_ids"][i, :n].tolist() == p + resp
         assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
         assert batch["response_mask"][i].nonzero().squeeze(-1).tolist() == list(range(len(p), n))
-    _, cut = policy.encode(tokenizer, rows[0]["prompt"], rows[0]["completion"], 64, 3)
+    [(_, cut)] = lm.encode(tokenizer, rows[:1], "completion", 64, 3)
     assert len(cut) == 3 and tokenizer.eos_token_id not in cut  # cut at max_response_len: no EOS
 
 
+@pytest.mark.core
 def test_encode_rows_in_one_batch_equals_one_tokenizer_call_per_text(tokenizer):
     rows = toy_rows(40)
-    got = policy.encode_rows(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], 64, 12)
+    got = lm.encode(tokenizer, rows, "completion", 64, 12)
     for r, (p, resp) in zip(rows, got):
         assert p == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
         assert resp == (tokenizer(" " + r["completion"],
                                   add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:12]
     assert any(len(resp) == 12 for _, resp in got) and any(len(resp) < 12 for _, resp in got)
-    assert policy.encode_rows(tokenizer, [], [], 64, 12) == []
+    assert lm.encode(tokenizer, [], "completion", 64, 12) == []
     with pytest.raises(SystemExit, match="^error: a prompt is empty"):
-        policy.encode_rows(tokenizer, ["", rows[0]["prompt"]], ["a", "b"], 64, 12)
+        lm.encode(tokenizer, [{"prompt": "", "completion": "a"}, rows[0]], "completion", 64, 12)
 
 
-def test_a_long_prompt_is_refused_or_cut_from_the_left(tokenizer):
-    prompt = toy_rows(1)[0]["prompt"]
-    with pytest.raises(SystemExit, match="^error: .*--max_prompt_len 10"):
-        policy.encode(tokenizer, prompt, "x", 10, 24)
-    p, _ = policy.encode(tokenizer, prompt, "", 10, 24, truncate_prompts=True)
-    assert p == tokenizer(prompt, add_special_tokens=False)["input_ids"][-10:]
-    assert tokenizer.decode(p[-1:]) == "TL;DR:"
+@pytest.mark.core
+def test_a_long_prompt_is_refused_with_the_way_to_cut_it(tokenizer):
+    row = {**toy_rows(1)[0], "completion": "x"}
+    with pytest.raises(SystemExit, match="^error: .*--max_prompt_len 10.*scale.prepare --truncate_prompts"):
+        lm.encode(tokenizer, [row], "completion", 10, 24)
 
 
+@pytest.mark.core
+def test_rows_with_token_ids_are_used_as_they_are(tokenizer):
+    """A row's prompt_ids and completion_ids (scale/prepare.py's, a sampler's) are the tokens, cut at
+    max_response_len; a row without them is encoded from its text, in the same call."""
+    rows = toy_rows(3)
+    rows[0] = {**rows[0], "prompt_ids": [5, 6, 7], "completion_ids": [8, 9, 10, 11]}
+    got = lm.encode(tokenizer, rows, "completion", 64, 3)
+    assert got[0] == ([5, 6, 7], [8, 9, 10])
+    assert got[1:] == lm.encode(tokenizer, rows[1:], "completion", 64, 3)
+    with pytest.raises(SystemExit, match="^error: .*beyond the tokenizer"):  # ids of another tokenizer
+        lm.encode(tokenizer, [{**rows[1], "completion_ids": [len(tokenizer)]}], "completion", 64, 3)
+
+
+@pytest.mark.core
 def test_completion_loss_is_the_mean_nll_of_response_tokens(tokenizer):
     model = tiny_lm(tokenizer)
-    examples = [policy.encode(tokenizer, r["prompt"], r["completion"], 64, 24) for r in toy_rows(3)]
+    examples = lm.encode(tokenizer, toy_rows(3), "completion", 64, 24)
     examples[1] = (examples[1][0][:20], examples[1][1])  # rows of different lengths: padding in the batch
-    loss = sft.completion_loss(model, policy.collate(examples, tokenizer.pad_token_id))
+    loss = sft.completion_loss(model, lm.collate(examples, tokenizer.pad_token_id))
     nll = []  # naive: each row alone, each response token predicted by the logits one step before it
     for p, r in examples:
         logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].float(), -1)
@@ -130,11 +152,10 @@ def test_completion_loss_is_the_mean_nll_of_response_tokens(tokenizer):
     assert loss.item() == pytest.approx(sum(nll) / len(nll), abs=1e-5)
 
 
+@pytest.mark.core
 def test_sft_loss_goes_down_on_a_tiny_config(tokenizer):
     model = tiny_lm(tokenizer)
-    batch = policy.collate([policy.encode(tokenizer, r["prompt"], r["completion"], 64,
-                                          24) for r in toy_rows(8)],
-                        tokenizer.pad_token_id)
+    batch = lm.collate(lm.encode(tokenizer, toy_rows(8), "completion", 64, 24), tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(25):
@@ -173,15 +194,15 @@ def ragged_prompts(tokenizer):
             for n in (5, 17, 30, 44)]
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @torch.no_grad()
 def test_sampled_logps_equal_teacher_forcing(tokenizer, peaked_lm, ragged_prompts, temperature):
     # the log-probs are those of the temperature-1 policy, whatever temperature the tokens were drawn at
     eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(0)
-    responses, logps = policy.sample(peaked_lm, ragged_prompts, eos, tokenizer.pad_token_id, 12,
-                                     temperature=temperature,
-                                  generator=generator)
+    responses, logps = lm.sample(peaked_lm, ragged_prompts, eos, tokenizer.pad_token_id, 12,
+                                 temperature=temperature, generator=generator)
     assert any(r[-1] == eos for r in responses) and any(eos not in r for r in responses)  # both kinds of row
     for prompt, response, logp in zip(ragged_prompts, responses, logps):
         assert eos not in response[:-1] and tokenizer.pad_token_id not in response  # cut after the first EOS
@@ -195,57 +216,62 @@ def test_sampled_logps_equal_teacher_forcing(tokenizer, peaked_lm, ragged_prompt
     assert abs(unmasked - logps[0]) > 1e-2
 
 
+@pytest.mark.core
 @torch.no_grad()
 def test_greedy_batch_equals_each_prompt_alone(tokenizer, peaked_lm, ragged_prompts):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    responses, logps = policy.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0)
+    responses, logps = lm.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0)
     assert len({len(r) for r in responses}) > 1  # rows end at different steps
     for prompt, response, logp in zip(ragged_prompts, responses, logps):
-        [alone], [alone_logp] = policy.sample(peaked_lm, [prompt], eos, pad, 12, temperature=0)
+        [alone], [alone_logp] = lm.sample(peaked_lm, [prompt], eos, pad, 12, temperature=0)
         assert response == alone
         assert logp == pytest.approx(alone_logp, rel=1e-6, abs=1e-5)
     # batch_size splits the batch without changing a row
-    assert policy.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0, batch_size=3)[0] == responses
+    assert lm.sample(peaked_lm, ragged_prompts, eos, pad, 12, temperature=0, batch_size=3)[0] == responses
 
 
+@pytest.mark.core
 def test_collate_grouped_pads_prompts_left_and_responses_right(tokenizer):
     examples = [([5, 6, 7], [8, 9]), ([5, 6, 7], [10]), ([11], [12, 13, 14]), ([11], [15])]
-    batch = policy.collate_grouped(examples, pad_id=0, k=2)
+    batch = lm.collate_grouped(examples, pad_id=0, k=2)
     assert batch["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 11]]
     assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch["response_ids"].tolist() == [[8, 9, 0], [10, 0, 0], [12, 13, 14], [15, 0, 0]]
     assert batch["response_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
     with pytest.raises(ValueError):  # a group must share its prompt
-        policy.collate_grouped([([1], [2]), ([3], [4])], pad_id=0, k=2)
+        lm.collate_grouped([([1], [2]), ([3], [4])], pad_id=0, k=2)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("k", [1, 2, 3])
 @torch.no_grad()
 def test_response_hidden_equals_the_full_forward_of_each_sequence(tokenizer, peaked_lm, ragged_prompts, k):
     rng = random.Random(k)
     examples = [(p, [rng.randrange(4, len(tokenizer)) for _ in range(rng.randint(1, 6))])
                 for p in ragged_prompts for _ in range(k)]
-    batch = policy.collate_grouped(examples, tokenizer.pad_token_id, k=k)
-    hidden = policy.response_hidden(peaked_lm.base_model, batch)
+    batch = lm.collate_grouped(examples, tokenizer.pad_token_id, k=k)
+    hidden = lm.response_hidden(peaked_lm.base_model, batch)
     for i, (p, r) in enumerate(examples):
         alone = peaked_lm.base_model(input_ids=torch.tensor([p + r])).last_hidden_state[0]
         # hidden[i, t] has read the prompt and t response tokens: the full forward's position len(p) - 1 + t
         torch.testing.assert_close(hidden[i, :len(r) + 1], alone[len(p) - 1:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.core
 def test_decode_response_reports_whether_eos_ended_it(tokenizer):
     ids = tokenizer("my mom lied to me .", add_special_tokens=False)["input_ids"]
-    assert policy.decode_response(tokenizer, ids + [tokenizer.eos_token_id]) == ("my mom lied to me .", True)
-    assert policy.decode_response(tokenizer, ids) == ("my mom lied to me .", False)
+    assert lm.decode_response(tokenizer, ids + [tokenizer.eos_token_id]) == ("my mom lied to me .", True)
+    assert lm.decode_response(tokenizer, ids) == ("my mom lied to me .", False)
 
 
+@pytest.mark.core
 @torch.no_grad()
 def test_samples_hold_no_special_token_but_eos(tokenizer):
     model = tiny_lm(tokenizer)  # untrained: every token about equally likely
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in toy_rows(8)]
-    responses, _ = policy.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 24,
-                              generator=torch.Generator().manual_seed(0),
-                              suppress_ids=policy.banned_ids(tokenizer))
+    responses, _ = lm.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 24,
+                             generator=torch.Generator().manual_seed(0),
+                             suppress_ids=lm.banned_ids(tokenizer))
     other_specials = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
     assert not [t for r in responses for t in r if t in other_specials]
 
@@ -254,13 +280,15 @@ def test_samples_hold_no_special_token_but_eos(tokenizer):
 # 3. the command line
 
 
+@pytest.mark.after_the_rest
 def test_command_line_saves_pi_ref_of_the_contract(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     world, out = pipeline_stage(tmp_path_factory, "world"), pipeline_stage(tmp_path_factory, "sft")
-    assert not Path(f"{out}.tmp").exists()
+    assert no_partial_copy(out) and stage.read_marker(out)["stage"] == "sft"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "args.json"):
         assert (out / name).is_file(), name
+    assert not (out / "state.pt").exists()  # the resume state goes when the run ends
     args = json.loads((out / "args.json").read_text())
     assert args["steps"] == 40 and args["n_embd"] == 32 and args["data"] == str(world)
     log = read_jsonl(out / "train_log.jsonl")
@@ -273,38 +301,33 @@ def test_command_line_saves_pi_ref_of_the_contract(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.hidden_size == 32 and tokenizer.get_vocab() == toy_tldr.build_tokenizer().get_vocab()
-    val = [policy.encode(tokenizer, r["prompt"], r["completion"], 64,
-                         24) for r in read_jsonl(world / "sft.jsonl")[-20:]]
-    val_loss = sft.validation_loss(model, val, tokenizer.pad_token_id, 8, torch.device("cpu"), nullcontext())
+    val = lm.encode(tokenizer, read_jsonl(world / "sft.jsonl")[-20:], "completion", 64, 24)
+    val_loss = sft.validation_loss(stage.Forward(sft.completion_loss, model), val, tokenizer.pad_token_id,
+                                   8, torch.device("cpu"), nullcontext())
     assert val_loss == pytest.approx(metrics["val_loss"], abs=1e-4)
     assert val_loss < math.log(len(tokenizer))  # it learned something in 40 steps
 
 
-def test_command_line_trains_on_a_local_jsonl_with_mapped_columns(cli_runs):
+@pytest.mark.after_the_rest
+def test_command_line_trains_on_a_local_jsonl(cli_runs):
     runs, tmp = cli_runs
-    assert_ran(runs["mapped columns"].result(timeout=600))
-    out = tmp / "mapped_columns"
-    assert not Path(f"{out}.tmp").exists()
+    assert_ran(runs["local jsonl"].result(timeout=600))
+    out = tmp / "local_jsonl"
+    assert no_partial_copy(out)
     metrics = json.loads((out / "metrics.json").read_text())
     # not the toy: no true score
     assert math.isfinite(metrics["val_loss"]) and "sample_true_score" not in metrics
     assert len(read_jsonl(out / "train_log.jsonl")) == 2
-    assert json.loads((out / "args.json").read_text())["prompt_column"] == "post"
+    assert json.loads((out / "args.json").read_text())["data"] == str(tmp / "rows.jsonl")
 
 
-def test_command_line_cuts_long_prompts_when_asked(cli_runs):
-    # the toy's greedy-sample report after training must cut the eval prompts too, not refuse them
-    runs, tmp = cli_runs
-    assert_ran(runs["truncated prompts"].result(timeout=600))
-    out = tmp / "truncated_prompts"
-    assert "sample_true_score" in json.loads((out / "metrics.json").read_text())
-    assert not Path(f"{out}.tmp").exists()
-
-
+@pytest.mark.after_the_rest
 @pytest.mark.parametrize("case, words", [
-    ("wrong column", ["'tldr'"]),
+    ("other columns", ["'prompt'", "['post', 'summary']", "scale.prepare"]),
+    ("not jsonl", ["rows.parquet", "scale.prepare"]),
     ("missing data file", ["no_such_file.jsonl", "not found"]),
     ("empty jsonl", ["empty.jsonl"]),
+    ("no tokenizer", ["--tokenizer_path"]),
     ("prompt too long", ["--max_prompt_len 20"]),
     ("zero steps", ["--steps"]),
 ])

@@ -24,6 +24,7 @@ def numpy_policy(world, theta):
     return p / p.sum()
 
 
+@pytest.mark.core
 def test_policy_is_the_exponential_tilt_of_pi_ref():
     world = tc.make_world(small_args())
     for theta in [(0.0, 0.0), (0.7, -1.3), (-2.0, 3.0)]:
@@ -32,6 +33,7 @@ def test_policy_is_the_exponential_tilt_of_pi_ref():
     assert float(world["log_ref"].exp().sum()) == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.core
 def test_world_follows_its_formulas_and_seed():
     args = small_args(ref_noise=0.0, reward_noise=0.0)
     world = tc.make_world(args)
@@ -45,6 +47,7 @@ def test_world_follows_its_formulas_and_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.core
 def test_kl_matches_the_log_partition_closed_form():
     # KL(pi_theta || pi_ref) = theta . E_theta[phi] - log E_ref[exp(theta . phi)]
     world = tc.make_world(small_args())
@@ -57,6 +60,7 @@ def test_kl_matches_the_log_partition_closed_form():
         assert kl == pytest.approx(closed, rel=1e-10)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("noise", [0.0, 0.3])  # noise 0: many ties in r, which count one half
 def test_win_rate_matches_a_double_loop_and_is_one_half_against_itself(noise):
     world = tc.make_world(small_args(reward_noise=noise))
@@ -73,6 +77,7 @@ def test_win_rate_matches_a_double_loop_and_is_one_half_against_itself(noise):
         assert (r[:, None] == r[None, :]).sum() > len(r)  # the ties this case exists for
 
 
+@pytest.mark.core
 def test_sample_pairs_reproducible_distinct_and_labelled_by_bradley_terry():
     args = small_args(num_pairs=20000)
     world = tc.make_world(args)
@@ -94,6 +99,7 @@ def test_sample_pairs_reproducible_distinct_and_labelled_by_bradley_terry():
     assert abs(both.mean() - p_ref @ length) < 0.05  # pairs with y1 == y2 dropped shift it a little
 
 
+@pytest.mark.core
 def test_dpo_loss_is_a_logistic_regression_on_feature_differences():
     args = small_args()
     world = tc.make_world(args)
@@ -144,6 +150,7 @@ def independent_weights(method, ratio, c, j, length):
     return np.ones(len(c))
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("method, data_theta, against", [
     ("dpo", (0, 0), "ref"), ("ais-dpo", (0, 0), "ref"), ("is-dpo", (0, 0), "ref"),
     ("ais-sn-dpo", (0, 0), "ref"),
@@ -183,6 +190,7 @@ def test_rows_weights_and_losses_match_an_independent_computation(method, data_t
     np.testing.assert_allclose(final, numpy_policy(world, theta), rtol=1e-10)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("name, parsed", [
     ("dpo", ("dpo", "none", 0.0, False)), ("ipo", ("ipo", "none", 0.0, False)),
     ("ais-dpo", ("dpo", "adaptive", 0.0, False)), ("is-ipo", ("ipo", "clipped", 0.0, False)),
@@ -196,6 +204,7 @@ def test_method_names(name, parsed):
     assert tc.parse_method(name) == parsed
 
 
+@pytest.mark.core
 def test_pairs_from_a_shifted_policy_follow_it():
     args = small_args(num_pairs=20000)
     world = tc.make_world(args)
@@ -206,6 +215,7 @@ def test_pairs_from_a_shifted_policy_follow_it():
         assert abs(both.mean() - numpy_policy(world, data_theta) @ length) < 0.05
 
 
+@pytest.mark.core
 def test_unseen_mass_is_pi_ref_mass_off_the_data_at_the_start():
     args = small_args(steps=1, num_checkpoints=2, num_pairs=30)
     world = tc.make_world(args)
@@ -229,6 +239,7 @@ def test_default_run_writes_everything_and_its_claims_hold(tmp_path):
     assert check.count("| yes |") == 4 and "| NO |" not in check
 
 
+@pytest.mark.core
 def test_a_failing_claim_exits_1_after_writing(tmp_path):
     out = tmp_path / "toy"
     args = small_args(out_dir=str(out), steps=4, num_checkpoints=5, seeds=[0, 1],
@@ -257,6 +268,7 @@ def test_a_failing_claim_exits_1_after_writing(tmp_path):
     (dict(weigh_against="pi_ref"), "--weigh_against"),
     (dict(runs="a2-dpo:0.1"), "unknown method"),
 ])
+@pytest.mark.core
 def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, overrides, message):
     out = tmp_path / "toy"
     with pytest.raises(SystemExit) as e:

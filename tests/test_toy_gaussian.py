@@ -20,6 +20,7 @@ def log_ratio_uniform(vocab_size, peak):
 
 
 # ---------------------------------------------------------------- 1. correlation
+@pytest.mark.core
 @pytest.mark.parametrize("m1, s1, m2, s2",
                          [(0.3, 0.1, -0.2, 0.5), (0.0, 1.0, 0.0, 1.0), (1.0, 0.5, -0.5, 0.8)])
 def test_kl_quadrature_matches_gaussian_closed_form(m1, s1, m2, s2):
@@ -29,6 +30,7 @@ def test_kl_quadrature_matches_gaussian_closed_form(m1, s1, m2, s2):
     assert quad == pytest.approx(closed, rel=1e-7, abs=1e-10)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("theta", [-1.0, 0.4, 0.8])
 def test_kl_quadrature_of_mixture_matches_monte_carlo(theta):
     rng = np.random.default_rng(1)
@@ -38,6 +40,7 @@ def test_kl_quadrature_of_mixture_matches_monte_carlo(theta):
     assert abs(quad - h.mean()) < 4 * h.std() / np.sqrt(len(y))
 
 
+@pytest.mark.core
 def test_mixture_density_integrates_to_one_and_sampler_matches_it():
     y = np.linspace(-6, 6, 20001)
     assert np.trapezoid(np.exp(tg.mixture_logpdf(y)), y) == pytest.approx(1.0, abs=1e-9)
@@ -46,6 +49,7 @@ def test_mixture_density_integrates_to_one_and_sampler_matches_it():
     assert samples.var() == pytest.approx(0.2**2 + 0.6 * 0.8**2, rel=0.02)  # within + between components
 
 
+@pytest.mark.core
 def test_losses_estimate_variances_of_the_log_ratio():
     # For iid pairs E[rho^2 / 2] = Var[h]: the mu-weighted loss estimates Var_mu[h], the mu-IS loss
     # Var_pi_theta[h].
@@ -71,12 +75,14 @@ def test_mu_is_loss_correlates_with_kl_better_than_mu_weighted_at_defaults():
     assert corr["pearson_log_kl_vs_log_mu_is_loss"] > 0.7
 
 
+@pytest.mark.core
 def test_same_seed_same_numbers():
     run = lambda: tg.correlation_sweep(np.random.default_rng(3), np.linspace(-1, 1, 5), 100)  # noqa: E731
     assert run() == run()
 
 
 # ---------------------------------------------------------------- 2. variance
+@pytest.mark.core
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.2, 0.0])
 def test_exact_moments_match_enumeration_of_all_sequences(alpha):
     V, T = 3, 3
@@ -88,6 +94,7 @@ def test_exact_moments_match_enumeration_of_all_sequences(alpha):
     assert np.exp(log_var) == pytest.approx(x.var(), rel=1e-9, abs=1e-15)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 1 / 3])
 def test_exact_variance_matches_monte_carlo(alpha):
     V, T, n = 4, 3, 200_000
@@ -100,6 +107,7 @@ def test_exact_variance_matches_monte_carlo(alpha):
     assert abs(np.exp(log_var_mc) - np.exp(log_var_exact)) < 4 * se
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("V, peak", [(2, 0.5), (10, 1.5), (50, 4.0)])
 def test_full_weight_is_unbiased_and_powers_are_biased_down(V, peak):
     log_r = log_ratio_uniform(V, peak)
@@ -110,6 +118,7 @@ def test_full_weight_is_unbiased_and_powers_are_biased_down(V, peak):
     assert tg.exact_moments(log_r, 0.0, 5) == (0.0, -np.inf)  # w^0 = 1: no bias, no variance
 
 
+@pytest.mark.core
 def test_log_variance_of_w_grows_linearly_while_w_one_over_T_stays_bounded():
     var = tg.variance_sweep(np.random.default_rng(0), 10, 1.5, 60, [0.1], n_mc=100)
     full, root_T = np.array(var["curves"]["w"]["log_var_exact"]), var["curves"]["w^(1/T)"]["log_var_exact"]
@@ -137,6 +146,7 @@ def test_script_runs_end_to_end(tmp_path):
     assert results["config"]["n_mc"] == 500
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("flags",
                          [["--n_samples", "0"], ["--n_mc", "-5"], ["--theta_min", "1", "--theta_max", "0"],
                                    ["--n_theta", "1"], ["--alphas", "0.1", "1.5"], ["--vocab_size", "1"],

@@ -6,8 +6,9 @@ running command lines, checking a clean error, and the session's tiny pipeline (
 pi_ref -> gold RM -> labelled pairs, each stage through its command line). A command line that
 imports torch and transformers pays ~5 s for it on a small CPU, so the session has one
 command-line runner: an interpreter that does those imports once and forks a child for each
-command line it is sent. Each test file sends its command lines before its first test and checks
-them in its last tests; the in-process tests run meanwhile.
+command line it is sent. Each test file sends its command lines in a test marked before_the_rest
+(the session's first) and checks them in tests marked after_the_rest (its last); the in-process
+tests run meanwhile. The in-process tests marked core are the quick tier (pytest -m core).
 """
 import atexit
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import stage
 import toy_tldr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +54,7 @@ import json, os, runpy, sys, traceback
 import datasets, torch, transformers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GPTNeoXForCausalLM, HfArgumentParser, get_cosine_schedule_with_warmup)
-import dpo, evaluate, is_dpo, reward, sft, toy_tldr  # the scripts' modules, imported once for all of them
+import lm, stage  # the core the scripts share, imported once for all of them
 out = sys.argv[1]
 for line in iter(sys.stdin.readline, ""):
     i, argv = json.loads(line)
@@ -152,9 +154,14 @@ def assert_ran(result):
         f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
 
 
+def no_partial_copy(out_dir):
+    """Nothing of an unpublished output is left beside out_dir (stage.Output's work and aside copies)."""
+    return not any(os.path.exists(stage.scratch_path(out_dir, kind)) for kind in ("partial", "old"))
+
+
 def assert_clean_error(result, out_dir, *words):
     """A non-zero exit, one line starting with 'error:' last on stderr (naming `words`), no
-    traceback, and nothing written: neither out_dir nor out_dir.tmp exists."""
+    traceback, and nothing written: neither out_dir nor a partial copy of it exists."""
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0, result.stdout[-2000:]
     assert lines and lines[-1].startswith("error:"), result.stderr[-3000:]
@@ -162,7 +169,7 @@ def assert_clean_error(result, out_dir, *words):
     assert sum(line.startswith("error:") for line in lines) == 1
     for word in words:
         assert word in lines[-1], lines[-1]
-    assert not Path(out_dir).exists() and not Path(f"{out_dir}.tmp").exists()
+    assert not Path(out_dir).exists() and no_partial_copy(out_dir)
 
 
 _pipeline = {}
@@ -215,11 +222,10 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """Queues the pipeline, and starts this file's bad-input runs, before the first test of the
-    file: {flag: (Future of the CompletedProcess, out_dir)}. toy_tldr.py imports no torch: these
-    run in fresh interpreters."""
+    """Queues the pipeline, and starts this file's bad-input runs: {flag: (Future of the
+    CompletedProcess, out_dir)}. toy_tldr.py imports no torch: these run in fresh interpreters."""
     start_pipeline(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("toy_cli")
     threads = ThreadPoolExecutor(max_workers=2)
@@ -233,6 +239,12 @@ def cli_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.before_the_rest
+def test_command_lines_start(cli_runs):
+    """The command lines start before the session's other tests, and run while they do."""
+    assert len(cli_runs) == 2
+
+
 def small_world_rows(seed=0, n=100):
     args = toy_tldr.Args(seed=seed, num_sft=n, num_human_pairs=n, num_eval=n)
     return toy_tldr.make_world(args)
@@ -242,6 +254,7 @@ def small_world_rows(seed=0, n=100):
 # 1. the tokenizer
 
 
+@pytest.mark.core
 def test_tokenizer_round_trips_world_text_without_unk(tmp_path):
     from transformers import AutoTokenizer
 
@@ -264,6 +277,7 @@ def test_tokenizer_round_trips_world_text_without_unk(tmp_path):
     assert reopened("my unicorn lied", add_special_tokens=False)["input_ids"][1] == reopened.unk_token_id
 
 
+@pytest.mark.core
 def test_vocabulary_has_no_duplicates_and_specials_first():
     vocab = toy_tldr.vocabulary()
     assert len(vocab) == len(set(vocab))
@@ -277,6 +291,7 @@ PROMPT = ("SUBREDDIT: r/tifu TITLE: need advice POST: we have a dog . my roommat
           "my boss says i should leave . i feel so sad . should i confront ? TL;DR:")
 
 
+@pytest.mark.core
 def test_parse_facts_of_a_hand_written_prompt_ignores_the_distractor():
     assert toy_tldr.parse_facts(PROMPT) == {"who": "roommate", "event": "lied", "feeling": "sad",
                                             "question": "confront"}
@@ -284,6 +299,7 @@ def test_parse_facts_of_a_hand_written_prompt_ignores_the_distractor():
         toy_tldr.parse_facts("SUBREDDIT: r/tifu TITLE: help POST: we have a dog . TL;DR:")
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("summary, finished, expected", [
     # weights of METHOD.md, section 8: +1 who, +1 event, +0.8 feeling, +0.8 question; -1 a wrong slot word;
     # -0.6 a repeated content word; -0.15 a word over 14, -0.3 a word under 5; +0.5 '.'/'?' then EOS; -1.5 no
@@ -302,6 +318,7 @@ def test_true_score_matches_a_hand_computation(summary, finished, expected):
     assert toy_tldr.true_score(PROMPT, summary, finished) == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.core
 def test_event_phrases_hold_no_slot_word_but_their_keyword():
     # "Slot lists are disjoint, so every summary word has one meaning": a phrase like "invited my ex"
     # would put a wrong 'who' into every correct summary of that event.
@@ -309,6 +326,7 @@ def test_event_phrases_hold_no_slot_word_but_their_keyword():
         assert [w for w in phrase.split() if w in toy_tldr.SLOT_WORDS] == [keyword], phrase
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("event", sorted(toy_tldr.EVENTS))
 def test_a_complete_correct_summary_scores_the_maximum(event):
     rng = random.Random(event)
@@ -340,6 +358,7 @@ def _edits_that_must_hurt(facts, reference, rng):
             "repeat a span": " ".join(repeated)}
 
 
+@pytest.mark.core
 def test_true_score_prefers_the_reference_to_edits_that_must_hurt():
     for seed in range(300):
         rng = random.Random(seed)
@@ -351,12 +370,14 @@ def test_true_score_prefers_the_reference_to_edits_that_must_hurt():
             assert toy_tldr.true_score(prompt, edited) < ref_score, (kind, reference, edited)
 
 
+@pytest.mark.core
 def test_parse_facts_recovers_the_facts_make_post_used():
     for seed in range(500):
         facts, prompt = toy_tldr.make_post(random.Random(seed))
         assert toy_tldr.parse_facts(prompt) == {k: facts[k] for k in ("who", "event", "feeling", "question")}
 
 
+@pytest.mark.core
 def test_human_pairs_carry_their_true_scores():
     _, human, _ = small_world_rows(n=200)
     for row in human:
@@ -367,6 +388,7 @@ def test_human_pairs_carry_their_true_scores():
     assert 0.7 < agree < 1.0
 
 
+@pytest.mark.core
 def test_world_is_deterministic_for_a_seed_and_differs_across_seeds():
     assert small_world_rows(seed=0, n=30) == small_world_rows(seed=0, n=30)
     a, b = small_world_rows(seed=0, n=30), small_world_rows(seed=1, n=30)
@@ -380,11 +402,12 @@ def test_world_is_deterministic_for_a_seed_and_differs_across_seeds():
 # 3. the command line (runs started by the `cli_runs` fixture)
 
 
+@pytest.mark.after_the_rest
 def test_command_line_writes_the_world_of_the_contract(tmp_path_factory):
     from transformers import AutoTokenizer
 
     world = pipeline_stage(tmp_path_factory, "world")
-    assert not Path(f"{world}.tmp").exists()
+    assert no_partial_copy(world) and json.loads((world / stage.MARKER).read_text())["stage"] == "toy_tldr"
     sft_rows = read_jsonl(world / "sft.jsonl")
     human = read_jsonl(world / "prefs_human.jsonl")
     evals = read_jsonl(world / "eval.jsonl")
@@ -405,6 +428,7 @@ def test_command_line_writes_the_world_of_the_contract(tmp_path_factory):
             assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
 
 
+@pytest.mark.after_the_rest
 @pytest.mark.parametrize("flag", ["--num_sft", "--bt_temperature"])
 def test_command_line_refuses_a_non_positive_size(cli_runs, flag):
     future, out_dir = cli_runs[flag]

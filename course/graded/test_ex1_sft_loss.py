@@ -1,18 +1,23 @@
-"""Exercise 1: sft.completion_loss, the SFT loss (METHOD.md, section 3). Graded against the definition:
-each example alone, the log-probs of its response tokens (EOS included, prompt and padding never), all
-response tokens of the batch pooled into one mean."""
+"""Exercise 1: sft.completion_loss, the SFT loss (METHOD.md, section 3), and lm.sequence_logps_plain, log
+pi(y|x) by its definition (METHOD.md, section 2). Graded against the definition: each example alone, the
+log-probs of its response tokens (EOS included, prompt and padding never); the loss pools all response tokens
+of the batch into one mean, the log-probs sum per row."""
 import torch
 
 from course.graded import graded_common as common
-import policy
+import lm
 import sft
 
 
-def batch_and_expected(n, seed):
-    model, rows = common.tiny_model(0), common.examples(n, seed)
-    token_logps = [common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]) for p, r in rows]
-    expected = -torch.cat(token_logps).sum() / sum(len(r) for _, r in rows)
-    return model, policy.collate(rows, common.PAD), expected
+def token_logps(model, rows):
+    return [common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]).squeeze(1)
+            for p, r in rows]
+
+
+def batch_and_expected(n, seed, pad=common.PAD):
+    model, rows = common.tiny_model(0, pad), common.examples(n, seed)
+    expected = -torch.cat(token_logps(model, rows)).sum() / sum(len(r) for _, r in rows)
+    return model, lm.collate(rows, pad), expected
 
 
 def test_a_scalar_the_mean_over_every_response_token_of_the_batch():
@@ -23,14 +28,22 @@ def test_a_scalar_the_mean_over_every_response_token_of_the_batch():
         assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6), (loss.item(), expected.item())
 
 
+def test_eos_is_a_target_when_pad_is_eos():
+    """Pythia pads with EOS: a response's final EOS is still a target (response_mask says what counts)."""
+    for seed in range(2):
+        model, batch, expected = batch_and_expected(10, seed, pad=common.EOS)
+        loss = sft.completion_loss(model, batch)
+        assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6), (loss.item(), expected.item())
+
+
 def test_one_example_alone_and_order_of_rows():
     model, rows = common.tiny_model(0), common.examples(8, seed=5)
     p, r = rows[0]
     alone = -common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]).mean()
-    assert torch.allclose(sft.completion_loss(model, policy.collate(rows[:1], common.PAD)).double(), alone,
+    assert torch.allclose(sft.completion_loss(model, lm.collate(rows[:1], common.PAD)).double(), alone,
                           rtol=1e-5)
-    forward = sft.completion_loss(model, policy.collate(rows, common.PAD))
-    backward = sft.completion_loss(model, policy.collate(rows[::-1], common.PAD))
+    forward = sft.completion_loss(model, lm.collate(rows, common.PAD))
+    backward = sft.completion_loss(model, lm.collate(rows[::-1], common.PAD))
     assert torch.allclose(forward, backward, rtol=1e-5)
 
 
@@ -42,3 +55,12 @@ def test_gradient_equals_the_definitions():
     expected_grads = torch.autograd.grad(expected, params)
     for g, e in zip(grads, expected_grads):
         assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-7)
+
+
+def test_sequence_logps_plain_sums_each_rows_response():
+    for pad in (common.PAD, common.EOS):
+        model, rows = common.tiny_model(0, pad), common.examples(9, seed=11)
+        logps, lengths = lm.sequence_logps_plain(model, lm.collate(rows, pad))
+        assert logps.shape == (9,) and lengths.tolist() == [len(r) for _, r in rows]
+        expected = torch.stack([t.sum() for t in token_logps(model, rows)])
+        assert torch.allclose(logps.double(), expected, rtol=1e-6, atol=1e-8), (pad, logps, expected)

@@ -1,5 +1,7 @@
-"""Exercise 3: dpo.dpo_loss and dpo.ipo_loss (METHOD.md, section 5): one loss per pair, shape [B], against
-the formulas written out pair by pair, and their gradients against the closed forms."""
+"""Exercise 3: dpo.dpo_loss, dpo.ipo_loss and dpo.rdpo_loss (METHOD.md, section 5): one loss per pair, shape
+[B], against the formulas written out pair by pair, finite at any margin, and their gradients with respect to
+the policy's log-probs against the closed forms (pi_ref's log-probs are constants: their gradient is not
+graded)."""
 import math
 
 import torch
@@ -29,12 +31,24 @@ def test_dpo_loss_per_pair():
 
 def test_dpo_loss_gradients():
     for beta in BETAS:
-        inputs = [t.requires_grad_(True) for t in logps(seed=1)[:4]]
+        inputs = [t.requires_grad_(i < 2) for i, t in enumerate(logps(seed=1)[:4])]
         dpo.dpo_loss(*inputs, beta).sum().backward()
         pi_w, pi_l, ref_w, ref_l = (t.detach() for t in inputs)
         push = beta * torch.sigmoid(-beta * ((pi_w - ref_w) - (pi_l - ref_l)))  # -dL/dpi_w
-        for t, sign in zip(inputs, (-1, 1, 1, -1)):
+        for t, sign in zip(inputs[:2], (-1, 1)):
+            assert t.grad is not None, "no gradient reaches the policy's log-probs"
             assert torch.allclose(t.grad, sign * push, rtol=1e-9, atol=1e-12)
+
+
+def test_dpo_loss_is_finite_at_large_margins():
+    """A margin beta * Delta of -1e4 costs 1e4, and of +1e4 nothing; the gradient stays beta, or 0."""
+    zero = torch.zeros(4, dtype=torch.float64)
+    pi_w = torch.tensor([-1e4, 1e4, -1e3, 0.0], dtype=torch.float64, requires_grad=True)
+    losses = dpo.dpo_loss(pi_w, zero, zero, zero, 1.0)
+    assert torch.isfinite(losses).all(), losses
+    assert torch.allclose(losses, torch.tensor([1e4, 0.0, 1e3, math.log(2)], dtype=torch.float64), rtol=1e-9)
+    losses.sum().backward()
+    assert torch.allclose(pi_w.grad, torch.tensor([-1.0, 0.0, -1.0, -0.5], dtype=torch.float64), atol=1e-12)
 
 
 def test_ipo_loss_per_pair_both_forms():
@@ -49,10 +63,30 @@ def test_ipo_loss_per_pair_both_forms():
                 assert math.isclose(losses[i].item(), (delta - 1 / (2 * beta)) ** 2, rel_tol=1e-9)
 
 
-def test_ipo_loss_gradient():
-    pi_w, pi_l, ref_w, ref_l, len_w, len_l = logps(seed=3)
-    pi_w.requires_grad_(True)
-    beta = 0.1
-    dpo.ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=False).sum().backward()
-    delta = (pi_w.detach() - ref_w) / len_w - (pi_l - ref_l) / len_l
-    assert torch.allclose(pi_w.grad, 2 * (delta - 1 / (2 * beta)) / len_w, rtol=1e-9)
+def test_ipo_loss_gradients():
+    for summed in (True, False):
+        pi_w, pi_l, ref_w, ref_l, len_w, len_l = logps(seed=3)
+        pi_w.requires_grad_(True)
+        pi_l.requires_grad_(True)
+        beta = 0.1
+        dpo.ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=summed).sum().backward()
+        n_w, n_l = (torch.ones_like(len_w), torch.ones_like(len_l)) if summed else (len_w, len_l)
+        delta = (pi_w.detach() - ref_w) / n_w - (pi_l.detach() - ref_l) / n_l
+        for t, sign, n in ((pi_w, 1, n_w), (pi_l, -1, n_l)):
+            assert t.grad is not None, "no gradient reaches the policy's log-probs"
+            assert torch.allclose(t.grad, sign * 2 * (delta - 1 / (2 * beta)) / n, rtol=1e-9), summed
+
+
+def test_rdpo_loss_per_pair_and_finite():
+    pi_w, pi_l, ref_w, ref_l, len_w, len_l = logps(seed=4)
+    for beta, alpha in ((0.1, 0.0), (0.1, 0.01), (0.5, -0.2)):
+        losses = dpo.rdpo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, alpha)
+        assert losses.shape == (16,)
+        for i in range(16):
+            z = beta * ((pi_w[i] - ref_w[i]).item() - (pi_l[i] - ref_l[i]).item()) + alpha * (
+                len_w[i] - len_l[i]).item()
+            assert math.isclose(losses[i].item(), math.log1p(math.exp(-z)), rel_tol=1e-9)
+    zero = torch.zeros(2, dtype=torch.float64)
+    margins = torch.tensor([-1e4, 1e4], dtype=torch.float64)
+    big = dpo.rdpo_loss(margins, zero, zero, zero, zero, zero, 1.0, 0.0)
+    assert torch.allclose(big, torch.tensor([1e4, 0.0], dtype=torch.float64))

@@ -1,6 +1,7 @@
 """Exercise 4: is_dpo.log_importance_weights and is_dpo.importance_weights (METHOD.md, section 6): log w per
 pair in every mode against a loop over the pairs, the clip on log w (not on each ratio, not from below),
-alpha = 1/|y| on each response's log-ratio, and a weight that carries no gradient unless asked to."""
+alpha = 1/|y| on each response's log-ratio, importance_weights passing every flag (--weight, --alpha,
+--log_w_max, --behaviour_logps) through, and a weight that carries no gradient unless asked to."""
 import math
 
 import torch
@@ -51,7 +52,7 @@ def test_adaptive_alpha_is_one_over_each_responses_length():
     assert log_w.tolist() == [2.5, 0.0, 2.5, 1.0, 4.0, -1.0, -1.0, 1.1]
 
 
-def weights_and_losses(weight_grad, n=12, seed=4):
+def weights_and_losses(weight_grad, n=12, seed=4, **flags):
     g = torch.Generator().manual_seed(seed)
     ref_w = -20 * torch.rand(n, generator=g, dtype=torch.float64)
     ref_l = -20 * torch.rand(n, generator=g, dtype=torch.float64)
@@ -60,13 +61,17 @@ def weights_and_losses(weight_grad, n=12, seed=4):
     logps = {"pi_w": pi_w, "pi_l": pi_l, "ref_w": ref_w, "ref_l": ref_l,
              "len_w": torch.randint(1, 20, (n,), generator=g),
              "len_l": torch.randint(1, 20, (n,), generator=g)}
-    args = is_dpo.Args(weight="adaptive", weight_grad=weight_grad)
-    w, _ = is_dpo.importance_weights(args, logps, rows=None)
-    return w, logps
+    # the behaviour policy's log-probs, multiples of 1/8 (exact in float32), near pi_ref's but not equal
+    rows = [{"chosen_behaviour_logp": round(8 * (w + 1.5)) / 8,
+             "rejected_behaviour_logp": round(8 * (l - 1)) / 8}
+            for w, l in zip(ref_w.tolist(), ref_l.tolist())]
+    args = is_dpo.Args(weight_grad=weight_grad, **{"weight": "adaptive", **flags})
+    w, _ = is_dpo.importance_weights(args, logps, rows=rows)
+    return w, logps, rows
 
 
 def test_weights_are_exp_log_w_and_carry_no_gradient():
-    w, logps = weights_and_losses(weight_grad=False)
+    w, logps, _ = weights_and_losses(weight_grad=False)
     r_w, r_l = (logps["pi_w"] - logps["ref_w"]).detach(), (logps["pi_l"] - logps["ref_l"]).detach()
     expected = torch.exp(r_w / logps["len_w"] + r_l / logps["len_l"])
     assert w.shape == (12,) and torch.allclose(w, expected, rtol=1e-6)
@@ -77,6 +82,27 @@ def test_weights_are_exp_log_w_and_carry_no_gradient():
 
 
 def test_weight_grad_lets_the_gradient_through():
-    w, logps = weights_and_losses(weight_grad=True)
+    w, logps, _ = weights_and_losses(weight_grad=True)
     w.sum().backward()
     assert torch.allclose(logps["pi_w"].grad, w.detach() / logps["len_w"], rtol=1e-6)
+
+
+def test_every_flag_reaches_the_weights():
+    """--weight, --alpha and --log_w_max as given, and --behaviour_logps: the data's behaviour log-probs in
+    place of log pi_ref (rows' chosen_behaviour_logp, rejected_behaviour_logp)."""
+    for behaviour in (False, True):
+        for flags in ({"weight": "fixed", "alpha": 0.3, "log_w_max": 0.7},
+                      {"weight": "clipped", "alpha": 0.3, "log_w_max": 0.7},
+                      {"weight": "clipped", "alpha": 0.05, "log_w_max": 1.5}, {"weight": "full"},
+                      {"weight": "adaptive"}, {"weight": "sqrt"}):
+            w, logps, rows = weights_and_losses(False, behaviour_logps=behaviour, **flags)
+            base_w, base_l = logps["ref_w"], logps["ref_l"]
+            if behaviour:
+                base_w = torch.tensor([r["chosen_behaviour_logp"] for r in rows], dtype=torch.float64)
+                base_l = torch.tensor([r["rejected_behaviour_logp"] for r in rows], dtype=torch.float64)
+            for i in range(12):
+                want = expected_log_w(flags["weight"], (logps["pi_w"][i] - base_w[i]).item(),
+                                      (logps["pi_l"][i] - base_l[i]).item(), logps["len_w"][i].item(),
+                                      logps["len_l"][i].item(), flags.get("alpha", 0),
+                                      flags.get("log_w_max", 0))
+                assert math.isclose(w[i].item(), math.exp(want), rel_tol=1e-5), (behaviour, flags, i)

@@ -1,6 +1,7 @@
 """Exercise 5: evaluate.sequence_kl (METHOD.md, section 7): per sequence, the sum over its response tokens
 of the exact next-token KL(pi_theta || pi_ref) over the whole vocabulary; graded against each example
-alone, written out as sum_t sum_v p_t(v) (log p_t(v) - log q_t(v))."""
+alone, written out as sum_t sum_v p_t(v) (log p_t(v) - log q_t(v)). The tolerance is float32's: computing it
+after casting the logits to float32 is right too (the models here are float64)."""
 import torch
 
 import evaluate
@@ -22,13 +23,14 @@ def test_one_number_per_sequence_the_full_distribution_kl():
         kl = evaluate.sequence_kl(model, ref, rows, common.PAD, batch_size=4)
         expected = by_hand(model, ref, rows)
     assert kl.shape == (10,)
-    assert torch.allclose(kl.double(), expected, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(kl.double(), expected, rtol=1e-5, atol=1e-6), (kl, expected)
 
 
 def test_zero_for_the_same_model_and_never_negative():
     model, ref = common.tiny_model(0), common.tiny_model(2)
     rows = common.examples(9, seed=4)
     with torch.no_grad():
-        assert torch.allclose(evaluate.sequence_kl(model, model, rows, common.PAD, batch_size=3),
-                              torch.zeros(9, dtype=torch.float64), atol=1e-12)
+        same = evaluate.sequence_kl(model, model, rows, common.PAD, batch_size=3)
+        assert same.shape == (9,)
+        assert torch.allclose(same.double(), torch.zeros(9, dtype=torch.float64), atol=1e-6)
         assert (evaluate.sequence_kl(ref, model, rows, common.PAD, batch_size=3) > 0).all()

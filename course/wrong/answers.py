@@ -66,6 +66,13 @@ def sft_mask_off_by_one(model, batch):
     return F.cross_entropy(logits[mask].float(), targets[mask])
 
 
+@wrong(1, "sft.completion_loss", "targets equal to the pad id masked out: EOS dropped where pad == EOS")
+def sft_pad_targets_masked(model, batch):
+    mask = batch["response_mask"][:, 1:] & (batch["input_ids"][:, 1:] != model.config.pad_token_id)
+    logits, targets, mask = response_targets(model, batch, mask)
+    return F.cross_entropy(logits[mask].float(), targets[mask])
+
+
 @wrong(1, "sft.completion_loss", "prompt tokens in the loss")
 def sft_prompt_counts(model, batch):
     logits, targets, mask = response_targets(model, batch, batch["attention_mask"][:, 1:])
@@ -111,6 +118,17 @@ def dpo_beta_missing(pi_w, pi_l, ref_w, ref_l, beta):
 @wrong(3, "dpo.dpo_loss", "beta outside the log-sigmoid")
 def dpo_beta_outside(pi_w, pi_l, ref_w, ref_l, beta):
     return -beta * F.logsigmoid((pi_w - ref_w) - (pi_l - ref_l))
+
+
+@wrong(3, "dpo.dpo_loss", "-log(sigmoid(beta Delta)): infinite at a margin of -1e4")
+def dpo_log_of_sigmoid(pi_w, pi_l, ref_w, ref_l, beta):
+    return -torch.log(torch.sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))))
+
+
+@wrong(3, "dpo.ipo_loss", "the rejected log-ratio detached: no gradient pushes y_l down")
+def ipo_rejected_detached(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
+    n_w, n_l = (1, 1) if summed else (len_w, len_l)
+    return ((pi_w - ref_w) / n_w - ((pi_l - ref_l) / n_l).detach() - 1 / (2 * beta)) ** 2
 
 
 @wrong(3, "dpo.ipo_loss", "IPO's target 1/beta instead of 1/(2 beta)")
@@ -173,6 +191,39 @@ def weight_not_detached(args, logps, rows):
     return torch.exp(log_w), is_dpo.weight_stats(log_w)
 
 
+def weights_of(log_w_of_base):
+    """importance_weights with log w from log_w_of_base(args, logps, rows) (base: what the log-ratios are
+    taken against), detached unless --weight_grad, as it should be."""
+    def importance_weights(args, logps, rows):
+        log_w = log_w_of_base(args, logps, rows)
+        log_w = log_w if args.weight_grad else log_w.detach()
+        return torch.exp(log_w), is_dpo.weight_stats(log_w)
+    importance_weights.__name__ = log_w_of_base.__name__
+    return importance_weights
+
+
+@wrong(4, "is_dpo.importance_weights", "--behaviour_logps ignored: always against log pi_ref")
+@weights_of
+def weights_ignore_behaviour(args, logps, rows):
+    r_w, r_l = logps["pi_w"] - logps["ref_w"], logps["pi_l"] - logps["ref_l"]
+    lengths = logps["len_w"].float(), logps["len_l"].float()
+    return is_dpo.log_importance_weights(args.weight, r_w, r_l, *lengths,
+                                         args.alpha, args.log_w_max)
+
+
+@wrong(4, "is_dpo.importance_weights", "alpha and log_w_max swapped")
+@weights_of
+def weights_alpha_and_bound_swapped(args, logps, rows):
+    base_w, base_l = logps["ref_w"], logps["ref_l"]
+    if args.behaviour_logps:
+        base_w = torch.tensor([r["chosen_behaviour_logp"] for r in rows], device=base_w.device)
+        base_l = torch.tensor([r["rejected_behaviour_logp"] for r in rows], device=base_l.device)
+    r_w, r_l = logps["pi_w"] - base_w, logps["pi_l"] - base_l
+    lengths = logps["len_w"].float(), logps["len_l"].float()
+    return is_dpo.log_importance_weights(args.weight, r_w, r_l, *lengths,
+                                         args.log_w_max, args.alpha)
+
+
 # ---------------------------------------------------------------------------------------- 5. the KL
 
 
@@ -223,22 +274,65 @@ def backward_from(grad_logits_of, rows_of_weight=lambda ctx, n: slice(None)):
     return backward
 
 
-@wrong(6, "dpo.ChunkedLogProbs.backward", "onehot only, the softmax term left out")
+@wrong(6, "lm.ChunkedLogProbs.backward", "onehot only, the softmax term left out")
 @backward_from
 def backward_no_softmax(probs, onehot, g):
     return onehot * g[:, None]
 
 
-@wrong(6, "dpo.ChunkedLogProbs.backward", "softmax - onehot: the sign flipped")
+@wrong(6, "lm.ChunkedLogProbs.backward", "softmax - onehot: the sign flipped")
 @backward_from
 def backward_sign_flipped(probs, onehot, g):
     return (probs - onehot) * g[:, None]
 
 
-@wrong(6, "dpo.ChunkedLogProbs.backward", "the weight's and bias's gradients set (=) per chunk, not added")
+@wrong(6, "lm.ChunkedLogProbs.backward", "the weight's and bias's gradients set (=) per chunk, not added")
 def backward_last_chunk_only(ctx, grad_logps):
     last_chunk = lambda ctx, n: slice((n - 1) // ctx.chunk * ctx.chunk, None)  # noqa: E731
     return backward_from(lambda probs, onehot, g: (onehot - probs) * g[:, None], last_chunk)(ctx, grad_logps)
+
+
+def chunked_backward(ctx, grad_logps, chunk=None, logits_dtype=None, bias_inside_weight=False):
+    """The solution's loop, but for one change: chunk (None: ctx.chunk), the dtype the logits are recomputed
+    in (None: the forward's, ctx.dtype), or the bias's gradient added only where the weight's is asked for."""
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    dtype, chunk, acc = logits_dtype or ctx.dtype, chunk or ctx.chunk, lse.dtype
+    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+    grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        for s in range(0, len(targets), chunk):
+            h, g, t = hidden[s:s + chunk], grad_logps[s:s + chunk], targets[s:s + chunk]
+            probs = F.linear(h.to(dtype), w, b).to(acc).sub_(lse[s:s + chunk, None]).exp_()
+            grad_logits = probs.mul_(-g[:, None])
+            grad_logits[torch.arange(len(t), device=t.device), t] += g
+            if grad_hidden is not None:
+                grad_hidden[s:s + chunk] = grad_logits.to(dtype) @ w
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h.to(acc))
+                if grad_bias is not None and bias_inside_weight:
+                    grad_bias += grad_logits.sum(0)
+            if grad_bias is not None and not bias_inside_weight:
+                grad_bias += grad_logits.sum(0)
+    grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias, None, None
+
+
+@wrong(6, "lm.ChunkedLogProbs.backward", "the bias's gradient computed only inside the weight's branch")
+def backward_bias_inside_weight_branch(ctx, grad_logps):
+    return chunked_backward(ctx, grad_logps, bias_inside_weight=True)
+
+
+@wrong(6, "lm.ChunkedLogProbs.backward", "the whole [N, V] softmax at once (right numbers, N V memory)")
+def backward_whole_softmax(ctx, grad_logps):
+    return chunked_backward(ctx, grad_logps, chunk=len(grad_logps))
+
+
+@wrong(6, "lm.ChunkedLogProbs.backward", "logits recomputed in the parameters' dtype, not the forward's")
+def backward_parameters_dtype(ctx, grad_logps):
+    return chunked_backward(ctx, grad_logps, logits_dtype=ctx.saved_tensors[1].dtype)
 
 
 # ---------------------------------------------------------------------------------------- 7. Gaussian toys

@@ -1,27 +1,31 @@
 """
-online_dpo.py -- online DPO (the Adaptive-IS paper, Sec. 3.1): every step samples two fresh responses per
-prompt from the current policy, labels them with the proxy reward model (or, with --judge true, the toy's
-hidden true scorer), and takes one DPO step on those pairs (METHOD.md, section 11).
+extras/online_dpo.py -- online DPO (the Adaptive-IS paper, Sec. 3.1): every step samples two fresh responses
+per prompt from the current policy, labels them with the proxy reward model (or, with --judge true, the
+toy's hidden true scorer), and takes one DPO step on those pairs (METHOD.md, section 11).
 
 The loss is dpo.py's, to the bit; what changes is where the pairs come from: on-policy samples instead of
 pi_ref's offline pairs, so no importance weight is needed. pi_ref's log-probs are computed on the fly
 (the pairs are new every step). A pair whose two responses are identical or score the same carries no
 preference and is dropped, as reward.py --mode label drops it.
 
-Run (after the proxy: see rloo.py):
-    python online_dpo.py                 # -> out/runs/online-dpo_beta0.01_seed0/
-    python online_dpo.py --judge true    # the labels of the true scorer instead of the proxy's
+Run (after the proxy: see extras/rloo.py):
+    python extras/online_dpo.py                 # -> out/runs/online-dpo_beta0.01_seed0/
+    python extras/online_dpo.py --judge true    # the labels of the true scorer instead of the proxy's
 """
 import functools
+import os
+import sys
 import types
 from dataclasses import dataclass
 
 import torch
 
-import dpo
-import rloo
-import stage
-from stage import fail
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, as a script too
+import dpo  # noqa: E402
+import lm  # noqa: E402
+import stage  # noqa: E402
+from extras import rloo  # noqa: E402
+from stage import fail  # noqa: E402
 
 
 @dataclass
@@ -48,10 +52,10 @@ def online_dpo_step(args, run, prompts, sampler=labelled_pairs):
     if not pairs:
         fail("every sampled pair was identical or tied: no preference to learn from")
     pad = run.tokenizer.pad_token_id
-    pi_w, pi_l, len_w, len_l = dpo.pair_logps(run.model, pairs, pad, run.device, run.autocast,
-                                              args.logit_chunk)
-    with torch.no_grad():
-        ref_w, ref_l, _, _ = dpo.pair_logps(run.ref, pairs, pad, run.device, run.autocast, args.logit_chunk)
+    with run.autocast:
+        pi_w, pi_l, len_w, len_l = lm.pair_logps(run.model, pairs, pad, run.device, args.logit_chunk)
+        with torch.no_grad():
+            ref_w, ref_l, _, _ = lm.pair_logps(run.ref, pairs, pad, run.device, args.logit_chunk)
     loss_args = types.SimpleNamespace(loss_type="dpo", beta=args.beta)
     losses, stats = dpo.daa_losses(loss_args, pi_w, pi_l, ref_w, ref_l, len_w, len_l)
     return losses.mean(), {**stats, "pairs": len(pairs)}

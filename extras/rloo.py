@@ -1,6 +1,6 @@
 """
-rloo.py -- REINFORCE leave-one-out (RLOO) against a proxy reward model: the online baseline of the
-Adaptive-IS paper (App. C, Fig. 6), and the online loop that online_dpo.py shares.
+extras/rloo.py -- REINFORCE leave-one-out (RLOO) against a proxy reward model: the online baseline of the
+Adaptive-IS paper (App. C, Fig. 6), and the online loop that extras/online_dpo.py shares.
 
 Each step draws --prompts_per_step training prompts and k responses per prompt from the current policy
 (temperature 1), scores each with the proxy reward model (reward.py --mode train on the offline pairs:
@@ -13,7 +13,7 @@ hidden true scorer, and takes one policy-gradient step (METHOD.md, section 11):
 
 Run (after toy_tldr.py, sft.py, reward.py --mode label, and the proxy:
     python reward.py --mode train --data out/prefs/train.jsonl --out_dir out/proxy_rm --val_size 500):
-    python rloo.py                      # -> out/runs/rloo_beta0.01_seed0/ (ckpt-<step>/, train_log.jsonl)
+    python extras/rloo.py               # -> out/runs/rloo_beta0.01_seed0/ (ckpt-<step>/, train_log.jsonl)
 
 Read it top to bottom:
   1. the prompts, and the scores of sampled responses (proxy or true scorer);
@@ -24,18 +24,19 @@ Read it top to bottom:
 import dataclasses
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-import dpo
-import policy
-import reward
-import stage
-import toy_tldr
-from stage import fail
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the core, as a script too
+import dpo  # noqa: E402
+import lm  # noqa: E402
+import reward  # noqa: E402
+import stage  # noqa: E402
+from stage import fail  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -49,12 +50,10 @@ def dpo_flag(name, **default):
 
 @dataclass
 class OnlineArgs:
-    """The flags of every online method (rloo.py, online_dpo.py); most are dpo.py's."""
+    """The flags of every online method (extras/rloo.py, extras/online_dpo.py); most are dpo.py's."""
     sft_path: str = dpo_flag("sft_path")
     data: str = field(default="out/toy_tldr", metadata={
-        "help": "toy_tldr dir or local .json/.jsonl/.parquet file whose prompts are sampled (sft.jsonl)"})
-    split: str = dpo_flag("split")
-    prompt_column: str = dpo_flag("prompt_column")
+        "help": "prompts to sample: a sft.jsonl, or the directory holding it (the toy world's)"})
     num_prompts: int = field(default=4000, metadata={
         "help": "the first N unique training prompts (reward.py --mode label's prompts)"})
     steps: int = field(default=150, metadata={"help": "optimizer steps"})
@@ -78,7 +77,6 @@ class OnlineArgs:
     precision: str = dpo_flag("precision")
     max_prompt_len: int = dpo_flag("max_prompt_len")
     max_response_len: int = dpo_flag("max_response_len")
-    truncate_prompts: bool = dpo_flag("truncate_prompts")
     seed: int = dpo_flag("seed")
     threads: int = dpo_flag("threads")
     runs_dir: str = dpo_flag("runs_dir")
@@ -99,10 +97,12 @@ class Args(OnlineArgs):
 
 def load_prompts(args, tokenizer):
     """[(text, ids)] of the first --num_prompts unique training prompts."""
-    rows = policy.load_rows(args.data, "sft.jsonl", args.split, {"prompt": args.prompt_column})
-    texts = policy.unique(r["prompt"] for r in rows)[:args.num_prompts]
-    ids = policy.encode_prompts(tokenizer, texts, args.max_prompt_len, args.truncate_prompts)
-    return list(zip(texts, ids))
+    first = {}
+    for row in lm.load_rows(args.data, "sft.jsonl", ["prompt"]):
+        first.setdefault(row["prompt"], row)  # each prompt's first row, in the order of the file
+    rows = list(first.values())[:args.num_prompts]
+    ids = lm.encode_prompts(tokenizer, rows, args.max_prompt_len)
+    return [(row["prompt"], p) for row, p in zip(rows, ids)]
 
 
 def sample_responses(args, run, prompts, k):
@@ -110,9 +110,22 @@ def sample_responses(args, run, prompts, k):
     rows i*k .. i*k+k-1 for prompt i (EOS kept where the response finished)."""
     ids = [p for _, p in prompts for _ in range(k)]
     tok = run.tokenizer
-    responses, _ = policy.sample(run.model, ids, tok.eos_token_id, tok.pad_token_id, args.max_response_len,
-                                 1.0, 256, run.generator, suppress_ids=policy.banned_ids(tok))
+    responses, _ = lm.sample(run.model, ids, tok.eos_token_id, tok.pad_token_id, args.max_response_len,
+                             1.0, 256, run.generator, suppress_ids=lm.banned_ids(tok))
     return responses
+
+
+@torch.no_grad()
+def proxy_scores(run, examples, k, batch_size=64):
+    """The proxy's score of each (prompt_ids, response_ids) [len(examples)], k rows sharing each prompt."""
+    run.scorer.eval()
+    out = []
+    for s in range(0, len(examples), batch_size * k):
+        batch = lm.collate_grouped(examples[s:s + batch_size * k], run.tokenizer.pad_token_id, k)
+        batch = lm.to_device(batch, run.device)
+        with run.autocast:
+            out.append(reward.reward_scores(run.scorer, batch))
+    return torch.cat(out).cpu()
 
 
 def scores(args, run, prompts, responses, k):
@@ -121,21 +134,21 @@ def scores(args, run, prompts, responses, k):
     eos = run.tokenizer.eos_token_id
     finished = torch.tensor([bool(r) and r[-1] == eos for r in responses])
     if args.judge == "true":
-        texts = [policy.decode_response(run.tokenizer, r)[0] for r in responses]
+        import toy_tldr  # the toy's hidden scorer
+
+        texts = [lm.decode_response(run.tokenizer, r)[0] for r in responses]
         return torch.tensor([toy_tldr.true_score(prompts[i // k][0], t, bool(f))
                              for i, (t, f) in enumerate(zip(texts, finished))])
-    examples = [(prompts[i // k][1], r) for i, r in enumerate(responses)]
-    s = torch.tensor(reward.score_examples(run.scorer, examples, run.tokenizer.pad_token_id, 64, run.device,
-                                           run.autocast, k=k))
+    s = proxy_scores(run, [(prompts[i // k][1], r) for i, r in enumerate(responses)], k)
     return s - args.missing_eos_penalty * (~finished).float()
 
 
 def logps_of(args, model, run, prompts, responses, k):
     """log pi(y|x) of each response [len(responses)], each prompt run once for its k responses."""
     examples = [(prompts[i // k][1], r) for i, r in enumerate(responses)]
-    batch = policy.to_device(policy.collate_grouped(examples, run.tokenizer.pad_token_id, k), run.device)
+    batch = lm.to_device(lm.collate_grouped(examples, run.tokenizer.pad_token_id, k), run.device)
     with run.autocast:
-        return dpo.sequence_logps(model, batch, args.logit_chunk)[0]
+        return lm.sequence_logps(model, batch, args.logit_chunk)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,106 +186,98 @@ def rloo_step(args, run, prompts):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. the online loop, shared with online_dpo.py
+# 3. the online loop, shared with extras/online_dpo.py
 
 
 @dataclass
 class Run:
-    """What the online loop works on (the fields dpo.save_checkpoint reads: tmp, model, tokenizer)."""
-    name: str
-    out_dir: str
-    tmp: str
+    """What a step works on."""
     tokenizer: object
     model: object  # pi_theta, started at pi_ref
     ref: object  # pi_ref, frozen
     scorer: object  # the proxy reward model, or None (--judge true)
-    prompts: list
     generator: torch.Generator
     device: torch.device
     autocast: object
-    scaler: object  # policy.grad_scaler: --precision fp16 only
 
 
-def validate(args):
-    stage.one_process_only("an online method (rloo.py, online_dpo.py)")
+def check(args):
+    stage.one_process_only("an online method (extras/rloo.py, extras/online_dpo.py)")
     stage.check_args(args, positive=("num_prompts", "steps", "prompts_per_step", "lr", "grad_clip", "beta",
-                                   "logit_chunk", "max_prompt_len", "max_response_len"),
+                                     "logit_chunk", "max_prompt_len", "max_response_len"),
                      non_negative=("warmup_steps", "num_checkpoints", "missing_eos_penalty"))
     if getattr(args, "k", 2) < 2:
         fail(f"--k must be >= 2 (the leave-one-out baseline needs another sample), got {args.k}")
     if args.judge not in ("proxy", "true"):
         fail(f"--judge must be proxy or true, got {args.judge!r}")
-    dpo.check_run_flags(args)
-    for flag, path in (("sft_path", args.sft_path),) + ((("proxy_path", args.proxy_path),)
-                                                        if args.judge == "proxy" else ()):
-        if not os.path.isdir(path):
-            fail(f"--{flag} {path} not found")
-    if args.judge == "true" and not policy.is_toy(args.data):
+    if args.run_name in (".", "..") or os.sep in args.run_name:
+        fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
+    for flag in ("sft_path", "proxy_path") if args.judge == "proxy" else ("sft_path",):
+        if not os.path.isdir(getattr(args, flag)):
+            fail(f"--{flag} {getattr(args, flag)} not found")
+    if args.judge == "true" and not os.path.isfile(os.path.join(args.data, "eval.jsonl")):
         fail(f"--judge true needs the toy world's hidden scorer; {args.data} is not a toy_tldr dir")
 
 
-def start_run(args, method):
-    """Checks, seeds, prompts, pi_theta, pi_ref, the scorer, and the locked output directory."""
-    validate(args)
-    device, autocast, name, out_dir = dpo.begin_run(args, method)
-    inputs = [args.sft_path, args.data] + ([args.proxy_path] if args.judge == "proxy" else [])
-    stage.check_output(out_dir, "online run", inputs)
-    tokenizer = policy.load_tokenizer(args.sft_path)
-    prompts = load_prompts(args, tokenizer)
-    tmp = stage.start_output(out_dir, "online run", inputs)
-    model = policy.load_policy(args.sft_path).to(device)
-    ref = policy.load_policy(args.sft_path).to(device).eval().requires_grad_(False)
+def start_run(args, device, autocast):
+    """pi_theta, pi_ref, the scorer and the sampler's generator."""
+    tokenizer = lm.load_tokenizer(args.sft_path)
+    model = lm.load_model(args.sft_path).to(device)
+    ref = lm.load_model(args.sft_path).to(device).eval().requires_grad_(False)
     scorer = None
     if args.judge == "proxy":
         scorer = reward.load_reward_model(args.proxy_path, tokenizer).to(device).requires_grad_(False)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    return Run(name, out_dir, tmp, tokenizer, model, ref, scorer, prompts, generator, device, autocast,
-               policy.grad_scaler(args.precision, device))
-
-
-def prompt_batches(args, num_prompts):
-    """Index lists of --prompts_per_step prompts, one a step, reshuffled every pass."""
-    order, cursor = [], 0
-    while True:
-        if cursor + args.prompts_per_step > len(order):
-            order, cursor = random.sample(range(num_prompts), num_prompts), 0
-        yield order[cursor:cursor + args.prompts_per_step]
-        cursor += args.prompts_per_step
+    return Run(tokenizer, model, ref, scorer, generator, device, autocast)
 
 
 @stage.cleans_up
 def train(args, step_loss, method):
     """The online loop: step_loss(args, run, prompts) -> (loss, stats) on samples of the current policy."""
-    run = start_run(args, method)
-    if args.prompts_per_step > len(run.prompts):
-        fail(f"--prompts_per_step {args.prompts_per_step} > the {len(run.prompts)} prompts of {args.data}")
-    optimizer, scheduler = dpo.make_optimizer(args, run.model, args.steps)
-    epochs = args.steps * args.prompts_per_step / len(run.prompts)  # passes over the prompts
-    policy.save_json(os.path.join(run.tmp, "args.json"),
-                     {**dataclasses.asdict(args), "method": method, "run_name": run.name,
-                      "run_id": stage.read_marker(run.tmp)["run"], "total_steps": args.steps,
-                      "num_epochs": epochs, "num_prompts_read": len(run.prompts)})
-    save_at = dpo.checkpoint_steps(args, args.steps)
+    check(args)
+    stage.seed_everything(args.seed)
+    device, autocast = stage.device_and_autocast(args.precision, args.threads)
+    name = args.run_name or f"{method}_beta{args.beta:g}_seed{args.seed}"
+    out_dir = os.path.join(args.runs_dir, name)
+    inputs = [args.sft_path, args.data] + ([args.proxy_path] if args.judge == "proxy" else [])
+    stage.check_output(out_dir, "online run", inputs)  # before any work
+    run = start_run(args, device, autocast)
+    prompts = load_prompts(args, run.tokenizer)
+    if args.prompts_per_step > len(prompts):
+        fail(f"--prompts_per_step {args.prompts_per_step} > the {len(prompts)} prompts of {args.data}")
+    output = stage.start_output(out_dir, "online run", inputs)
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = stage.lr_schedule(optimizer, args.warmup_steps, args.steps, args.lr_schedule,
+                                  args.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow
+    stage.save_json(os.path.join(output.work, "args.json"),
+                    {**dataclasses.asdict(args), "method": method, "run_name": name, "run_id": output.run,
+                     "total_steps": args.steps, "num_prompts_read": len(prompts),
+                     "num_epochs": args.steps * args.prompts_per_step / len(prompts)})
+    save_at = ({round(i * args.steps / args.num_checkpoints) for i in range(args.num_checkpoints + 1)}
+               if args.num_checkpoints else set())
     if 0 in save_at:
-        dpo.save_checkpoint(run, 0)
-    batches = prompt_batches(args, len(run.prompts))
-    t0 = time.time()
-    bar = tqdm(range(1, args.steps + 1), desc=run.name)
+        stage.save_pretrained(run.model, os.path.join(output.work, "ckpt-0"), run.tokenizer)
+    order, cursor, t0 = [], 0, time.time()
+    bar = tqdm(range(1, args.steps + 1), desc=name)
     for step in bar:
-        loss, stats = step_loss(args, run, [run.prompts[i] for i in next(batches)])
-        run.scaler.scale(loss).backward()
-        grad_norm = policy.optimizer_step(step, run.model, optimizer, scheduler, run.scaler, args.grad_clip,
-                                          loss.item())
-        row = {"step": step, "epoch": step * args.prompts_per_step / len(run.prompts), "loss": loss.item(),
+        if cursor + args.prompts_per_step > len(order):  # a fresh shuffle each pass over the prompts
+            order, cursor = random.sample(range(len(prompts)), len(prompts)), 0
+        idx, cursor = order[cursor:cursor + args.prompts_per_step], cursor + args.prompts_per_step
+        loss, stats = step_loss(args, run, [prompts[i] for i in idx])
+        scaler.scale(loss).backward()
+        grad_norm = stage.optimizer_step(step, run.model, optimizer, scheduler, scaler, args.grad_clip,
+                                         loss.item())
+        row = {"step": step, "epoch": step * args.prompts_per_step / len(prompts), "loss": loss.item(),
                **stats, "grad_norm": float(grad_norm)}
-        policy.append_jsonl(os.path.join(run.tmp, "train_log.jsonl"), row)
+        stage.append_jsonl(os.path.join(output.work, "train_log.jsonl"), row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if step in save_at:
-            dpo.save_checkpoint(run, step)
-    policy.check_finite(args.steps, parameter_norm=policy.parameter_norm(run.model))
-    stage.finish_output(run.tmp, run.out_dir)
-    print(f"{run.name}: done in {time.time() - t0:.0f} s -> {run.out_dir}")
-    return run.out_dir
+            stage.save_pretrained(run.model, os.path.join(output.work, f"ckpt-{step}"), run.tokenizer)
+    stage.check_finite(args.steps, parameter_norm=stage.parameter_norm(run.model))
+    output.publish()
+    print(f"{name}: done in {time.time() - t0:.0f} s -> {out_dir}")
+    return out_dir
 
 
 if __name__ == "__main__":
