@@ -2,6 +2,7 @@
 exercise anywhere in it) fails every graded test with its exercise's NotImplementedError, the solution
 passes them all, every wrong answer of course/wrong/ fails one, and every right answer of course/right/
 passes all."""
+import ast
 import importlib.util
 import os
 import re
@@ -203,6 +204,15 @@ def test_every_wrong_answer_fails_a_graded_test(wrong, monkeypatch):
     results = run_graded(wrong.exercise)
     caught = [name for name, e in results.items() if isinstance(e, AssertionError)]
     assert caught, f"{wrong.name} ({wrong.what}) passes every graded test of exercise {wrong.exercise}"
+    bare = [name for name in caught if not str(results[name]).strip()]
+    assert not bare, f"{wrong.name}: {bare} fail with a bare AssertionError, naming no check"
+
+
+def test_every_graded_assert_names_its_check():
+    """A failing value says which check failed (EXERCISES.md): no graded assert without a message."""
+    bare = [f"{path.name}:{node.lineno}" for path in GRADED_FILES.values()
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert) and node.msg is None]
+    assert not bare, f"asserts without a message: {bare}"
 
 
 @pytest.mark.parametrize("right", rights.RIGHT, ids=[r.name for r in rights.RIGHT])
