@@ -14,11 +14,15 @@ The copy holds no working version of an exercise elsewhere: the instructor's fil
 contains or checks the reference answers (NOT_IN_HANDOUT: tests/, bench/, CI) stay out, and the body of each
 function of ALSO_STUBBED (code that would make an exercise a one-liner) becomes its exercise's `raise` too.
 
+The copy's README.md is the students' (student_readme): no instructors' page, no `tests/` or `bench/`, and
+the test command of its set-up block runs the graded tests, the copy's only ones.
+
 The numbering is the table below, shared with EXERCISES.md ("## Exercise N: <title>"): every marked region
 must lie in a function of FUNCTIONS, and every function of FUNCTIONS must hold one (tests/test_course.py).
 """
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +57,8 @@ ALSO_STUBBED = {  # (file, function) -> exercise: whole bodies (after the docstr
 }
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 SKIPPED_DIRS = ("out", ".git", "__pycache__", ".pytest_cache")
-INSTRUCTOR_ONLY = ("course/make_handout.py", "course/wrong/", "course/right/", "tests/test_course.py")
+INSTRUCTOR_ONLY = ("course/make_handout.py", "course/grade.py", "course/wrong/", "course/right/",
+                   "tests/test_course.py", "docs/instructors.md")
 NOT_IN_HANDOUT = INSTRUCTOR_ONLY + ("tests/", "bench/", ".ci/")  # tests/ and bench/ hold reference answers
 
 
@@ -180,11 +185,35 @@ def handout_files(root=ROOT):
             found |= seen
         elif path in stripped:
             compile(source, path, "exec")
+    if "README.md" in files:
+        with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+            stripped["README.md"] = student_readme(f.read())
     missing = sorted(set(FUNCTIONS) - found) + sorted(set(ALSO_STUBBED) - stubbed)
     if missing:
         raise HandoutError("exercise functions without a marked region, or ALSO_STUBBED functions not found: "
                            + ", ".join(f"{p}:{name}" for p, name in missing))
     return stripped, files
+
+
+STUDENT_README = [  # (pattern, replacement) in order, on README.md; tests/test_course.py checks the result
+    (r"\A(# .*\n)", r"\1\n> The student copy of the course: [EXERCISES.md](EXERCISES.md) is the sheet. Each "
+     "exercise's body raises\n> NotImplementedError until you write it; `course/graded/` grades it.\n"),
+    (r" ?`python -m tests\.reading_path` prints[^.]*\.", ""),
+    (r"\n(bench|tests)/ +[^\n]*", ""),
+    (r"\ncourse/ +[^\n]*", "\ncourse/graded/        the graded tests of EXERCISES.md, one pytest file per "
+     "exercise"),
+    (r"python -m pytest -q +# every test[^\n]*\n(python -m pytest -q -m core[^\n]*\n)?",
+     "python -m pytest -q course/graded  # the graded tests of EXERCISES.md: about 12 seconds\n"),
+    (r"\n- \[docs/instructors\.md\][^\n]*", ""),
+    (r" \[bench/README\.md\]\(bench/README\.md\): the speed of the\s+log-prob path; ", "\n  "),
+]
+
+
+def student_readme(text):
+    """README.md as the students read it (STUDENT_README): their set-up, nothing the copy lacks."""
+    for pattern, replacement in STUDENT_README:
+        text = re.sub(pattern, replacement, text)
+    return text
 
 
 def check_out_dir(out_dir, root=ROOT):

@@ -24,8 +24,10 @@ def test_a_scalar_the_mean_over_every_response_token_of_the_batch():
     for seed in range(3):
         model, batch, expected = batch_and_expected(10, seed)
         loss = sft.completion_loss(model, batch)
-        assert loss.shape == ()
-        assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6), (loss.item(), expected.item())
+        assert loss.shape == (), f"completion_loss returns one scalar, not shape {tuple(loss.shape)}"
+        assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6), (
+            f"completion_loss, batch seed {seed}: {loss.item():.6f}, the mean over every response token "
+            f"(EOS included, prompt and padding not) is {expected.item():.6f}")
 
 
 def test_eos_is_a_target_when_pad_is_eos():
@@ -33,18 +35,22 @@ def test_eos_is_a_target_when_pad_is_eos():
     for seed in range(2):
         model, batch, expected = batch_and_expected(10, seed, pad=common.EOS)
         loss = sft.completion_loss(model, batch)
-        assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6), (loss.item(), expected.item())
+        assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6), (
+            f"completion_loss with pad = EOS, batch seed {seed}: {loss.item():.6f}, expected "
+            f"{expected.item():.6f} (the final EOS is a target: response_mask says which tokens count)")
 
 
 def test_one_example_alone_and_order_of_rows():
     model, rows = common.tiny_model(0), common.examples(8, seed=5)
     p, r = rows[0]
     alone = -common.next_token_logps(model, p, r).gather(1, torch.tensor(r)[:, None]).mean()
-    assert torch.allclose(sft.completion_loss(model, lm.collate(rows[:1], common.PAD)).double(), alone,
-                          rtol=1e-5)
+    one = sft.completion_loss(model, lm.collate(rows[:1], common.PAD)).double()
+    assert torch.allclose(one, alone, rtol=1e-5), (
+        f"completion_loss of one example alone: {one.item():.6f}, its mean token NLL is {alone.item():.6f}")
     forward = sft.completion_loss(model, lm.collate(rows, common.PAD))
     backward = sft.completion_loss(model, lm.collate(rows[::-1], common.PAD))
-    assert torch.allclose(forward, backward, rtol=1e-5)
+    assert torch.allclose(forward, backward, rtol=1e-5), (
+        f"completion_loss depends on the order of the rows: {forward.item():.6f} and {backward.item():.6f}")
 
 
 def test_gradient_equals_the_definitions():
@@ -53,14 +59,21 @@ def test_gradient_equals_the_definitions():
     grads = torch.autograd.grad(sft.completion_loss(model, batch), params)
     _, _, expected = batch_and_expected(9, seed=7)
     expected_grads = torch.autograd.grad(expected, params)
-    for g, e in zip(grads, expected_grads):
-        assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-7)
+    for name, g, e in zip(("output layer", "input embedding"), grads, expected_grads):
+        assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-7), (
+            f"completion_loss's gradient of the {name}'s weight differs from the definition's: largest "
+            f"difference {(g.double() - e).abs().max().item():.3g}")
 
 
 def test_sequence_logps_plain_sums_each_rows_response():
     for pad in (common.PAD, common.EOS):
         model, rows = common.tiny_model(0, pad), common.examples(9, seed=11)
         logps, lengths = lm.sequence_logps_plain(model, lm.collate(rows, pad))
-        assert logps.shape == (9,) and lengths.tolist() == [len(r) for _, r in rows]
+        assert logps.shape == (9,), f"sequence_logps_plain: logps of shape (9,), not {tuple(logps.shape)}"
+        assert lengths.tolist() == [len(r) for _, r in rows], (
+            f"sequence_logps_plain's lengths {lengths.tolist()}, the responses' (EOS included): "
+            f"{[len(r) for _, r in rows]}")
         expected = torch.stack([t.sum() for t in token_logps(model, rows)])
-        assert torch.allclose(logps.double(), expected, rtol=1e-6, atol=1e-8), (pad, logps, expected)
+        assert torch.allclose(logps.double(), expected, rtol=1e-6, atol=1e-8), (
+            f"sequence_logps_plain with pad id {pad}: {logps.tolist()}, each row's sum of its response "
+            f"tokens' log-probs: {expected.tolist()}")

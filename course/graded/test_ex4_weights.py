@@ -28,11 +28,13 @@ def test_every_mode_pair_by_pair():
     for mode, alpha, bound in [("full", 0, 2), ("clipped", 0, 2), ("clipped", 0, 0.5), ("adaptive", 0, 2),
                                ("fixed", 0.3, 2), ("fixed", 1.0, 2), ("sqrt", 0, 2)]:
         log_w = is_dpo.log_importance_weights(mode, r_w, r_l, len_w, len_l, alpha=alpha, log_w_max=bound)
-        assert log_w.shape == (32,), mode
+        assert log_w.shape == (32,), f"log_importance_weights({mode!r}): shape {tuple(log_w.shape)}"
         for i in range(32):
             want = expected_log_w(mode, r_w[i].item(), r_l[i].item(), len_w[i].item(), len_l[i].item(), alpha,
                                   bound)
-            assert math.isclose(log_w[i].item(), want, rel_tol=1e-9, abs_tol=1e-12), (mode, i)
+            assert math.isclose(log_w[i].item(), want, rel_tol=1e-9, abs_tol=1e-12), (
+                f"log_importance_weights mode {mode!r} (alpha {alpha}, log_w_max {bound}), pair {i}: "
+                f"{log_w[i].item():.6f}, expected {want:.6f}")
 
 
 def test_the_clip_acts_on_the_pair_and_from_above():
@@ -40,7 +42,10 @@ def test_the_clip_acts_on_the_pair_and_from_above():
     r_l = torch.tensor([-4.0, 5.0, 1.5, 3.0, -1.0, 0.0, -9.5, 9.0], dtype=torch.float64)
     lens = torch.full((8,), 4.0, dtype=torch.float64)
     log_w = is_dpo.log_importance_weights("clipped", r_w, r_l, lens, lens, log_w_max=2.0)
-    assert log_w.tolist() == [1.0, 1.0, 2.0, 2.0, -2.0, 0.0, 0.5, -1.0]
+    want = [1.0, 1.0, 2.0, 2.0, -2.0, 0.0, 0.5, -1.0]
+    assert log_w.tolist() == want, (
+        f"clipped log w (log_w_max 2): {log_w.tolist()}, expected {want}: min(r_w + r_l, 2), the clip on the "
+        "pair's log w and from above only")
 
 
 def test_adaptive_alpha_is_one_over_each_responses_length():
@@ -49,7 +54,9 @@ def test_adaptive_alpha_is_one_over_each_responses_length():
     len_w = torch.tensor([2.0, 3.0, 4.0, 5.0, 1.0, 6.0, 8.0, 10.0], dtype=torch.float64)
     len_l = torch.tensor([4.0, 2.0, 1.0, 5.0, 3.0, 2.0, 4.0, 1.0], dtype=torch.float64)
     log_w = is_dpo.log_importance_weights("adaptive", r_w, r_l, len_w, len_l)
-    assert log_w.tolist() == [2.5, 0.0, 2.5, 1.0, 4.0, -1.0, -1.0, 1.1]
+    want = [2.5, 0.0, 2.5, 1.0, 4.0, -1.0, -1.0, 1.1]
+    assert log_w.tolist() == want, (
+        f"adaptive log w: {log_w.tolist()}, expected r_w / |y_w| + r_l / |y_l| = {want}")
 
 
 def weights_and_losses(weight_grad, n=12, seed=4, **flags):
@@ -74,17 +81,24 @@ def test_weights_are_exp_log_w_and_carry_no_gradient():
     w, logps, _ = weights_and_losses(weight_grad=False)
     r_w, r_l = (logps["pi_w"] - logps["ref_w"]).detach(), (logps["pi_l"] - logps["ref_l"]).detach()
     expected = torch.exp(r_w / logps["len_w"] + r_l / logps["len_l"])
-    assert w.shape == (12,) and torch.allclose(w, expected, rtol=1e-6)
+    assert w.shape == (12,), f"importance_weights: one weight per pair, shape (12,), not {tuple(w.shape)}"
+    assert torch.allclose(w, expected, rtol=1e-6), (
+        f"importance_weights (adaptive): {w.tolist()}, expected exp(log w) = {expected.tolist()}")
     loss = (w * logps["pi_w"]).sum()  # d/dpi_w must be w itself: the weight is a constant
     loss.backward()
-    assert torch.allclose(logps["pi_w"].grad, expected, rtol=1e-6)
-    assert logps["pi_l"].grad is None or torch.all(logps["pi_l"].grad == 0)
+    grad_l = logps["pi_l"].grad
+    constant = torch.allclose(logps["pi_w"].grad, expected, rtol=1e-6)
+    assert constant and (grad_l is None or torch.all(grad_l == 0)), (
+        "the weight carries a gradient without --weight_grad: it must be a constant (detached)")
 
 
 def test_weight_grad_lets_the_gradient_through():
     w, logps, _ = weights_and_losses(weight_grad=True)
     w.sum().backward()
-    assert torch.allclose(logps["pi_w"].grad, w.detach() / logps["len_w"], rtol=1e-6)
+    grad = logps["pi_w"].grad
+    assert grad is not None and torch.allclose(grad, w.detach() / logps["len_w"], rtol=1e-6), (
+        "with --weight_grad the gradient flows through the weight: d w / d pi_w = w / |y_w| (adaptive), "
+        f"got {None if grad is None else grad[:4].tolist()}...")
 
 
 def test_every_flag_reaches_the_weights():
@@ -105,4 +119,7 @@ def test_every_flag_reaches_the_weights():
                                       (logps["pi_l"][i] - base_l[i]).item(), logps["len_w"][i].item(),
                                       logps["len_l"][i].item(), flags.get("alpha", 0),
                                       flags.get("log_w_max", 0))
-                assert math.isclose(w[i].item(), math.exp(want), rel_tol=1e-5), (behaviour, flags, i)
+                assert math.isclose(w[i].item(), math.exp(want), rel_tol=1e-5), (
+                    f"importance_weights with {flags}, behaviour_logps={behaviour}, pair {i}: "
+                    f"{w[i].item():.6f}, expected {math.exp(want):.6f} (every flag passed through"
+                    + (", the rows' behaviour log-probs in place of log pi_ref)" if behaviour else ")"))

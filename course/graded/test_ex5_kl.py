@@ -22,8 +22,10 @@ def test_one_number_per_sequence_the_full_distribution_kl():
     with torch.no_grad():
         kl = evaluate.sequence_kl(model, ref, rows, common.PAD, batch_size=4)
         expected = by_hand(model, ref, rows)
-    assert kl.shape == (10,)
-    assert torch.allclose(kl.double(), expected, rtol=1e-5, atol=1e-6), (kl, expected)
+    assert kl.shape == (10,), f"sequence_kl: one number per sequence, shape (10,), not {tuple(kl.shape)}"
+    assert torch.allclose(kl.double(), expected, rtol=1e-5, atol=1e-6), (
+        f"sequence_kl: {kl.tolist()}, the sum over response tokens of the exact KL(p_t || q_t) over the "
+        f"vocabulary is {expected.tolist()}")
 
 
 def test_zero_for_the_same_model_and_never_negative():
@@ -31,6 +33,8 @@ def test_zero_for_the_same_model_and_never_negative():
     rows = common.examples(9, seed=4)
     with torch.no_grad():
         same = evaluate.sequence_kl(model, model, rows, common.PAD, batch_size=3)
-        assert same.shape == (9,)
-        assert torch.allclose(same.double(), torch.zeros(9, dtype=torch.float64), atol=1e-6)
-        assert (evaluate.sequence_kl(ref, model, rows, common.PAD, batch_size=3) > 0).all()
+        assert same.shape == (9,), f"sequence_kl: shape (9,), not {tuple(same.shape)}"
+        assert torch.allclose(same.double(), torch.zeros(9, dtype=torch.float64), atol=1e-6), (
+            f"sequence_kl of a model against itself: {same.tolist()}, expected 0")
+        other = evaluate.sequence_kl(ref, model, rows, common.PAD, batch_size=3)
+        assert (other > 0).all(), f"sequence_kl of two different models: {other.tolist()}, expected all > 0"

@@ -31,9 +31,12 @@ def test_gradients_equal_autograd_of_the_definition():
             out = lm.ChunkedLogProbs.apply(hidden, weight, b, targets, chunk)
             grads = torch.autograd.grad((out * upstream).sum(), params)
             expected = torch.autograd.grad((by_hand(hidden, weight, b, targets) * upstream).sum(), params)
-            for got, want in zip(grads, expected):
-                assert got.shape == want.shape
-                assert torch.allclose(got, want, rtol=1e-9, atol=1e-10), (bias, chunk)
+            for name, got, want in zip(("hidden", "weight", "bias"), grads, expected):
+                assert got.shape == want.shape, (
+                    f"the gradient of {name}: shape {tuple(got.shape)}, {name}'s is {tuple(want.shape)}")
+                assert torch.allclose(got, want, rtol=1e-9, atol=1e-10), (
+                    f"the gradient of {name} (bias={bias}, chunk {chunk}) differs from autograd's: largest "
+                    f"difference {(got - want).abs().max().item():.3g}")
 
 
 def test_only_the_gradients_asked_for():
@@ -46,7 +49,9 @@ def test_only_the_gradients_asked_for():
         got = torch.autograd.grad((lm.ChunkedLogProbs.apply(*params, targets, 4) * upstream).sum(), wanted)
         want = torch.autograd.grad((by_hand(*params, targets) * upstream).sum(), wanted)
         for g, e in zip(got, want):
-            assert torch.allclose(g, e, rtol=1e-9, atol=1e-10), asked
+            assert torch.allclose(g, e, rtol=1e-9, atol=1e-10), (
+                f"with only {'/'.join(dict(zip('hwb', ('hidden', 'weight', 'bias')))[a] for a in asked)} "
+                "asking for a gradient, the gradients differ from autograd's")
 
 
 def test_never_a_tensor_of_the_whole_batch_times_the_vocabulary():
@@ -72,13 +77,19 @@ def test_bfloat16_autocast_logits_recomputed_as_the_forward_computed_them():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = lm.ChunkedLogProbs.apply(hidden, weight, b, targets, 8)
     grads = torch.autograd.grad((out * upstream).sum(), [hidden, weight, b])
-    assert [t.dtype for t in grads] == [torch.float32] * 3
-    assert abs(grads[2].sum().item()) < 1e-3 * upstream.sum().item(), grads[2].sum().item()
+    assert [t.dtype for t in grads] == [torch.float32] * 3, (
+        f"under bfloat16 autocast the gradients come back in the inputs' dtype (float32), not "
+        f"{[t.dtype for t in grads]}")
+    assert abs(grads[2].sum().item()) < 1e-3 * upstream.sum().item(), (
+        f"under bfloat16 autocast the bias's gradient sums to {grads[2].sum().item():.4g} over the "
+        "vocabulary, not 0: recompute the logits in the forward's dtype (ctx.dtype)")
     logits = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16(), b.bfloat16()).float()
     definition = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, 1)
     want = torch.autograd.grad((definition * upstream).sum(), [hidden, weight, b])
-    for got, e in zip(grads, want):
-        assert torch.allclose(got, e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
+    for name, got, e in zip(("hidden", "weight", "bias"), grads, want):
+        assert torch.allclose(got, e, rtol=2e-2, atol=2e-2 * e.abs().max().item()), (
+            f"under bfloat16 autocast the gradient of {name} differs from the bfloat16 logits' definition: "
+            f"largest difference {(got - e).abs().max().item():.3g}")
 
 
 def test_finite_differences():
@@ -94,4 +105,7 @@ def test_finite_differences():
                 logps = by_hand(hidden.detach(), weight.detach(), b.detach(), targets)
                 values.append((logps * upstream).sum())
             flat[i] = old
-            assert abs((values[0] - values[1]).item() / (2 * eps) - tensor.grad.view(-1)[i].item()) < 1e-6
+            numeric = (values[0] - values[1]).item() / (2 * eps)
+            assert abs(numeric - tensor.grad.view(-1)[i].item()) < 1e-6, (
+                f"finite differences: element {i} of a {tuple(tensor.shape)} input, the backward gives "
+                f"{tensor.grad.view(-1)[i].item():.6g}, the central difference {numeric:.6g}")

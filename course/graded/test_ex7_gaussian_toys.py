@@ -23,13 +23,18 @@ def test_pair_losses_against_a_loop():
     for theta in (-0.5, 0.0, 0.3, 0.8):
         y_w, y_l = rng.normal(0, 0.6, 16), rng.normal(0, 0.6, 16)
         got = toy_gaussian.pair_losses(theta, y_w, y_l)
-        assert len(got) == 2
+        assert len(got) == 2, f"pair_losses returns two numbers (mu-weighted, mu-IS), not {len(got)}"
         mu_loss, mu_is_loss = map(float, got)
         h = lambda y: math.log(normal_pdf(y, theta, 0.1)) - math.log(mixture_pdf(y))  # noqa: E731
         rho2 = [(h(a) - h(b)) ** 2 / 2 for a, b in zip(y_w, y_l)]
         w = [math.exp(h(a) + h(b)) for a, b in zip(y_w, y_l)]
-        assert math.isclose(mu_loss, sum(rho2) / 16, rel_tol=1e-9)
-        assert math.isclose(mu_is_loss, sum(a * b for a, b in zip(w, rho2)) / 16, rel_tol=1e-9)
+        want = sum(rho2) / 16
+        assert math.isclose(mu_loss, want, rel_tol=1e-9), (
+            f"pair_losses at theta {theta}: the mu-weighted loss {mu_loss:.6g}, mean(rho^2 / 2) is "
+            f"{want:.6g}")
+        want = sum(a * b for a, b in zip(w, rho2)) / 16
+        assert math.isclose(mu_is_loss, want, rel_tol=1e-9), (
+            f"pair_losses at theta {theta}: the mu-IS loss {mu_is_loss:.6g}, mean(w rho^2 / 2) is {want:.6g}")
 
 
 def by_enumeration(log_r, alpha, T):
@@ -47,10 +52,13 @@ def test_exact_moments_against_enumeration():
         for alpha in (1.0, 0.5, 1 / T, 0.2):
             got = toy_gaussian.exact_moments(log_r, alpha, T)
             want = by_enumeration(log_r, alpha, T)
-            assert len(got) == 2
-            assert np.allclose(got, want, rtol=1e-9, atol=1e-9), (T, alpha, got, want)
+            assert len(got) == 2, f"exact_moments returns two numbers (log E, log Var), not {len(got)}"
+            assert np.allclose(got, want, rtol=1e-9, atol=1e-9), (
+                f"exact_moments at T {T}, alpha {alpha:.3g}: (log E[w^alpha], log Var[w^alpha]) = "
+                f"{tuple(map(float, got))}, by enumeration {want}")
     log_mean, log_var = map(float, toy_gaussian.exact_moments(log_r, 0.0, 5))  # w^0 = 1: Var = 0
-    assert abs(log_mean) < 1e-12 and (log_var == -math.inf or log_var < -30), (log_mean, log_var)
+    assert abs(log_mean) < 1e-12 and (log_var == -math.inf or log_var < -30), (
+        f"exact_moments at alpha 0 (w^0 = 1): log E {log_mean}, log Var {log_var}; expected 0 and -inf")
 
 
 def test_exact_moments_do_not_overflow():
@@ -58,6 +66,10 @@ def test_exact_moments_do_not_overflow():
     log_mean, log_var = map(float, toy_gaussian.exact_moments(log_r, 1.0, 20))
     log_m1 = np.logaddexp.reduce(log_r) - np.log(4)
     log_m2 = np.logaddexp.reduce(2 * log_r) - np.log(4)
-    assert math.isclose(log_mean, 20 * log_m1, rel_tol=1e-12)
+    assert math.isclose(log_mean, 20 * log_m1, rel_tol=1e-12), (
+        f"exact_moments where r^2 overflows (log r up to 400, T 20): log E {log_mean}, expected "
+        f"{20 * log_m1}")
     want_log_var = 20 * log_m2 + math.log1p(-math.exp(40 * log_m1 - 20 * log_m2))
-    assert math.isclose(log_var, want_log_var, rel_tol=1e-12)
+    assert math.isclose(log_var, want_log_var, rel_tol=1e-12), (
+        f"exact_moments where r^2 overflows (log r up to 400, T 20): log Var {log_var}, expected "
+        f"{want_log_var}")
