@@ -7,12 +7,15 @@ Read a stage (sft.py, dpo.py, ...) first; come here when it calls something you 
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -286,6 +289,26 @@ def append_jsonl(path, row):
         os.close(fd)
 
 
+def fingerprint(path):
+    """What identifies a file or a directory's files cheaply: names, sizes, times, and a hash of each head."""
+    key = hashlib.sha256()
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+    for name in sorted(files):
+        info = os.stat(name)
+        with open(name, "rb") as f:
+            key.update(f"{os.path.relpath(name, path)} {info.st_size} {info.st_mtime_ns}".encode())
+            key.update(f.read(1 << 16))
+    return key.hexdigest()[:20]
+
+
+def record(args, **files):
+    """A run's record, kept in its MARKER, that --resume checks (Output): every flag but --resume and
+    --save_every (paths compared as paths), and the fingerprints of its input files."""
+    flags = {f"--{k}": os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+             for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
+    return flags | {f"the contents of --{k}": fingerprint(p) for k, p in files.items() if os.path.exists(p)}
+
+
 def read_marker(path):  # the {stage, run} of a directory a stage wrote, or None
     try:
         with open(os.path.join(path, MARKER)) as f:
@@ -348,9 +371,9 @@ class Output:
     (take_lock). The stage writes into .<name>.partial;
     publish() renames the old output aside, the new one in, then deletes the old (a kill in between leaves
     the old beside it, and the next run puts it back). A partial copy that holds a saved state (state.pt)
-    is kept whatever stops the run: --resume continues it. Every output holds MARKER: {stage, run}."""
+    is kept whatever stops the run: --resume continues it. Every output holds MARKER: {stage, run, record}."""
 
-    def __init__(self, out_dir, stage, inputs=(), resume=False):
+    def __init__(self, out_dir, stage, inputs=(), resume=False, record=None):
         check_output(out_dir, stage, inputs)
         self.out_dir, self.work = out_dir, scratch_path(out_dir, "partial")
         self.aside, self.lock_path = scratch_path(out_dir, "old"), scratch_path(out_dir, "lock")
@@ -360,12 +383,12 @@ class Output:
         os.makedirs(os.path.dirname(self.work), exist_ok=True)
         self.lock = take_lock(self.lock_path, out_dir)
         try:
-            self._start(stage, inputs, resume)
+            self._start(stage, inputs, resume, record)
         except BaseException:
             self._release()
             raise
 
-    def _start(self, stage, inputs, resume):
+    def _start(self, stage, inputs, resume, record):
         if os.path.isdir(self.aside) and not os.path.lexists(self.out_dir):
             print(f"note: putting back {self.out_dir}, moved aside by an interrupted run")
             os.replace(self.aside, self.out_dir)
@@ -378,8 +401,14 @@ class Output:
             if not resume:
                 fail(f"{self.work} holds the saved state of an interrupted run of {self.out_dir}: pass "
                      f"--resume to continue it, or remove it to start over")
+            changed = ", ".join(k for k in record or {} if (marker.get("record") or {}).get(k) != record[k])
+            if changed:
+                fail(f"--resume with other settings or inputs than the interrupted run ({changed}): use the "
+                     f"same, or remove {self.work} to start over")
             self.run = marker.get("run", "")
             return
+        if resume and (read_marker(self.out_dir) or {}).get("stage") == stage:
+            fail(f"--resume: {self.out_dir} holds a finished run, nothing to resume: train again without it")
         if os.path.lexists(self.work):
             if marker is None or marker.get("stage") != stage:
                 fail(f"{self.work} is in the way and no run of {stage} wrote it: remove it")
@@ -389,7 +418,7 @@ class Output:
             print(f"note: nothing to resume for {self.out_dir}: starting from the beginning")
         self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(2).hex()}"
         os.makedirs(self.work)
-        save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run})
+        save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run, "record": record})
 
     def publish(self):
         if os.path.lexists(self.out_dir):
@@ -416,18 +445,28 @@ class Output:
 _unfinished = []  # the Outputs this process started and has not published
 
 
-def start_output(out_dir, stage, inputs=(), resume=False):  # an Output that cleans_up abandons if need be
-    _unfinished.append(Output(out_dir, stage, inputs, resume))
+def start_output(out_dir, stage, inputs=(), resume=False, record=None):  # one cleans_up abandons if need be
+    _unfinished.append(Output(out_dir, stage, inputs, resume, record))
     return _unfinished[-1]
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cleans_up(stage_main):
-    """Decorates a stage's main: however it stops early, the outputs it started are abandoned, and a
-    failure to read or write a file (a full or read-only disk) ends in one error line, not a traceback."""
+    """Decorates a stage's main: however it stops early, the outputs it started are abandoned, and Ctrl-C,
+    SIGTERM or a failure to read or write a file (a full or read-only disk) end in one error line."""
     @functools.wraps(stage_main)
     def wrapper(*args, **kwargs):
         try:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C
             return stage_main(*args, **kwargs)
+        except KeyboardInterrupt:
+            kept = [o.work for o in _unfinished if os.path.exists(os.path.join(o.work, "state.pt"))]
+            fail("stopped by Ctrl-C or SIGTERM: " + (f"{kept[0]} keeps the last saved state; the same "
+                 f"command with --resume continues it" if kept else "no training state was saved to resume"))
         except OSError as e:
             fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
         finally:
@@ -451,18 +490,13 @@ def prepare_dir(path, stage, inputs=(), own_files=()):
 # in the output's partial copy (which a kill leaves in place)
 
 
-def settings(args):
-    """What a resumed run must share with the interrupted one: every flag but --resume and --save_every."""
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
-
-
 def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
     """Weights, optimizer moments, schedule, fp16's loss scale, random generators, the data order and the
     place in it, and how much of train_log.jsonl is written; aside and renamed (whole or not at all)."""
     if WORLD.size > 1 or not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
-    state = {"step": step, "order": order, "cursor": cursor, "settings": settings(args),
+    state = {"step": step, "order": order, "cursor": cursor,
              "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(),
@@ -493,11 +527,6 @@ def restore_state(work, args, model, optimizer, scheduler, scaler):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn by a full disk
         fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
-    changed = [k for k, v in settings(args).items() if state["settings"].get(k) != v]
-    if changed:
-        changed = ", ".join("--" + k for k in changed)
-        fail(f"--resume with other settings than the interrupted run ({changed}): use the same, or remove "
-             f"{work} to start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -230,7 +230,8 @@ def stopped_at_step(monkeypatch, step, run):
         append(path, row)
 
     monkeypatch.setattr(stage, "append_jsonl", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^error: stopped by Ctrl-C or SIGTERM: .*partial keeps the last saved "
+                                         "state; the same command with --resume continues it$"):
         run()
     monkeypatch.setattr(stage, "append_jsonl", append)
 
@@ -253,7 +254,7 @@ def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp
     assert not (root / "stopped").exists() and (root / ".stopped.partial" / "state.pt").exists()
     with pytest.raises(SystemExit, match="pass --resume to continue it"):
         reward.main(args("stopped"))
-    with pytest.raises(SystemExit, match=r"other settings than the interrupted run \(--lr\)"):
+    with pytest.raises(SystemExit, match=r"other settings or inputs than the interrupted run \(--lr\)"):
         reward.main(args("stopped", resume=True, lr=0.5))
     assert (root / ".stopped.partial" / "state.pt").exists()  # the refusal keeps the state
     reward.main(args("stopped", resume=True))
