@@ -245,8 +245,8 @@ def eval_settings(args, rows):
 
 
 def current_results(path, runs, settings):
-    """The rows of results.jsonl that describe the runs as they are, read under its lock: rows of runs trained
-    again since (another run_id) are dropped from the file, rows of other settings refused (never mixed)."""
+    """The rows of the runs as they are (under the lock): rows of a run or pi_ref trained again since are
+    dropped from the file; rows of other settings, or of two pi_refs, refused (never mixed)."""
     rows = read_results(path, repair=True)
     trained = lambda r: (r.get("run_id"), r.get("pi_ref"))  # noqa: E731 -- which training, which pi_ref
     current = {run.args["run_name"]: trained(run.args) for run in runs}

@@ -1,11 +1,9 @@
-"""
-stage.py -- the lines every stage's loop shares, none of them about alignment: flags, one-line errors,
+"""stage.py -- the lines every stage's loop shares, none of them about alignment: flags, one-line errors,
 seeds and devices, the optimizer step and its schedule, outputs that never lose anything, the state that
---resume continues from, and the few lines that let torchrun run a stage as several processes.
-
-Read a stage (sft.py, dpo.py, ...) first; come here when it calls something you want to see.
-"""
+--resume continues from, and the few lines that let torchrun run a stage as several processes. Read a stage
+(sft.py, dpo.py, ...) first; come here when it calls something you want to see."""
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -15,10 +13,9 @@ import random
 import shutil
 import signal
 import sys
-import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import numpy as np
 import torch
@@ -221,6 +218,8 @@ def device_and_autocast(precision="auto", threads=0):
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return device, nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        print("note: --precision fp16 on the CPU: float16 autocast and a loss scaler there too (slow)")
     return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -261,6 +260,8 @@ def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_rat
         fail(f"--lr_schedule must be cosine or constant, got {shape!r}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         fail(f"--min_lr_ratio must be in [0, 1] (a fraction of --lr), got {min_lr_ratio}")
+    if warmup_steps >= total_steps:
+        print(f"note: --warmup_steps {warmup_steps} >= the run's {total_steps} steps: the lr never peaks")
     if shape == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup_steps)
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps,
@@ -278,8 +279,7 @@ def save_json(path, obj):  # whole or not at all
 
 
 def append_jsonl(path, row):
-    """One row, one write() to a file opened for appending: rows never interleave, a stop tears at most
-    the last line."""
+    """One row, one write() to a file opened for appending: rows never interleave, a stop tears the last."""
     line = (json.dumps(row) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -302,8 +302,7 @@ def fingerprint(path):
 
 
 def record(args, **files):
-    """A run's record, kept in its MARKER, that --resume checks (Output): every flag but --resume and
-    --save_every (paths compared as paths), and the fingerprints of its input files."""
+    """What --resume checks: the flags but --resume, --save_every (paths as paths); inputs' fingerprints."""
     flags = {f"--{k}": os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
              for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
     return flags | {f"the contents of --{k}": fingerprint(p) for k, p in files.items() if os.path.exists(p)}
@@ -335,8 +334,7 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
             fail(f"--out_dir {out_dir} is a non-empty directory no stage of this project wrote (it has no "
                  f"{MARKER}): choose another, or empty it")
         if marker.get("stage") != stage:
-            fail(f"--out_dir {out_dir} holds the output of another stage ({marker.get('stage')}), "
-                 f"not of {stage}")
+            fail(f"--out_dir {out_dir} holds the output of another stage ({marker['stage']}), not of {stage}")
 
 
 def scratch_path(out_dir, kind):
@@ -348,8 +346,6 @@ def scratch_path(out_dir, kind):
 def take_lock(path, out_dir):
     """An exclusive flock on the file `path` (dropped by the kernel when the process ends, however it ends),
     or one error line naming its holder. A lock on a file its holder has removed is taken again."""
-    import fcntl
-
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -368,10 +364,10 @@ def take_lock(path, out_dir):
 
 class Output:
     """A stage's output directory, never half written and never lost. One writer: a lock on .<name>.lock
-    (take_lock). The stage writes into .<name>.partial;
-    publish() renames the old output aside, the new one in, then deletes the old (a kill in between leaves
-    the old beside it, and the next run puts it back). A partial copy that holds a saved state (state.pt)
-    is kept whatever stops the run: --resume continues it. Every output holds MARKER: {stage, run, record}."""
+    (take_lock). The stage writes into .<name>.partial; publish() renames the old output aside, the new one
+    in, then deletes the old (a kill in between leaves the old beside it, and the next run puts it back). A
+    partial copy holding a saved state (state.pt) is kept: --resume continues it.
+    Every output holds MARKER: {stage, run, record}."""
 
     def __init__(self, out_dir, stage, inputs=(), resume=False, record=None):
         check_output(out_dir, stage, inputs)
@@ -434,10 +430,8 @@ class Output:
         for path in (p for p in self.made if not os.listdir(p)):  # deepest first
             os.rmdir(path)
 
-    def abandon(self):
-        if os.path.exists(os.path.join(self.work, "state.pt")):
-            print(f"note: {self.work} keeps the state of this run: --resume continues from it")
-        else:
+    def abandon(self):  # the partial copy is kept if it holds a state (cleans_up's error line says so)
+        if not os.path.exists(os.path.join(self.work, "state.pt")):
             shutil.rmtree(self.work, ignore_errors=True)
         self._release()
 
@@ -450,25 +444,20 @@ def start_output(out_dir, stage, inputs=(), resume=False, record=None):  # one c
     return _unfinished[-1]
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def cleans_up(stage_main):
-    """Decorates a stage's main: however it stops early, the outputs it started are abandoned, and Ctrl-C,
-    SIGTERM or a failure to read or write a file (a full or read-only disk) end in one error line."""
+    """A stage's main: an early stop (Ctrl-C, SIGTERM, a full disk) abandons its outputs; one error line."""
     @functools.wraps(stage_main)
     def wrapper(*args, **kwargs):
         try:
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C
+            with suppress(ValueError):  # SIGTERM as Ctrl-C (ValueError: not in the main thread)
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
             return stage_main(*args, **kwargs)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, OSError) as e:
+            why = "stopped by Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt) else \
+                f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
             kept = [o.work for o in _unfinished if os.path.exists(os.path.join(o.work, "state.pt"))]
-            fail("stopped by Ctrl-C or SIGTERM: " + (f"{kept[0]} keeps the last saved state; the same "
-                 f"command with --resume continues it" if kept else "no training state was saved to resume"))
-        except OSError as e:
-            fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+            fail(why + (f"; {kept[0]} keeps the last saved state: the same command with --resume continues it"
+                        if kept else ""))
         finally:
             while _unfinished:
                 output = _unfinished.pop()
@@ -491,8 +480,7 @@ def prepare_dir(path, stage, inputs=(), own_files=()):
 
 
 def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
-    """Weights, optimizer moments, schedule, fp16's loss scale, random generators, the data order and the
-    place in it, and how much of train_log.jsonl is written; aside and renamed (whole or not at all)."""
+    """Weights, optimizer, schedule, loss scale, generators, data order, log size: whole or not at all."""
     if WORLD.size > 1 or not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
