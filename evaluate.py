@@ -171,11 +171,8 @@ def find_runs(pattern):
             fail(f"{run} has no args.json: not a dpo.py / is_dpo.py run")
         ckpts = sorted((int(m.group(1)), d) for d in glob.glob(os.path.join(run, "ckpt-*"))
                        if (m := re.fullmatch(r"ckpt-(\d+)", os.path.basename(d))))
-        for _, d in ckpts:
-            if not os.path.isfile(os.path.join(d, "config.json")):
-                fail(f"checkpoint {d} holds no model (no config.json)")
-        if not ckpts:
-            fail(f"{run} has no ckpt-<step> directories")
+        if not ckpts or not all(os.path.isfile(os.path.join(d, "config.json")) for _, d in ckpts):
+            fail(f"{run} has no ckpt-<step> directories, or one that holds no model (no config.json)")
         try:
             with open(path) as f:
                 run_args = json.load(f)
