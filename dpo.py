@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import lm
 import stage
-from stage import fail
+from stage import fail, fingerprint
 
 LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
 
@@ -173,18 +173,6 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
 # `dpo.py --reference_only` saves them beside the pairs for every run that trains from that pi_ref on them
 
 
-def fingerprint(path):
-    """What identifies a file or a directory's files cheaply: names, sizes, times, and a hash of each head."""
-    key = hashlib.sha256()
-    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
-    for name in sorted(files):
-        info = os.stat(name)
-        with open(name, "rb") as f:
-            key.update(f"{os.path.relpath(name, path)} {info.st_size} {info.st_mtime_ns}".encode())
-            key.update(f.read(1 << 16))
-    return key.hexdigest()[:20]
-
-
 def read_reference(path, key, n):
     """The saved log-probs if `path` holds them for `key` (n finite numbers each, checksum intact)."""
     try:
@@ -268,7 +256,9 @@ def train(args, weigh=None, method=None):
     if args.reference_only:
         print(f"reference log-probs of {len(pairs)} pairs: beside them, in reference_logps.pt")
         return None
-    output = stage.start_output(out_dir, "daa run", inputs, args.resume) if world.main else None
+    pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
+    output = stage.start_output(out_dir, "daa run", inputs, args.resume, stage.record(
+        args, sft_path=args.sft_path, data=pairs_file)) if world.main else None
     stage.barrier()
     size = args.batch_size * world.size  # the global micro-batch: every process draws the same order
     total_steps = max(1, math.ceil(args.num_epochs * len(pairs) / (size * args.grad_accum)))

@@ -171,11 +171,8 @@ def find_runs(pattern):
             fail(f"{run} has no args.json: not a dpo.py / is_dpo.py run")
         ckpts = sorted((int(m.group(1)), d) for d in glob.glob(os.path.join(run, "ckpt-*"))
                        if (m := re.fullmatch(r"ckpt-(\d+)", os.path.basename(d))))
-        for _, d in ckpts:
-            if not os.path.isfile(os.path.join(d, "config.json")):
-                fail(f"checkpoint {d} holds no model (no config.json)")
-        if not ckpts:
-            fail(f"{run} has no ckpt-<step> directories")
+        if not ckpts or not all(os.path.isfile(os.path.join(d, "config.json")) for _, d in ckpts):
+            fail(f"{run} has no ckpt-<step> directories, or one that holds no model (no config.json)")
         try:
             with open(path) as f:
                 run_args = json.load(f)
@@ -204,14 +201,18 @@ def read_results(path, repair=False):
         return []
     with open(path, "rb") as f:
         data = f.read()
-    lines, rows = data.split(b"\n"), []  # the last item follows the last newline: b"" in a whole file
+    lines, rows, seen = data.split(b"\n"), [], {}  # the last item follows the last newline: b"" if whole
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line) if line.strip() else {}
         except ValueError:
             row = None
         if isinstance(row, dict):
-            rows += [row] if line.strip() else []
+            key = (row.get("run"), row.get("run_id"), row.get("step"), row.get("pi_ref"))
+            if row and (key in seen or not np.isfinite(row.get("kl", 0.0))):
+                fail(f"{path} line {n} " + (f"repeats line {seen[key]}" if key in seen else "has a KL not "
+                                            "finite") + ": a damaged file; fix or remove that line")
+            seen[key], rows = n, rows + ([row] if row else [])
         elif n < len(lines):
             fail(f"{path} line {n} is not a JSON object: fix or remove that line")
         else:  # the last line, and no newline after it: its write was cut short
@@ -241,13 +242,14 @@ def eval_settings(args, rows):
 
 
 def current_results(path, runs, settings):
-    """The rows of results.jsonl that describe the runs as they are, read under its lock: rows of runs trained
-    again since (another run_id) are dropped from the file, rows of other settings refused (never mixed)."""
+    """The rows of the runs as they are (under the lock): rows of a run or pi_ref trained again since are
+    dropped from the file; rows of other settings, or of two pi_refs, refused (never mixed)."""
     rows = read_results(path, repair=True)
-    current = {run.args["run_name"]: run.args.get("run_id") for run in runs}
-    fresh = [r for r in rows if r["run"] not in current or r.get("run_id") == current[r["run"]]]
+    trained = lambda r: (r.get("run_id"), r.get("pi_ref"))  # noqa: E731 -- which training, which pi_ref
+    current = {run.args["run_name"]: trained(run.args) for run in runs}
+    fresh = [r for r in rows if current.get(r["run"], trained(r)) == trained(r)]
     if len(fresh) < len(rows):
-        print(f"evaluate: dropping {len(rows) - len(fresh)} rows of retrained runs")
+        print(f"evaluate: dropping {len(rows) - len(fresh)} rows of runs or pi_refs (KL) trained again")
         with open(f"{path}.tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in fresh)
         os.replace(f"{path}.tmp", path)
@@ -257,6 +259,9 @@ def current_results(path, runs, settings):
         fail(f"{path} holds {len(other)} rows evaluated with other settings "
              f"({', '.join(k for k in settings if theirs.get(k) != settings[k])}): evaluate into another "
              f"--out_dir, or move that file aside")
+    if len(refs := {r.get("pi_ref") for r in fresh}) > 1:
+        fail(f"{path} holds rows whose KL was measured against {len(refs)} different pi_refs (sft_path): "
+             f"evaluate into another --out_dir, or move that file aside")
     return fresh
 
 
@@ -270,6 +275,8 @@ def prepare(args):
     stage.check_args(args, non_negative=("temperature", "kl_prompts"), positive=(
         "num_prompts", "sample_batch_size", "max_prompt_len", "max_response_len"))
     runs = find_runs(args.runs)
+    for run in runs:  # the pi_ref each run's KL is measured against, as it is now: in each of its rows
+        run.args["pi_ref"] = stage.fingerprint(args.sft_path or run.args["sft_path"])
     inputs = [args.gold_path, args.data, args.sft_path] + [run.dir for run in runs]
     for path in (args.out_dir, args.plots_dir):  # checked before any work, written to after it
         stage.check_output(path, "evaluate", inputs, OWN_FILES)
@@ -335,8 +342,8 @@ def evaluate_all(args, setup, todo, results_path, settings):
         if metrics is None:  # first update), and the evaluation is seeded: one row for every run from it
             model = lm.load_model(path).to(setup.device).eval()
             metrics = starts[start] = evaluate_checkpoint(model, refs[sft_path], setup, args)
-        row = {"run": a["run_name"], "run_id": a.get("run_id"), "method": a["method"], "beta": a["beta"],
-               "seed": a["seed"], "step": step, "fraction": step / a["total_steps"],
+        row = {"run": a["run_name"], "run_id": a.get("run_id"), "pi_ref": a["pi_ref"], "method": a["method"],
+               "beta": a["beta"], "seed": a["seed"], "step": step, "fraction": step / a["total_steps"],
                "epoch": step / a["total_steps"] * a["num_epochs"], **metrics, "num_prompts": len(setup.rows),
                "settings": settings}
         with locked(results_path):  # done meanwhile by an evaluation beside this one? then not twice

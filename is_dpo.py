@@ -135,9 +135,11 @@ def main(args, weigh=importance_weights):
         fail(f"--alpha must be in [0, 1], got {args.alpha}")
     if not math.isfinite(args.log_w_max) or args.log_w_max < -10:
         fail(f"--log_w_max must be finite and >= -10 (w >= e^-10, a policy that moves), got {args.log_w_max}")
-    if args.behaviour_logps:  # the columns must hold finite numbers: one clear line now if not
-        lm.load_rows(args.data, "train.jsonl", [],
-                     numeric=["chosen_behaviour_logp", "rejected_behaviour_logp"])
+    columns = ["chosen_behaviour_logp", "rejected_behaviour_logp"]  # finite log-probabilities, <= 0
+    rows = lm.load_rows(args.data, "train.jsonl", [], columns) if args.behaviour_logps else []
+    for i, row in enumerate(rows, 1):
+        if max(row[c] for c in columns) > 0:
+            fail(f"{args.data} row {i}: a behaviour log-prob above 0 ({max(row[c] for c in columns)})")
     return dpo.train(args, weigh=weigh, method=method_name(args))
 
 

@@ -116,8 +116,9 @@ def train(args, device, autocast):
                        for c in ("chosen", "rejected"))))
     train_pairs, val_pairs, pad = pairs[:n], pairs[n:], tokenizer.pad_token_id
     model = load_reward_model(args.sft_path, tokenizer, new_head=True).to(device).train()
-    output = stage.start_output(args.out_dir, "reward train", [args.sft_path, args.data], args.resume) \
-        if world.main else None
+    output = stage.start_output(args.out_dir, "reward train", [args.sft_path, args.data], args.resume,
+                                stage.record(args, sft_path=args.sft_path, data=args.data)) if world.main \
+        else None
     work = output.work if output else ""
     stage.barrier()
     module = stage.parallel(model, reward_scores, args.fsdp, args.gradient_checkpointing)

@@ -135,7 +135,8 @@ def main(args):
              lm.new_model(tokenizer, args.n_layer, args.n_embd, args.n_head,
                           args.max_prompt_len + args.max_response_len)).to(device).train()
     print(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train)} rows, {device}")
-    output = stage.start_output(args.out_dir, "sft", inputs, args.resume) if world.main else None
+    output = stage.start_output(args.out_dir, "sft", inputs, args.resume, stage.record(
+        args, **dict(zip(["data", "tokenizer_path", "model_name_or_path"], inputs)))) if world.main else None
     work = output.work if output else ""
     stage.barrier()
     module = stage.parallel(model, completion_loss, args.fsdp, args.gradient_checkpointing)

@@ -1,21 +1,21 @@
-"""
-stage.py -- the lines every stage's loop shares, none of them about alignment: flags, one-line errors,
+"""stage.py -- the lines every stage's loop shares, none of them about alignment: flags, one-line errors,
 seeds and devices, the optimizer step and its schedule, outputs that never lose anything, the state that
---resume continues from, and the few lines that let torchrun run a stage as several processes.
-
-Read a stage (sft.py, dpo.py, ...) first; come here when it calls something you want to see.
-"""
+--resume continues from, and the few lines that let torchrun run a stage as several processes. Read a stage
+(sft.py, dpo.py, ...) first; come here when it calls something you want to see."""
 import dataclasses
+import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import numpy as np
 import torch
@@ -218,6 +218,8 @@ def device_and_autocast(precision="auto", threads=0):
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return device, nullcontext()
+    if precision == "fp16" and device.type == "cpu":
+        print("note: --precision fp16 on the CPU: float16 autocast and a loss scaler there too (slow)")
     return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -258,6 +260,8 @@ def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_rat
         fail(f"--lr_schedule must be cosine or constant, got {shape!r}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         fail(f"--min_lr_ratio must be in [0, 1] (a fraction of --lr), got {min_lr_ratio}")
+    if warmup_steps >= total_steps:
+        print(f"note: --warmup_steps {warmup_steps} >= the run's {total_steps} steps: the lr never peaks")
     if shape == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup_steps)
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps,
@@ -275,8 +279,7 @@ def save_json(path, obj):  # whole or not at all
 
 
 def append_jsonl(path, row):
-    """One row, one write() to a file opened for appending: rows never interleave, a stop tears at most
-    the last line."""
+    """One row, one write() to a file opened for appending: rows never interleave, a stop tears the last."""
     line = (json.dumps(row) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -284,6 +287,25 @@ def append_jsonl(path, row):
             raise OSError(28, "short write (disk full?)", path)
     finally:
         os.close(fd)
+
+
+def fingerprint(path):
+    """What identifies a file or a directory's files cheaply: names, sizes, times, and a hash of each head."""
+    key = hashlib.sha256()
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+    for name in sorted(files):
+        info = os.stat(name)
+        with open(name, "rb") as f:
+            key.update(f"{os.path.relpath(name, path)} {info.st_size} {info.st_mtime_ns}".encode())
+            key.update(f.read(1 << 16))
+    return key.hexdigest()[:20]
+
+
+def record(args, **files):
+    """What --resume checks: the flags but --resume, --save_every (paths as paths); inputs' fingerprints."""
+    flags = {f"--{k}": os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+             for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
+    return flags | {f"the contents of --{k}": fingerprint(p) for k, p in files.items() if os.path.exists(p)}
 
 
 def read_marker(path):  # the {stage, run} of a directory a stage wrote, or None
@@ -312,8 +334,7 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
             fail(f"--out_dir {out_dir} is a non-empty directory no stage of this project wrote (it has no "
                  f"{MARKER}): choose another, or empty it")
         if marker.get("stage") != stage:
-            fail(f"--out_dir {out_dir} holds the output of another stage ({marker.get('stage')}), "
-                 f"not of {stage}")
+            fail(f"--out_dir {out_dir} holds the output of another stage ({marker['stage']}), not of {stage}")
 
 
 def scratch_path(out_dir, kind):
@@ -325,8 +346,6 @@ def scratch_path(out_dir, kind):
 def take_lock(path, out_dir):
     """An exclusive flock on the file `path` (dropped by the kernel when the process ends, however it ends),
     or one error line naming its holder. A lock on a file its holder has removed is taken again."""
-    import fcntl
-
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -345,12 +364,12 @@ def take_lock(path, out_dir):
 
 class Output:
     """A stage's output directory, never half written and never lost. One writer: a lock on .<name>.lock
-    (take_lock). The stage writes into .<name>.partial;
-    publish() renames the old output aside, the new one in, then deletes the old (a kill in between leaves
-    the old beside it, and the next run puts it back). A partial copy that holds a saved state (state.pt)
-    is kept whatever stops the run: --resume continues it. Every output holds MARKER: {stage, run}."""
+    (take_lock). The stage writes into .<name>.partial; publish() renames the old output aside, the new one
+    in, then deletes the old (a kill in between leaves the old beside it, and the next run puts it back). A
+    partial copy holding a saved state (state.pt) is kept: --resume continues it.
+    Every output holds MARKER: {stage, run, record}."""
 
-    def __init__(self, out_dir, stage, inputs=(), resume=False):
+    def __init__(self, out_dir, stage, inputs=(), resume=False, record=None):
         check_output(out_dir, stage, inputs)
         self.out_dir, self.work = out_dir, scratch_path(out_dir, "partial")
         self.aside, self.lock_path = scratch_path(out_dir, "old"), scratch_path(out_dir, "lock")
@@ -360,12 +379,12 @@ class Output:
         os.makedirs(os.path.dirname(self.work), exist_ok=True)
         self.lock = take_lock(self.lock_path, out_dir)
         try:
-            self._start(stage, inputs, resume)
+            self._start(stage, inputs, resume, record)
         except BaseException:
             self._release()
             raise
 
-    def _start(self, stage, inputs, resume):
+    def _start(self, stage, inputs, resume, record):
         if os.path.isdir(self.aside) and not os.path.lexists(self.out_dir):
             print(f"note: putting back {self.out_dir}, moved aside by an interrupted run")
             os.replace(self.aside, self.out_dir)
@@ -378,8 +397,14 @@ class Output:
             if not resume:
                 fail(f"{self.work} holds the saved state of an interrupted run of {self.out_dir}: pass "
                      f"--resume to continue it, or remove it to start over")
+            changed = ", ".join(k for k in record or {} if (marker.get("record") or {}).get(k) != record[k])
+            if changed:
+                fail(f"--resume with other settings or inputs than the interrupted run ({changed}): use the "
+                     f"same, or remove {self.work} to start over")
             self.run = marker.get("run", "")
             return
+        if resume and (read_marker(self.out_dir) or {}).get("stage") == stage:
+            fail(f"--resume: {self.out_dir} holds a finished run, nothing to resume: train again without it")
         if os.path.lexists(self.work):
             if marker is None or marker.get("stage") != stage:
                 fail(f"{self.work} is in the way and no run of {stage} wrote it: remove it")
@@ -389,7 +414,7 @@ class Output:
             print(f"note: nothing to resume for {self.out_dir}: starting from the beginning")
         self.run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(2).hex()}"
         os.makedirs(self.work)
-        save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run})
+        save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run, "record": record})
 
     def publish(self):
         if os.path.lexists(self.out_dir):
@@ -405,10 +430,8 @@ class Output:
         for path in (p for p in self.made if not os.listdir(p)):  # deepest first
             os.rmdir(path)
 
-    def abandon(self):
-        if os.path.exists(os.path.join(self.work, "state.pt")):
-            print(f"note: {self.work} keeps the state of this run: --resume continues from it")
-        else:
+    def abandon(self):  # the partial copy is kept if it holds a state (cleans_up's error line says so)
+        if not os.path.exists(os.path.join(self.work, "state.pt")):
             shutil.rmtree(self.work, ignore_errors=True)
         self._release()
 
@@ -416,20 +439,25 @@ class Output:
 _unfinished = []  # the Outputs this process started and has not published
 
 
-def start_output(out_dir, stage, inputs=(), resume=False):  # an Output that cleans_up abandons if need be
-    _unfinished.append(Output(out_dir, stage, inputs, resume))
+def start_output(out_dir, stage, inputs=(), resume=False, record=None):  # one cleans_up abandons if need be
+    _unfinished.append(Output(out_dir, stage, inputs, resume, record))
     return _unfinished[-1]
 
 
 def cleans_up(stage_main):
-    """Decorates a stage's main: however it stops early, the outputs it started are abandoned, and a
-    failure to read or write a file (a full or read-only disk) ends in one error line, not a traceback."""
+    """A stage's main: an early stop (Ctrl-C, SIGTERM, a full disk) abandons its outputs; one error line."""
     @functools.wraps(stage_main)
     def wrapper(*args, **kwargs):
         try:
+            with suppress(ValueError):  # SIGTERM as Ctrl-C (ValueError: not in the main thread)
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
             return stage_main(*args, **kwargs)
-        except OSError as e:
-            fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        except (KeyboardInterrupt, OSError) as e:
+            why = "stopped by Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt) else \
+                f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+            kept = [o.work for o in _unfinished if os.path.exists(os.path.join(o.work, "state.pt"))]
+            fail(why + (f"; {kept[0]} keeps the last saved state: the same command with --resume continues it"
+                        if kept else ""))
         finally:
             while _unfinished:
                 output = _unfinished.pop()
@@ -451,18 +479,12 @@ def prepare_dir(path, stage, inputs=(), own_files=()):
 # in the output's partial copy (which a kill leaves in place)
 
 
-def settings(args):
-    """What a resumed run must share with the interrupted one: every flag but --resume and --save_every."""
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
-
-
 def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
-    """Weights, optimizer moments, schedule, fp16's loss scale, random generators, the data order and the
-    place in it, and how much of train_log.jsonl is written; aside and renamed (whole or not at all)."""
+    """Weights, optimizer, schedule, loss scale, generators, data order, log size: whole or not at all."""
     if WORLD.size > 1 or not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
-    state = {"step": step, "order": order, "cursor": cursor, "settings": settings(args),
+    state = {"step": step, "order": order, "cursor": cursor,
              "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(),
@@ -493,11 +515,6 @@ def restore_state(work, args, model, optimizer, scheduler, scaler):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn by a full disk
         fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
-    changed = [k for k, v in settings(args).items() if state["settings"].get(k) != v]
-    if changed:
-        changed = ", ".join("--" + k for k in changed)
-        fail(f"--resume with other settings than the interrupted run ({changed}): use the same, or remove "
-             f"{work} to start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -125,8 +125,29 @@ def split_conversation(row, where):
              f"reply)")
     if isinstance(prompt, str) and any(isinstance(row.get(ours), list) for ours in RESPONSES):
         fail(f"{where}: the prompt is text but the responses are messages: give the prompt as messages too")
+    for turns in [prompt + row[o] for o in RESPONSES if isinstance(row.get(o), list)] or [prompt]:
+        if isinstance(turns, list) and (why := turn_problem(turns)):
+            fail(f"{where}: {why}")
     row["prompt"] = prompt
     return row
+
+
+def turn_problem(messages):
+    """Why messages are not one conversation -- a system turn first or none, then user and assistant turns
+    by turns, the user's first -- or None."""
+    roles = [m["role"] for m in messages]
+    for n, role in enumerate(roles, 1):
+        if role not in ("system", "user", "assistant"):
+            return f"message {n} has the unknown role {role!r} (not system, user or assistant)"
+        if role == "system" and n > 1:
+            return f"message {n} is a system turn inside the conversation (only the first message may be one)"
+    turns = roles[1:] if roles[:1] == ["system"] else roles
+    if turns and turns[0] != "user":
+        return f"the conversation starts with an {turns[0]!r} turn, not the user's"
+    for n, (a, b) in enumerate(zip(turns, turns[1:]), len(roles) - len(turns) + 2):
+        if a == b:
+            return f"messages {n - 1} and {n} are two {a!r} turns in a row (the turns must alternate)"
+    return None
 
 
 def has_glob(source):

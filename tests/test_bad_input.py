@@ -113,6 +113,8 @@ CASES = [  # (script, flags added to its BASE, words the error line must hold)
     ("is_dpo", ["--log_w_max", "inf"], ["--log_w_max"]),
     ("is_dpo", ["--behaviour_logps", "--data", "{D}/nan_behaviour.jsonl"],
      ["row 3", "'chosen_behaviour_logp'", "NaN"]),
+    ("is_dpo", ["--behaviour_logps", "--data", "{D}/positive_behaviour.jsonl"], ["row 2", "above 0"]),
+    ("sft", ["--out_dir", ""], ["--out_dir", "empty"]),
     ("is_dpo", ["--behaviour_logps", "--data", "{D}/text_behaviour.jsonl"],
      ["row 1", "'rejected_behaviour_logp'"]),
     ("evaluate", ["--temperature", "nan"], ["--temperature"]),
@@ -166,6 +168,7 @@ def write_bad_data(d, world):
     with open(d / "nan_behaviour.jsonl", "w") as f:  # json.dumps writes NaN, as Python's json reads it
         f.write("".join(json.dumps({**r, "chosen_behaviour_logp": float("nan") if i == 2 else -10.0}) + "\n"
                         for i, r in enumerate(behaviour)))
+    write("positive_behaviour.jsonl", [behaviour[0], {**behaviour[1], "rejected_behaviour_logp": 0.5}, *behaviour[2:]])
     write("text_behaviour.jsonl", [{**behaviour[0], "rejected_behaviour_logp": "-12.0"}, *behaviour[1:]])
     write("prefs.jsonl", behaviour)
     write("other_columns.jsonl", [{"question": r["prompt"], "answer": r["completion"]} for r in rows])

@@ -95,23 +95,42 @@ def two_runs_on_one_output(tmp_path_factory, root):
             "second_seconds": waited, "runs": root / "runs"}
 
 
+def stopped_by_signals(tmp_path_factory, root):
+    """dpo.py sent SIGTERM and sft.py SIGINT (Ctrl-C), each soon after it saved a state; then --resume."""
+    out = {}
+    for script, sig in (("dpo", signal.SIGTERM), ("sft", signal.SIGINT)):
+        argv, output_flag, output = resumable_command(tmp_path_factory, script, root)
+        with open(root / f"{script}.out", "w") as o, open(root / f"{script}.err", "w") as e:
+            process = subprocess.Popen([sys.executable, *map(str, argv + output_flag(script))], cwd=ROOT, stdout=o,
+                                       stderr=e, env=cli_env(root / "hf_home"))
+        state = Path(stage.scratch_path(output(script), "partial")) / "state.pt"
+        wait_for(state, process, root / f"{script}.err")
+        process.send_signal(sig)
+        process.wait()
+        out[script] = {"returncode": process.returncode, "stderr": (root / f"{script}.err").read_text(),
+                       "state_kept": state.exists(), "output": output(script)}
+        out[script]["resumed"] = submit_cli(tmp_path_factory, *argv, *output_flag(script), "--resume").result(600)
+    return out
+
+
 @pytest.fixture(scope="session")
 def process_runs(tmp_path_factory):
     start_pipeline(tmp_path_factory)
     root = tmp_path_factory.mktemp("outputs")
-    for name in ("sft", "dpo", "concurrent"):
+    for name in ("sft", "dpo", "concurrent", "signals"):
         (root / name).mkdir()
-    threads = ThreadPoolExecutor(max_workers=3)
+    threads = ThreadPoolExecutor(max_workers=4)
     runs = {"sft": threads.submit(kill_and_resume, tmp_path_factory, root / "sft", "sft"),
             "dpo": threads.submit(kill_and_resume, tmp_path_factory, root / "dpo", "dpo"),
-            "concurrent": threads.submit(two_runs_on_one_output, tmp_path_factory, root / "concurrent")}
+            "concurrent": threads.submit(two_runs_on_one_output, tmp_path_factory, root / "concurrent"),
+            "signals": threads.submit(stopped_by_signals, tmp_path_factory, root / "signals")}
     threads.shutdown(wait=False)
     return runs
 
 
 @pytest.mark.before_the_rest
 def test_the_runs_with_processes_of_their_own_start_first(process_runs):
-    assert set(process_runs) == {"sft", "dpo", "concurrent"}
+    assert set(process_runs) == {"sft", "dpo", "concurrent", "signals"}
 
 
 def weights(directory):
@@ -140,6 +159,19 @@ def test_a_run_killed_and_resumed_equals_a_run_never_interrupted(process_runs, s
         assert val[0] == val[1]
     assert "state.pt" not in os.listdir(resumed)  # the state is not part of the output
     assert not [name for name in os.listdir(resumed.parent) if name.startswith(".")]  # no lock or copy left
+
+
+@pytest.mark.after_the_rest
+@pytest.mark.parametrize("script", ["dpo", "sft"])
+def test_sigterm_and_ctrl_c_end_in_one_line_that_says_what_was_kept_and_resume_continues(process_runs, script):
+    run = process_runs["signals"].result(timeout=600)[script]
+    assert run["returncode"] == 1 and "Traceback" not in run["stderr"], run["stderr"][-3000:]
+    assert run["stderr"].strip().splitlines()[-1].startswith("error: stopped by Ctrl-C or SIGTERM; ")
+    assert run["stderr"].strip().endswith(".partial keeps the last saved state: the same command with --resume "
+                                          "continues it"), run["stderr"][-3000:]
+    assert run["state_kept"] and run["resumed"].returncode == 0, run["resumed"].stderr[-3000:]
+    steps = [r["step"] for r in read_jsonl(run["output"] / "train_log.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))
 
 
 @pytest.mark.after_the_rest
@@ -230,7 +262,8 @@ def stopped_at_step(monkeypatch, step, run):
         append(path, row)
 
     monkeypatch.setattr(stage, "append_jsonl", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^error: stopped by Ctrl-C or SIGTERM; .*partial keeps the last saved "
+                                         "state: the same command with --resume continues it$"):
         run()
     monkeypatch.setattr(stage, "append_jsonl", append)
 
@@ -253,7 +286,7 @@ def test_a_gold_rm_run_stopped_by_ctrl_c_keeps_its_state_and_resumes_exactly(tmp
     assert not (root / "stopped").exists() and (root / ".stopped.partial" / "state.pt").exists()
     with pytest.raises(SystemExit, match="pass --resume to continue it"):
         reward.main(args("stopped"))
-    with pytest.raises(SystemExit, match=r"other settings than the interrupted run \(--lr\)"):
+    with pytest.raises(SystemExit, match=r"other settings or inputs than the interrupted run \(--lr\)"):
         reward.main(args("stopped", resume=True, lr=0.5))
     assert (root / ".stopped.partial" / "state.pt").exists()  # the refusal keeps the state
     reward.main(args("stopped", resume=True))

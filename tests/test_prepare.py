@@ -331,6 +331,14 @@ def last_turn_users(path):
     return {"data": write_jsonl(path, [{"prompt": m[:-1], "completion": m[:-1]}])}
 
 
+def turns_out_of_order(turns):
+    def make(path):
+        return {"data": write_jsonl(path, [{"prompt": [{"role": r, "content": "Hi"} for r in turns],
+                                            "completion": [assistant("Yes.")]}])}
+    make.__name__ = "turns_" + "_".join(turns)
+    return make
+
+
 def text_prompt_message_reply(path):
     return {"data": write_jsonl(path, [{"prompt": "Hi", "completion": [assistant("Yes.")]}])}
 
@@ -410,6 +418,10 @@ BAD = [  # (what, words the error line must hold)
     (no_template, ["conversational", "no chat template", "--chat_template"]),
     (last_turn_users, ["row 1", "'completion'", "'user' turn"]),
     (text_prompt_message_reply, ["row 1", "prompt is text"]),
+    (turns_out_of_order(["user", "user"]), ["row 1", "messages 1 and 2", "two 'user' turns in a row"]),
+    (turns_out_of_order(["assistant", "user"]), ["row 1", "starts with an 'assistant' turn"]),
+    (turns_out_of_order(["system", "user", "assistant", "system", "user"]), ["row 1", "message 4", "system"]),
+    (turns_out_of_order(["user", "narrator"]), ["row 1", "message 2", "unknown role 'narrator'"]),
     (mixed_rows, ["row 2", "mix text and conversations"]),
     (null_completion, ["row 2", "'completion'", "null"]),
     (null_completion_array, ["row 2", "'completion'"]),
