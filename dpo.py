@@ -312,7 +312,6 @@ def train(args, weigh=None, method=None):
         stage.save_state(work, args, step, total_steps, model, optimizer, scheduler, order, cursor, scaler)
     stage.check_finite(total_steps, parameter_norm=stage.parameter_norm(model))
     if world.main:
-        stage.remove_state(work)
         output.publish()
     print(f"{name}: done in {time.time() - t0:.0f} s -> {out_dir}")
     return out_dir

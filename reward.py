@@ -152,7 +152,6 @@ def train(args, device, autocast):
     if world.main:
         stage.save_json(os.path.join(work, "args.json"), asdict(args))
         stage.save_json(os.path.join(work, "metrics.json"), metrics)
-        stage.remove_state(work)
         output.publish()
         print(f"gold rm: saved {args.out_dir}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 

@@ -180,7 +180,6 @@ def main(args):
     if world.main:
         stage.save_json(os.path.join(work, "args.json"), dataclasses.asdict(args))
         stage.save_json(os.path.join(work, "metrics.json"), metrics)
-        stage.remove_state(work)
         output.publish()
         print(f"sft: saved {args.out_dir}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))

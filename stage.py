@@ -337,8 +337,7 @@ def check_output(out_dir, stage, inputs=(), own_files=()):
             fail(f"--out_dir {out_dir} holds the output of another stage ({marker['stage']}), not of {stage}")
 
 
-def scratch_path(out_dir, kind):
-    """A hidden sibling of out_dir, .<name>.<kind> (hidden: a glob such as out/runs/* never takes it)."""
+def scratch_path(out_dir, kind):  # a hidden sibling .<name>.<kind>: a glob such as out/runs/* never takes it
     parent, name = os.path.split(os.path.abspath(out_dir))
     return os.path.join(parent, f".{name}.{kind}")
 
@@ -353,8 +352,7 @@ def take_lock(path, out_dir):
         except BlockingIOError:
             holder = os.read(fd, 100).decode(errors="replace").strip() or "starting"
             os.close(fd)
-            fail(f"--out_dir {out_dir} is being written by another run ({holder}): wait for it, or choose "
-                 f"another")
+            fail(f"--out_dir {out_dir} is being written by another run ({holder}): wait, or choose another")
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()}".encode())
@@ -417,6 +415,9 @@ class Output:
         save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run, "record": record})
 
     def publish(self):
+        for name in ("state.pt", "state.pt.tmp"):  # for --resume only, not part of the output
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(self.work, name))
         if os.path.lexists(self.out_dir):
             os.replace(self.out_dir, self.aside)
         os.replace(self.work, self.out_dir)
@@ -498,12 +499,6 @@ def save_state(work, args, step, total, model, optimizer, scheduler, order, curs
     except RuntimeError as e:  # torch reports a full disk so
         raise OSError(f"could not save the training state in {work}: {e}") from e
     os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
-
-
-def remove_state(work):  # the state is for --resume only, not part of the published output
-    for name in ("state.pt", "state.pt.tmp"):
-        if os.path.exists(os.path.join(work, name)):
-            os.remove(os.path.join(work, name))
 
 
 def restore_state(work, args, model, optimizer, scheduler, scaler):
