@@ -206,8 +206,7 @@ def reference_logps(args, forward, pairs, pad_id, device, autocast):
     multiple of the processes: FSDP needs equal batches)."""
     pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
     path = os.path.join(os.path.dirname(pairs_file), "reference_logps.pt")
-    key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len,
-           str(autocast.fast_dtype) if isinstance(autocast, torch.autocast) else "float32"]
+    key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len]
     saved = read_reference(path, key, len(pairs))
     if saved is not None:
         print(f"reference log-probs: read from {path}")
@@ -215,9 +214,8 @@ def reference_logps(args, forward, pairs, pad_id, device, autocast):
     mine = stage.shard(pairs + pairs[-1:] * (-len(pairs) % stage.WORLD.size))
     out = []
     for s in tqdm(range(0, len(mine), 2 * args.batch_size), desc="reference log-probs", leave=False):
-        with autocast:
-            out.append(torch.stack(lm.pair_logps(forward, mine[s:s + 2 * args.batch_size], pad_id, device,
-                                                 args.logit_chunk)[:2], 1))
+        out.append(torch.stack(lm.pair_logps(forward, mine[s:s + 2 * args.batch_size], pad_id, device,
+                                             args.logit_chunk)[:2], 1))
     logps = stage.gather_live(torch.cat(out))[:len(pairs)].float().T.contiguous()  # [2, N]
     if args.reference_only and stage.WORLD.main:
         sha = hashlib.sha256(logps.cpu().numpy().tobytes()).hexdigest()

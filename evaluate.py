@@ -86,12 +86,12 @@ def sequence_kl(model, ref, examples, pad_id, batch_size=64):
     for s in range(0, len(examples), batch_size):
         batch = lm.to_device(lm.collate_grouped(examples[s:s + batch_size], pad_id), device)
         mask = batch["response_mask"].bool()  # h[:, t] predicts response token t
-        h_p = lm.response_hidden(model.base_model, batch)[:, :-1][mask]
-        h_q = lm.response_hidden(ref.base_model, batch)[:, :-1][mask]
-        logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
+        with torch.autocast(device.type, enabled=False):  # float32: bf16's rounding would add to a KL near 0
+            h_p = lm.response_hidden(model.base_model, batch)[:, :-1][mask]
+            h_q = lm.response_hidden(ref.base_model, batch)[:, :-1][mask]
+            logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
         # BEGIN SOLUTION
-        acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
-        logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
+        logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
         # END SOLUTION
         rows = mask.nonzero()[:, 0]
