@@ -32,14 +32,14 @@ import lm
 import stage
 from stage import fail
 
-LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
+LOSS_TYPES = ("dpo", "dpo_norm", "ipo", "rpo", "rdpo", "chipo")
 
 
 @dataclass
 class Args:
     sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py): start and reference"})
     data: str = field(default="out/prefs", metadata={"help": "pairs: train.jsonl or its directory"})
-    loss_type: str = field(default="dpo", metadata={"help": "dpo | ipo | rpo | rdpo | chipo"})
+    loss_type: str = field(default="dpo", metadata={"help": "dpo | dpo_norm | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
     ipo_form: str = field(default="summed", metadata={
         "help": "ipo: summed (Azar et al., the AIS paper) | per_token (TRL: log-ratios averaged per token)"})
@@ -72,6 +72,7 @@ class Args:
     save_every: int = field(default=50, metadata={"help": "steps between states for --resume (0: none)"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the weights (FSDP), not DDP"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (memory)"})
+    keep_dropout: bool = field(default=False, metadata={"help": "keep pi_ref's dropout (default: all off)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +105,12 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
     # BEGIN SOLUTION
     return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
     # END SOLUTION
+
+
+def dpo_norm_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta):
+    """Length-normalised DPO (TRL's sigmoid_norm, open-instruct's dpo_norm): -log sigmoid(beta * (r(y_w)/|y_w|
+    - r(y_l)/|y_l|)), each log-ratio averaged over its tokens."""
+    return -F.logsigmoid(beta * ((pi_w - ref_w) / len_w - (pi_l - ref_l) / len_l))
 
 
 def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
@@ -149,6 +156,8 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
     """Per-pair losses [B] of --loss_type, and what is worth logging (implicit rewards beta * r(y))."""
     if args.loss_type == "dpo":
         losses = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
+    elif args.loss_type == "dpo_norm":
+        losses = dpo_norm_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta)
     elif args.loss_type == "ipo":
         losses = ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta, args.ipo_form == "summed")
     elif args.loss_type == "rpo":
@@ -199,11 +208,11 @@ def read_reference(path, key, n):
 
 
 @torch.no_grad()
-def reference_logps(args, forward, pairs, pad_id, device, autocast):
-    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N]: read from <pairs dir>/reference_logps.pt when it was made
-    from this pi_ref, these pairs, lengths and precision, else computed (and saved there by --reference_only: a
-    training run never writes beside its inputs). Over several processes each computes a shard (padded to a
-    multiple of the processes: FSDP needs equal batches)."""
+def reference_logps(args, forward, pairs, pad_id, device):
+    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N], in float32 (bf16 would round a sum of 50 by a nat): read
+    from <pairs dir>/reference_logps.pt when made from this pi_ref, these pairs and lengths, else computed
+    (and saved there by --reference_only: a training run never writes beside its inputs). Over several
+    processes each computes a shard (padded to a multiple of the processes: FSDP needs equal batches)."""
     pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
     path = os.path.join(os.path.dirname(pairs_file), "reference_logps.pt")
     key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len]
@@ -260,9 +269,10 @@ def train(args, weigh=None, method=None):
     rows, pairs = load_pairs(args, tokenizer)
     if args.batch_size * world.size > len(pairs) and world.size > 1 and not args.reference_only:
         fail(f"--batch_size {args.batch_size} x {world.size} processes is more than the {len(pairs)} pairs")
-    model = lm.load_model(args.sft_path).to(device)
+    model = lm.load_model(args.sft_path, dropout=args.keep_dropout).to(device)
     forward = stage.parallel(model, lm.sequence_logps, args.fsdp, args.gradient_checkpointing)
-    ref_w, ref_l = reference_logps(args, forward, pairs, tokenizer.pad_token_id, device, autocast)
+    ref_w, ref_l = reference_logps(args, forward, pairs, tokenizer.pad_token_id, device)
+    model.train()  # after pi_ref's log-probs: --keep_dropout's dropout, --gradient_checkpointing
     if args.reference_only:
         print(f"reference log-probs of {len(pairs)} pairs: beside them, in reference_logps.pt")
         return None

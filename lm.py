@@ -305,27 +305,33 @@ def pair_logps(forward, pairs, pad_id, device, chunk):
 # 4. models
 
 
-def load_pretrained(auto_class, path, what, new_weights=()):
+def load_pretrained(auto_class, path, what, new_weights=(), dropout=False):
     """A model whose every weight was in its files (a reward model read as a policy, or pi_ref as a reward
-    model, is refused, not completed with random weights), read as float32 whatever the files store:
-    training keeps float32 master weights and --precision decides what runs lower. new_weights: names of
-    weights that may start fresh (the reward model's head)."""
+    model, is refused, not completed with random weights), run as float32 whatever the files store:
+    training keeps float32 master weights, --precision decides what runs lower, and stage.save_pretrained
+    saves in the files' dtype (model.stored_dtype). new_weights: names of weights that may start fresh (the
+    reward model's head). dropout=False: every dropout rate 0 (TRL's disable_dropout)."""
     try:
-        model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype="auto")
     except Exception as e:  # missing, truncated, foreign: all end here
         first_line = (str(e).splitlines() or [""])[0][:200]
         fail(f"could not load {what} from {path!r}: {type(e).__name__}: {first_line}")
     missing = [k for k in info["missing_keys"] if not k.startswith(tuple(new_weights))]
     if missing:
         fail(f"{path} is not {what}: its files lack the weights {', '.join(sorted(missing)[:3])}")
-    return model
+    for m in [] if dropout else [*model.modules(), model.config]:  # nn.Dropout's p, modules' and config's
+        vars(m).update({k: 0.0 for k, v in vars(m).items() if isinstance(v, float) and (
+            k == "p" and isinstance(m, torch.nn.Dropout) or "dropout" in k or "pdrop" in k)})
+    model.stored_dtype = model.dtype
+    return model.float()
 
 
-def load_model(path):
-    """A causal LM (pi_ref, a checkpoint) from a directory or a hub id."""
+def load_model(path, dropout=False):
+    """A causal LM (pi_ref, a checkpoint) from a directory or a hub id; dropout: keep its dropout."""
     from transformers import AutoModelForCausalLM
 
-    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM with its output layer)")
+    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM with its output layer)",
+                           dropout=dropout)
 
 
 def new_model(tokenizer, n_layer, n_embd, n_head, max_len):

@@ -180,13 +180,17 @@ def sync_gradients(module, now):
 
 
 def save_pretrained(model, path, tokenizer=None):
-    """save_pretrained by the main process (FSDP's shards are gathered first: every process takes part)."""
-    state = None
+    """save_pretrained by the main process (FSDP's shards are gathered first: every process takes part), in
+    the dtype its files had (lm.load_pretrained's stored_dtype: the float32 weights rounded; else float32)."""
+    dtype, state = getattr(model, "stored_dtype", torch.float32), model.state_dict()
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
         from scale.fsdp import full_state_dict
         state = full_state_dict(model)
     if WORLD.main:
-        model.save_pretrained(path, **({} if state is None else {"state_dict": state}))
+        model.save_pretrained(path, state_dict={k: v.to("cpu", dtype if v.is_floating_point() else v.dtype)
+                                                for k, v in state.items()})
+        with open(os.path.join(path, "config.json")) as f:  # the files' dtype, not the float32 run's
+            save_json(os.path.join(path, "config.json"), {**json.load(f), "dtype": str(dtype)[6:]})
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
