@@ -91,7 +91,7 @@ def sequence_kl(model, ref, examples, pad_id, batch_size=64):
             h_q = lm.response_hidden(ref.base_model, batch)[:, :-1][mask]
             logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
         # BEGIN SOLUTION
-        logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+        logp, logq = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
         # END SOLUTION
         rows = mask.nonzero()[:, 0]

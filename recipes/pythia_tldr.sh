@@ -64,6 +64,7 @@ IS_LOSS=${IS_LOSS:-dpo}              # ipo: the authors' IS trainer (summed log-
 NUM_CHECKPOINTS=${NUM_CHECKPOINTS:-10}
 # evaluation
 EVAL_PROMPTS=${EVAL_PROMPTS:-512}
+KL_PROMPTS=${KL_PROMPTS:-512}        # the KL on as many prompts as the win-rate (evaluate.py's default: 128)
 EVAL_TEMPERATURE=${EVAL_TEMPERATURE:-0.01}
 SAMPLE_BATCH=${SAMPLE_BATCH:-64}
 # hardware: the gold RM sharded, and the checkpoints' sizes on disk (in the dtype the models are stored in)
@@ -148,7 +149,7 @@ done
 
 # 6. gold win-rate against the reference summaries, and KL to pi_ref, of every checkpoint
 run evaluate.py --runs "$OUT/runs/*" --data "$DATA/tldr_test/eval.jsonl" --judge rm \
-  --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" \
+  --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" --kl_prompts "$KL_PROMPTS" \
   --temperature "$EVAL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
   --out_dir "$OUT/eval" --plots_dir "$OUT/plots" ${EVAL_FLAGS:-}
 echo "== done: $OUT/eval/summary.md, $OUT/plots/tradeoff.png"
