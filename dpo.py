@@ -7,10 +7,8 @@ r(y) = log pi_theta(y|x) - log pi_ref(y|x) (METHOD.md, sections 1 and 5).
 
 Run (after toy_tldr.py, sft.py, reward.py --mode label; about 40 s on one CPU thread):
     python dpo.py                               # DPO, beta 0.01 -> out/runs/dpo_beta0.01_seed0/
-    python dpo.py --loss_type ipo --beta 0.1
     python dpo.py --reference_only              # only log pi_ref of the pairs, saved beside them
-Paper scale (Pythia + TL;DR on a GPU; data prepared by scale/prepare.py): --sft_path <sft> --data <prefs>
-    --lr 1e-6 --num_epochs 1 --batch_size 8 --grad_accum 8 --max_prompt_len 512 --max_response_len 53
+Paper scale (Pythia + TL;DR on GPUs, every stage): recipes/pythia_tldr.sh
 
 Read it top to bottom: 1. the pairs; 2. the losses, small pure functions of summed log-probs; 3. log pi_ref
 of every pair, taken once before training; 4. the loop, written out: data, forward (lm.pair_logps, the fused
@@ -41,12 +39,10 @@ class Args:
     data: str = field(default="out/prefs", metadata={"help": "pairs: train.jsonl or its directory"})
     loss_type: str = field(default="dpo", metadata={"help": "dpo | dpo_norm | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
-    ipo_form: str = field(default="summed", metadata={
-        "help": "ipo: summed (Azar et al., the AIS paper) | per_token (TRL: log-ratios averaged per token)"})
+    ipo_form: str = field(default="summed", metadata={"help": "ipo: summed (Azar et al.) | per_token (TRL)"})
     rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the chosen's NLL (x beta)"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length gap |y_w| - |y_l|"})
-    chipo_form: str = field(default="huang", metadata={
-        "help": "chipo: huang (the margin clipped to [-2R, 2R]) | isdaa (the IS-DAAs code: r clamped)"})
+    chipo_form: str = field(default="huang", metadata={"help": "chipo: huang | isdaa (IS-DAAs)"})
     chipo_rmax: float = field(default=5.0, metadata={"help": "chipo, huang: the reward bound R"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo, isdaa: the clip c of r inside exp()"})
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (paper: 1; the toy: 2)"})
@@ -97,19 +93,15 @@ def load_pairs(args, tokenizer):
 
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
-    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * Delta), Delta = r(y_w) - r(y_l).
-
-    pi_w, pi_l, ref_w, ref_l: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x),
-    log pi_ref(y_l|x), each [B]; beta: the KL strength. Returns [B].
-    """
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * Delta), Delta = r(y_w) - r(y_l); pi_w, pi_l,
+    ref_w, ref_l [B]: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x), log pi_ref(y_l|x)."""
     # BEGIN SOLUTION
     return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
     # END SOLUTION
 
 
 def dpo_norm_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta):
-    """Length-normalised DPO (TRL's sigmoid_norm, open-instruct's dpo_norm): -log sigmoid(beta * (r(y_w)/|y_w|
-    - r(y_l)/|y_l|)), each log-ratio averaged over its tokens."""
+    """Length-normalised DPO (TRL's sigmoid_norm, open-instruct's dpo_norm): DPO on r(y)/|y| per response."""
     return -F.logsigmoid(beta * ((pi_w - ref_w) / len_w - (pi_l - ref_l) / len_l))
 
 
@@ -209,10 +201,9 @@ def read_reference(path, key, n):
 
 @torch.no_grad()
 def reference_logps(args, forward, pairs, pad_id, device):
-    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N], in float32 (bf16 would round a sum of 50 by a nat): read
-    from <pairs dir>/reference_logps.pt when made from this pi_ref, these pairs and lengths, else computed
-    (and saved there by --reference_only: a training run never writes beside its inputs). Over several
-    processes each computes a shard (padded to a multiple of the processes: FSDP needs equal batches)."""
+    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N], float32 (bf16 rounds a sum of 50 by a nat): from <pairs
+    dir>/reference_logps.pt if made from this pi_ref, pairs and lengths, else computed (and saved there by
+    --reference_only). Over N processes each computes a shard (padded: FSDP needs equal batches)."""
     pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
     path = os.path.join(os.path.dirname(pairs_file), "reference_logps.pt")
     key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len]

@@ -1,9 +1,8 @@
 """
 lm.py -- the language model every stage shares: 1. rows of local JSON lines in one form ({prompt,
-completion}, {prompt, chosen, rejected} or {prompt, reference}, with the token ids of any text column C as
-C_ids where known: toy_tldr.py and scale/prepare.py write it); 2. token ids; 3. batches and log pi(y|x),
-first by its definition, then the fused gather that training runs, tested equal; 4. models, float32 master
-weights; 5. sampling.
+completion}, {prompt, chosen, rejected} or {prompt, reference}, any text column C's token ids as C_ids where
+known); 2. token ids; 3. batches and log pi(y|x), by its definition, then the fused gather training runs,
+tested equal; 4. models, float32 master weights; 5. sampling.
 """
 import json
 import math
@@ -225,11 +224,10 @@ def gather_logps_naive(hidden, weight, bias, targets):
 
 
 class ChunkedLogProbs(torch.autograd.Function):
-    """gather_logps_naive's numbers, holding one [chunk, V] block of logits at a time. Forward keeps the
-    per-token logsumexp; backward recomputes each chunk's logits and uses d logp_t / d logits =
-    onehot(target) - softmax(logits). Both compute the logits in the dtype autocast chose for the forward
-    (ctx.dtype; autocast is off inside): a softmax of logits of another precision than the saved logsumexp
-    would not sum to 1."""
+    """gather_logps_naive's numbers, one [chunk, V] block of logits at a time. Forward keeps the per-token
+    logsumexp; backward recomputes each chunk's logits and uses d logp_t / d logits = onehot(target) -
+    softmax(logits), both in the dtype autocast chose for the forward (ctx.dtype; autocast off inside): a
+    softmax of logits of another precision than the saved logsumexp would not sum to 1."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
@@ -306,11 +304,9 @@ def pair_logps(forward, pairs, pad_id, device, chunk):
 
 
 def load_pretrained(auto_class, path, what, new_weights=(), dropout=False):
-    """A model whose every weight was in its files (a reward model read as a policy, or pi_ref as a reward
-    model, is refused, not completed with random weights), run as float32 whatever the files store:
-    training keeps float32 master weights, --precision decides what runs lower, and stage.save_pretrained
-    saves in the files' dtype (model.stored_dtype). new_weights: names of weights that may start fresh (the
-    reward model's head). dropout=False: every dropout rate 0 (TRL's disable_dropout)."""
+    """A model whose every weight was in its files (a reward model as a policy is refused, not completed at
+    random), in float32 master weights (stage.save_pretrained saves in the files' dtype, stored_dtype).
+    new_weights: weights that may start fresh (the RM's head). dropout=False: every rate 0 (as TRL)."""
     try:
         model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype="auto")
     except Exception as e:  # missing, truncated, foreign: all end here
@@ -330,8 +326,7 @@ def load_model(path, dropout=False):
     """A causal LM (pi_ref, a checkpoint) from a directory or a hub id; dropout: keep its dropout."""
     from transformers import AutoModelForCausalLM
 
-    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM with its output layer)",
-                           dropout=dropout)
+    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM)", dropout=dropout)
 
 
 def new_model(tokenizer, n_layer, n_embd, n_head, max_len):

@@ -1,9 +1,8 @@
 """
 stage.py -- the lines every stage's loop shares, none of them about alignment: flags, one-line errors,
 seeds and devices, the optimizer step and its schedule, outputs that never lose anything, the state that
---resume continues from, and the few lines that let torchrun run a stage as several processes.
-
-Read a stage (sft.py, dpo.py, ...) first; come here when it calls something you want to see.
+--resume continues from, and the few lines that let torchrun run a stage as several processes. Read a
+stage (sft.py, dpo.py, ...) first; come here when it calls something you want to see.
 """
 import dataclasses
 import functools

@@ -110,8 +110,8 @@ def assert_logs_close(logs, other, rel, skip=()):
 
 def test_a_float16_checkpoint_trains_to_the_numbers_of_its_float32_copy(standins, tmp_path, monkeypatch):
     """The chain (sft.py, then dpo.py) from the float16-stored pi_ref: sft.py writes the float32 copy's train
-    log, and saves pi_ref in float16 (its weights rounded), so dpo.py's log is the float32 chain's to float16's
-    rounding; the bfloat16-stored one trains too, in float32."""
+    log, and saves pi_ref in float16 (its weights rounded), so dpo.py's log is the float32 chain's to
+    float16's rounding; the bfloat16-stored one trains too, in float32."""
     fp32 = train_logs(standins, "fp32", tmp_path, monkeypatch)
     fp16 = train_logs(standins, "fp16", tmp_path, monkeypatch)
     assert_logs_close(fp16[:1], fp32[:1], rel=1e-6)
