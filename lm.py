@@ -90,8 +90,7 @@ def encode_prompts(tokenizer, rows, max_prompt_len):
     adds_bos = (bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
                 and tokenizer("x", add_special_tokens=False)["input_ids"][:1] != [bos])
     texts = [r["prompt"] for r in rows if "prompt_ids" not in r]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    out = []
+    encoded, out = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []), []
     for row in rows:
         ids = row["prompt_ids"] if "prompt_ids" in row else [bos] * adds_bos + next(encoded)
         if not ids:
@@ -105,18 +104,19 @@ def encode_prompts(tokenizer, rows, max_prompt_len):
 
 def encode(tokenizer, rows, column, max_prompt_len, max_response_len):
     """[(prompt_ids, response_ids)] of each row's prompt and its response in `column`: the row's C_ids if it
-    has them (the tokens a model sampled), else ' ' + text + EOS; cut at max_response_len."""
+    has them (the tokens a model sampled), else ' ' + text + EOS; cut at max_response_len (said once)."""
     texts = [r[column] if r[column][:1].isspace() else " " + r[column]
              for r in rows if column + "_ids" not in r]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    out = []
+    encoded, out = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []), []
     for row, prompt in zip(rows, encode_prompts(tokenizer, rows, max_prompt_len)):
         ids = row.get(column + "_ids") or next(encoded) + [tokenizer.eos_token_id]
         if max(ids + prompt) >= len(tokenizer):
             fail(f"a row's token ids reach {max(ids + prompt)}, beyond the tokenizer's {len(tokenizer)} "
                  f"tokens: ids of another tokenizer?")
-        out.append((prompt, ids[:max_response_len]))
-    return out
+        out.append((prompt, ids[:max_response_len], len(ids) > max_response_len))
+    if sum(c for *_, c in out):
+        print(f"note: {sum(c for *_, c in out)} of {len(out)} {column} responses cut at --max_response_len")
+    return [(p, r) for p, r, _ in out]
 
 
 def banned_ids(tokenizer, model=None):

@@ -291,3 +291,12 @@ def test_sampling_is_teacher_forcing(tiny_model):
     responses, logps = lm.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 10, generator=g)
     plain, _ = lm.sequence_logps_plain(model, lm.collate(list(zip(prompts, responses)), tokenizer.pad_token_id))
     torch.testing.assert_close(torch.tensor(logps, dtype=torch.float64), plain.detach(), atol=1e-4, rtol=0)
+
+
+def test_encode_says_once_how_many_responses_it_cut(capsys):
+    tokenizer = toy_tldr.build_tokenizer()
+    rows = [{"prompt": "TL;DR:", "r": "my mom lied to me"}, {"prompt": "TL;DR:", "r": "mom"}]
+    assert [len(r) for _, r in lm.encode(tokenizer, rows, "r", 64, 3)] == [3, 2]
+    assert capsys.readouterr().out == "note: 1 of 2 r responses cut at --max_response_len\n"
+    lm.encode(tokenizer, rows, "r", 64, 24)
+    assert capsys.readouterr().out == ""
