@@ -273,8 +273,8 @@ def test_pythia_recipe_fits_its_hardware(tmp_path):
                           text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == (
-        "== disk: 18 runs x 11 checkpoints x 2.0 GB = 396 GB, + pi_ref 2.0 GB + the gold SFT and RM 2 x 13.7 GB"
-        " = 425 GB (a running stage also keeps its --resume state: 16 bytes a parameter)")
+        "== disk: 18 runs x 11 checkpoints x 2.0 GB = 396 GB, + pi_ref 2.0 GB + the gold SFT and RM"
+        " 2 x 13.7 GB = 425 GB (a running stage also keeps its --resume state: 16 bytes a parameter)")
     stages = {}
     for line in log.read_text().splitlines():
         if not line.startswith("-m scale.prepare "):
