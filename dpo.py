@@ -1,16 +1,13 @@
 """
 dpo.py -- direct alignment on offline preference pairs: DPO, IPO, RPO, R-DPO, chi-PO.
 
-The policy starts at pi_ref (sft.py) and learns from {prompt, chosen, rejected} pairs that reward.py
-sampled from pi_ref and labelled with a judge. Every loss is a function of the sequence log-ratios
-r(y) = log pi_theta(y|x) - log pi_ref(y|x) (METHOD.md, sections 1 and 5).
+The policy starts at pi_ref (sft.py) and learns from {prompt, chosen, rejected} pairs sampled from pi_ref
+and labelled (reward.py). Every loss is a function of r(y) = log pi_theta(y|x) - log pi_ref(y|x) (METHOD 5).
 
 Run (after toy_tldr.py, sft.py, reward.py --mode label; about 40 s on one CPU thread):
     python dpo.py                               # DPO, beta 0.01 -> out/runs/dpo_beta0.01_seed0/
-    python dpo.py --loss_type ipo --beta 0.1
     python dpo.py --reference_only              # only log pi_ref of the pairs, saved beside them
-Paper scale (Pythia + TL;DR on a GPU; data prepared by scale/prepare.py): --sft_path <sft> --data <prefs>
-    --lr 1e-6 --num_epochs 1 --batch_size 8 --grad_accum 8 --max_prompt_len 512 --max_response_len 53
+Paper scale (Pythia + TL;DR on GPUs, every stage): recipes/pythia_tldr.sh
 
 Read it top to bottom: 1. the pairs; 2. the losses, small pure functions of summed log-probs; 3. log pi_ref
 of every pair, taken once before training; 4. the loop, written out: data, forward (lm.pair_logps, the fused
@@ -32,21 +29,19 @@ import lm
 import stage
 from stage import fail, fingerprint
 
-LOSS_TYPES = ("dpo", "ipo", "rpo", "rdpo", "chipo")
+LOSS_TYPES = ("dpo", "dpo_norm", "ipo", "rpo", "rdpo", "chipo")
 
 
 @dataclass
 class Args:
     sft_path: str = field(default="out/sft", metadata={"help": "pi_ref (sft.py): start and reference"})
     data: str = field(default="out/prefs", metadata={"help": "pairs: train.jsonl or its directory"})
-    loss_type: str = field(default="dpo", metadata={"help": "dpo | ipo | rpo | rdpo | chipo"})
+    loss_type: str = field(default="dpo", metadata={"help": "dpo | dpo_norm | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
-    ipo_form: str = field(default="summed", metadata={
-        "help": "ipo: summed (Azar et al., the AIS paper) | per_token (TRL: log-ratios averaged per token)"})
+    ipo_form: str = field(default="summed", metadata={"help": "ipo: summed (Azar et al.) | per_token (TRL)"})
     rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the chosen's NLL (x beta)"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length gap |y_w| - |y_l|"})
-    chipo_form: str = field(default="huang", metadata={
-        "help": "chipo: huang (the margin clipped to [-2R, 2R]) | isdaa (the IS-DAAs code: r clamped)"})
+    chipo_form: str = field(default="huang", metadata={"help": "chipo: huang | isdaa (IS-DAAs)"})
     chipo_rmax: float = field(default=5.0, metadata={"help": "chipo, huang: the reward bound R"})
     chipo_clip: float = field(default=5.0, metadata={"help": "chipo, isdaa: the clip c of r inside exp()"})
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the pairs (paper: 1; the toy: 2)"})
@@ -72,6 +67,7 @@ class Args:
     save_every: int = field(default=50, metadata={"help": "steps between states for --resume (0: none)"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the weights (FSDP), not DDP"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (memory)"})
+    keep_dropout: bool = field(default=False, metadata={"help": "keep pi_ref's dropout (default: all off)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,14 +92,16 @@ def load_pairs(args, tokenizer):
 
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
-    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * Delta), Delta = r(y_w) - r(y_l).
-
-    pi_w, pi_l, ref_w, ref_l: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x),
-    log pi_ref(y_l|x), each [B]; beta: the KL strength. Returns [B].
-    """
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * Delta), Delta = r(y_w) - r(y_l); pi_w, pi_l,
+    ref_w, ref_l [B]: log pi_theta(y_w|x), log pi_theta(y_l|x), log pi_ref(y_w|x), log pi_ref(y_l|x)."""
     # BEGIN SOLUTION
     return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
     # END SOLUTION
+
+
+def dpo_norm_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta):
+    """Length-normalised DPO (TRL's sigmoid_norm, open-instruct's dpo_norm): DPO on r(y)/|y| per response."""
+    return -F.logsigmoid(beta * ((pi_w - ref_w) / len_w - (pi_l - ref_l) / len_l))
 
 
 def ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, beta, summed=True):
@@ -149,6 +147,8 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
     """Per-pair losses [B] of --loss_type, and what is worth logging (implicit rewards beta * r(y))."""
     if args.loss_type == "dpo":
         losses = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
+    elif args.loss_type == "dpo_norm":
+        losses = dpo_norm_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta)
     elif args.loss_type == "ipo":
         losses = ipo_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta, args.ipo_form == "summed")
     elif args.loss_type == "rpo":
@@ -187,15 +187,13 @@ def read_reference(path, key, n):
 
 
 @torch.no_grad()
-def reference_logps(args, forward, pairs, pad_id, device, autocast):
-    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N]: read from <pairs dir>/reference_logps.pt when it was made
-    from this pi_ref, these pairs, lengths and precision, else computed (and saved there by --reference_only: a
-    training run never writes beside its inputs). Over several processes each computes a shard (padded to a
-    multiple of the processes: FSDP needs equal batches)."""
+def reference_logps(args, forward, pairs, pad_id, device):
+    """log pi_ref(y_w|x), log pi_ref(y_l|x) [N], float32 (bf16 rounds a sum of 50 by a nat): from <pairs
+    dir>/reference_logps.pt if made from this pi_ref, pairs and lengths, else computed (and saved there by
+    --reference_only). Over N processes each computes a shard (padded: FSDP needs equal batches)."""
     pairs_file = os.path.join(args.data, "train.jsonl") if os.path.isdir(args.data) else args.data
     path = os.path.join(os.path.dirname(pairs_file), "reference_logps.pt")
-    key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len,
-           str(autocast.fast_dtype) if isinstance(autocast, torch.autocast) else "float32"]
+    key = [fingerprint(args.sft_path), fingerprint(pairs_file), args.max_prompt_len, args.max_response_len]
     saved = read_reference(path, key, len(pairs))
     if saved is not None:
         print(f"reference log-probs: read from {path}")
@@ -203,9 +201,8 @@ def reference_logps(args, forward, pairs, pad_id, device, autocast):
     mine = stage.shard(pairs + pairs[-1:] * (-len(pairs) % stage.WORLD.size))
     out = []
     for s in tqdm(range(0, len(mine), 2 * args.batch_size), desc="reference log-probs", leave=False):
-        with autocast:
-            out.append(torch.stack(lm.pair_logps(forward, mine[s:s + 2 * args.batch_size], pad_id, device,
-                                                 args.logit_chunk)[:2], 1))
+        out.append(torch.stack(lm.pair_logps(forward, mine[s:s + 2 * args.batch_size], pad_id, device,
+                                             args.logit_chunk)[:2], 1))
     logps = stage.gather_live(torch.cat(out))[:len(pairs)].float().T.contiguous()  # [2, N]
     if args.reference_only and stage.WORLD.main:
         sha = hashlib.sha256(logps.cpu().numpy().tobytes()).hexdigest()
@@ -250,9 +247,10 @@ def train(args, weigh=None, method=None):
     rows, pairs = load_pairs(args, tokenizer)
     if args.batch_size * world.size > len(pairs) and world.size > 1 and not args.reference_only:
         fail(f"--batch_size {args.batch_size} x {world.size} processes is more than the {len(pairs)} pairs")
-    model = lm.load_model(args.sft_path).to(device)
+    model = lm.load_model(args.sft_path, dropout=args.keep_dropout).to(device)
     forward = stage.parallel(model, lm.sequence_logps, args.fsdp, args.gradient_checkpointing)
-    ref_w, ref_l = reference_logps(args, forward, pairs, tokenizer.pad_token_id, device, autocast)
+    ref_w, ref_l = reference_logps(args, forward, pairs, tokenizer.pad_token_id, device)
+    model.train()  # after pi_ref's log-probs: --keep_dropout's dropout, --gradient_checkpointing
     if args.reference_only:
         print(f"reference log-probs of {len(pairs)} pairs: beside them, in reference_logps.pt")
         return None

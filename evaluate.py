@@ -5,21 +5,17 @@ For each checkpoint of each run (the paper's App. D; METHOD.md, section 7):
   * win_rate: a summary sampled at temperature 0.01 for each of N eval prompts; the share of prompts where
     the judge scores it above the prompt's reference, a tie counting half. The judge: the toy's hidden
     true scorer (--judge true, the default) or a gold reward model (--judge rm, as on real data);
-  * true_win_rate, true_score (toy world only): the true scorer's verdict, also beside a gold RM's
-    (gold_win_rate): where the two part ways, the policy exploits the gold model;
+  * true_win_rate, true_score (toy only): the true scorer's verdict, also beside a gold RM's (gold_win_rate)
   * kl: y ~ pi_theta at temperature 1, and the sum over its tokens of the full next-token KL
-    sum_v pi_theta(v|x,y<t) (log pi_theta - log pi_ref)(v|x,y<t), averaged over prompts;
-  * mean_length: response tokens, EOS included.
+    sum_v pi_theta(v|x,y<t) (log pi_theta - log pi_ref)(v|x,y<t), averaged over prompts; mean_length.
 One row per checkpoint goes to out/eval/results.jsonl (a re-run skips the rows there); then claims.py
 draws out/plots/tradeoff.png and dynamics.png and writes out/eval/summary.md (mean +- std over seeds).
 
 Run (after dpo.py / is_dpo.py):
     python evaluate.py                                    # every run in out/runs/
-    python evaluate.py --runs "out/runs/ais-dpo_*" --num_prompts 512
     python evaluate.py --plots_only                       # redraw from results.jsonl
     python evaluate.py --check                            # the claims over the seeds, with 95% CIs
-    python evaluate.py --shard 0/2 --threads 1 & python evaluate.py --shard 1/2 --threads 1; wait
-    torchrun --standalone --nproc_per_node 2 evaluate.py   # the same in one command: one process a GPU
+    torchrun --standalone --nproc_per_node 2 evaluate.py   # 2 processes (or: --shard 0/2, --shard 1/2)
 """
 import contextlib
 import fcntl
@@ -64,8 +60,7 @@ class Args:
     check: bool = field(default=False, metadata={"help": "the claims, 95%% CIs: check.md; exit 1: one fails"})
 
 
-# evaluate.py adds these to --out_dir and --plots_dir, never replacing them (stage.prepare_dir)
-OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png", "dynamics.png"}
+OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png", "dynamics.png"}  # added
 
 # ----------------------------------------------------------------------------------------------
 # 1. the metrics
@@ -79,19 +74,18 @@ def win_rate(policy_scores, reference_scores):
 
 @torch.no_grad()
 def sequence_kl(model, ref, examples, pad_id, batch_size=64):
-    """[N]: per (prompt_ids, response_ids) sampled from the policy, the sum over response tokens of the KL
-    of pi_theta(.|x,y<t) from pi_ref(.|x,y<t) over the vocabulary. Its mean over y ~ pi_theta is the KL of
-    sequences (the chain rule), with far less variance than that of log pi_theta(y) - log pi_ref(y)."""
+    """[N]: per (prompt_ids, response_ids) sampled from the policy, the sum over its tokens of KL(pi_theta ||
+    pi_ref) of the next token: its mean over y ~ pi_theta is the sequence KL, less noisy than r(y)'s."""
     device, out = next(model.parameters()).device, []
     for s in range(0, len(examples), batch_size):
         batch = lm.to_device(lm.collate_grouped(examples[s:s + batch_size], pad_id), device)
         mask = batch["response_mask"].bool()  # h[:, t] predicts response token t
-        h_p = lm.response_hidden(model.base_model, batch)[:, :-1][mask]
-        h_q = lm.response_hidden(ref.base_model, batch)[:, :-1][mask]
-        logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
+        with torch.autocast(device.type, enabled=False):  # float32: bf16's rounding would add to a KL near 0
+            h_p = lm.response_hidden(model.base_model, batch)[:, :-1][mask]
+            h_q = lm.response_hidden(ref.base_model, batch)[:, :-1][mask]
+            logits_p, logits_q = model.get_output_embeddings()(h_p), ref.get_output_embeddings()(h_q)
         # BEGIN SOLUTION
-        acc = torch.promote_types(logits_p.dtype, torch.float32)  # bf16 logits are compared in float32
-        logp, logq = logits_p.to(acc).log_softmax(-1), logits_q.to(acc).log_softmax(-1)
+        logp, logq = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
         kl_token = (logp.exp() * (logp - logq)).sum(-1)
         # END SOLUTION
         rows = mask.nonzero()[:, 0]

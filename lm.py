@@ -1,9 +1,8 @@
 """
 lm.py -- the language model every stage shares: 1. rows of local JSON lines in one form ({prompt,
-completion}, {prompt, chosen, rejected} or {prompt, reference}, with the token ids of any text column C as
-C_ids where known: toy_tldr.py and scale/prepare.py write it); 2. token ids; 3. batches and log pi(y|x),
-first by its definition, then the fused gather that training runs, tested equal; 4. models, float32 master
-weights; 5. sampling.
+completion}, {prompt, chosen, rejected} or {prompt, reference}, any text column C's token ids as C_ids where
+known); 2. token ids; 3. batches and log pi(y|x), by its definition, then the fused gather training runs,
+tested equal; 4. models, float32 master weights; 5. sampling.
 """
 import json
 import math
@@ -129,10 +128,8 @@ def banned_ids(tokenizer, model=None):
     return sorted(special - {tokenizer.eos_token_id} | set(padded))
 
 
-def decode_response(tokenizer, ids):
-    """(text, finished): text without special tokens; finished = ended with EOS."""
-    finished = bool(ids) and ids[-1] == tokenizer.eos_token_id
-    return tokenizer.decode(ids, skip_special_tokens=True).strip(), finished
+def decode_response(tokenizer, ids):  # (text without special tokens, finished: it ended with EOS)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip(), ids[-1:] == [tokenizer.eos_token_id]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,11 +222,10 @@ def gather_logps_naive(hidden, weight, bias, targets):
 
 
 class ChunkedLogProbs(torch.autograd.Function):
-    """gather_logps_naive's numbers, holding one [chunk, V] block of logits at a time. Forward keeps the
-    per-token logsumexp; backward recomputes each chunk's logits and uses d logp_t / d logits =
-    onehot(target) - softmax(logits). Both compute the logits in the dtype autocast chose for the forward
-    (ctx.dtype; autocast is off inside): a softmax of logits of another precision than the saved logsumexp
-    would not sum to 1."""
+    """gather_logps_naive's numbers, one [chunk, V] block of logits at a time. Forward keeps the per-token
+    logsumexp; backward recomputes each chunk's logits and uses d logp_t / d logits = onehot(target) -
+    softmax(logits), both in the dtype autocast chose for the forward (ctx.dtype; autocast off inside): a
+    softmax of logits of another precision than the saved logsumexp would not sum to 1."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
@@ -280,14 +276,13 @@ class ChunkedLogProbs(torch.autograd.Function):
 
 def sequence_logps(model, batch, chunk=1024):
     """sequence_logps_plain's numbers, the fast way, for collate_grouped's batch: logps [P*k] (float32 at
-    least) and lengths [P*k]. Training, pi_ref's log-probs and the KL all run this path."""
+    least) and lengths [P*k]. Training and pi_ref's log-probs run this path."""
     mask = batch["response_mask"].bool()
     h = response_hidden(model.base_model, batch)[:, :-1][mask]  # h[:, t] predicts response token t
     head = model.get_output_embeddings()
     token_logps = ChunkedLogProbs.apply(h, head.weight, head.bias, batch["response_ids"][mask], chunk)
-    rows = mask.nonzero()[:, 0]
-    return torch.zeros(len(mask), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps), \
-        mask.sum(1)
+    logps = torch.zeros(len(mask), dtype=token_logps.dtype, device=h.device)
+    return logps.index_add(0, mask.nonzero()[:, 0], token_logps), mask.sum(1)
 
 
 def pair_logps(forward, pairs, pad_id, device, chunk):
@@ -305,27 +300,30 @@ def pair_logps(forward, pairs, pad_id, device, chunk):
 # 4. models
 
 
-def load_pretrained(auto_class, path, what, new_weights=()):
-    """A model whose every weight was in its files (a reward model read as a policy, or pi_ref as a reward
-    model, is refused, not completed with random weights), read as float32 whatever the files store:
-    training keeps float32 master weights and --precision decides what runs lower. new_weights: names of
-    weights that may start fresh (the reward model's head)."""
+def load_pretrained(auto_class, path, what, new_weights=(), dropout=False):
+    """A model whose every weight was in its files (a reward model as a policy is refused, not completed at
+    random), in float32 master weights (stage.save_pretrained saves in the files' dtype, stored_dtype).
+    new_weights: weights that may start fresh (the RM's head). dropout=False: every rate 0 (as TRL)."""
     try:
-        model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, dtype="auto")
     except Exception as e:  # missing, truncated, foreign: all end here
         first_line = (str(e).splitlines() or [""])[0][:200]
         fail(f"could not load {what} from {path!r}: {type(e).__name__}: {first_line}")
     missing = [k for k in info["missing_keys"] if not k.startswith(tuple(new_weights))]
     if missing:
         fail(f"{path} is not {what}: its files lack the weights {', '.join(sorted(missing)[:3])}")
-    return model
+    for m in [] if dropout else [*model.modules(), model.config]:  # nn.Dropout's p, modules' and config's
+        vars(m).update({k: 0.0 for k, v in vars(m).items() if isinstance(v, float) and (
+            k == "p" and isinstance(m, torch.nn.Dropout) or "dropout" in k or "pdrop" in k)})
+    model.stored_dtype = model.dtype
+    return model.float()
 
 
-def load_model(path):
-    """A causal LM (pi_ref, a checkpoint) from a directory or a hub id."""
+def load_model(path, dropout=False):
+    """A causal LM (pi_ref, a checkpoint) from a directory or a hub id; dropout: keep its dropout."""
     from transformers import AutoModelForCausalLM
 
-    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM with its output layer)")
+    return load_pretrained(AutoModelForCausalLM, path, "a policy (a causal LM)", dropout=dropout)
 
 
 def new_model(tokenizer, n_layer, n_embd, n_head, max_len):

@@ -77,11 +77,12 @@ def load_reward_model(path, tokenizer=None, new_head=False):
 
 
 def reward_scores(model, batch):
-    """r(x, y) for a lm.collate_grouped batch: the head on the hidden state after the last response token,
-    picked by response_mask, not by the model from the pad id (Pythia's pad == EOS: it would skip EOS)."""
-    hidden = lm.response_hidden(model.base_model, batch)  # hidden[:, t] has read t response tokens
-    length = batch["response_mask"].sum(1)
-    return model.score(hidden[torch.arange(len(length), device=length.device), length]).squeeze(-1).float()
+    """r(x, y) for a lm.collate_grouped batch: the head (float32: bf16 scores tie) on the hidden state after
+    the last response token, found by response_mask, not from the pad id (Pythia's pad == EOS: skips EOS)."""
+    hidden, length = lm.response_hidden(model.base_model, batch), batch["response_mask"].sum(1)
+    last = hidden[torch.arange(len(length), device=length.device), length].to(model.score.weight.dtype)
+    with torch.autocast(length.device.type, enabled=False):
+        return model.score(last).squeeze(-1)
 
 
 def bradley_terry_loss(r_chosen, r_rejected):

@@ -49,12 +49,9 @@ def check_args(args, positive=(), non_negative=()):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{f.name} must be a finite number, got {value}")
-    for name in positive:
-        if not getattr(args, name) > 0:
-            fail(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in non_negative:
-        if not getattr(args, name) >= 0:
-            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in [*positive, *non_negative]:
+        if not (getattr(args, name) > 0 or name in non_negative and getattr(args, name) == 0):
+            fail(f"--{name} must be {'>= 0' if name in non_negative else '> 0'}, got {getattr(args, name)}")
     if hasattr(args, "seed") and not 0 <= args.seed < 2 ** 32:  # numpy's seeds are 32-bit
         fail(f"--seed must be in [0, 2^32), got {args.seed}")
     if hasattr(args, "threads") and args.threads < 0:
@@ -139,8 +136,7 @@ def gather_live(mine):
 
 
 class Forward(torch.nn.Module):
-    """fn(model, ...) as a module's forward: DDP syncs gradients and FSDP gathers weights only through a
-    module's forward, and our losses read model.base_model and the output layer directly."""
+    """fn(model, ...) as a module's forward: DDP and FSDP act only through one (our losses read layers)."""
 
     def __init__(self, fn, model):
         super().__init__()
@@ -168,8 +164,7 @@ def parallel(model, fn, fsdp=False, gradient_checkpointing=False):
 
 @contextmanager
 def sync_gradients(module, now):
-    """Around a micro-batch's forward and backward: average the gradients over the processes only `now`
-    (the step's last micro-batch); before it each process accumulates its own."""
+    """Around a micro-batch's forward and backward: average gradients over the processes only `now`."""
     if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not now:
         with module.no_sync():
             yield
@@ -180,13 +175,17 @@ def sync_gradients(module, now):
 
 
 def save_pretrained(model, path, tokenizer=None):
-    """save_pretrained by the main process (FSDP's shards are gathered first: every process takes part)."""
-    state = None
+    """save_pretrained by the main process (FSDP's shards are gathered first: every process takes part), in
+    the dtype its files had (lm.load_pretrained's stored_dtype: the float32 weights rounded; else float32)."""
+    dtype, state = getattr(model, "stored_dtype", torch.float32), model.state_dict()
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
         from scale.fsdp import full_state_dict
         state = full_state_dict(model)
     if WORLD.main:
-        model.save_pretrained(path, **({} if state is None else {"state_dict": state}))
+        model.save_pretrained(path, state_dict={k: v.to("cpu", dtype if v.is_floating_point() else v.dtype)
+                                                for k, v in state.items()})
+        with open(os.path.join(path, "config.json")) as f:  # the files' dtype, not the float32 run's
+            save_json(os.path.join(path, "config.json"), {**json.load(f), "dtype": str(dtype)[6:]})
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 

@@ -17,11 +17,14 @@ each with a fresh AdamW, and their first losses must agree.
 
 Reported per variant: tokens/s (tokens through the model per step: each prompt once plus both responses;
 median step time over --steps after --warmup steps), peak memory (torch.cuda.max_memory_allocated over the
-timed steps, weights and AdamW state included; on the CPU not measured), and MFU = 6 N T / t / peak, N the
-parameters that do matrix products per token (all but the input embedding), T the tokens of a step, t its
-time, peak the accelerator's dense peak (--peak_tflops; the default 989 is an H100 SXM's bf16 dense figure
-without sparsity). 6 N T counts the matrix products of forward and backward and leaves out attention's
-own T^2 work, so the MFU is a slight underestimate at these lengths.
+timed steps, weights and AdamW state included; on the CPU not measured), and
+MFU = 6 ((N - N_out) T + N_out T_resp) / t / peak: N the parameters that do matrix products per token (all
+but the input embedding), N_out those of the output layer, which runs on the response tokens only (T_resp
+of the T tokens of a step; the prompt's positions predict nothing a loss reads), t the step's time, peak
+the accelerator's dense peak (--peak_tflops; the default 989 is an H100 SXM's bf16 dense figure without
+sparsity). The numerator counts the model's matrix products of forward and backward (the fused gather's
+recomputed logits in backward are not model work: they lower the MFU) and leaves out attention's own T^2
+work, so the MFU is a slight underestimate at these lengths.
 """
 import argparse
 import dataclasses
@@ -148,8 +151,9 @@ def run_variant(args, fused, device, autocast, batch, ref):
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if "embed_in" not in n)
+    head_params = model.get_output_embeddings().weight.numel()
     del model, optimizer, update
-    return statistics.median(times), peak, losses[0], matmul_params
+    return statistics.median(times), peak, losses[0], matmul_params, head_params
 
 
 def main(args):
@@ -162,16 +166,21 @@ def main(args):
     ref = ref + noise.to(ref.device)  # pi_theta = pi_ref at the start would make every first loss log 2
     del model
     tokens = args.pairs * (args.prompt_len + 2 * args.response_len)
+    response_tokens = args.pairs * 2 * args.response_len
     precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
     print(f"{args.size}, {device.type}, {precision}, {args.pairs} pairs x ({args.prompt_len} prompt + 2 x "
           f"{args.response_len} response) = {tokens} tokens a step; median of {args.steps} steps after "
           f"{args.warmup}; MFU against {args.peak_tflops:g} TFLOP/s")
     rows = []
     for name, fused in (("fused", True), ("naive", False)):
-        seconds, peak, loss, n = run_variant(args, fused, device, autocast, batch, ref)
+        seconds, peak, loss, n, head = run_variant(args, fused, device, autocast, batch, ref)
+        # the output layer runs on response tokens only (lm.sequence_logps): charged there alone
+        flops = 6 * ((n - head) * tokens + head * response_tokens)
         rows.append({"variant": name, "step_s": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak,
-                     "mfu": 6 * n * tokens / seconds / (args.peak_tflops * 1e12), "first_loss": loss,
-                     "matmul_params": n, "tokens": tokens, "device": device.type, "precision": precision})
+                     "mfu": flops / seconds / (args.peak_tflops * 1e12), "first_loss": loss,
+                     "matmul_params": n, "head_params": head, "tokens": tokens,
+                     "response_tokens": response_tokens, "model_flops": flops, "device": device.type,
+                     "precision": precision})
     if not math.isclose(rows[0]["first_loss"], rows[1]["first_loss"], rel_tol=1e-2, abs_tol=1e-3):
         sys.exit(f"fused and naive disagree on the first loss: {rows[0]['first_loss']} vs "
                  f"{rows[1]['first_loss']}")
@@ -181,7 +190,8 @@ def main(args):
         print(f"{r['variant']:8s} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {peak:>9s} {r['mfu']:7.2%} "
               f"{r['first_loss']:11.6f}")
     print(f"N = {rows[0]['matmul_params'] / 1e6:.1f}M parameters in matrix products (the input embedding "
-          f"left out)")
+          f"left out), {rows[0]['head_params'] / 1e6:.1f}M of them the output layer, charged on the "
+          f"{response_tokens} response tokens only")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -111,7 +111,7 @@ def sample_responses(args, run, prompts, k):
     ids = [p for _, p in prompts for _ in range(k)]
     tok = run.tokenizer
     responses, _ = lm.sample(run.model, ids, tok.eos_token_id, tok.pad_token_id, args.max_response_len,
-                             1.0, 256, run.generator, suppress_ids=lm.banned_ids(tok))
+                             1.0, 256, run.generator, suppress_ids=lm.banned_ids(tok, run.model))
     return responses
 
 

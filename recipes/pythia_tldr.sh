@@ -13,6 +13,10 @@
 #   MODEL=/models/pythia-1b GOLD_MODEL=/models/pythia-6.9b TLDR=/data/tldr TLDR_PREF=/data/tldr-preference ...
 #
 # Every size is an environment variable (the test runs this file end to end at a tiny size on the CPU).
+# Extra flags per stage, as run.sh takes them: SFT_FLAGS (both SFTs), RM_FLAGS (the gold RM's training and
+# the labelling), DAA_FLAGS (dpo.py and is_dpo.py), EVAL_FLAGS. The 6.9B gold RM trains under --fsdp with
+# --gradient_checkpointing (GOLD_FSDP=1: its float32 weights, gradients and AdamW moments, 16 bytes a
+# parameter, are 110 GB: no single GPU holds them), so the recipe wants NPROC >= 2 unless GOLD_FSDP=0.
 # Re-running continues: a stage whose output exists is skipped (the stages refuse to overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,11 +60,17 @@ DAA_EPOCHS=${DAA_EPOCHS:-1}
 BETAS=${BETAS:-"0.01 0.05 0.1"}
 SEEDS=${SEEDS:-"1 2 3"}
 LOG_W_MAX=${LOG_W_MAX:-2.0}
+IS_LOSS=${IS_LOSS:-dpo}              # ipo: the authors' IS trainer (summed log-probs; recipes/README.md)
 NUM_CHECKPOINTS=${NUM_CHECKPOINTS:-10}
 # evaluation
 EVAL_PROMPTS=${EVAL_PROMPTS:-512}
+KL_PROMPTS=${KL_PROMPTS:-512}        # the KL on as many prompts as the win-rate (evaluate.py's default: 128)
 EVAL_TEMPERATURE=${EVAL_TEMPERATURE:-0.01}
 SAMPLE_BATCH=${SAMPLE_BATCH:-64}
+# hardware: the gold RM sharded, and the checkpoints' sizes on disk (in the dtype the models are stored in)
+GOLD_FSDP=${GOLD_FSDP:-1}
+POLICY_GB=${POLICY_GB:-2.0}          # Pythia-1B in float16: 1.01e9 x 2 bytes
+GOLD_GB=${GOLD_GB:-13.7}             # Pythia-6.9B in float16: 6.86e9 x 2 bytes
 
 DATA=$OUT/data
 mkdir -p "$DATA"
@@ -69,6 +79,22 @@ OPT=(--warmup_steps "$WARMUP_STEPS" --min_lr_ratio "$MIN_LR_RATIO" --grad_clip "
 
 source recipes/common.sh  # run (under torchrun when NPROC > 1), todo, prepare, per_process
 per_process SFT_ACCUM RM_ACCUM DAA_ACCUM
+GOLD=()
+if [ "$GOLD_FSDP" = 1 ]; then
+  GOLD=(--fsdp --gradient_checkpointing)
+  if [ "$NPROC" -lt 2 ]; then
+    echo "error: GOLD_FSDP=1 shards the gold RM over GPUs: NPROC=8 (GOLD_FSDP=0: a small GOLD_MODEL)" >&2
+    exit 2
+  fi
+fi
+read -r -a betas <<< "$BETAS"
+read -r -a seeds <<< "$SEEDS"
+RUNS=$((2 * ${#betas[@]} * ${#seeds[@]})) CKPTS=$((NUM_CHECKPOINTS + 1))  # each run saves step 0 too
+gb() { awk "BEGIN { printf \"%.0f\", $1 }"; }
+echo "== disk: $RUNS runs x $CKPTS checkpoints x $POLICY_GB GB = $(gb "$RUNS * $CKPTS * $POLICY_GB") GB," \
+  "+ pi_ref $POLICY_GB GB + the gold SFT and RM 2 x $GOLD_GB GB" \
+  "= $(gb "$RUNS * $CKPTS * $POLICY_GB + $POLICY_GB + 2 * $GOLD_GB") GB (a running stage also keeps its" \
+  "--resume state: 16 bytes a parameter)"
 
 # 0. data: the canonical form (scale/prepare.py: the text and the policy's token ids), prompts cut at
 # paragraph level to MAX_PROMPT_LEN tokens (App. D). The Pythias share one tokenizer: the gold RM's too.
@@ -81,45 +107,49 @@ prepare "$DATA/tldr_pref_train" --kind prefs --data "$TLDR_PREF" --split train "
 # 1. SFT of the policy (pi_ref) and of the gold RM's base, on the reference summaries
 for spec in "$MODEL sft" "$GOLD_MODEL gold_sft"; do  # not stated: the gold RM's start (we: its own SFT)
   read -r model name <<< "$spec"
+  extra=()
+  [ "$name" = gold_sft ] && extra=("${GOLD[@]}")
   todo "$OUT/$name" && run sft.py --model_name_or_path "$model" --data "$DATA/tldr_train" \
     "${LENS[@]}" --lr "$SFT_LR" "${OPT[@]}" --batch_size "$SFT_BATCH" \
     --grad_accum "$(($SFT_ACCUM / NPROC))" \
-    --steps "$SFT_STEPS" --val_size "$SFT_VAL" --out_dir "$OUT/$name"
+    --steps "$SFT_STEPS" --val_size "$SFT_VAL" --out_dir "$OUT/$name" "${extra[@]}" ${SFT_FLAGS:-}
 done
 
 # 2. the gold reward model (Bradley-Terry) on the human pairs
 todo "$OUT/gold_rm" && run reward.py --mode train --sft_path "$OUT/gold_sft" \
   --data "$DATA/tldr_pref_train/train.jsonl" "${LENS[@]}" --lr "$RM_LR" "${OPT[@]}" \
   --batch_size "$RM_BATCH" --grad_accum "$(($RM_ACCUM / NPROC))" --steps "$RM_STEPS" --val_size "$RM_VAL" \
-  --out_dir "$OUT/gold_rm"
+  --out_dir "$OUT/gold_rm" "${GOLD[@]}" ${RM_FLAGS:-}
 
 # 3. two pi_ref samples per training prompt, labelled by the gold RM (argmax; ties and unfinished dropped)
 todo "$OUT/prefs" && run reward.py --mode label --judge rm --sft_path "$OUT/sft" \
   --gold_path "$OUT/gold_rm" --data "$DATA/tldr_train/sft.jsonl" "${LENS[@]}" \
   --num_prompts "$LABEL_PROMPTS" --temperature "$LABEL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
-  --out_dir "$OUT/prefs"
+  --out_dir "$OUT/prefs" ${RM_FLAGS:-}
 
 # 4. log pi_ref of the pairs, once, saved beside them ($OUT/prefs/reference_logps.pt, keyed by pi_ref, the
 # pairs and the lengths): every DAA run reads them there (a run that finds them stale computes its own)
 todo "$OUT/prefs/reference_logps.pt" && run dpo.py --reference_only --sft_path "$OUT/sft" \
-  --data "$OUT/prefs" "${LENS[@]}" --batch_size "$DAA_BATCH"
+  --data "$OUT/prefs" "${LENS[@]}" --batch_size "$DAA_BATCH" ${DAA_FLAGS:-}
 
-# 5. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX) for every beta and seed
+# 5. DPO and IS-DPO (weights clipped at log w <= LOG_W_MAX; IS_LOSS=ipo: the authors' IS trainer's loss) for
+# every beta and seed
 for beta in $BETAS; do
   for seed in $SEEDS; do
     common=(--sft_path "$OUT/sft" --data "$OUT/prefs" "${LENS[@]}" --beta "$beta" --seed "$seed"
             --lr "$DAA_LR" "${OPT[@]}" --batch_size "$DAA_BATCH" --grad_accum "$(($DAA_ACCUM / NPROC))"
-            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs")
+            --num_epochs "$DAA_EPOCHS" --num_checkpoints "$NUM_CHECKPOINTS" --runs_dir "$OUT/runs"
+            ${DAA_FLAGS:-})
     todo "$OUT/runs/dpo_beta${beta}_seed$seed" && run dpo.py "${common[@]}" \
       --run_name "dpo_beta${beta}_seed$seed"
-    todo "$OUT/runs/is-dpo_beta${beta}_seed$seed" && run is_dpo.py "${common[@]}" --weight clipped \
-      --log_w_max "$LOG_W_MAX" --run_name "is-dpo_beta${beta}_seed$seed"
+    todo "$OUT/runs/is-${IS_LOSS}_beta${beta}_seed$seed" && run is_dpo.py "${common[@]}" --weight clipped \
+      --log_w_max "$LOG_W_MAX" --loss_type "$IS_LOSS" --run_name "is-${IS_LOSS}_beta${beta}_seed$seed"
   done
 done
 
 # 6. gold win-rate against the reference summaries, and KL to pi_ref, of every checkpoint
 run evaluate.py --runs "$OUT/runs/*" --data "$DATA/tldr_test/eval.jsonl" --judge rm \
-  --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" \
+  --gold_path "$OUT/gold_rm" "${LENS[@]}" --num_prompts "$EVAL_PROMPTS" --kl_prompts "$KL_PROMPTS" \
   --temperature "$EVAL_TEMPERATURE" --sample_batch_size "$SAMPLE_BATCH" \
-  --out_dir "$OUT/eval" --plots_dir "$OUT/plots"
+  --out_dir "$OUT/eval" --plots_dir "$OUT/plots" ${EVAL_FLAGS:-}
 echo "== done: $OUT/eval/summary.md, $OUT/plots/tradeoff.png"

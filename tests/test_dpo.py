@@ -263,8 +263,7 @@ def test_the_saved_reference_logps_are_recomputed_when_anything_they_came_from_c
     args = dpo.Args(sft_path=str(tmp_path / "sft"), data=str(tmp_path), batch_size=1, logit_chunk=16,
                     reference_only=True)
     path = tmp_path / "reference_logps.pt"
-    ref = lambda: dpo.reference_logps(args, model, pairs, tokenizer.pad_token_id, torch.device("cpu"),  # noqa
-                                      torch.autocast("cpu", enabled=False))
+    ref = lambda: dpo.reference_logps(args, model, pairs, tokenizer.pad_token_id, torch.device("cpu"))  # noqa
     direct = [lm.sequence_logps_plain(model, lm.collate([p[k] for p in pairs], tokenizer.pad_token_id))[0]
               for k in (0, 1)]
     first = ref()

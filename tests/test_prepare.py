@@ -686,7 +686,8 @@ def test_recipes_prepare_their_data_and_pass_no_data_flags_to_the_stages(script,
     log, fake = tmp_path / "commands", tmp_path / "python"
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
     fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "SEEDS": "1", "BETAS": "0.1"}
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "SEEDS": "1", "BETAS": "0.1",
+           "GOLD_FSDP": "0"}  # one process: the gold RM unsharded (tests/test_recipes.py: sharded)
     done = subprocess.run(["bash", str(ROOT / "recipes" / script)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lines = log.read_text().splitlines()

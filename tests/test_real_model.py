@@ -99,20 +99,24 @@ def train_logs(standins, name, tmp_path, monkeypatch, precision="auto"):
     return [lm.read_jsonl(out / stage_name / "train_log.jsonl") for stage_name in ("sft", "dpo")]
 
 
-def assert_logs_close(logs, other, rel):
+def assert_logs_close(logs, other, rel, skip=()):
     for rows, other_rows in zip(logs, other):
         assert len(rows) == len(other_rows) >= 2
         for row, other_row in zip(rows, other_rows):
             assert row.keys() == other_row.keys()
             for key, value in row.items():
-                assert value == pytest.approx(other_row[key], rel=rel, abs=rel), key
+                assert key in skip or value == pytest.approx(other_row[key], rel=rel, abs=rel), key
 
 
 def test_a_float16_checkpoint_trains_to_the_numbers_of_its_float32_copy(standins, tmp_path, monkeypatch):
-    """The chain (sft.py, then dpo.py) from the float16-stored pi_ref writes the float32 copy's train logs;
-    the bfloat16-stored one trains too, in float32."""
+    """The chain (sft.py, then dpo.py) from the float16-stored pi_ref: sft.py writes the float32 copy's train
+    log, and saves pi_ref in float16 (its weights rounded), so dpo.py's log is the float32 chain's to
+    float16's rounding; the bfloat16-stored one trains too, in float32."""
     fp32 = train_logs(standins, "fp32", tmp_path, monkeypatch)
-    assert_logs_close(train_logs(standins, "fp16", tmp_path, monkeypatch), fp32, rel=1e-6)
+    fp16 = train_logs(standins, "fp16", tmp_path, monkeypatch)
+    assert_logs_close(fp16[:1], fp32[:1], rel=1e-6)
+    assert_logs_close(fp16[1:], fp32[1:], rel=1e-2)
+    assert lm.load_model(str(tmp_path / "fp16" / "sft")).stored_dtype == torch.float16
     bf16 = train_logs(standins, "bf16", tmp_path, monkeypatch)
     assert all(row["loss"] > 0 for rows in bf16 for row in rows)
 
@@ -121,9 +125,11 @@ def test_a_float16_checkpoint_trains_to_the_numbers_of_its_float32_copy(standins
 def test_autocast_precisions_train_close_to_float32_with_float32_weights(standins, tmp_path, monkeypatch,
                                                                         precision):
     """--precision bf16 and fp16 (with torch's GradScaler) on the CPU: float32 weights, the float32 numbers
-    to the precision's rounding."""
+    to the precision's rounding. (Not the accuracy: pi_ref's log-probs are float32 under any precision, so
+    near step 0 the sign of a margin of about 0 is the policy's rounding.)"""
     fp32 = train_logs(standins, "fp32", tmp_path / "fp32", monkeypatch, precision="fp32")
-    assert_logs_close(train_logs(standins, "fp16", tmp_path, monkeypatch, precision), fp32, rel=0.05)
+    assert_logs_close(train_logs(standins, "fp16", tmp_path, monkeypatch, precision), fp32, rel=0.05,
+                      skip={"accuracy"})
 
 
 def pulled_pi_ref(standins):

@@ -125,7 +125,7 @@ def standins(tmp_path_factory):
 TINY = dict(MAX_PROMPT_LEN="64", MAX_RESPONSE_LEN="16", WARMUP_STEPS="1", SFT_LR="1e-3", SFT_BATCH="8",
             SFT_ACCUM="1", SFT_STEPS="2", SFT_VAL="8", RM_LR="1e-3", RM_BATCH="8", RM_ACCUM="1", RM_STEPS="2",
             RM_VAL="8", LABEL_PROMPTS="24", DAA_LR="1e-3", DAA_BATCH="4", DAA_ACCUM="1", DAA_EPOCHS="0.5",
-            BETAS="0.1", SEEDS="1", NUM_CHECKPOINTS="1", EVAL_PROMPTS="4", SAMPLE_BATCH="8")
+            BETAS="0.1", SEEDS="1", NUM_CHECKPOINTS="1", EVAL_PROMPTS="4", SAMPLE_BATCH="8", GOLD_FSDP="0")
 
 
 SHIM = """#!/usr/bin/env bash
@@ -258,6 +258,42 @@ def test_nproc_launches_torchrun_and_keeps_the_examples_per_step(script, tmp_pat
     done = subprocess.run(["bash", str(ROOT / "recipes" / script)], env={**env, "NPROC": "3"},
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "NPROC=3" in done.stderr
+
+
+def test_pythia_recipe_fits_its_hardware(tmp_path):
+    """The 6.9B gold RM's SFT and training run under --fsdp --gradient_checkpointing (the policy's do not);
+    one process with GOLD_FSDP=1 is refused before any work; per-stage flags reach their stages; the disk
+    arithmetic (runs x checkpoints x size) is printed first; IS_LOSS=ipo names the IS runs' loss."""
+    log, fake = tmp_path / "commands", tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "NPROC": "2", "IS_LOSS": "ipo",
+           "SFT_FLAGS": "--sft_x", "RM_FLAGS": "--rm_x", "DAA_FLAGS": "--daa_x", "EVAL_FLAGS": "--eval_x"}
+    done = subprocess.run(["bash", str(ROOT / "recipes" / "pythia_tldr.sh")], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == (
+        "== disk: 18 runs x 11 checkpoints x 2.0 GB = 396 GB, + pi_ref 2.0 GB + the gold SFT and RM"
+        " 2 x 13.7 GB = 425 GB (a running stage also keeps its --resume state: 16 bytes a parameter)")
+    stages = {}
+    for line in log.read_text().splitlines():
+        if not line.startswith("-m scale.prepare "):
+            script = line.split("--nproc_per_node 2 ")[1].split()[0]
+            named = re.search(r"--(?:out_dir|run_name) (\S+)", line)
+            stages[f"{script} {os.path.basename(named.group(1)) if named else 'reference'}"] = line
+    sharded = {k for k, line in stages.items() if "--fsdp --gradient_checkpointing" in line}
+    assert sharded == {"sft.py gold_sft", "reward.py gold_rm"}, sharded
+    for key, line in stages.items():
+        flag = {"sft.py": "--sft_x", "reward.py": "--rm_x", "dpo.py": "--daa_x", "is_dpo.py": "--daa_x",
+                "evaluate.py": "--eval_x"}[key.split()[0]]
+        assert line.endswith(flag) or f"{flag} " in line, line
+    assert sum(key.startswith("is_dpo.py is-ipo_beta") for key in stages) == 9
+    assert all("--loss_type ipo" in line for key, line in stages.items() if key.startswith("is_dpo.py"))
+    ran = log.read_text()
+    done = subprocess.run(["bash", str(ROOT / "recipes" / "pythia_tldr.sh")], env={**env, "NPROC": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: GOLD_FSDP=1")
+    assert log.read_text() == ran
 
 
 LLAMA_TINY = dict(WARMUP_STEPS="1", SFT_LR="1e-3", SFT_BATCH="4", SFT_ACCUM="1", SFT_STEPS="2", SFT_VAL="4",

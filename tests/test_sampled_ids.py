@@ -5,7 +5,6 @@ sampled one."""
 import json
 import math
 import os
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -167,8 +166,7 @@ def test_dpo_trains_on_the_sampled_ids(bpe_world, pi_ref, tmp_path):
                     runs_dir=str(tmp_path / "runs"), batch_size=4, num_epochs=0.5, num_checkpoints=1)
     loaded, pairs = dpo.load_pairs(args, tokenizer)
     assert [(c[1], r[1]) for c, r in pairs] == [(r["chosen_ids"], r["rejected_ids"]) for r in rows]
-    ref_w, ref_l = dpo.reference_logps(args, model, pairs, tokenizer.pad_token_id, torch.device("cpu"),
-                                       nullcontext())
+    ref_w, ref_l = dpo.reference_logps(args, model, pairs, tokenizer.pad_token_id, torch.device("cpu"))
     moved = 0
     for r, w, lo in zip(rows, ref_w.tolist(), ref_l.tolist()):
         prompt = prompt_ids(tokenizer, r["prompt"])
