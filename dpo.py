@@ -61,8 +61,7 @@ class Args:
     precision: str = field(default="auto", metadata={"help": stage.PRECISION_HELP})
     runs_dir: str = field(default="out/runs", metadata={"help": "the run goes to <runs_dir>/<run_name>/"})
     run_name: str = field(default="", metadata={"help": "default: <method>_beta<beta>_seed<seed>"})
-    reference_only: bool = field(default=False, metadata={
-        "help": "compute log pi_ref of the pairs, save them beside the pairs, and stop"})
+    reference_only: bool = field(default=False, metadata={"help": "only log pi_ref, saved beside the pairs"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its saved state"})
     save_every: int = field(default=50, metadata={"help": "steps between states for --resume (0: none)"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the weights (FSDP), not DDP"})
@@ -206,8 +205,7 @@ def reference_logps(args, forward, pairs, pad_id, device):
     logps = stage.gather_live(torch.cat(out))[:len(pairs)].float().T.contiguous()  # [2, N]
     if args.reference_only and stage.WORLD.main:
         sha = hashlib.sha256(logps.cpu().numpy().tobytes()).hexdigest()
-        torch.save({"key": key, "logps": tuple(logps.cpu()), "sha256": sha}, f"{path}.{os.getpid()}.tmp")
-        os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole or not at all, even with runs side by side
+        stage.save_whole({"key": key, "logps": tuple(logps.cpu()), "sha256": sha}, path)
     return logps[0], logps[1]
 
 

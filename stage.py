@@ -59,9 +59,8 @@ def check_args(args, positive=(), non_negative=()):
 
 
 # ----------------------------------------------------------------------------------------------
-# several processes: `torchrun --nproc_per_node N script.py` starts N copies of a stage, one a GPU (or CPU
-# processes talking through gloo). Each runs every line; the rank picks its GPU and its share of the work.
-# In one process (`python script.py`) every function here returns its input or does nothing.
+# several processes: `torchrun --nproc_per_node N script.py` runs N copies of a stage (one a GPU, or CPU
+# processes on gloo); the rank picks the GPU and the share of the work. One process: every call a no-op.
 
 
 @dataclasses.dataclass
@@ -70,9 +69,7 @@ class World:
     size: int = 1  # processes in all
     local_rank: int = 0  # this process on its machine: its GPU
 
-    @property
-    def main(self):  # the process that writes files and prints
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)  # the process that writes files and prints
 
 
 WORLD = World()
@@ -316,8 +313,7 @@ def read_marker(path):  # the {stage, run} of a directory a stage wrote, or None
 
 
 def check_output(out_dir, stage, inputs=(), own_files=()):
-    """Refuse, before any work, an output whose replacement would lose something: an input of the run (or
-    a directory holding one), a file, or a non-empty directory no run of this stage wrote."""
+    """Refuse, before any work, an output overlapping an input, a file, or a folder this stage never wrote."""
     out = os.path.realpath(out_dir)
     if os.path.dirname(out) == out or not out_dir.strip():
         fail(f"--out_dir {out_dir!r} is the root or empty")
@@ -475,8 +471,18 @@ def prepare_dir(path, stage, inputs=(), own_files=()):
 
 
 # ----------------------------------------------------------------------------------------------
-# --resume: all that a loop needs to go on exactly as if never stopped, saved every --save_every steps
-# in the output's partial copy (which a kill leaves in place)
+# --resume: what a loop needs to go on as if never stopped, every --save_every steps in the partial copy
+
+
+def save_whole(obj, path):
+    """torch.save into path.tmp, renamed into place: whole or not at all; a full disk, one error line."""
+    try:
+        torch.save(obj, path + ".tmp")
+    except RuntimeError as e:  # torch reports a full disk so, leaving a torn .tmp
+        with suppress(OSError):
+            os.remove(path + ".tmp")
+        raise OSError(f"could not write {path}: {e}") from e
+    os.replace(path + ".tmp", path)
 
 
 def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
@@ -493,11 +499,7 @@ def save_state(work, args, step, total, model, optimizer, scheduler, order, curs
                      "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
                      "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    try:
-        torch.save(state, os.path.join(work, "state.pt.tmp"))
-    except RuntimeError as e:  # torch reports a full disk so
-        raise OSError(f"could not save the training state in {work}: {e}") from e
-    os.replace(os.path.join(work, "state.pt.tmp"), os.path.join(work, "state.pt"))
+    save_whole(state, os.path.join(work, "state.pt"))
 
 
 def restore_state(work, args, model, optimizer, scheduler, scaler):

@@ -395,3 +395,28 @@ def test_chipo_never_overflows_and_stops_past_its_clip():
                     -math.log(sig(10))]
         torch.testing.assert_close(losses, torch.tensor(expected, dtype=dtype), rtol=1e-5, atol=1e-6)
         assert r_w.grad[[0, 1, 4]].abs().max() == 0 and r_w.grad[2] != 0
+
+
+def test_a_full_disk_while_saving_the_reference_logps_is_one_line_and_leaves_nothing(tiny_world, tmp_path,
+                                                                                     monkeypatch):
+    """torch.save reports a full disk as a RuntimeError and leaves a torn file: one error line, no file beside
+    the pairs (neither torn nor whole); once there is room again the same command saves them."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_bytes((tiny_world / "prefs.jsonl").read_bytes())
+    args = dict(sft_path=str(tiny_world / "sft"), data=str(data), runs_dir=str(tmp_path / "runs"),
+                batch_size=8, reference_only=True)
+    save = torch.save
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"torn")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        dpo.train(dpo.Args(**args))
+    assert str(e.value).startswith("error: could not write") and "reference_logps.pt" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["prefs.jsonl"]
+    monkeypatch.setattr(torch, "save", save)
+    dpo.train(dpo.Args(**args))
+    assert sorted(os.listdir(tmp_path)) == ["prefs.jsonl", "reference_logps.pt"]
