@@ -19,6 +19,7 @@ from contextlib import contextmanager, nullcontext, suppress
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 MARKER = ".stage.json"  # in every output a stage writes: which stage and which run wrote it
 
@@ -248,8 +249,7 @@ def parameter_norm(model):
 
 
 def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
-    """Linear warm-up from 0, then constant or a half cosine from the peak down to min_lr_ratio x the peak
-    at total_steps (METHOD.md, section 12): transformers' schedules."""
+    """Linear warm-up, then constant or a half cosine down to min_lr_ratio x peak (transformers')."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
     if shape not in ("cosine", "constant"):
@@ -448,9 +448,9 @@ def cleans_up(stage_main):
             with suppress(ValueError):  # SIGTERM as Ctrl-C (ValueError: not in the main thread)
                 signal.signal(signal.SIGTERM, signal.default_int_handler)
             return stage_main(*args, **kwargs)
-        except (KeyboardInterrupt, OSError) as e:
+        except (KeyboardInterrupt, OSError, SafetensorError) as e:  # safetensors' own error for a full disk
             why = "stopped by Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt) else \
-                f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+                f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e)
             kept = [o.work for o in _unfinished if os.path.exists(os.path.join(o.work, "state.pt"))]
             fail(why + (f"; {kept[0]} keeps the last saved state: the same command with --resume continues it"
                         if kept else ""))
