@@ -28,8 +28,9 @@ def one_torch_thread():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "core: the core tier (losses, weights, the gather equals the definition, "
-                                       "each stage end to end at a tiny size): python -m pytest -q -m core")
+    config.addinivalue_line("markers", "core: the core tier (losses, weights, the gather equals the "
+                                       "definition, each stage end to end at a tiny size): "
+                                       "python -m pytest -q -m core")
     config.addinivalue_line("markers", "before_the_rest: starts command lines (on the session's runner, or "
                                        "processes of their own) whose checks are marked after_the_rest")
     config.addinivalue_line("markers", "after_the_rest: checks of command lines started before the rest; "

@@ -15,7 +15,8 @@ BUDGETS = {"total": 2500, "dpo.py": 350, "is_dpo.py": 150, "README.md": 250}
 
 def local(name):
     """The project file a dotted module name refers to, or None (a library)."""
-    for path in (os.path.join(ROOT, *name.split(".")) + ".py", os.path.join(ROOT, *name.split("."), "__init__.py")):
+    for path in (os.path.join(ROOT, *name.split(".")) + ".py",
+                 os.path.join(ROOT, *name.split("."), "__init__.py")):
         if os.path.isfile(path):
             return os.path.relpath(path, ROOT)
     return None

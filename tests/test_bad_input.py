@@ -168,7 +168,8 @@ def write_bad_data(d, world):
     with open(d / "nan_behaviour.jsonl", "w") as f:  # json.dumps writes NaN, as Python's json reads it
         f.write("".join(json.dumps({**r, "chosen_behaviour_logp": float("nan") if i == 2 else -10.0}) + "\n"
                         for i, r in enumerate(behaviour)))
-    write("positive_behaviour.jsonl", [behaviour[0], {**behaviour[1], "rejected_behaviour_logp": 0.5}, *behaviour[2:]])
+    write("positive_behaviour.jsonl",
+          [behaviour[0], {**behaviour[1], "rejected_behaviour_logp": 0.5}, *behaviour[2:]])
     write("text_behaviour.jsonl", [{**behaviour[0], "rejected_behaviour_logp": "-12.0"}, *behaviour[1:]])
     write("prefs.jsonl", behaviour)
     write("other_columns.jsonl", [{"question": r["prompt"], "answer": r["completion"]} for r in rows])

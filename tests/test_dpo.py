@@ -324,7 +324,8 @@ def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
 def test_bad_input_gives_one_line(tiny_world, script, flags, message):
     base = {"sft_path": str(tiny_world / "sft"), "data": str(tiny_world / "prefs.jsonl"),
             "runs_dir": str(tiny_world / "bad"), **flags}
-    base["data"] = str(tiny_world / "world" / "prefs_human.jsonl") if base["data"] == "WORLD" else base["data"]
+    base["data"] = (str(tiny_world / "world" / "prefs_human.jsonl") if base["data"] == "WORLD"
+                    else base["data"])
     with pytest.raises(SystemExit) as e:
         if script == "dpo":
             dpo.train(dpo.Args(**base))
@@ -410,7 +411,8 @@ def test_a_full_disk_while_saving_the_reference_logps_is_one_line_and_leaves_not
     def full_disk(obj, path):
         with open(path, "wb") as f:
             f.write(b"torn")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . "
+                           "PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit) as e:

@@ -184,7 +184,8 @@ def toy_pairs(tokenizer, seed, n):
     pairs = []
     for _ in range(n):
         facts, prompt = toy_tldr.make_post(rng)
-        pairs.append(tuple(encode(tokenizer, prompt, toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)])
+        pairs.append(tuple(encode(tokenizer, prompt,
+                                  toy_tldr.reference_summary(facts, rng)[: rng.randint(1, 60)])
                            for _ in range(2)))
     return pairs
 
@@ -226,7 +227,8 @@ def test_encode_uses_the_rows_token_ids_and_else_the_text_plus_eos():
             {"prompt": "TL;DR:", "prompt_ids": [5, 6], "r": "anything", "r_ids": [7, 8, 9]}]
     (p0, r0), (p1, r1) = lm.encode(tokenizer, rows, "r", 64, 24)
     assert p0 == tokenizer("TL;DR:", add_special_tokens=False)["input_ids"]
-    assert r0 == tokenizer(" my mom lied to me", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert r0 == (tokenizer(" my mom lied to me", add_special_tokens=False)["input_ids"]
+                  + [tokenizer.eos_token_id])
     assert r0[:-1] == words  # the word-level tokenizer ignores the leading space
     assert (p1, r1) == ([5, 6], [7, 8, 9])
     assert lm.encode(tokenizer, rows, "r", 64, 2)[1][1] == [7, 8]  # cut at max_response_len
@@ -251,9 +253,11 @@ def test_encode_refuses_in_one_line(row, words):
 ])
 def test_load_rows_refuses_a_bad_field_with_its_row(tmp_path, row, words):
     path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"prompt": "ok", "chosen": "ok", "score": 1.0}) + "\n" + json.dumps(row) + "\n")
+    path.write_text(json.dumps({"prompt": "ok", "chosen": "ok", "score": 1.0}) + "\n"
+                    + json.dumps(row) + "\n")
     with pytest.raises(SystemExit) as e:
-        lm.load_rows(str(tmp_path), "train.jsonl", ["prompt", "chosen"], numeric=["score"] if "score" in row else [])
+        lm.load_rows(str(tmp_path), "train.jsonl", ["prompt", "chosen"],
+                     numeric=["score"] if "score" in row else [])
     assert "row 2" in str(e.value) and all(w in str(e.value) for w in words), e.value
 
 
@@ -288,8 +292,10 @@ def test_sampling_is_teacher_forcing(tiny_model):
     model, tokenizer = tiny_model
     prompts = [p for (p, _), _ in toy_pairs(tokenizer, seed=7, n=4)]
     g = torch.Generator().manual_seed(0)
-    responses, logps = lm.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 10, generator=g)
-    plain, _ = lm.sequence_logps_plain(model, lm.collate(list(zip(prompts, responses)), tokenizer.pad_token_id))
+    responses, logps = lm.sample(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 10,
+                                 generator=g)
+    plain, _ = lm.sequence_logps_plain(model, lm.collate(list(zip(prompts, responses)),
+                                                         tokenizer.pad_token_id))
     torch.testing.assert_close(torch.tensor(logps, dtype=torch.float64), plain.detach(), atol=1e-4, rtol=0)
 
 

@@ -101,15 +101,16 @@ def stopped_by_signals(tmp_path_factory, root):
     for script, sig in (("dpo", signal.SIGTERM), ("sft", signal.SIGINT)):
         argv, output_flag, output = resumable_command(tmp_path_factory, script, root)
         with open(root / f"{script}.out", "w") as o, open(root / f"{script}.err", "w") as e:
-            process = subprocess.Popen([sys.executable, *map(str, argv + output_flag(script))], cwd=ROOT, stdout=o,
-                                       stderr=e, env=cli_env(root / "hf_home"))
+            process = subprocess.Popen([sys.executable, *map(str, argv + output_flag(script))], cwd=ROOT,
+                                       stdout=o, stderr=e, env=cli_env(root / "hf_home"))
         state = Path(stage.scratch_path(output(script), "partial")) / "state.pt"
         wait_for(state, process, root / f"{script}.err")
         process.send_signal(sig)
         process.wait()
         out[script] = {"returncode": process.returncode, "stderr": (root / f"{script}.err").read_text(),
                        "state_kept": state.exists(), "output": output(script)}
-        out[script]["resumed"] = submit_cli(tmp_path_factory, *argv, *output_flag(script), "--resume").result(600)
+        out[script]["resumed"] = submit_cli(tmp_path_factory, *argv, *output_flag(script),
+                                            "--resume").result(600)
     return out
 
 
@@ -163,12 +164,13 @@ def test_a_run_killed_and_resumed_equals_a_run_never_interrupted(process_runs, s
 
 @pytest.mark.after_the_rest
 @pytest.mark.parametrize("script", ["dpo", "sft"])
-def test_sigterm_and_ctrl_c_end_in_one_line_that_says_what_was_kept_and_resume_continues(process_runs, script):
+def test_sigterm_and_ctrl_c_end_in_one_line_that_says_what_was_kept_and_resume_continues(
+        process_runs, script):
     run = process_runs["signals"].result(timeout=600)[script]
     assert run["returncode"] == 1 and "Traceback" not in run["stderr"], run["stderr"][-3000:]
     assert run["stderr"].strip().splitlines()[-1].startswith("error: stopped by Ctrl-C or SIGTERM; ")
-    assert run["stderr"].strip().endswith(".partial keeps the last saved state: the same command with --resume "
-                                          "continues it"), run["stderr"][-3000:]
+    assert run["stderr"].strip().endswith(".partial keeps the last saved state: the same command with "
+                                          "--resume continues it"), run["stderr"][-3000:]
     assert run["state_kept"] and run["resumed"].returncode == 0, run["resumed"].stderr[-3000:]
     steps = [r["step"] for r in read_jsonl(run["output"] / "train_log.jsonl")]
     assert steps == list(range(1, len(steps) + 1))
@@ -262,8 +264,8 @@ def stopped_at_step(monkeypatch, step, run):
         append(path, row)
 
     monkeypatch.setattr(stage, "append_jsonl", interrupted)
-    with pytest.raises(SystemExit, match="^error: stopped by Ctrl-C or SIGTERM; .*partial keeps the last saved "
-                                         "state: the same command with --resume continues it$"):
+    with pytest.raises(SystemExit, match="^error: stopped by Ctrl-C or SIGTERM; .*partial keeps the last "
+                                         "saved state: the same command with --resume continues it$"):
         run()
     monkeypatch.setattr(stage, "append_jsonl", append)
 

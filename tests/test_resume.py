@@ -29,8 +29,9 @@ def copies(tmp_path_factory, root):
 
 
 def rm_args(root, world, pi_ref, name, **kw):
-    return reward.Args(**{**dict(mode="train", sft_path=str(pi_ref), data=str(world), out_dir=str(root / name),
-                                 steps=12, batch_size=8, val_size=20, save_every=5), **kw})
+    return reward.Args(**{**dict(mode="train", sft_path=str(pi_ref), data=str(world),
+                                 out_dir=str(root / name), steps=12, batch_size=8, val_size=20,
+                                 save_every=5), **kw})
 
 
 PAIRS = {}  # the pairs each copy holds as it was made
@@ -38,8 +39,9 @@ PAIRS = {}  # the pairs each copy holds as it was made
 
 def dpo_args(root, pi_ref, prefs, **kw):
     epochs = 47.5 / PAIRS.setdefault(prefs, len(read_jsonl(prefs / "train.jsonl")))  # 12 steps of 4 pairs
-    return dpo.Args(**{**dict(sft_path=str(pi_ref), data=str(prefs), runs_dir=str(root / "runs"), run_name="run",
-                              batch_size=4, num_epochs=epochs, num_checkpoints=3, save_every=5), **kw})
+    return dpo.Args(**{**dict(sft_path=str(pi_ref), data=str(prefs), runs_dir=str(root / "runs"),
+                              run_name="run", batch_size=4, num_epochs=epochs, num_checkpoints=3,
+                              save_every=5), **kw})
 
 
 def changed_in_place(path, change):
@@ -56,7 +58,8 @@ def halve(path):
 
 def relabel(path):  # chosen and rejected swapped in every row: the same size, other labels
     rows = read_jsonl(path)
-    swap = {"chosen": "rejected", "rejected": "chosen", "chosen_ids": "rejected_ids", "rejected_ids": "chosen_ids"}
+    swap = {"chosen": "rejected", "rejected": "chosen",
+            "chosen_ids": "rejected_ids", "rejected_ids": "chosen_ids"}
     path.write_text("".join(json.dumps({swap.get(k, k): v for k, v in r.items()}) + "\n" for r in rows))
 
 
@@ -80,7 +83,8 @@ def test_resume_refuses_changed_inputs_and_settings_and_a_finished_run(tmp_path_
     else:
         data, out, partial = prefs / "train.jsonl", (lambda name: root / name / "run"), \
             (lambda name: root / name / ".run.partial")
-        run = lambda name, **kw: dpo.train(dpo_args(root, pi_ref, prefs, runs_dir=str(root / name), **kw))  # noqa
+        run = lambda name, **kw: dpo.train(  # noqa
+            dpo_args(root, pi_ref, prefs, runs_dir=str(root / name), **kw))
         slash = {"sft_path": str(pi_ref) + "/"}
     run("whole")
     stopped_at_step(monkeypatch, 8, lambda: run("stopped"))
@@ -94,11 +98,13 @@ def test_resume_refuses_changed_inputs_and_settings_and_a_finished_run(tmp_path_
             run("stopped", resume=True)
         put_back()
         assert state.read_bytes() == saved and not out("stopped").exists()
-    with pytest.raises(SystemExit, match=r"other settings or inputs than the interrupted run \(--lr, --seed\)"):
+    with pytest.raises(SystemExit,
+                       match=r"other settings or inputs than the interrupted run \(--lr, --seed\)"):
         run("stopped", resume=True, lr=0.5, seed=3)
     assert state.read_bytes() == saved
     run("stopped", resume=True, **slash)  # prefs/ is prefs
-    assert (out("whole") / "train_log.jsonl").read_bytes() == (out("stopped") / "train_log.jsonl").read_bytes()
+    assert ((out("whole") / "train_log.jsonl").read_bytes()
+            == (out("stopped") / "train_log.jsonl").read_bytes())
     a, b = (weights(out(n) / ("" if script == "reward" else "ckpt-12")) for n in ("whole", "stopped"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     before = {p: p.read_bytes() for p in out("whole").rglob("*") if p.is_file()}
@@ -110,13 +116,15 @@ def test_resume_refuses_changed_inputs_and_settings_and_a_finished_run(tmp_path_
 
 def full_disk_at(monkeypatch, target, name, when):
     """target.name fails as a full disk makes it fail when when(*args) holds, else does what it does:
-    save_pretrained with safetensors' own error, torch.save with a RuntimeError (as they do on a full tmpfs)."""
+    save_pretrained with safetensors' own error, torch.save with a RuntimeError (as they do on a full
+    tmpfs)."""
     real = getattr(target, name)
 
     def full(*args, **kwargs):
         if when(*args):
             if name == "save_pretrained":
-                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+                raise SafetensorError("Error while serializing: I/O error: "
+                                      "No space left on device (os error 28)")
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
         return real(*args, **kwargs)
 
@@ -138,9 +146,10 @@ def test_a_full_disk_while_dpo_saves_is_one_line_and_resume_continues(tmp_path_f
         space_back = full_disk_at(monkeypatch, transformers.PreTrainedModel, "save_pretrained",
                                   lambda model, path, *a: path.endswith("ckpt-8"))
     else:
-        space_back = full_disk_at(monkeypatch, torch, "save", lambda obj, *a: isinstance(obj, dict) and obj.get("step") == 10)
-    with pytest.raises(SystemExit, match=r"^error: .*(No space left on device|unexpected pos).*; .*partial keeps "
-                                         r"the last saved state"):
+        space_back = full_disk_at(monkeypatch, torch, "save",
+                                  lambda obj, *a: isinstance(obj, dict) and obj.get("step") == 10)
+    with pytest.raises(SystemExit, match=r"^error: .*(No space left on device|unexpected pos).*; "
+                                         r".*partial keeps the last saved state"):
         dpo.train(dpo_args(root, pi_ref, prefs))
     space_back()
     assert {p: p.read_bytes() for p in (root / "runs" / "run").rglob("*") if p.is_file()} == before
@@ -153,7 +162,8 @@ def test_a_full_disk_while_dpo_saves_is_one_line_and_resume_continues(tmp_path_f
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_full_disk_while_sft_saves_its_model_is_one_line_and_resume_continues(tmp_path_factory, monkeypatch):
+def test_a_full_disk_while_sft_saves_its_model_is_one_line_and_resume_continues(tmp_path_factory,
+                                                                                 monkeypatch):
     root = tmp_path_factory.mktemp("full_sft")
     world = pipeline_stage(tmp_path_factory, "world")
 
@@ -162,8 +172,8 @@ def test_a_full_disk_while_sft_saves_its_model_is_one_line_and_resume_continues(
                         num_sample_eval=0, n_layer=1, n_embd=32, n_head=2, save_every=5, **kw)
 
     space_back = full_disk_at(monkeypatch, transformers.PreTrainedModel, "save_pretrained", lambda *a: True)
-    with pytest.raises(SystemExit, match=r"^error: .*(No space left on device|unexpected pos).*; .*partial keeps "
-                                         r"the last saved state"):
+    with pytest.raises(SystemExit, match=r"^error: .*(No space left on device|unexpected pos).*; "
+                                         r".*partial keeps the last saved state"):
         sft.main(args())
     space_back()
     assert os.path.exists(root / ".sft.partial" / "state.pt") and not (root / "sft").exists()
@@ -195,7 +205,8 @@ def test_a_results_file_holds_the_rows_of_one_pi_ref(tmp_path):
 def test_a_damaged_results_file_is_refused_in_one_line(tmp_path, damage, words):
     path = tmp_path / "eval" / "results.jsonl"
     path.parent.mkdir()
-    rows = [result_row(0), result_row(1, kl=float("nan")) if damage == "nan" else result_row(1), result_row(1)]
+    rows = [result_row(0), result_row(1, kl=float("nan")) if damage == "nan" else result_row(1),
+            result_row(1)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3 if damage == "repeat" else 2]))
     with pytest.raises(SystemExit, match=words):
         evaluate.main(evaluate.Args(out_dir=str(path.parent), plots_dir=str(tmp_path / "plots"), check=True))
