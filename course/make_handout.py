@@ -243,6 +243,9 @@ def make_handout(out_dir, root=ROOT):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
         print(__doc__.strip().split("\n\n")[1].strip(), file=sys.stderr)
         print("error: give one OUT_DIR", file=sys.stderr)
