@@ -71,10 +71,12 @@ import stage
 
 # A method is named as is_dpo.py names its runs: [weight prefix-][sn-]loss, e.g. dpo, ais-dpo, is-dpo,
 # ais-sn-dpo, a0.1-dpo (fixed alpha 0.1), sqrtis-dpo, ais-ipo, rpo.
-PREFIXES = {"ais": "adaptive", "is": "clipped", "fullis": "full", "sqrtis": "sqrt"}  # -> is_dpo.py's --weight
+PREFIXES = {"ais": "adaptive", "is": "clipped", "fullis": "full", "sqrtis": "sqrt",  # -> is_dpo.py's --weight
+            "shufais": "shuffled"}  # a control, this toy's only: AIS with another pair's lengths
 LOSSES = ("dpo", "ipo", "rpo")
 METHOD_HELP = ("dpo, ipo or rpo, optionally after a weight: ais- (alpha = 1/|y|), is- (clipped), fullis-, "
-               "sqrtis-, a<alpha>- (fixed alpha), and -sn- for the self-normalised control: ais-sn-dpo")
+               "sqrtis-, a<alpha>- (fixed alpha), shufais- (alpha = 1/|y| of another pair's responses), "
+               "and -sn- for the self-normalised control: ais-sn-dpo")
 
 
 def parse_method(name):
@@ -207,17 +209,27 @@ def pair_losses(logp, world, chosen, rejected, loss, beta, args):
     return dpo.dpo_loss(pi_w, pi_l, ref_w, ref_l, beta)
 
 
-def pair_log_weights(logp, base, world, chosen, rejected, weight, alpha, args):
-    """log w [N] of is_dpo.py (detached, not normalised), against base = log pi_ref or log behaviour."""
-    length = world["phi"][:, 0]
+def pair_log_weights(logp, base, world, chosen, rejected, weight, alpha, args, perm=None):
+    """log w [N] of is_dpo.py (detached, not normalised), against base = log pi_ref or log behaviour.
+    weight "shuffled" (a control): AIS's log w, but pair i's exponents 1/|y_w|, 1/|y_l| are those of pair
+    perm[i] (shuffle_permutation): the same exponents in the batch, not tied to the pair's own lengths."""
+    len_w, len_l = world["phi"][chosen, 0], world["phi"][rejected, 0]
+    if weight == "shuffled":
+        weight, len_w, len_l = "adaptive", len_w[perm], len_l[perm]
     return is_dpo.log_importance_weights(weight, logp[chosen] - base[chosen], logp[rejected] - base[rejected],
-                                         length[chosen], length[rejected], alpha, args.log_w_max).detach()
+                                         len_w, len_l, alpha, args.log_w_max).detach()
 
 
-def train(world, chosen, rejected, method, beta, args):
+def shuffle_permutation(num_pairs, world_seed, seed):
+    """The "shuffled" weight's fixed permutation of the pairs, one per (world, seed)."""
+    return torch.tensor(np.random.default_rng([world_seed, seed, 1]).permutation(num_pairs))
+
+
+def train(world, chosen, rejected, method, beta, args, seed=0):
     """One run: rows {step, fraction, win_rate, kl, ...} at num_checkpoints evenly spaced steps, and the
-    final policy's probabilities [K]."""
+    final policy's probabilities [K]. seed: the data's seed (draws the shuffled weight's permutation)."""
     loss_type, weight, alpha, self_normalise = parse_method(method)
+    perm = shuffle_permutation(len(chosen), args.world_seed, seed) if weight == "shuffled" else None
     theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=args.lr)
     base = world["log_ref"]
@@ -236,7 +248,7 @@ def train(world, chosen, rejected, method, beta, args):
             return rows, logp.detach().exp().numpy()
         # --- the algorithm: the DAA loss per pair, times a detached importance weight ---
         losses = pair_losses(logp, world, chosen, rejected, loss_type, beta, args)
-        log_w = pair_log_weights(logp, base, world, chosen, rejected, weight, alpha, args)
+        log_w = pair_log_weights(logp, base, world, chosen, rejected, weight, alpha, args, perm)
         stats = is_dpo.weight_stats(log_w)  # of the paper's weights, before any normalisation
         if self_normalise:  # the control: w divided by its mean over the data
             log_w = log_w - torch.logsumexp(log_w, 0) + math.log(len(log_w))
@@ -359,7 +371,7 @@ def run_all(world, runs, args, desc="toy_categorical runs"):
         for seed in args.seeds:
             chosen, rejected = sample_pairs(world, args.num_pairs, args.world_seed, seed, args.data_theta)
             for method, beta in runs:
-                run_rows, final = train(world, chosen, rejected, method, beta, args)
+                run_rows, final = train(world, chosen, rejected, method, beta, args, seed)
                 finals[(method, beta)].append(final)
                 for row in run_rows:
                     row.update(run=f"{method}_beta{beta:g}_seed{seed}", method=method, beta=beta, seed=seed,

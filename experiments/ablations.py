@@ -7,7 +7,9 @@ experiments/ablations.py -- the rest of the Adaptive-IS paper's experiments, on 
     python experiments/ablations.py shift     # Sec. 4.3 (Figs. 4-5), App. G: pairs from policies further away
     python experiments/ablations.py rpo       # App. I (Fig. 12): RPO, beta x eta
     python experiments/ablations.py weights   # the weights during training: log w, ESS, top 10% of the loss
-    python experiments/ablations.py all       # the five, about two minutes on a laptop CPU
+    python experiments/ablations.py controls  # is it 1/|y|? AIS against shuffled lengths, alpha 1/8, IS
+    python experiments/ablations.py quality   # a world where DPO drifts along quality, not length
+    python experiments/ablations.py all       # all seven, about two minutes on a laptop CPU
 
 Each writes out/experiments/<name>/: results.jsonl (every checkpoint of every run), summary.md (mean
 over seeds) and <name>.png. --seeds and --world_seed work as in toy_categorical.py. The README's
@@ -32,6 +34,12 @@ IPO_BETAS = [0.01, 0.03, 0.1, 0.3, 1.0]
 SHIFTS = [0.0, 0.25, 0.5, 1.0]  # the pairs' policy: pi_ref tilted by SHIFT * SHIFT_THETA
 SHIFT_THETA = (0.6, 1.0)  # toward what DPO at beta 0.1 learns: longer (to about 12 words) and better
 RPO = [(beta, eta) for beta in (0.01, 0.05, 0.1) for eta in (0.001, 0.005, 0.01)]
+# shufais: AIS's exponents 1/|y| taken from another pair (a fixed permutation per seed); a0.125: 1/8, the
+# exponent of pi_ref's typical length
+CONTROLS = ["dpo", "ais-dpo", "ais-sn-dpo", "shufais-dpo", "shufais-sn-dpo", "a0.125-dpo", "fullis-dpo",
+            "is-dpo"]
+QUALITY = ["dpo", "ais-dpo", "ais-sn-dpo", "a0.125-dpo"]
+QUALITY_BEST, QUALITY_CURVATURE = 1.0, 0.25  # r's quality term: -0.25 (q - 1)^2, slope 0.5 at q = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +102,30 @@ def weights(args):
     return [dict(r, arm=r["method"]) for r in rows]
 
 
+def controls(args):
+    world = tc.make_world(args)
+    rows, _ = tc.run_all(world, [(m, 0.01) for m in CONTROLS], args, desc="controls")
+    return [dict(r, arm=r["method"]) for r in rows]
+
+
+def quality_world(args):
+    """The categorical world with its drift moved to the quality axis: r's linear quality term becomes a
+    peak at quality QUALITY_BEST (one sd of pi_ref above its mean; the best responses, quality 3, are as
+    bad as pi_ref's quality -1), and r likes pi_ref's own length best (best_len = ref_len), so that
+    length gives DPO no slope to follow. pi_ref and the noise are make_world's."""
+    world = tc.make_world(dataclasses.replace(args, best_len=args.ref_len))
+    q = world["phi"][:, 1]
+    world["reward"] = (world["reward"] - args.quality_weight * q
+                       - QUALITY_CURVATURE * (q - QUALITY_BEST) ** 2)
+    world["beats"] = tc.beats_matrix(world["reward"])
+    return world
+
+
+def quality(args):
+    rows, _ = tc.run_all(quality_world(args), [(m, 0.01) for m in QUALITY], args, desc="quality")
+    return [dict(r, arm=r["method"]) for r in rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # tables and figures
 
@@ -121,6 +153,22 @@ def summary(rows, extra=("ess",)):
         lines.append(f"| {arm} | {len(runs)} | {peak:.2f} | {wr[0]:.2f} [{wr[1]:.2f}, {wr[2]:.2f}] | "
                      f"{kl[0]:.1f} [{kl[1]:.1f}, {kl[2]:.1f}] | "
                      + " | ".join(f"{np.mean(final[e]):.3g}" for e in extra) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired(rows, reference):
+    """Markdown: each other arm's final win-rate minus the reference arm's, paired by seed (the same pairs),
+    mean [95% CI] over the seeds, and the differences seed by seed."""
+    finals = {arm: {seed: run[-1]["win_rate"] for seed, run in seeds.items()}
+              for arm, seeds in by_arm(rows).items()}
+    lines = [f"| run | final win-rate minus {reference}'s, paired by seed [95% CI] | per seed |",
+             "|---|---|---|"]
+    for arm, final in finals.items():
+        if arm != reference:
+            diffs = [final[seed] - finals[reference][seed] for seed in final]
+            ci = claims.mean_ci(diffs)
+            lines.append(f"| {arm} | {ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}] | "
+                         + " ".join(f"{d:+.2f}" for d in diffs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,11 +220,15 @@ def figure(name, rows, args):
             ax.set(xlabel="KL(data's policy || pi_ref)", ylabel=title, title=title)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
-    else:  # rpo
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        curves(axes[0], rows, "win_rate", "win-rate")
-        curves(axes[1], rows, "kl", "KL")
-        axes[0].legend(fontsize=6, ncol=3)
+    else:  # rpo, controls, quality
+        keys = [("win_rate", "win-rate"), ("kl", "KL")]
+        if name != "rpo":
+            keys.append(("theta_quality" if name == "quality" else "theta_length",
+                         "theta (quality)" if name == "quality" else "theta (length)"))
+        fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2))
+        for ax, (key, label) in zip(axes, keys):
+            curves(ax, rows, key, label)
+        axes[0].legend(fontsize=6, ncol=3 if name == "rpo" else 1)
     fig.suptitle(f"{name} (categorical toy, mean over seeds {' '.join(map(str, args.seeds))})")
     return fig
 
@@ -197,9 +249,13 @@ def log_w_histograms(ax, rows, args):
     ax.legend(fontsize=7)
 
 
-EXPERIMENTS = {"alpha": alpha, "ipo": ipo, "shift": shift, "rpo": rpo, "weights": weights}
+EXPERIMENTS = {"alpha": alpha, "ipo": ipo, "shift": shift, "rpo": rpo, "weights": weights,
+               "controls": controls, "quality": quality}
 EXTRA = {"alpha": ("ess", "loss"), "ipo": ("ess",), "shift": ("ess",), "rpo": ("mean_length",),
-         "weights": ("ess", "top10_loss_share", "log_weight_mean")}
+         "weights": ("ess", "top10_loss_share", "log_weight_mean"),
+         "controls": ("ess", "mean_length", "theta_quality"),
+         "quality": ("ess", "theta_quality", "mean_length")}
+PAIRED = {"controls": "ais-dpo", "quality": "ais-dpo"}  # a second table: each arm against this one, by seed
 
 
 @stage.cleans_up
@@ -212,6 +268,8 @@ def run(name, args, out_root):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     table = summary(rows, EXTRA[name])
+    if name in PAIRED:
+        table += "\n" + paired(rows, PAIRED[name])
     with open(os.path.join(work, "summary.md"), "w") as f:
         f.write(table)
     claims.save_figure(figure(name, rows, args), os.path.join(work, f"{name}.png"))

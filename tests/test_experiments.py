@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -28,11 +29,13 @@ def test_each_experiment_writes_rows_table_and_figure(tmp_path, name):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     arms = ablations.by_arm(rows)
     expected = {"alpha": len(ablations.ALPHAS), "ipo": 2 * len(ablations.IPO_BETAS),
-                "shift": 3 * len(ablations.SHIFTS), "rpo": len(ablations.RPO), "weights": 3}[name]
+                "shift": 3 * len(ablations.SHIFTS), "rpo": len(ablations.RPO), "weights": 3,
+                "controls": len(ablations.CONTROLS), "quality": len(ablations.QUALITY)}[name]
     assert len(arms) == expected and all(len(seeds) == 2 for seeds in arms.values())
     assert len(rows) == expected * 2 * 3
     table = (out / "summary.md").read_text().splitlines()
-    assert len(table) == 2 + expected
+    paired = 2 + expected if name in ablations.PAIRED else 0  # blank, header, rule, every other arm
+    assert len(table) == 2 + expected + paired
     arm, seeds = next(iter(arms.items()))  # the first row of the table, recomputed
     finals = np.array([run[-1]["win_rate"] for run in seeds.values()])
     peak = np.mean([max(r["win_rate"] for r in run) for run in seeds.values()])
@@ -63,3 +66,36 @@ def test_cli_help_and_bad_input():
     bad = subprocess.run([sys.executable, "experiments/ablations.py", "beta"], cwd=ROOT, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.core
+def test_shuffled_alpha_reuses_ais_exponents_on_other_pairs():
+    """shufais: the batch's exponents are AIS's, permuted among the pairs by a fixed per-seed permutation."""
+    args = dataclasses.replace(tc.Args(), **TINY)
+    world = tc.make_world(args)
+    chosen, rejected = tc.sample_pairs(world, args.num_pairs, args.world_seed, 0)
+    base = world["log_ref"]
+    # r_theta = 1 on every response: log w = 1/|y_w| + 1/|y_l|, the pair's exponents themselves
+    ais, shuffled = (tc.pair_log_weights(base + 1.0, base, world, chosen, rejected, weight, 0.0, args,
+                                         tc.shuffle_permutation(len(chosen), args.world_seed, 0))
+                     for weight in ("adaptive", "shuffled"))
+    np.testing.assert_allclose(np.sort(shuffled.numpy()), np.sort(ais.numpy()), rtol=1e-12)
+    assert not np.allclose(shuffled.numpy(), ais.numpy())  # but not on the same pairs
+    perm = tc.shuffle_permutation(len(chosen), args.world_seed, 0)
+    np.testing.assert_allclose(shuffled.numpy(), ais.numpy()[perm.numpy()], rtol=1e-12)
+    assert torch.equal(perm, tc.shuffle_permutation(len(chosen), args.world_seed, 0))  # fixed per seed
+    assert not torch.equal(perm, tc.shuffle_permutation(len(chosen), args.world_seed, 1))
+
+
+@pytest.mark.core
+def test_quality_world_moves_the_drift_to_quality(tmp_path):
+    """Same pi_ref; r peaks inside the quality range; DPO at beta 0.01 tilts along quality, not length."""
+    args = dataclasses.replace(tc.Args(), **TINY)
+    world, quality_world = tc.make_world(args), ablations.quality_world(args)
+    assert torch.equal(world["log_ref"], quality_world["log_ref"])
+    q = quality_world["phi"][:, 1]
+    best_q = q[quality_world["reward"].argmax()]
+    assert best_q < q.max()  # the best quality is not the highest
+    rows = ablations.quality(args)
+    dpo_final = [r for r in rows if r["method"] == "dpo" and r["step"] == args.steps]
+    assert all(abs(r["theta_quality"]) > abs(r["theta_length"]) for r in dpo_final)
