@@ -131,17 +131,14 @@ def judge_samples(setup, args, texts, outs=None):
 
 @torch.no_grad()
 def gold_scores(setup, args, rows, column, finished=None):
-    """The gold RM's scores of each row's prompt and its response in `column`: ' ' + text + EOS, or the
-    text alone where `finished` says the sample did not end (it is scored as it is, without EOS)."""
+    """The gold RM's scores (reward.score_examples) of each row's prompt and response in `column`: its C_ids
+    where the row has them, else ' ' + text + EOS; where `finished` says a sample did not end, without EOS."""
     examples = lm.encode(setup.tokenizer, rows, column, args.max_prompt_len, args.max_response_len)
-    eos, scores = setup.tokenizer.eos_token_id, []
+    eos = setup.tokenizer.eos_token_id
     examples = [(p, r[:-1] if finished is not None and not finished[i] and r[-1] == eos else r)
                 for i, (p, r) in enumerate(examples)]
-    for s in range(0, len(examples), args.sample_batch_size):
-        batch = lm.collate_grouped(examples[s:s + args.sample_batch_size], setup.tokenizer.pad_token_id)
-        with setup.autocast:
-            scores += reward.reward_scores(setup.gold, lm.to_device(batch, setup.device)).tolist()
-    return scores
+    return reward.score_examples(setup.gold, examples, setup.tokenizer.pad_token_id, args.sample_batch_size,
+                                 setup.device, setup.autocast)
 
 
 # ----------------------------------------------------------------------------------------------

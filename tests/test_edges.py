@@ -58,6 +58,14 @@ def tokenizer():
 # bf16: the numbers a stage keeps (pi_ref's log-probs, a score, the KL) are float32
 
 
+def write_pairs(path, examples):
+    """A train.jsonl of pairs given as token ids: examples in twos (chosen, rejected) sharing a prompt."""
+    with open(path, "w") as f:
+        for (p, w), (_, l) in zip(examples[0::2], examples[1::2]):
+            f.write(json.dumps({"prompt": "p", "chosen": "w", "rejected": "l", "prompt_ids": p,
+                                "chosen_ids": w, "rejected_ids": l}) + "\n")
+
+
 def test_reference_logps_are_float32_under_bf16(tokenizer, tmp_path):
     """dpo.py --reference_only --precision bf16: log pi_ref of every pair within 1e-3 of a float64
     computation (bf16's rounding alone is about a nat here)."""
@@ -65,10 +73,7 @@ def test_reference_logps_are_float32_under_bf16(tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "sft")
     tokenizer.save_pretrained(tmp_path / "sft")
     examples = random_examples(tokenizer, 12, k=2)
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for (p, w), (_, l) in zip(examples[0::2], examples[1::2]):
-            f.write(json.dumps({"prompt": "p", "chosen": "w", "rejected": "l", "prompt_ids": p,
-                                "chosen_ids": w, "rejected_ids": l}) + "\n")
+    write_pairs(tmp_path / "train.jsonl", examples)
     dpo.train(dpo.Args(sft_path=str(tmp_path / "sft"), data=str(tmp_path / "train.jsonl"), precision="bf16",
                        reference_only=True, batch_size=4, max_prompt_len=64, max_response_len=64))
     saved = torch.load(tmp_path / "reference_logps.pt", weights_only=True)["logps"]
@@ -163,10 +168,7 @@ def test_dpo_starts_at_its_reference_with_a_dropout_config(tokenizer, tmp_path):
         tmp_path / "sft")
     tokenizer.save_pretrained(tmp_path / "sft")
     examples = random_examples(tokenizer, 8, k=2)
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for (p, w), (_, l) in zip(examples[0::2], examples[1::2]):
-            f.write(json.dumps({"prompt": "p", "chosen": "w", "rejected": "l", "prompt_ids": p,
-                                "chosen_ids": w, "rejected_ids": l}) + "\n")
+    write_pairs(tmp_path / "train.jsonl", examples)
     for keep in (False, True):
         out = dpo.train(dpo.Args(sft_path=str(tmp_path / "sft"), data=str(tmp_path / "train.jsonl"),
                                  runs_dir=str(tmp_path / "runs"), run_name=f"keep{keep}", batch_size=8,
