@@ -51,14 +51,26 @@ def test_the_naive_arm_computes_the_fused_arms_numbers():
     torch.testing.assert_close(dpo_step.naive_sequence_logps(model, batch), fused, atol=1e-10, rtol=0)
 
 
-def test_logps_benchmark_runs_tiny(tmp_path):
-    """bench/logps.py at a tiny size: the in-process agreement check, then one child process a variant."""
+@pytest.fixture(scope="session")
+def logps_run():
+    """bench/logps.py at a tiny size, in processes of its own (the in-process agreement check, then one child
+    process a variant): started before the other tests, checked after them."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     flags = "--vocab 256 --batch 1 --length 16 --hidden 16 --chunks 8 --reps 1 --threads 1".split()
-    proc = subprocess.run([sys.executable, "bench/logps.py", *flags], cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("naive ", "ours "))]
+    return subprocess.Popen([sys.executable, "bench/logps.py", *flags], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.before_the_rest
+def test_logps_benchmark_starts_first(logps_run):
+    assert logps_run.args[1] == "bench/logps.py"
+
+
+@pytest.mark.after_the_rest
+def test_logps_benchmark_runs_tiny(logps_run):
+    stdout, stderr = logps_run.communicate(timeout=300)
+    assert logps_run.returncode == 0, stderr[-2000:]
+    rows = [line.split() for line in stdout.splitlines() if line.startswith(("naive ", "ours "))]
     assert [r[:2] for r in rows] == [["naive", "-"], ["ours", "8"]]
