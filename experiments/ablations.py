@@ -9,7 +9,8 @@ experiments/ablations.py -- the rest of the Adaptive-IS paper's experiments, on 
     python experiments/ablations.py weights   # the weights during training: log w, ESS, top 10% of the loss
     python experiments/ablations.py controls  # is it 1/|y|? AIS against shuffled lengths, alpha 1/8, IS
     python experiments/ablations.py quality   # a world where DPO drifts along quality, not length
-    python experiments/ablations.py all       # all seven, about two minutes on a laptop CPU
+    python experiments/ablations.py knobs     # which knobs remove DPO's fall, and what the weights cost then
+    python experiments/ablations.py all       # all eight, about four minutes on a laptop CPU
 
 Each writes out/experiments/<name>/: results.jsonl (every checkpoint of every run), summary.md (mean
 over seeds) and <name>.png. --seeds and --world_seed work as in toy_categorical.py. The README's
@@ -40,6 +41,16 @@ CONTROLS = ["dpo", "ais-dpo", "ais-sn-dpo", "shufais-dpo", "shufais-sn-dpo", "a0
             "is-dpo"]
 QUALITY = ["dpo", "ais-dpo", "ais-sn-dpo", "a0.125-dpo"]
 QUALITY_BEST, QUALITY_CURVATURE = 1.0, 0.25  # r's quality term: -0.25 (q - 1)^2, slope 0.5 at q = 0
+# knobs: one of toy_categorical's world or training settings at a time (the rest at their defaults), on
+# values that bracket where DPO's fall at beta 0.01 disappears; "default" changes nothing
+KNOBS = [("default", {})] + [(f"{name} {value:g}", {name: value}) for name, value in
+                             [("length_weight", 0.006), ("length_weight", 0.004), ("length_weight", 0.002),
+                              ("ref_sd", 2.0), ("ref_sd", 1.5), ("best_len", 10.0), ("best_len", 9.0),
+                              ("lr", 0.02), ("lr", 0.01), ("lr", 0.005)]]
+KNOB_METHODS = ["dpo", "ais-dpo", "is-dpo"]
+VIEW_KNOBS = ["default", "length_weight 0.004"]  # the per-seed view: these knobs in five more worlds
+VIEW_WORLDS = 5  # the view's other worlds: world_seed + 1 .. world_seed + 5
+FELL = 0.10  # DPO fell: peak - final win-rate >= 0.10 (the bound of the toy's over-optimisation claim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +137,50 @@ def quality(args):
     return [dict(r, arm=r["method"]) for r in rows]
 
 
+def dpo_endpoint(world, chosen, rejected, beta):
+    """Where DPO's training goes: its loss's minimiser theta* = u / beta, u the fitted preference, i.e. the
+    logistic regression (no intercept) of "chosen beats rejected" on phi(y_w) - phi(y_l) (Newton's method;
+    finite because the Bradley-Terry labels leave no direction that separates the pairs)."""
+    d = world["phi"][chosen] - world["phi"][rejected]
+    u = torch.zeros(d.shape[1], dtype=torch.float64)
+    for _ in range(100):
+        s = torch.sigmoid(d @ u)
+        gradient = -((1 - s)[:, None] * d).mean(0)
+        hessian = ((s * (1 - s))[:, None, None] * d[:, :, None] * d[:, None, :]).mean(0)
+        step = torch.linalg.solve(hessian, gradient)
+        u = u - step
+        if step.abs().max() < 1e-10:
+            return u / beta
+    raise RuntimeError("dpo_endpoint: Newton's method did not converge (do the pairs separate?)")
+
+
+def knobs(args):
+    """KNOB_METHODS at beta 0.01 with one knob turned at a time (KNOBS: (label, changes of args)), in args'
+    world; the VIEW_KNOBS also in VIEW_WORLDS more worlds. Every row carries DPO's endpoint on its seed's
+    pairs (dpo_endpoint: its theta, the exact mean length and win-rate of that policy)."""
+    settings, view_knobs, view_worlds, methods = KNOBS, VIEW_KNOBS, VIEW_WORLDS, KNOB_METHODS
+    jobs = [(label, changes, args.world_seed) for label, changes in settings]
+    jobs += [(label, changes, args.world_seed + i) for label, changes in settings if label in view_knobs
+             for i in range(1, view_worlds + 1)]
+    rows = []
+    for label, changes, world_seed in jobs:
+        knob_args = dataclasses.replace(args, world_seed=world_seed, **changes)
+        world = tc.make_world(knob_args)
+        run_rows, _ = tc.run_all(world, [(m, 0.01) for m in methods], knob_args,
+                                 desc=f"knobs: {label}, world {world_seed}")
+        ends = {}
+        for seed in knob_args.seeds:
+            chosen, rejected = tc.sample_pairs(world, knob_args.num_pairs, world_seed, seed)
+            theta = dpo_endpoint(world, chosen, rejected, 0.01)
+            none_unseen = torch.zeros(len(world["reward"]), dtype=torch.bool)
+            end = tc.measure(tc.policy_logps(theta, world), world, none_unseen)
+            ends[seed] = {"endpoint_theta_length": theta[0].item(),
+                          "endpoint_mean_length": end["mean_length"], "endpoint_win_rate": end["win_rate"]}
+        rows += [dict(r, arm=f"{label}, world {world_seed}: {r['method']}", knob=label,
+                      best_len=knob_args.best_len, **ends[r["seed"]]) for r in run_rows]
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # tables and figures
 
@@ -169,6 +224,102 @@ def paired(rows, reference):
             ci = claims.mean_ci(diffs)
             lines.append(f"| {arm} | {ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}] | "
                          + " ".join(f"{d:+.2f}" for d in diffs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def knob_runs(rows):
+    """{(knob, world, method): {seed: {peak, final, fall, final_length, endpoint_*}}}, in the rows' order."""
+    out = {}
+    for seeds in by_arm(rows).values():
+        first = next(iter(seeds.values()))[0]
+        out[(first["knob"], first["world_seed"], first["method"])] = {
+            seed: {"peak": max(r["win_rate"] for r in run), "final": run[-1]["win_rate"],
+                   "fall": max(r["win_rate"] for r in run) - run[-1]["win_rate"],
+                   "final_length": run[-1]["mean_length"], "best_len": run[0]["best_len"],
+                   **{k: v for k, v in run[0].items() if k.startswith("endpoint_")}}
+            for seed, run in seeds.items()}
+    return out
+
+
+def ci_text(values, digits=2):
+    ci = claims.mean_ci(values)
+    return f"{ci[0]:+.{digits}f} [{ci[1]:+.{digits}f}, {ci[2]:+.{digits}f}]"
+
+
+def by_seed(values):
+    return " ".join(f"{v:+.2f}" for v in values)
+
+
+def knob_tables(rows):
+    """Markdown, four tables. Per knob, in the first world: (1) DPO's peak, final and fall (peak - final,
+    mean [95% CI] and by seed; "fell": seeds with fall >= FELL) beside DPO's endpoint (dpo_endpoint: the
+    mean length and win-rate of the policy it converges to) and DPO's final mean length; (2) each weighted
+    method's final win-rate minus DPO's, paired by seed ("cost": seeds where it is below DPO's). The view
+    over worlds: (3) per knob and world, the same by seed; (4) per knob over all its runs, the weights'
+    gain where DPO fell and where it did not, and how often DPO's endpoint was far past its peak (the
+    endpoint's win-rate below DPO's peak by >= FELL) in each."""
+    runs = knob_runs(rows)
+    home = rows[0]["world_seed"]
+    weighted = [m for m in dict.fromkeys(m for _, _, m in runs) if m != "dpo"]
+    labels = list(dict.fromkeys(k for k, w, _ in runs if w == home))
+    worlds = {k: list(dict.fromkeys([home] + [w for kk, w, _ in runs if kk == k])) for k in labels}
+    view = [k for k in labels if len(worlds[k]) > 1]
+
+    def diffs(knob, world, method):
+        dpo, other = runs[(knob, world, "dpo")], runs[(knob, world, method)]
+        return [other[s]["final"] - dpo[s]["final"] for s in dpo]
+
+    def fell(dpo):
+        return f"{sum(r['fall'] >= FELL for r in dpo)}/{len(dpo)}"
+
+    def endpoint_win_rates(dpo):
+        return " ".join(f"{r['endpoint_win_rate']:.2f}" for r in dpo)
+
+    lines = ["| knobs | DPO peak | DPO final | DPO fall [95% CI] | fell | fall by seed | r's best length | "
+             "endpoint length | endpoint win-rate by seed | DPO's final length |", "|" + "---|" * 10]
+    for knob in labels:
+        dpo = list(runs[(knob, home, "dpo")].values())
+        peak, final, end, length = (np.mean([r[k] for r in dpo])
+                                    for k in ("peak", "final", "endpoint_mean_length", "final_length"))
+        falls = [r["fall"] for r in dpo]
+        lines.append(f"| {knob} | {peak:.2f} | {final:.2f} | {ci_text(falls)} | {fell(dpo)} | "
+                     f"{by_seed(falls)} | {dpo[0]['best_len']:g} | {end:.1f} | {endpoint_win_rates(dpo)} | "
+                     f"{length:.1f} |")
+    lines += ["", "| knobs | " + " | ".join(f"{m} - dpo, final [95% CI] | by seed | cost" for m in weighted)
+              + " |", "|" + "---|" * (1 + 3 * len(weighted))]
+    for knob in labels:
+        cells = []
+        for m in weighted:
+            d = diffs(knob, home, m)
+            cells.append(f"{ci_text(d, 3)} | {by_seed(d)} | {sum(x < 0 for x in d)}/{len(d)}")
+        lines.append(f"| {knob} | " + " | ".join(cells) + " |")
+    if not view:
+        return "\n".join(lines) + "\n"
+    lines += ["", "| knobs | world | DPO fall by seed | fell | endpoint win-rate by seed | "
+              + " | ".join(f"{m} - dpo by seed" for m in weighted) + " |", "|" + "---|" * (5 + len(weighted))]
+    for knob in view:
+        for world in worlds[knob]:
+            dpo = list(runs[(knob, world, "dpo")].values())
+            lines.append(f"| {knob} | {world} | {by_seed([r['fall'] for r in dpo])} | {fell(dpo)} | "
+                         f"{endpoint_win_rates(dpo)} | "
+                         + " | ".join(by_seed(diffs(knob, world, m)) for m in weighted) + " |")
+    lines += ["", "| knobs | runs | DPO fell | endpoint far past: where DPO fell, where not | "
+              + " | ".join(f"{m} - dpo where DPO fell [95% CI] | where it did not [95% CI] | "
+                           "cost where it did not" for m in weighted) + " |",
+              "|" + "---|" * (4 + 3 * len(weighted))]
+    for knob in view:
+        dpo = [r for world in worlds[knob] for r in runs[(knob, world, "dpo")].values()]
+        falls = [r["fall"] >= FELL for r in dpo]
+        far = [r["peak"] - r["endpoint_win_rate"] >= FELL for r in dpo]
+        n_fell = sum(falls)
+        cells = [f"{sum(f and p for f, p in zip(falls, far))}/{n_fell}, "
+                 f"{sum(p and not f for f, p in zip(falls, far))}/{len(dpo) - n_fell}"]
+        for m in weighted:
+            d = [x for world in worlds[knob] for x in diffs(knob, world, m)]
+            yes, no = [x for x, f in zip(d, falls) if f], [x for x, f in zip(d, falls) if not f]
+            cells.append(f"{ci_text(yes, 3) if yes else '-'} | {ci_text(no, 3) if no else '-'} | "
+                         f"{sum(x < 0 for x in no)}/{len(no)}")
+        lines.append(f"| {knob} | {len(dpo)} | {n_fell} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,6 +371,8 @@ def figure(name, rows, args):
             ax.set(xlabel="KL(data's policy || pi_ref)", ylabel=title, title=title)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
+    elif name == "knobs":
+        fig = knob_figure(plt, rows)
     else:  # rpo, controls, quality
         keys = [("win_rate", "win-rate"), ("kl", "KL")]
         if name != "rpo":
@@ -230,6 +383,38 @@ def figure(name, rows, args):
             curves(ax, rows, key, label)
         axes[0].legend(fontsize=6, ncol=3 if name == "rpo" else 1)
     fig.suptitle(f"{name} (categorical toy, mean over seeds {' '.join(map(str, args.seeds))})")
+    return fig
+
+
+def knob_figure(plt, rows):
+    """DPO's win-rate per knob (first world, mean over seeds); per run, DPO's fall against its endpoint's
+    win-rate; per run, the weighted methods' final win-rate minus DPO's against DPO's fall."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for ax in axes[:2]:
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour for each of the eleven knobs
+    home = rows[0]["world_seed"]
+    curves(axes[0], [r for r in rows if r["method"] == "dpo" and r["world_seed"] == home], "win_rate",
+           "DPO's win-rate (first world)")
+    axes[0].legend(fontsize=6)
+    runs = knob_runs(rows)
+    for knob in dict.fromkeys(k for k, _, _ in runs):
+        dpo = [r for (k, _, m), seeds in runs.items() if k == knob and m == "dpo" for r in seeds.values()]
+        axes[1].plot([r["endpoint_win_rate"] for r in dpo], [r["fall"] for r in dpo], "o", ms=4, alpha=0.7,
+                     label=knob)
+    axes[1].set(xlabel="win-rate of DPO's endpoint (u / beta)", ylabel="DPO's fall (peak - final)")
+    for i, method in enumerate(dict.fromkeys(m for _, _, m in runs if m != "dpo")):
+        xs, ys = [], []
+        for (knob, world, m), seeds in runs.items():
+            if m == method:
+                dpo = runs[(knob, world, "dpo")]
+                xs += [dpo[s]["fall"] for s in seeds]
+                ys += [seeds[s]["final"] - dpo[s]["final"] for s in seeds]
+        axes[2].plot(xs, ys, "ox"[i % 2], ms=4, alpha=0.6, label=method)
+    axes[2].axhline(0, color="k", lw=0.8)
+    axes[2].set(xlabel="DPO's fall (peak - final)", ylabel="final win-rate minus DPO's")
+    for ax in axes[1:]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     return fig
 
 
@@ -250,12 +435,13 @@ def log_w_histograms(ax, rows, args):
 
 
 EXPERIMENTS = {"alpha": alpha, "ipo": ipo, "shift": shift, "rpo": rpo, "weights": weights,
-               "controls": controls, "quality": quality}
+               "controls": controls, "quality": quality, "knobs": knobs}
 EXTRA = {"alpha": ("ess", "loss"), "ipo": ("ess",), "shift": ("ess",), "rpo": ("mean_length",),
          "weights": ("ess", "top10_loss_share", "log_weight_mean"),
          "controls": ("ess", "mean_length", "theta_quality"),
          "quality": ("ess", "theta_quality", "mean_length")}
 PAIRED = {"controls": "ais-dpo", "quality": "ais-dpo"}  # a second table: each arm against this one, by seed
+TABLES = {"knobs": knob_tables}  # an experiment's own tables, in place of summary (and paired)
 
 
 @stage.cleans_up
@@ -267,9 +453,12 @@ def run(name, args, out_root):
     with open(os.path.join(work, "results.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    table = summary(rows, EXTRA[name])
-    if name in PAIRED:
-        table += "\n" + paired(rows, PAIRED[name])
+    if name in TABLES:
+        table = TABLES[name](rows)
+    else:
+        table = summary(rows, EXTRA[name])
+        if name in PAIRED:
+            table += "\n" + paired(rows, PAIRED[name])
     with open(os.path.join(work, "summary.md"), "w") as f:
         f.write(table)
     claims.save_figure(figure(name, rows, args), os.path.join(work, f"{name}.png"))
