@@ -10,7 +10,7 @@ experiments/ablations.py -- the rest of the Adaptive-IS paper's experiments, on 
     python experiments/ablations.py controls  # is it 1/|y|? AIS against shuffled lengths, alpha 1/8, IS
     python experiments/ablations.py quality   # a world where DPO drifts along quality, not length
     python experiments/ablations.py knobs     # which knobs remove DPO's fall, and what the weights cost then
-    python experiments/ablations.py all       # all eight, about four minutes on a laptop CPU
+    python experiments/ablations.py all       # all eight, about three minutes on a laptop CPU
 
 Each writes out/experiments/<name>/: results.jsonl (every checkpoint of every run), summary.md (mean
 over seeds) and <name>.png. --seeds and --world_seed work as in toy_categorical.py. The README's
