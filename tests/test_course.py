@@ -293,7 +293,7 @@ def test_grade_a_folder_of_submissions(tmp_path):
                        str(tmp_path / "g.csv"), "--hidden", str(tmp_path / "hidden")]) == 0
     rows = {r["student"]: r for r in csv.DictReader(open(tmp_path / "g.csv"))}
     assert sorted(rows) == ["ada", "bob"] and all(r["exercise"] == "2" for r in rows.values())
-    assert [rows["ada"][k] for k in ("result", "tests_passed", "tests_run")] == ["pass", "4", "4"]
+    assert [rows["ada"][k] for k in ("result", "tests_passed", "tests_run")] == ["pass", "5", "5"]
     assert rows["ada"]["points"] == str(grade.POINTS[2]) and rows["ada"]["first_failure"] == ""
     bob = rows["bob"]
     assert bob["result"] == "fail" and bob["files_submitted"] == "reward.py" and bob["points"] == "0"
