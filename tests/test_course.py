@@ -293,7 +293,7 @@ def test_grade_a_folder_of_submissions(tmp_path):
                        str(tmp_path / "g.csv"), "--hidden", str(tmp_path / "hidden")]) == 0
     rows = {r["student"]: r for r in csv.DictReader(open(tmp_path / "g.csv"))}
     assert sorted(rows) == ["ada", "bob"] and all(r["exercise"] == "2" for r in rows.values())
-    assert [rows["ada"][k] for k in ("result", "tests_passed", "tests_run")] == ["pass", "4", "4"]
+    assert [rows["ada"][k] for k in ("result", "tests_passed", "tests_run")] == ["pass", "5", "5"]
     assert rows["ada"]["points"] == str(grade.POINTS[2]) and rows["ada"]["first_failure"] == ""
     bob = rows["bob"]
     assert bob["result"] == "fail" and bob["files_submitted"] == "reward.py" and bob["points"] == "0"
@@ -325,7 +325,8 @@ def exercise_calls():
             ("dpo.py", "dpo_loss"): (pi_w, pi_l, ref_w, ref_l, 0.1),
             ("dpo.py", "ipo_loss"): (pi_w, pi_l, ref_w, ref_l, len_w, len_l, 0.1),
             ("dpo.py", "rdpo_loss"): (pi_w, pi_l, ref_w, ref_l, len_w, len_l, 0.1, 0.05),
-            ("is_dpo.py", "log_importance_weights"): ("adaptive", pi_w - ref_w, pi_l - ref_l, len_w, len_l),
+            ("is_dpo.py", "log_importance_weights"): ("adaptive", pi_w - ref_w, pi_l - ref_l, len_w, len_l,
+                                                      0.0, 2.0),
             ("is_dpo.py", "importance_weights"): (is_dpo.Args(weight="adaptive"), logps, [{}] * 8),
             ("evaluate.py", "sequence_kl"): (model, common.tiny_model(1), rows, common.PAD),
             ("toy_gaussian.py", "pair_losses"): (0.3, rng.normal(0, 0.6, 8), rng.normal(0, 0.6, 8)),
@@ -347,10 +348,11 @@ def flat(value):
     return None
 
 
-def same_signature_outputs(modules):
+def same_signature_outputs(modules, leading=()):
     """{"file:function" of each exercise: [(module.function, numbers)]}: every public function of the modules
     that accepts the exercise's call (its own parameters, no *args; not a stage's decorated main), called on a
-    copy of its inputs."""
+    copy of its inputs; in the modules named in leading (the graded tests' own), also every function that
+    accepts the call's first k arguments, k >= 1 (a helper that leaves out pad_id or a default)."""
     calls, found = exercise_calls(), {}
     for module in modules:
         for name, function in sorted(vars(module).items()):
@@ -364,13 +366,15 @@ def same_signature_outputs(modules):
             if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
                 continue
             for (path, exercise), args in calls.items():
-                try:
-                    inspect.signature(function).bind(*args)
-                    numbers = flat(function(*copy.deepcopy(args)))
-                except (Exception, SystemExit):  # noqa: BLE001 -- refusing these inputs computes nothing
-                    continue
-                if numbers:
-                    found.setdefault(f"{path}:{exercise}", []).append((f"{module.__name__}.{name}", numbers))
+                for k in range(len(args), 0 if module.__name__ in leading else len(args) - 1, -1):
+                    try:
+                        inspect.signature(function).bind(*args[:k])
+                        numbers = flat(function(*copy.deepcopy(args[:k])))
+                    except (Exception, SystemExit):  # noqa: BLE001 -- refusing these inputs computes nothing
+                        continue
+                    if numbers:
+                        found.setdefault(f"{path}:{exercise}", []).append(
+                            (f"{module.__name__}.{name}", numbers))
     return found
 
 
@@ -381,13 +385,16 @@ root = pathlib.Path(sys.argv[1])
 names = sorted({p.stem for p in root.glob("*.py")}
                | {f"{d}.{p.stem}" for d in ("scale", "extras") for p in (root / d).glob("*.py")
                   if p.stem != "__init__"})
+graded = sorted(f"course.graded.{p.stem}" for p in (root / "course" / "graded").glob("*.py")
+                if p.stem.startswith(("test_", "graded_")))
+names += graded
 modules = []
 for name in names:
     try:
         modules.append(importlib.import_module(name))
     except Exception as e:
         print("cannot import", name, e, file=sys.stderr)
-json.dump({"modules": names, "found": same_signature_outputs(modules)}, sys.stdout)
+json.dump({"modules": names, "found": same_signature_outputs(modules, leading=graded)}, sys.stdout)
 """
 
 
@@ -400,27 +407,66 @@ def matches(found, expected):
             and np.allclose(numbers, expected[key], rtol=1e-6, atol=1e-9)]
 
 
-def test_no_function_of_the_copy_computes_an_exercises_values(handout, tmp_path):
-    """Every public function of the copy's modules (scripts, scale/, extras/) that takes an exercise's call is
-    called on its inputs (offline, in an empty directory): none returns the solution's values (the exercises'
-    own functions raise)."""
-    expected = {f"{path}:{name}": flat(getattr(load_module(path), name)(*args))
-                for (path, name), args in exercise_calls().items()}
-    import dpo
-    import reward
-    assert ("dpo.py:dpo_loss", "dpo.dpo_loss") in matches(same_signature_outputs([dpo, reward]), expected)
+def expected_values():
+    """{"file:function" of each exercise: the solution's numbers on its call}."""
+    return {f"{path}:{name}": flat(getattr(load_module(path), name)(*args))
+            for (path, name), args in exercise_calls().items()}
+
+
+@pytest.fixture(scope="module")
+def probed(handout, tmp_path_factory):
+    """(the probe's {"modules", "found"}, the solution's numbers): every public function of the copy's modules
+    (scripts, scale/, extras/, and the graded tests with their leading arguments too) called on the exercises'
+    calls, offline, in an empty directory."""
     source = "\n".join(inspect.getsource(f) for f in (exercise_calls, flat, same_signature_outputs))
     offline = {name: "1" for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     done = subprocess.run([sys.executable, "-c", "import copy, inspect\n" + source + PROBE, str(handout)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path_factory.mktemp("probe"), capture_output=True, text=True, timeout=300,
                           env={**os.environ, **offline, "PYTHONPATH": str(handout), "MPLBACKEND": "Agg"})
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout)
-    assert {"dpo", "lm", "sft", "stage", "extras.wpo", "scale.data"} <= set(result["modules"])
     assert "cannot import" not in done.stderr, done.stderr[-3000:]
+    return json.loads(done.stdout), expected_values()
+
+
+def test_no_function_of_the_copy_computes_an_exercises_values(probed):
+    """Every public function of the copy's modules (scripts, scale/, extras/) that takes an exercise's call is
+    called on its inputs: none returns the solution's values (the exercises' own functions raise)."""
+    result, expected = probed
+    import dpo
+    import reward
+    assert ("dpo.py:dpo_loss", "dpo.dpo_loss") in matches(same_signature_outputs([dpo, reward]), expected)
+    assert {"dpo", "lm", "sft", "stage", "extras.wpo", "scale.data"} <= set(result["modules"])
     assert sum(map(len, result["found"].values())) >= 3  # the probe called functions that returned numbers
-    given_away = matches(result["found"], expected)
+    given_away = [(key, name) for key, name in matches(result["found"], expected)
+                  if not name.startswith("course.graded.")]
     assert not given_away, f"functions of the student copy compute an exercise's values: {given_away}"
+
+
+def test_no_helper_of_the_copys_graded_tests_computes_an_exercises_values(probed):
+    """The graded tests check values and properties, not a copy of the solution: no function of the copy's
+    course/graded/ (graded_common, test_ex*) returns an exercise's values on its call, or on the call's first
+    arguments (a reference that leaves out pad_id, say)."""
+    result, expected = probed
+    import types
+
+    import evaluate
+    from course.graded import graded_common as common
+
+    helpers = types.ModuleType("helpers")
+
+    def kl(model, ref, rows):
+        return evaluate.sequence_kl(model, ref, rows, common.PAD)
+
+    kl.__module__, helpers.kl = "helpers", kl
+    assert not matches(same_signature_outputs([helpers]), expected)  # 3 of sequence_kl's 4 arguments
+    assert matches(same_signature_outputs([helpers], leading=["helpers"]), expected) == [
+        ("evaluate.py:sequence_kl", "helpers.kl")]
+    graded = {name for name in result["modules"] if name.startswith("course.graded.")}
+    tests = {f"course.graded.{p.stem}" for p in GRADED_FILES.values()}
+    assert graded == tests | {"course.graded.graded_common"}, graded
+    given_away = [(key, name) for key, name in matches(result["found"], expected)
+                  if name.rsplit(".", 1)[0] in graded]
+    assert not given_away, f"functions of the copy's graded tests compute an exercise's values: {given_away}"
 
 
 def load_module(path):

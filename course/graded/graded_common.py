@@ -1,7 +1,8 @@
-"""What the graded tests share: a tiny GPT-NeoX built from a config (no download, float64), batches of
-random token ids, each example's next-token log-probabilities computed the slow, obvious way, and the size
-of the largest tensor an operation makes."""
+"""What the graded tests share: a tiny GPT-NeoX built from a config (no download, float64), a GPT-NeoX whose
+next-token distributions are a table given in the test (so its log-probs, losses and KLs are closed forms
+written out there), batches of random token ids, and the size of the largest tensor an operation makes."""
 import functools
+import math
 import random
 
 import torch
@@ -10,20 +11,47 @@ from torch.utils._python_dispatch import TorchDispatchMode
 VOCAB, PAD, EOS = 29, 0, 1
 
 
+def neox_config(vocab, hidden, layers, pad):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
+                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=pad, tie_word_embeddings=False)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_model(seed, pad=PAD):
     """A 1-layer GPT-NeoX in float64 whose output layer is large enough that log-probs differ by token; pad:
     its config's pad id (pad = EOS, as Pythia has it, with tiny_model(seed, pad=EOS))."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=64, bos_token_id=EOS,
-                           eos_token_id=EOS, pad_token_id=pad, tie_word_embeddings=False)
-    model = GPTNeoXForCausalLM(config).double().eval()
+    model = GPTNeoXForCausalLM(neox_config(VOCAB, 16, 1, pad)).double().eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0.0, 0.5)
         model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    return model
+
+
+def table_model(probs, pad=PAD):
+    """A GPT-NeoX in float64 (no transformer layer) whose next-token distribution after token i is probs[i]
+    whatever came before: pi(j | x, y_<t) = probs[y_{t-1}][j] (the vocabulary: len(probs) tokens, PAD = 0
+    and EOS = 1 among them). Token i's embedding is e_2i - e_2i+1: the final layer norm scales it by 1 / s,
+    s = sqrt(2 / H + eps), and the output layer's columns 2i and 2i+1 hold log probs[i] * s / 2 and its
+    negative, so the logits after token i are log probs[i]."""
+    from transformers import GPTNeoXForCausalLM
+
+    vocab = len(probs)
+    model = GPTNeoXForCausalLM(neox_config(vocab, 2 * vocab, 0, pad)).double().eval()
+    s = math.sqrt(2 / (2 * vocab) + model.config.layer_norm_eps)
+    with torch.no_grad():
+        embed, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        embed.zero_()
+        out.zero_()
+        for i, row in enumerate(probs):
+            embed[i, 2 * i], embed[i, 2 * i + 1] = 1.0, -1.0
+            out[:, 2 * i] = torch.tensor([math.log(p) * s / 2 for p in row], dtype=torch.float64)
+            out[:, 2 * i + 1] = -out[:, 2 * i]
     return model
 
 
@@ -34,12 +62,6 @@ def examples(n, seed=0):
     word = lambda: rng.randrange(2, VOCAB)  # noqa: E731
     return [([word() for _ in range(rng.randint(2, 7))], [word() for _ in range(rng.randint(0, 5))] + [EOS])
             for _ in range(n)]
-
-
-def next_token_logps(model, prompt, response):
-    """[|y|, V]: log pi(. | x, y_<t) for each response position t, one example alone, no padding."""
-    logits = model(input_ids=torch.tensor([prompt + response])).logits[0].double()
-    return logits.log_softmax(-1)[len(prompt) - 1:len(prompt) + len(response) - 1]
 
 
 class LargestTensor(TorchDispatchMode):

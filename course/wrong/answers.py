@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from course.graded import graded_common as common
 import is_dpo
 import toy_gaussian
 
@@ -227,11 +226,17 @@ def weights_alpha_and_bound_swapped(args, logps, rows):
 # ---------------------------------------------------------------------------------------- 5. the KL
 
 
+def next_token_logps(model, prompt, response):
+    """[|y|, V]: log pi(. | x, y_<t) for each response position t, one example alone, no padding."""
+    logits = model(input_ids=torch.tensor([prompt + response])).logits[0].double()
+    return logits.log_softmax(-1)[len(prompt) - 1:len(prompt) + len(response) - 1]
+
+
 def summed_per_sequence(per_token):
     """A sequence_kl that adds the decorated (logp [|y|, V], logq [|y|, V], response ids [|y|]) over each
     response, one example at a time."""
     def sequence_kl(model, ref, examples, pad_id, batch_size=64):
-        logps = common.next_token_logps
+        logps = next_token_logps
         return torch.stack([per_token(logps(model, p, r), logps(ref, p, r), torch.tensor(r)).sum()
                             for p, r in examples])
     sequence_kl.__name__ = per_token.__name__
