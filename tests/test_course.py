@@ -170,7 +170,8 @@ def test_handout_refuses_a_non_empty_or_inner_out_dir(handout, capsys):
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert "not an empty directory" in err[0] and "inside the repository" in err[1]
     assert make_handout.main(["--help"]) == 0 and "OUT_DIR" in capsys.readouterr().out
-    assert make_handout.main([]) == 2 and capsys.readouterr().err.splitlines()[-1] == "error: give one OUT_DIR"
+    assert make_handout.main([]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: give one OUT_DIR"
 
 
 def test_markers_must_be_closed_and_inside_an_exercise():
