@@ -30,6 +30,25 @@ def group_runs(rows):
     return groups
 
 
+LAST = 3  # a run's win-rate at a point of training: the mean of LAST checkpoints in a row (one is noisy)
+
+
+def window(run, key="win_rate"):
+    """The means of `key` over every LAST checkpoints in a row of a run (fewer if the run has fewer)."""
+    x, k = np.array([r[key] for r in run], dtype=float), min(LAST, len(run))
+    return np.convolve(x, np.ones(k) / k, mode="valid")
+
+
+def peak(run):
+    """A run's best win-rate: its best mean of LAST checkpoints in a row."""
+    return float(window(run).max())
+
+
+def final(run, key="win_rate"):
+    """A run's final value of `key`: the mean over its last LAST checkpoints."""
+    return float(window(run, key)[-1])
+
+
 def summary_table(rows):
     """Markdown: per method and beta, mean +- std over seeds of peak / final win-rates, final KL and, on the
     toy, the true score of pi_ref's samples (step 0) and of the final ones."""
@@ -45,15 +64,14 @@ def summary_table(rows):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (method, beta), seeds in sorted(group_runs(rows).items(), key=lambda kv: (kv[0][1], kv[0][0])):
         runs = list(seeds.values())
-        peak = [max(r["win_rate"] for r in run) for run in runs]
-        final = [run[-1]["win_rate"] for run in runs]
-        line = (f"| {method} | {beta:g} | {len(runs)} | {ms(peak)} | {ms(final)} | "
-                f"{ms([p - f for p, f in zip(peak, final)])} | {ms([run[-1]['kl'] for run in runs])} |")
+        peaks, finals = [peak(run) for run in runs], [final(run) for run in runs]
+        line = (f"| {method} | {beta:g} | {len(runs)} | {ms(peaks)} | {ms(finals)} | "
+                f"{ms([p - f for p, f in zip(peaks, finals)])} | {ms([final(run, 'kl') for run in runs])} |")
         if has_gold:
-            line += f" {ms([run[-1].get('true_win_rate', float('nan')) for run in runs])} |"
+            line += f" {ms([final(run, 'true_win_rate') for run in runs])} |"
         if has_score:
             start = np.mean([run[0]['true_score'] for run in runs])
-            line += f" {start:.2f}, {ms([run[-1]['true_score'] for run in runs])} |"
+            line += f" {start:.2f}, {ms([final(run, 'true_score') for run in runs])} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -96,15 +114,15 @@ def make_claim(text, values, test=None):
 
 
 def hump(run):
-    """A run's peak win-rate minus its final one."""
-    return max(r["win_rate"] for r in run) - run[-1]["win_rate"]
+    """A run's peak win-rate minus its final one (each a mean of LAST checkpoints in a row)."""
+    return peak(run) - final(run)
 
 
 def claims(rows, beta_low=0.01, beta_high=0.1):
     """The lesson's claims, each over replicates (seeds), paired by seed where two methods are compared.
 
     Returns [Claim]: a claim whose runs are missing is left out; other methods at the low beta (is-dpo,
-    the ais-sn-dpo control) are compared with DPO too, holds None. KL is the final checkpoint's.
+    the ais-sn-dpo control) are compared with DPO too, holds None. Peak and final are means of LAST checkpoints in a row.
     """
     groups = group_runs(rows)
     dpo_low, ais_low = groups.get(("dpo", beta_low), {}), groups.get(("ais-dpo", beta_low), {})
@@ -118,19 +136,19 @@ def claims(rows, beta_low=0.01, beta_high=0.1):
     if paired:
         out.append(make_claim(f"AIS-DPO ends above DPO at beta {beta_low:g}: final win-rate difference >= "
                               f"0.10, CI above 0",
-                              [ais_low[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in paired],
+                              [final(ais_low[s]) - final(dpo_low[s]) for s in paired],
                               lambda ci: ci.mean >= 0.10 and ci.low > 0))
         out.append(make_claim(f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5",
-                              [ais_low[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in paired],
+                              [final(ais_low[s], "kl") / final(dpo_low[s], "kl") for s in paired],
                               lambda ci: ci.mean <= 0.5))
     for method in sorted(m for m, b in groups if b == beta_low and m not in ("dpo", "ais-dpo")):
         other = groups[(method, beta_low)]  # e.g. is-dpo, or the ais-sn-dpo control: reported, not claimed
         common = sorted(set(dpo_low) & set(other))
         if common:
             out.append(make_claim(f"(beside the claims) {method} final win-rate - DPO's at beta {beta_low:g}",
-                                  [other[s][-1]["win_rate"] - dpo_low[s][-1]["win_rate"] for s in common]))
+                                  [final(other[s]) - final(dpo_low[s]) for s in common]))
             out.append(make_claim(f"(beside the claims) {method} final KL / DPO's at beta {beta_low:g}",
-                                  [other[s][-1]["kl"] / dpo_low[s][-1]["kl"] for s in common]))
+                                  [final(other[s], "kl") / final(dpo_low[s], "kl") for s in common]))
     if dpo_high:
         out.append(make_claim(f"stronger regularisation holds DPO: at beta {beta_high:g} peak - final "
                               f"<= 0.05",

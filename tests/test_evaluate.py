@@ -107,11 +107,27 @@ def test_mean_ci_by_hand():
     assert math.isnan(claims.mean_ci([1.0])[1])
 
 
-def synthetic_rows(curves):
-    """results rows from {(method, beta, seed): [(win_rate, kl), ...]} over evenly spaced steps."""
+def synthetic_rows(curves, hold=claims.LAST):
+    """results rows from {(method, beta, seed): [(win_rate, kl), ...]} over evenly spaced steps, each point
+    held for `hold` checkpoints in a row (so that a mean of LAST checkpoints in a row equals the point)."""
+    curves = {k: [p for p in c for _ in range(hold)] for k, c in curves.items()}
     return [{"run": f"{m}_{b}_{s}", "method": m, "beta": b, "seed": s, "step": i,
              "fraction": i / (len(c) - 1), "win_rate": w, "kl": kl}
             for (m, b, s), c in curves.items() for i, (w, kl) in enumerate(c)]
+
+
+@pytest.mark.core
+def test_peak_and_final_are_means_of_last_checkpoints_in_a_row():
+    # one lucky checkpoint is not a peak, and the last checkpoint alone is not the final value
+    run = synthetic_rows({("dpo", 0.01, 0): [(0.4, 0.0), (0.4, 0.1), (0.9, 0.2), (0.4, 0.3), (0.5, 0.4),
+                                              (0.6, 0.5), (0.1, 0.6)]}, hold=1)
+    assert claims.LAST == 3
+    assert claims.peak(run) == pytest.approx((0.9 + 0.4 + 0.5) / 3)  # the best of 5 windows of three
+    assert claims.final(run) == pytest.approx((0.5 + 0.6 + 0.1) / 3)
+    assert claims.final(run, "kl") == pytest.approx(0.5)
+    assert claims.hump(run) == pytest.approx(0.6 - 0.4)
+    short = run[:2]  # fewer checkpoints than a window: their mean
+    assert claims.peak(short) == claims.final(short) == pytest.approx(0.4)
 
 
 def clear_effect():

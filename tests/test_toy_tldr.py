@@ -302,8 +302,8 @@ def test_parse_facts_of_a_hand_written_prompt_ignores_the_distractor():
 @pytest.mark.core
 @pytest.mark.parametrize("summary, finished, expected", [
     # weights of METHOD.md, section 8: +1 who, +1 event, +0.8 feeling, +0.8 question; -1 a wrong slot word;
-    # -0.6 a repeated content word; -0.15 a word over 14, -0.3 a word under 5; +0.5 '.'/'?' then EOS; -1.5 no
-    # EOS
+    # -0.6 a repeated content word; -0.3 a word of when it happened; -0.15 a word over 14, -0.3 a word under
+    # 5; +0.5 '.'/'?' then EOS; -1.5 no EOS
     ("my roommate lied to me . i feel sad . should i confront ?", True, 1 + 1 + 0.8 + 0.8 + 0.5),  # 13 words
     # event; 'boss', 'leave' are the distractor's
     ("my boss lied to me . should i leave ?", True, 1 - 1 - 1 + 0.5),
@@ -311,11 +311,28 @@ def test_parse_facts_of_a_hand_written_prompt_ignores_the_distractor():
     ("roommate lied to me roommate lied to me sad", False, 1 + 1 + 0.8 - 0.6 - 0.6 - 1.5),
     ("roommate lied", True, 1 + 1 - 3 * 0.3),  # 2 words: 3 under 5
     ("my roommate lied to me last night and i feel sad and hurt so should i confront or not ?", True,
-     1 + 1 + 0.8 + 0.8 - 1 - 6 * 0.15 + 0.5),  # 'hurt' is a wrong feeling; 20 words: 6 over 14
+     1 + 1 + 0.8 + 0.8 - 1 - 2 * 0.3 - 6 * 0.15 + 0.5),  # 'hurt': a wrong feeling; 20 words: 6 over 14
+    ("my roommate lied to me last night . sad . confront ?", True, 1 + 1 + 0.8 + 0.8 - 2 * 0.3 + 0.5),
     ("my roommate lied to me . i feel sad . should i confront ?", False, 1 + 1 + 0.8 + 0.8 - 1.5),
 ])
 def test_true_score_matches_a_hand_computation(summary, finished, expected):
     assert toy_tldr.true_score(PROMPT, summary, finished) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.core
+def test_equal_scores_are_equal_numbers():
+    # scored in hundredths (integers): sums that are equal on paper compare equal, whatever their order
+    # (summed as floats, 0.8s and 0.6s land beside the hundredths: this total came out as 1.0999999999999996,
+    # and equal totals reached in another order can differ in the last bit)
+    a = toy_tldr.true_score(PROMPT, "roommate lied sad boss lied lied .")  # 1+1+0.8-1-0.6-0.6+0.5
+    b = toy_tldr.true_score(PROMPT, "roommate lied to me boss sad sad sad .")  # 1+1+0.8-1-0.6-0.6+0.5
+    assert a == b == 1.1
+    rng = random.Random(0)
+    for _ in range(2000):  # every score is a whole number of hundredths
+        facts, prompt = toy_tldr.make_post(rng)
+        summary = toy_tldr.corrupt(prompt, toy_tldr.reference_summary(facts, rng), rng)
+        score = toy_tldr.true_score(prompt, summary, rng.random() < 0.9)
+        assert round(score * 100) / 100 == score
 
 
 @pytest.mark.core
