@@ -43,7 +43,7 @@ class Args:
     min_lr_ratio: float = field(default=0.0, metadata={"help": "train: the cosine's floor / --lr"})
     grad_clip: float = field(default=1.0, metadata={"help": "train: max gradient norm"})
     val_size: int = field(default=1000, metadata={"help": "train: pairs held out for the accuracy"})
-    num_prompts: int = field(default=4000, metadata={"help": "label: training prompts to sample pairs for"})
+    num_prompts: int = field(default=2000, metadata={"help": "label: training prompts to sample pairs for"})
     temperature: float = field(default=1.0, metadata={"help": "label: sampling temperature of pi_ref"})
     label: str = field(default="argmax", metadata={"help": "label: argmax (ties dropped) | bt (a BT draw)"})
     bt_temperature: float = field(default=1.0, metadata={"help": "bt: P(a) = sigmoid((s_a - s_b) / T)"})
