@@ -83,7 +83,7 @@ def test_run_sh_spreads_side_by_side_jobs_over_the_gpus(tmp_path):
     lines, clashes = run_sh(tmp_path, ["0", "1"], JOBS="2", NPROC="2")
     assert not clashes  # two jobs never shared a GPU
     daa = [gpu for gpu, _ in daa_runs(lines)]
-    assert len(daa) == 4 and set(daa) == {"0", "1"}
+    assert len(daa) == 6 and set(daa) == {"0", "1"}  # 3 runs x 2 seeds
     shards = {cmd.split("--shard ")[1].split()[0]: gpu for gpu, cmd in lines if "--shard" in cmd}
     assert shards == {"0/2": "0", "1/2": "1"}
     launch = "-m torch.distributed.run --standalone --nproc_per_node 2 "
