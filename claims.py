@@ -118,16 +118,19 @@ def hump(run):
     return peak(run) - final(run)
 
 
-def claims(rows, beta_low=0.01, beta_high=0.1):
+def claims(rows, beta_low=0.01, beta_high=0.1, weights=False):
     """The lesson's claims, each over replicates (seeds), paired by seed where two methods are compared.
+    weights: AIS-DPO's two claims are made (the categorical toy), else AIS-DPO is compared with DPO like
+    the other methods (the language toy, where the replicates do not support a claim on every world).
 
     Returns [Claim]: a claim whose runs are missing is left out; other methods at the low beta (is-dpo,
-    the ais-sn-dpo control) are compared with DPO too, holds None. Peak and final are means of LAST checkpoints in a row.
+    the ais-sn-dpo control) are compared with DPO too, holds None. Peak and final are means of LAST
+    checkpoints in a row.
     """
     groups = group_runs(rows)
     dpo_low, ais_low = groups.get(("dpo", beta_low), {}), groups.get(("ais-dpo", beta_low), {})
     dpo_high = groups.get(("dpo", beta_high), {})
-    paired = sorted(set(dpo_low) & set(ais_low))
+    paired = sorted(set(dpo_low) & set(ais_low)) if weights else []
     out = []
     if dpo_low:
         out.append(make_claim(f"DPO at beta {beta_low:g} over-optimises: peak - final win-rate >= 0.10, "
@@ -141,7 +144,8 @@ def claims(rows, beta_low=0.01, beta_high=0.1):
         out.append(make_claim(f"AIS-DPO drifts less at beta {beta_low:g}: final KL / DPO's final KL <= 0.5",
                               [final(ais_low[s], "kl") / final(dpo_low[s], "kl") for s in paired],
                               lambda ci: ci.mean <= 0.5))
-    for method in sorted(m for m, b in groups if b == beta_low and m not in ("dpo", "ais-dpo")):
+    claimed = ("dpo", "ais-dpo") if weights else ("dpo",)
+    for method in sorted(m for m, b in groups if b == beta_low and m not in claimed):
         other = groups[(method, beta_low)]  # e.g. is-dpo, or the ais-sn-dpo control: reported, not claimed
         common = sorted(set(dpo_low) & set(other))
         if common:
@@ -156,15 +160,16 @@ def claims(rows, beta_low=0.01, beta_high=0.1):
     return out
 
 
-def check_table(rows):
-    """Markdown table of claims(rows), and whether all of them hold."""
+def check_table(rows, weights=False):
+    """Markdown table of claims(rows, weights=weights), and whether all of them hold."""
     lines = ["| claim | replicates | mean [95% CI] | by seed | holds |", "|---|---|---|---|---|"]
-    for c in claims(rows):
+    for c in claims(rows, weights=weights):
         verdict = "-" if c.holds is None else "yes" if c.holds else "NO"
         by_seed = " ".join(f"{v:+.2f}" for v in c.values)
         lines.append(f"| {c.text} | {c.replicates} | {c.ci.mean:+.3f} [{c.ci.low:+.3f}, {c.ci.high:+.3f}] "
                      f"| {by_seed} | {verdict} |")
-    return "\n".join(lines) + "\n", all(c.holds for c in claims(rows) if c.holds is not None)
+    holds = all(c.holds for c in claims(rows, weights=weights) if c.holds is not None)
+    return "\n".join(lines) + "\n", holds
 
 
 
@@ -269,8 +274,7 @@ def report(rows, out_dir, plots_dir):
 def check(rows, out_dir, plots_dir=None):
     """evaluate.py --check: the claims table, printed and written to check.md; exit 1 if a claim fails."""
     if not claims(rows):
-        fail(f"{out_dir}/results.jsonl has no runs of the claims (dpo and ais-dpo at beta 0.01, dpo at "
-             f"beta 0.1)")
+        fail(f"{out_dir}/results.jsonl has no runs of the claims (dpo at beta 0.01 or 0.1)")
     table, holds = check_table(rows)
     write_text(os.path.join(out_dir, "check.md"), table)
     print(table)

@@ -355,7 +355,7 @@ def write_outputs(work, rows, finals, world, runs, args):
     with open(os.path.join(work, "results.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    table, holds = claims.check_table(rows)
+    table, holds = claims.check_table(rows, weights=True)
     summary = claims.summary_table(rows)
     with open(os.path.join(work, "check.md"), "w") as f:
         f.write(table)

@@ -143,22 +143,30 @@ def clear_effect():
 @pytest.mark.core
 def test_claims_hold_for_a_clear_effect_and_fail_without_one():
     clear = clear_effect()
-    results = claims.claims(synthetic_rows(clear))
+    results = claims.claims(synthetic_rows(clear), weights=True)
     assert [c.replicates for c in results] == [5, 5, 5, 5] and all(c.holds for c in results)
     control = dict(clear)  # another method beside the claims: compared with DPO by seed, never a verdict
     for s in range(5):
         control[("ais-sn-dpo", 0.01, s)] = [(0.40, 0.0), (0.55, 2.0), (0.45 + 0.01 * s, 5.0)]
-    extra = [c for c in claims.claims(synthetic_rows(control)) if c.holds is None]
+    extra = [c for c in claims.claims(synthetic_rows(control), weights=True) if c.holds is None]
     assert len(extra) == 2
     assert extra[0].ci.mean == pytest.approx(0.45 - 0.42) and extra[1].ci.mean == pytest.approx(0.5)
-    assert claims.check_table(synthetic_rows(control))[1] is True
+    assert claims.check_table(synthetic_rows(control), weights=True)[1] is True
+    # without weights=True (the language toy) AIS-DPO is compared with DPO beside the claims, no verdict
+    plain = claims.claims(synthetic_rows(control))
+    assert [c.holds for c in plain] == [True, None, None, None, None, True]
+    assert [c.text.split()[3] for c in plain[1:5]] == ["ais-dpo", "ais-dpo", "ais-sn-dpo", "ais-sn-dpo"]
+    assert plain[1].ci.mean == pytest.approx(results[1].ci.mean) and plain[2].ci.mean == pytest.approx(0.3)
+    bad = {**clear, **{("ais-dpo", 0.01, s): [(0.40, 0.0), (0.1, 9.0)] for s in range(5)}}
+    assert claims.check_table(synthetic_rows(bad))[1] is True  # not claimed: cannot fail
+    assert claims.check_table(synthetic_rows(bad), weights=True)[1] is False
     hump = results[0].ci
     assert hump.mean == pytest.approx(0.18) and hump.low < hump.mean < hump.high
     assert results[1].ci.mean == pytest.approx(np.mean([0.15 - 2 * 0.01 * s for s in range(5)]))
     assert results[2].ci.mean == pytest.approx(0.3)
     # no hump, AIS no better, same KL: every claim but the beta-0.1 one fails
     flat = {k: [(0.40, 0.0), (0.50, 2.0), (0.50 + 0.01 * k[2], 4.0)] for k in clear}
-    assert [c.holds for c in claims.claims(synthetic_rows(flat))] == [False, False, False, True]
+    assert [c.holds for c in claims.claims(synthetic_rows(flat), weights=True)] == [False, False, False, True]
     # one seed alone carries a hump: the mean passes 0.10 but the CI does not clear 0.05
     lucky = dict(clear)
     for s in range(1, 5):
@@ -176,7 +184,7 @@ def test_claims_pair_methods_by_seed():
         base = 0.1 * s
         curves[("dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.3 + base, 2.0)]
         curves[("ais-dpo", 0.01, s)] = [(0.3 + base, 1.0), (0.42 + base, 1.0)]
-    mean, low, high = claims.claims(synthetic_rows(curves))[1].ci
+    mean, low, high = claims.claims(synthetic_rows(curves), weights=True)[1].ci
     assert mean == pytest.approx(0.12) and low == pytest.approx(0.12) and high == pytest.approx(0.12)
 
 
