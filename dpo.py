@@ -234,7 +234,7 @@ def train(args, weigh=None, method=None):
     """The DAA loop. weigh(args, logps, rows, model) -> (w [B], stats) weighs each pair's loss (is_dpo.py;
     model, the policy being trained, for a weight of its own distributions: extras/wpo.py)."""
     check(args)
-    world = stage.init_distributed(args.resume)
+    world = stage.init_distributed(args)
     stage.seed_everything(args.seed)
     device, autocast = stage.device_and_autocast(args.precision, args.threads)
     name = args.run_name or f"{method or args.loss_type}_beta{args.beta:g}_seed{args.seed}"
@@ -263,7 +263,7 @@ def train(args, weigh=None, method=None):
     scheduler = stage.lr_schedule(optimizer, args.warmup_steps, total_steps, args.lr_schedule,
                                   args.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow
-    work = output.work if output else ""
+    work = stage.scratch_path(out_dir, "partial")  # output.work, known to every process
     if world.main:
         stage.save_json(os.path.join(work, "args.json"), {
             **dataclasses.asdict(args), "method": method or args.loss_type, "run_name": name,
