@@ -53,7 +53,7 @@ class Args:
     min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine's floor / --lr (IS-DAAs: 0.1)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     num_checkpoints: int = field(default=11, metadata={"help": "ckpt-<step> at even fractions, + step 0"})
-    logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk (lm.py)"})
+    logit_chunk: int = field(default=0, metadata={"help": "tokens per output-layer chunk (0: 128 MiB each)"})
     max_prompt_len: int = field(default=64, metadata={"help": "longest prompt in tokens (longer: an error)"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
     seed: int = field(default=0, metadata={"help": "seed of python, numpy and torch (the data order)"})
@@ -217,9 +217,9 @@ def check(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     stage.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
-                                     "chipo_clip", "chipo_rmax", "logit_chunk", "max_prompt_len",
-                                     "max_response_len", "num_checkpoints"),
-                     non_negative=("rpo_eta", "warmup_steps", "save_every"))
+                                     "chipo_clip", "chipo_rmax", "max_prompt_len", "max_response_len",
+                                     "num_checkpoints"),
+                     non_negative=("rpo_eta", "warmup_steps", "save_every", "logit_chunk"))
     if args.ipo_form not in ("summed", "per_token") or args.chipo_form not in ("huang", "isdaa"):
         fail(f"--ipo_form is summed or per_token, --chipo_form huang or isdaa: got {args.ipo_form!r}, "
              f"{args.chipo_form!r}")

@@ -487,8 +487,7 @@ def save_whole(obj, path):
 
 
 def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
-    """Weights, optimizer, schedule, loss scale, data order, log size, each process's generators: whole or
-    not at all, by the main process (under DDP the rest is the same in each). --fsdp: none (it has shards)."""
+    """Weights, AdamW, schedule, loss scale, data order, log size, each process's RNGs: main writes it."""
     if getattr(args, "fsdp", False) or not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
