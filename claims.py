@@ -261,10 +261,14 @@ def write_text(path, text):
     os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
+TIES = {"half": "a tie with the reference counts half", "loss": "a tie counts as a loss (the paper's >)"}
+
+
 def report(rows, out_dir, plots_dir):
     """evaluate.py's summary: tradeoff.png and dynamics.png in plots_dir, summary.md in out_dir."""
     plot(rows, plots_dir)
-    table = summary_table(rows)
+    ties = sorted({(r.get("settings") or {}).get("ties", "half") for r in rows})  # evaluate.py --ties
+    table = summary_table(rows) + "\nwin-rate: " + "; ".join(TIES[t] for t in ties) + "\n"
     write_text(os.path.join(out_dir, "summary.md"), table)
     print(table)
     print(f"evaluate: {len(rows)} rows in {out_dir}/results.jsonl; plots in {plots_dir}/tradeoff.png and "

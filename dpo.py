@@ -53,7 +53,7 @@ class Args:
     min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine's floor / --lr (IS-DAAs: 0.1)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     num_checkpoints: int = field(default=8, metadata={"help": "ckpt-<step> at even fractions, + step 0"})
-    logit_chunk: int = field(default=128, metadata={"help": "response tokens per output-layer chunk (lm.py)"})
+    logit_chunk: int = field(default=0, metadata={"help": "tokens per output-layer chunk (0: 128 MiB each)"})
     max_prompt_len: int = field(default=64, metadata={"help": "longest prompt in tokens (longer: an error)"})
     max_response_len: int = field(default=24, metadata={"help": "response tokens kept, EOS included"})
     seed: int = field(default=0, metadata={"help": "seed of python, numpy and torch (the data order)"})
@@ -217,9 +217,9 @@ def check(args):
     if args.loss_type not in LOSS_TYPES:
         fail(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {args.loss_type!r}")
     stage.check_args(args, positive=("beta", "num_epochs", "batch_size", "grad_accum", "lr", "grad_clip",
-                                     "chipo_clip", "chipo_rmax", "logit_chunk", "max_prompt_len",
-                                     "max_response_len", "num_checkpoints"),
-                     non_negative=("rpo_eta", "warmup_steps", "save_every"))
+                                     "chipo_clip", "chipo_rmax", "max_prompt_len", "max_response_len",
+                                     "num_checkpoints"),
+                     non_negative=("rpo_eta", "warmup_steps", "save_every", "logit_chunk"))
     if args.ipo_form not in ("summed", "per_token") or args.chipo_form not in ("huang", "isdaa"):
         fail(f"--ipo_form is summed or per_token, --chipo_form huang or isdaa: got {args.ipo_form!r}, "
              f"{args.chipo_form!r}")
@@ -234,7 +234,7 @@ def train(args, weigh=None, method=None):
     """The DAA loop. weigh(args, logps, rows, model) -> (w [B], stats) weighs each pair's loss (is_dpo.py;
     model, the policy being trained, for a weight of its own distributions: extras/wpo.py)."""
     check(args)
-    world = stage.init_distributed(args.resume)
+    world = stage.init_distributed(args)
     stage.seed_everything(args.seed)
     device, autocast = stage.device_and_autocast(args.precision, args.threads)
     name = args.run_name or f"{method or args.loss_type}_beta{args.beta:g}_seed{args.seed}"
@@ -263,7 +263,7 @@ def train(args, weigh=None, method=None):
     scheduler = stage.lr_schedule(optimizer, args.warmup_steps, total_steps, args.lr_schedule,
                                   args.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow
-    work = output.work if output else ""
+    work = stage.scratch_path(out_dir, "partial")  # output.work, known to every process
     if world.main:
         stage.save_json(os.path.join(work, "args.json"), {
             **dataclasses.asdict(args), "method": method or args.loss_type, "run_name": name,

@@ -3,8 +3,8 @@ evaluate.py -- win-rate and KL of every checkpoint, the trade-off plots, and the
 
 For each checkpoint of each run (the paper's App. D; METHOD.md, section 7):
   * win_rate: a summary sampled at temperature 0.01 for each of N eval prompts; the share of prompts where
-    the judge scores it above the prompt's reference, a tie counting half. The judge: the toy's hidden
-    true scorer (--judge true, the default) or a gold reward model (--judge rm, as on real data);
+    the judge scores it above the prompt's reference, a tie counting half (--ties loss: none, the paper's).
+    The judge: the toy's true scorer (--judge true, the default) or a gold RM (--judge rm, as on real data);
   * true_win_rate, true_score (toy only): the true scorer's verdict, also beside a gold RM's (gold_win_rate)
   * kl: y ~ pi_theta at temperature 1, and the sum over its tokens of the full next-token KL
     sum_v pi_theta(v|x,y<t) (log pi_theta - log pi_ref)(v|x,y<t), averaged over prompts; mean_length.
@@ -43,6 +43,7 @@ class Args:
     runs: str = field(default="out/runs/*", metadata={"help": "glob of run directories (dpo.py / is_dpo.py)"})
     data: str = field(default="out/toy_tldr", metadata={"help": "eval prompts: eval.jsonl or its directory"})
     judge: str = field(default="true", metadata={"help": "true (the toy's hidden scorer) | rm (--gold_path)"})
+    ties: str = field(default="half", metadata={"help": "half (a tie counts 1/2) | loss (the paper's >)"})
     gold_path: str = field(default="out/gold_rm", metadata={"help": "--judge rm: the gold reward model"})
     sft_path: str = field(default="", metadata={"help": "pi_ref for the KL; default: each run's sft_path"})
     num_prompts: int = field(default=256, metadata={"help": "eval prompts per checkpoint (the paper: 512)"})
@@ -66,10 +67,10 @@ OWN_FILES = {"results.jsonl", "results.jsonl.lock", "summary.md", "tradeoff.png"
 # 1. the metrics
 
 
-def win_rate(policy_scores, reference_scores):
-    """Share of prompts where the sample scores above the reference; a tie (the toy's scores) counts half."""
+def win_rate(policy_scores, reference_scores, ties="half"):
+    """Share of prompts where the sample scores above the reference; a tie counts half (ties="loss": none)."""
     ours, reference = np.asarray(policy_scores), np.asarray(reference_scores)
-    return float(np.mean((ours > reference) + 0.5 * (ours == reference)))
+    return float(np.mean((ours > reference) + (0.5 if ties == "half" else 0.0) * (ours == reference)))
 
 
 @torch.no_grad()
@@ -120,12 +121,12 @@ def judge_samples(setup, args, texts, outs=None):
     if setup.toy:  # the hidden scorer: an unfinished summary is scored as such
         import toy_tldr
         true = [toy_tldr.true_score(r["prompt"], t, f) for r, (t, f) in zip(rows, texts)]
-        metrics.update(true_win_rate=win_rate(true, setup.ref_true), true_score=float(np.mean(true)))
+        metrics.update(true_win_rate=win_rate(true, setup.ref_true, args.ties), true_score=np.mean(true))
     if setup.gold is not None:
         rows = [{**r, "sample": t, **({"sample_ids": outs[i]} if outs else {})}
                 for i, (r, (t, _)) in enumerate(zip(rows, texts))]
         scores = gold_scores(setup, args, rows, "sample", [f for _, f in texts])
-        metrics.update(gold_win_rate=win_rate(scores, setup.ref_gold), gold_score=float(np.mean(scores)))
+        metrics.update(gold_win_rate=win_rate(scores, setup.ref_gold, args.ties), gold_score=np.mean(scores))
     return metrics
 
 
@@ -226,7 +227,7 @@ def eval_settings(args, rows):
     gold = f"{os.path.realpath(args.gold_path)} (run {(stage.read_marker(args.gold_path) or {}).get('run')})"
     return {"num_prompts": len(rows), "kl_prompts": args.kl_prompts, "temperature": args.temperature,
             "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len,
-            "seed": args.seed,
+            "seed": args.seed, "ties": args.ties,
             "judge": gold if args.judge == "rm" else "the true scorer",
             "data": hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16],
             "kl_ref": os.path.realpath(args.sft_path) if args.sft_path else "each run's sft_path"}
@@ -271,8 +272,8 @@ def prepare(args):
     inputs = [args.gold_path, args.data, args.sft_path] + [run.dir for run in runs]
     for path in (args.out_dir, args.plots_dir):  # checked before any work, written to after it
         stage.check_output(path, "evaluate", inputs, OWN_FILES)
-    if args.judge not in ("true", "rm"):
-        fail(f"--judge must be true or rm, got {args.judge!r}")
+    if args.judge not in ("true", "rm") or args.ties not in ("half", "loss"):
+        fail(f"--judge is true or rm, --ties half or loss: got {args.judge!r}, {args.ties!r}")
     toy = os.path.isdir(args.data) and (stage.read_marker(args.data) or {}).get("stage") == "toy_tldr"
     if args.judge == "true" and not toy:
         fail(f"--judge true needs the toy world's hidden scorer; {args.data} is no toy_tldr dir: --judge rm")

@@ -226,10 +226,12 @@ class ChunkedLogProbs(torch.autograd.Function):
     logsumexp; backward recomputes each chunk's logits and uses d logp_t / d logits = onehot(target) -
     softmax(logits), both in the dtype autocast chose for the forward (ctx.dtype; autocast off inside): a
     softmax of logits of another precision than the saved logsumexp would not sum to 1."""
+    BYTES = 2 ** 27  # chunk 0: as many tokens as fill 128 MiB of float32 logits (bench/README.md says why)
+    tokens = staticmethod(lambda chunk, vocab: chunk or max(1, ChunkedLogProbs.BYTES // (4 * vocab)))
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
-        device = hidden.device.type
+        device, chunk = hidden.device.type, ChunkedLogProbs.tokens(chunk, len(weight))
         ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are summed in float32
@@ -274,7 +276,7 @@ class ChunkedLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def sequence_logps(model, batch, chunk=1024):
+def sequence_logps(model, batch, chunk=0):
     """sequence_logps_plain's numbers, the fast way, for collate_grouped's batch: logps [P*k] (float32 at
     least) and lengths [P*k]. Training and pi_ref's log-probs run this path."""
     mask = batch["response_mask"].bool()

@@ -120,7 +120,7 @@ def train(args, device, autocast):
     output = stage.start_output(args.out_dir, "reward train", [args.sft_path, args.data], args.resume,
                                 stage.record(args, sft_path=args.sft_path, data=args.data)) if world.main \
         else None
-    work = output.work if output else ""
+    work = stage.scratch_path(args.out_dir, "partial")  # output.work, known to every process
     stage.barrier()
     module = stage.parallel(model, reward_scores, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -271,7 +271,7 @@ def main(args):
     args.out_dir = args.out_dir or ("out/gold_rm" if args.mode == "train" else "out/prefs")
     if not os.path.isdir(args.sft_path):
         fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
-    stage.init_distributed(args.resume and args.mode == "train")  # --resume: one process's (train)
+    stage.init_distributed(args)
     stage.seed_everything(args.seed)
     device, autocast = stage.device_and_autocast(args.precision, args.threads)
     (train if args.mode == "train" else label)(args, device, autocast)

@@ -127,7 +127,7 @@ def main(args):
         "val_size", "warmup_steps", "weight_decay", "num_sample_eval", "save_every"))
     inputs = [args.data, args.tokenizer_path, args.model_name_or_path]
     stage.check_output(args.out_dir, "sft", inputs)  # before any work: an output not to replace is refused
-    world = stage.init_distributed(args.resume)
+    world = stage.init_distributed(args)
     stage.seed_everything(args.seed)
     device, autocast = stage.device_and_autocast(args.precision, args.threads)
     tokenizer, train, val = load_examples(args)
@@ -137,7 +137,7 @@ def main(args):
     print(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train)} rows, {device}")
     output = stage.start_output(args.out_dir, "sft", inputs, args.resume, stage.record(
         args, **dict(zip(["data", "tokenizer_path", "model_name_or_path"], inputs)))) if world.main else None
-    work = output.work if output else ""
+    work = stage.scratch_path(args.out_dir, "partial")  # output.work, known to every process
     stage.barrier()
     module = stage.parallel(model, completion_loss, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -76,13 +76,13 @@ class World:
 WORLD = World()
 
 
-def init_distributed(resume=False):
+def init_distributed(args=None):
     """Join the processes torchrun started (RANK, WORLD_SIZE, LOCAL_RANK): NCCL between GPUs, gloo between
-    CPU processes. --resume is one process's (its saved state is)."""
+    CPU processes. args: a stage's flags (--resume, --fsdp: save_state keeps no shards)."""
     global WORLD
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and resume:
-        fail("--resume works in one process only: restart the run from its beginning")
+    if size > 1 and getattr(args, "resume", False) and getattr(args, "fsdp", False):
+        fail("--resume does not go with --fsdp: its weights and moments are shards, and no state is saved")
     if size > 1 and not torch.distributed.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
@@ -301,7 +301,8 @@ def record(args, **files):
     """What --resume checks: the flags but --resume, --save_every (paths as paths); inputs' fingerprints."""
     flags = {f"--{k}": os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
              for k, v in dataclasses.asdict(args).items() if k not in ("resume", "save_every")}
-    return flags | {f"the contents of --{k}": fingerprint(p) for k, p in files.items() if os.path.exists(p)}
+    return flags | {f"the contents of --{k}": fingerprint(p) for k, p in files.items() if os.path.exists(p)} \
+        | {"processes": WORLD.size}  # a global batch is --batch_size x processes
 
 
 def read_marker(path):  # the {stage, run} of a directory a stage wrote, or None
@@ -486,26 +487,24 @@ def save_whole(obj, path):
 
 
 def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
-    """Weights, optimizer, schedule, loss scale, generators, data order, log size: whole or not at all."""
-    if WORLD.size > 1 or not args.save_every or step % args.save_every or step == total:
+    """Weights, AdamW, schedule, loss scale, data order, log size, each process's RNGs: main writes it."""
+    if getattr(args, "fsdp", False) or not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
-    state = {"step": step, "order": order, "cursor": cursor,
-             "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-             "rng": {"python": random.getstate(),
-                     "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
-                     "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    save_whole(state, os.path.join(work, "state.pt"))
+    rng = unshard([{"python": random.getstate(), "torch": torch.get_rng_state(),  # a list by rank
+                    "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}])
+    if WORLD.main:
+        save_whole({"step": step, "order": order, "cursor": cursor, "rng": rng, "model": model.state_dict(),
+                    "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.is_enabled() and scaler.state_dict()}, os.path.join(work, "state.pt"))
 
 
 def restore_state(work, args, model, optimizer, scheduler, scaler):
     """(last step done, data order, cursor) of the saved state in `work`, restored in place; (0, [], 0)."""
     path = os.path.join(work, "state.pt")
-    if WORLD.size > 1 or not os.path.exists(path):
+    if not os.path.exists(path):
         return 0, [], 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -514,15 +513,16 @@ def restore_state(work, args, model, optimizer, scheduler, scaler):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"] is not None:
+    if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
+    rng = state["rng"][WORLD.rank]
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    with open(os.path.join(work, "train_log.jsonl"), "r+b") as f:
-        f.truncate(state["log_bytes"])  # the rows of steps after the save are written again
+    if WORLD.main:  # every process reads the state, the main one writes the log
+        with open(os.path.join(work, "train_log.jsonl"), "r+b") as f:
+            f.truncate(state["log_bytes"])  # the rows of steps after the save are written again
     print(f"resumed from the state saved at step {state['step']}")
     return state["step"], state["order"], state["cursor"]

@@ -61,7 +61,8 @@ class Args:
     response_len: int = field(default=50, metadata={"help": "tokens of each response (TL;DR-like: ~50)"})
     steps: int = field(default=5, metadata={"help": "timed steps per variant (median reported)"})
     warmup: int = field(default=2, metadata={"help": "untimed steps first (kernels, AdamW state)"})
-    chunk: int = field(default=1024, metadata={"help": "response tokens per chunk of the fused gather"})
+    chunk: int = field(default=dpo.Args.logit_chunk, metadata={
+        "help": "response tokens per chunk of the fused gather (0: sized by bytes, dpo.py's default)"})
     beta: float = field(default=0.1, metadata={"help": "DPO's beta (does not change the cost)"})
     peak_tflops: float = field(default=989.0, metadata={
         "help": "the accelerator's dense peak in TFLOP/s at --precision (default: H100 SXM, bf16, dense)"})
@@ -77,11 +78,11 @@ def parse_args(argv=None):
     args = Args(**vars(parser.parse_args(argv)))
     if args.size not in SIZES:
         parser.error(f"--size must be one of {', '.join(SIZES)}, got {args.size!r}")
-    for name in ("pairs", "prompt_len", "response_len", "steps", "chunk"):
+    for name in ("pairs", "prompt_len", "response_len", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or not args.peak_tflops > 0:
-        parser.error("--warmup must be >= 0 and --peak_tflops > 0")
+    if args.warmup < 0 or args.chunk < 0 or not args.peak_tflops > 0:
+        parser.error("--warmup and --chunk must be >= 0 and --peak_tflops > 0")
     return args
 
 

@@ -1,8 +1,8 @@
 """
 bench/logps.py -- time and peak memory of the per-token log-prob gather: naive vs fused (lm.py).
 
-    python bench/logps.py                                # naive vs ours at chunk 128 (about a minute)
-    python bench/logps.py --chunks 128 512 2048          # three chunk sizes
+    python bench/logps.py                                # naive vs ours at dpo.py's default chunk, 3 rounds
+    python bench/logps.py --chunks 128 512 2048          # three chunk sizes (0: dpo.py's default, by bytes)
     python bench/logps.py --chunks 128 --prototypes      # also the two prototypes below
     python bench/logps.py --vocab 8192 --length 128 --chunks 64 --reps 1   # a quick smoke run
 
@@ -30,7 +30,10 @@ fresh pages, page-faulted and unmapped again, which costs the chunked variants f
 medians of the forward and of forward + backward wall time, and of the process CPU time, are
 reported. The parent first checks in-process, on a small size, that every variant agrees with naive.
 
-Timings depend on the machine's load: on a busy machine compare rows of one run, not across runs.
+Rounds. --rounds times, naive and then every (variant, chunk) run one after the other, each in its own
+process; a ratio (time, CPU time, memory) is taken to the naive row of the same round, and the table
+gives each ratio's median over the rounds and the min-max of the time ratios. Timings depend on the
+machine's load: on a busy machine compare ratios taken side by side, not rows across runs.
 """
 import argparse
 import dataclasses
@@ -46,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import dpo  # noqa: E402
 import lm  # noqa: E402
 
 MB = 2 ** 20
@@ -57,11 +61,15 @@ class Args:
     batch: int = field(default=4, metadata={"help": "sequences per batch"})
     length: int = field(default=512, metadata={"help": "tokens per sequence (N = batch * length)"})
     hidden: int = field(default=512, metadata={"help": "hidden size H"})
-    chunks: list = field(default_factory=lambda: [128],
-                         metadata={"help": "chunk sizes (tokens) of the fused gather, e.g. 128 512 2048",
+    chunks: list = field(default_factory=lambda: [dpo.Args.logit_chunk],
+                         metadata={"help": "chunk sizes (tokens) of the fused gather, e.g. 128 512 2048; 0: "
+                                           "sized by bytes (lm.ChunkedLogProbs.tokens), dpo.py's default",
                                    "nargs": "+", "type": int})
     reps: int = field(default=3, metadata={
         "help": "timed repetitions of forward + backward after the warm-up (median reported)"})
+    rounds: int = field(default=3, metadata={
+        "help": "rounds of fresh processes, naive then every chunk in each: a ratio is taken within a round "
+                "(side by side), its median and min-max over the rounds reported"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     prototypes: bool = field(default=False, metadata={
         "help": "also run the prototypes `lean` and `vocab` at every chunk size"})
@@ -87,13 +95,13 @@ def parse_args(argv=None):
                                 type=extra.pop("type", f.type if callable(f.type) else str),
                                 help=f.metadata["help"], **extra)
     args = Args(**vars(parser.parse_args(argv)))
-    for name in ("vocab", "batch", "length", "hidden", "reps", "chunk"):
+    for name in ("vocab", "batch", "length", "hidden", "reps", "rounds", "chunk"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.time_malloc not in ("default", "mmap"):
         parser.error(f"--time_malloc must be default or mmap, got {args.time_malloc!r}")
-    if any(c < 1 for c in args.chunks):
-        parser.error(f"--chunks must all be >= 1, got {args.chunks}")
+    if any(c < 0 for c in args.chunks):
+        parser.error(f"--chunks must all be >= 0, got {args.chunks}")
     return args
 
 
@@ -331,37 +339,47 @@ def main(args):
         return child(args)
     n = args.batch * args.length
     variants = ["ours"] + (["lean", "vocab"] if args.prototypes else [])
+    args.chunks = [lm.ChunkedLogProbs.tokens(c, args.vocab) for c in args.chunks]  # 0: by bytes
     check_agreement(variants, args.chunks)
     print(f"\nV {args.vocab}, N {n} ({args.batch} x {args.length}), H {args.hidden}, float32, CPU, "
-          f"{args.reps} reps; one fresh process per row", flush=True)
-    rows = [run_child(args, "naive", 1)]  # (naive has no chunk)
-    print(f"  naive: {rows[-1]['total_s']:.2f} s", flush=True)
-    for chunk in args.chunks:
-        for variant in variants:
-            rows.append(run_child(args, variant, chunk))
-            print(f"  {variant} chunk {chunk}: {rows[-1]['total_s']:.2f} s", flush=True)
-    naive = rows[0]
-    hwm = "" if naive["hwm_reset"] else ", clear_refs refused: VmHWM from process start"
-    print(f"\nthreads {naive['threads']}, allocator while timing: {naive['time_malloc']}, "
-          f"RSS before the call {naive['base_mb']:.0f} MB" + hwm)
+          f"{args.reps} reps; one fresh process per row, {args.rounds} rounds", flush=True)
+    keys = [("naive", None)] + [(variant, chunk) for chunk in args.chunks for variant in variants]
+    runs = {key: [] for key in keys}  # a row per round
+    for r in range(args.rounds):
+        for variant, chunk in keys:
+            runs[variant, chunk].append(run_child(args, variant, chunk or 1))  # (naive has no chunk)
+            print(f"  round {r + 1}: {variant}" + (f" chunk {chunk}" if chunk else "")
+                  + f": {runs[variant, chunk][-1]['total_s']:.2f} s", flush=True)
+    naive = runs["naive", None]
+    hwm = "" if naive[0]["hwm_reset"] else ", clear_refs refused: VmHWM from process start"
+    print(f"\nthreads {naive[0]['threads']}, allocator while timing: {naive[0]['time_malloc']}, "
+          f"RSS before the call {naive[0]['base_mb']:.0f} MB" + hwm)
     head = (f"{'variant':7s} {'chunk':>5s} {'fwd s':>6s} {'fwd+bwd s':>9s} {'cpu s':>6s} "
             f"{'peak extra MB':>13s} "
-            f"{'held MB':>7s} {'time ratio':>10s} {'cpu ratio':>9s} {'mem ratio':>9s}  fwd+bwd min-max")
+            f"{'held MB':>7s} {'time ratio':>10s} {'cpu ratio':>9s} {'mem ratio':>9s}  "
+            f"min-max over rounds: time, cpu ratio")
     print(head)
     print("-" * len(head))
-    for r in rows:
-        print(f"{r['variant']:7s} {'-' if r['chunk'] is None else r['chunk']:>5} {r['fwd_s']:6.2f} "
-              f"{r['total_s']:9.2f} "
-              f"{r['cpu_s']:6.2f} {r['peak_extra_mb']:13.0f} {r['fwd_held_mb']:7.0f} "
-              f"{r['total_s'] / naive['total_s']:10.2f} {r['cpu_s'] / naive['cpu_s']:9.2f} "
-              f"{r['peak_extra_mb'] / naive['peak_extra_mb']:9.2f}  "
-              f"{min(r['total_runs']):.2f}-{max(r['total_runs']):.2f}")
-    print("ratios: variant / naive (time: forward + backward wall time; cpu: its process CPU time, both "
-          "threads, steadier "
-          "on a busy machine;\nmemory: peak extra RSS); target: memory <= 0.25, time <= 1.5. 'held': RSS "
-          "kept from forward to backward.")
-    if any(r["variant"] == "vocab" for r in rows):
-        cols = sorted({(r["chunk"], r["vocab_cols"]) for r in rows if r["variant"] == "vocab"})
+    med = statistics.median
+    for (variant, chunk), rows in runs.items():
+        ratios = {k: [r[k] / max(b[k], 1e-9) for r, b in zip(rows, naive)]
+                  for k in ("total_s", "cpu_s", "peak_extra_mb")}
+        print(f"{variant:7s} {'-' if chunk is None else chunk:>5} {med(r['fwd_s'] for r in rows):6.3f} "
+              f"{med(r['total_s'] for r in rows):9.3f} {med(r['cpu_s'] for r in rows):6.3f} "
+              f"{med(r['peak_extra_mb'] for r in rows):13.0f} {med(r['fwd_held_mb'] for r in rows):7.0f} "
+              f"{med(ratios['total_s']):10.2f} {med(ratios['cpu_s']):9.2f} "
+              f"{med(ratios['peak_extra_mb']):9.2f}  "
+              f"{min(ratios['total_s']):.2f}-{max(ratios['total_s']):.2f}, "
+              f"{min(ratios['cpu_s']):.2f}-{max(ratios['cpu_s']):.2f}")
+    print("ratios: variant / naive of the same round, median over the rounds (time: forward + backward wall "
+          "time; cpu: its\nprocess CPU time, both threads, steadier on a busy machine; memory: peak extra "
+          "RSS); target: memory <= 0.25,\ntime <= 1.5. 'held': RSS kept from forward to backward.")
+    default = lm.ChunkedLogProbs.tokens(dpo.Args.logit_chunk, args.vocab)
+    print(f"dpo.py's default --logit_chunk {dpo.Args.logit_chunk}: chunks of {default} tokens at V "
+          f"{args.vocab} (at most {default * args.vocab * 4 / MB:.0f} MiB of float32 logits each; see "
+          "bench/README.md)")
+    if any(variant == "vocab" for variant, _ in keys):
+        cols = sorted({(c, runs["vocab", c][0]["vocab_cols"]) for v, c in keys if v == "vocab"})
         print("vocab: chunk c means [N, vc] blocks with vc = " + ", ".join(f"{vc} (c {c})" for c, vc in cols))
 
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dpo  # noqa: E402
 import lm  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def main():
     p.add_argument("--n_embd", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--chunk", type=int, default=dpo.Args.logit_chunk, help="tokens per chunk of the fused "
+                   "gather, both variants (dpo.py's --logit_chunk)")
     args = p.parse_args()
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     if args.threads:
@@ -72,7 +75,7 @@ def main():
         examples += [(prompt, ids(args.response_len)), (prompt, ids(args.response_len))]
     variants = {"two full sequences": two_sequences_logps, "shared prompt (ours)": shared_prompt_logps}
     with torch.no_grad():
-        a, b = (fn(model, examples, 0, 128) for fn in variants.values())
+        a, b = (fn(model, examples, 0, args.chunk) for fn in variants.values())
     print(f"check: max |difference| of the log-probs {float((a - b).abs().max()):.2e}")
     responses = sum(len(r) for _, r in examples)
     tokens = {"two full sequences": sum(len(p) for p, _ in examples) + responses,
@@ -85,7 +88,7 @@ def main():
         for rep in range(args.reps + 1):
             model.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            fn(model, examples, 0, 128).sum().backward()
+            fn(model, examples, 0, args.chunk).sum().backward()
             if rep:  # the first call warms up
                 times.append(time.perf_counter() - t)
         median = statistics.median(times)

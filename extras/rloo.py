@@ -204,8 +204,8 @@ class Run:
 def check(args):
     stage.one_process_only("an online method (extras/rloo.py, extras/online_dpo.py)")
     stage.check_args(args, positive=("num_prompts", "steps", "prompts_per_step", "lr", "grad_clip", "beta",
-                                     "logit_chunk", "max_prompt_len", "max_response_len"),
-                     non_negative=("warmup_steps", "num_checkpoints", "missing_eos_penalty"))
+                                     "max_prompt_len", "max_response_len"),
+                     non_negative=("warmup_steps", "num_checkpoints", "missing_eos_penalty", "logit_chunk"))
     if getattr(args, "k", 2) < 2:
         fail(f"--k must be >= 2 (the leave-one-out baseline needs another sample), got {args.k}")
     if args.judge not in ("proxy", "true"):

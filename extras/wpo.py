@@ -43,8 +43,10 @@ def wpo_log_weights(pi_w, pi_l, sq_w, sq_l, len_w, len_l):
 
 @torch.no_grad()
 def log_sum_squared_probs(hidden, weight, bias, chunk):
-    """log sum_v p_t(v)^2 per token [N], p_t = softmax(hidden_t @ W^T + b), chunk tokens at a time, the
-    logits in float32 at least (autocast off: a [chunk, V] block, never [N, V])."""
+    """log sum_v p_t(v)^2 per token [N], p_t = softmax(hidden_t @ W^T + b), chunk tokens at a time (0: as
+    lm.ChunkedLogProbs sizes them), the logits in float32 at least (autocast off: a [chunk, V] block, never
+    [N, V])."""
+    chunk = lm.ChunkedLogProbs.tokens(chunk, len(weight))
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
     terms = []

@@ -33,6 +33,26 @@ def test_dpo_step_benchmark_runs_tiny_on_the_cpu(tmp_path):
     assert abs(rows[0]["first_loss"] - math.log(2)) > 1e-3  # the shifted reference makes the loss informative
 
 
+def test_one_logit_chunk_default_for_every_stage_and_benchmark():
+    """dpo.py's --logit_chunk default, 0: chunks of 128 MiB of float32 logits (chosen by measurement:
+    bench/README.md), is lm.sequence_logps' own, the extras' (rloo.py, online_dpo.py; wpo.py runs dpo.py's
+    flags) and the benchmarks'."""
+    import inspect
+
+    import dpo
+    import lm
+    import logps
+    from extras import online_dpo, rloo
+
+    default = dpo.Args.logit_chunk
+    assert default == 0 and lm.ChunkedLogProbs.BYTES == 2 ** 27  # 0: a chunk of 128 MiB of float32 logits
+    assert [lm.ChunkedLogProbs.tokens(0, v) for v in (204, 50304, 128256, 2 ** 26)] == [164482, 667, 261, 1]
+    assert lm.ChunkedLogProbs.tokens(16, 50304) == 16  # a chunk given in tokens is kept
+    assert inspect.signature(lm.sequence_logps).parameters["chunk"].default == default
+    assert rloo.Args.logit_chunk == online_dpo.Args.logit_chunk == default
+    assert dpo_step.parse_args([]).chunk == default and logps.parse_args([]).chunks == [default]
+
+
 def test_dpo_step_benchmark_refuses_an_unknown_size():
     with pytest.raises(SystemExit):
         dpo_step.parse_args(["--size", "pythia-7b"])
@@ -58,7 +78,7 @@ def logps_run():
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = "--vocab 256 --batch 1 --length 16 --hidden 16 --chunks 8 --reps 1 --threads 1".split()
+    flags = "--vocab 256 --batch 1 --length 16 --hidden 16 --chunks 8 --reps 1 --rounds 2 --threads 1".split()
     return subprocess.Popen([sys.executable, "bench/logps.py", *flags], cwd=root, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -74,3 +94,10 @@ def test_logps_benchmark_runs_tiny(logps_run):
     assert logps_run.returncode == 0, stderr[-2000:]
     rows = [line.split() for line in stdout.splitlines() if line.startswith(("naive ", "ours "))]
     assert [r[:2] for r in rows] == [["naive", "-"], ["ours", "8"]]
+    assert stdout.count("  round ") == 4 and rows[0][-2:] == ["1.00-1.00,", "1.00-1.00"]  # 2 rounds, in each
+    import dpo  # a ratio to that round's naive row
+    import lm
+
+    tokens = lm.ChunkedLogProbs.tokens(dpo.Args.logit_chunk, 256)
+    assert f"dpo.py's default --logit_chunk {dpo.Args.logit_chunk}: chunks of {tokens} tokens at V 256 " in \
+        stdout

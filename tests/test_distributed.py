@@ -1,9 +1,10 @@
 """Many processes: `torchrun --nproc_per_node 2` (CPU processes talking through gloo), under DDP and under
 --fsdp, writes the train_log and the weights that one process writes with the same global batch
 (2 x --batch_size), and the same reference log-probs beside the pairs (the main process alone writing them);
-a run whose processes do not average their gradients does not; gradient checkpointing changes no number;
-fp16's loss scale survives --resume; --fsdp in one process and the stages that do not split their work
-refuse in one line."""
+a run whose processes do not average their gradients does not; a run of 2 processes stopped after a saved
+state and resumed writes what the run never stopped writes; gradient checkpointing changes no number;
+fp16's loss scale survives --resume; --fsdp in one process, --resume with --fsdp, and the stages that do not
+split their work refuse in one line."""
 import json
 import os
 import re
@@ -27,22 +28,30 @@ from test_toy_tldr import assert_clean_error, cli_env, no_partial_copy, run_cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("sft.py", "reward.py", "dpo.py", "is_dpo.py")
 DAA = ("dpo.py", "is_dpo.py")
+RESUMED = ("sft.py", "reward.py", "dpo.py")
 
 # One torchrun command runs every stage, one after the other, as `python <script> <flags>` would (runpy):
 # its 2 processes pay for their interpreters and imports once, and keep their process group from stage to
 # stage. An entry that must fail prints its error line and the next one runs; "unsynced" runs the stage
-# with stage.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged.
+# with stage.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged;
+# "stopped" stops every process as Ctrl-C would, at step 3 just after its save_state (a state saved at 2).
 # Every file a process renames into place as the reference log-probs is reported with its rank.
 DRIVER = """
 import json, os, runpy, sys
 import torch
 sys.path.insert(0, os.getcwd())  # the repository root, where the scripts are
 import stage
-parallel, rank, replace = stage.parallel, int(os.environ["RANK"]), os.replace
+parallel, rank, replace, save_state = stage.parallel, int(os.environ["RANK"]), os.replace, stage.save_state
 
 
 def unsynced(model, fn, *_):
     return stage.Forward(fn, model)
+
+
+def stopping_save_state(work, args, step, *rest):
+    save_state(work, args, step, *rest)
+    if step == 3:
+        raise KeyboardInterrupt
 
 
 def reported_replace(src, dst):
@@ -54,11 +63,12 @@ def reported_replace(src, dst):
 os.replace = reported_replace
 for argv, how in json.loads(sys.argv[1]):
     stage.parallel = parallel if how != "unsynced" else unsynced
+    stage.save_state = save_state if how != "stopped" else stopping_save_state
     sys.argv = argv
     try:
         runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:
-        if how != "fails":
+        if how not in ("fails", "stopped"):
             raise
         print(f"rank {rank}: {argv[0]} stopped: {e}", file=sys.stderr, flush=True)
     assert torch.distributed.is_initialized(), argv
@@ -118,12 +128,15 @@ def torchrun_entries(tiny, root):
     """[(argv, how)]: every stage in 2 processes with --batch_size 4 (DDP; reward.py and is_dpo.py with
     --gradient_checkpointing; dpo.py's reference log-probs first by --reference_only, then read from
     beside the pairs), dpo.py with a global batch too big for the pairs (refused), dpo.py again without
-    gradient averaging ("unsynced"), then every stage under --fsdp."""
+    gradient averaging ("unsynced"), then every stage under --fsdp; then sft.py, reward.py and dpo.py as
+    in "two" but a state saved every 2 steps, stopped at step 3 and resumed; an sft.py run stopped so and
+    left."""
     def flags(name, script, batch_size=4, **extra):
         data = pairs_dir(root, name, script, tiny) if script in DAA else None
         return {**stage_flags(tiny, script, root / name / script, batch_size, data), **extra}
 
     checkpointing = {"gradient_checkpointing": True}
+    as_two = {"reward.py": checkpointing}  # the resumed runs' flags: those of "two"
     return [(argv("sft.py", flags("two", "sft.py")), "synced"),
             (argv("reward.py", flags("two", "reward.py", **checkpointing)), "synced"),
             (argv("dpo.py", flags("too_big", "dpo.py", 40)), "fails"),
@@ -133,7 +146,10 @@ def torchrun_entries(tiny, root):
             (argv("is_dpo.py", flags("two", "is_dpo.py", **checkpointing)), "synced"),
             (argv("dpo.py", flags("unsynced", "dpo.py")), "unsynced")] + \
         [(argv(s, flags("fsdp", s, fsdp=True, reference_only=True)), "reference") for s in DAA] + \
-        [(argv(s, flags("fsdp", s, fsdp=True)), "fsdp") for s in STAGES]
+        [(argv(s, flags("fsdp", s, fsdp=True)), "fsdp") for s in STAGES] + \
+        [(argv(s, flags("resumed", s, save_every=2, resume=r, **as_two.get(s, {}))), how)
+         for s in RESUMED for r, how in ((False, "stopped"), (True, "synced"))] + \
+        [(argv("sft.py", flags("left", "sft.py", save_every=2)), "stopped")]
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +276,43 @@ def test_the_processes_keep_their_group_and_their_world_from_stage_to_stage(runs
         assert done == [("sft.py", "synced"), ("reward.py", "synced"), ("dpo.py", "fails"),
                         ("dpo.py", "reference"), ("dpo.py", "synced"), ("is_dpo.py", "reference"),
                         ("is_dpo.py", "synced"), ("dpo.py", "unsynced")] + \
-            [(script, "reference") for script in DAA] + [(script, "fsdp") for script in STAGES]
+            [(script, "reference") for script in DAA] + [(script, "fsdp") for script in STAGES] + \
+            [(script, how) for script in RESUMED for how in ("stopped", "synced")] + [("sft.py", "stopped")]
         assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the 48" in out
     assert not (root / "too_big").exists()
     assert os.listdir(root / "data" / "too_big" / "dpo.py") == ["train.jsonl"]
+
+
+@pytest.mark.parametrize("script", RESUMED)
+def test_two_processes_stopped_after_a_saved_state_and_resumed_write_the_run_never_stopped(runs, script):
+    """--save_every 2, every process stopped at step 3 (after the main process logged it), then --resume:
+    every process reads the state of step 2 (its own generators, the shared weights, AdamW moments, schedule
+    and data order), the main process cuts the log back to step 2, and the run ends where the 2-process run
+    never stopped ("two") ends: the same train_log and weights, to float rounding."""
+    root, out = runs
+    assert re.search(rf"rank 0: {script} stopped: error: stopped by Ctrl-C or SIGTERM; \S+partial keeps the "
+                     "last saved state: the same command with --resume continues it", out)
+    assert re.search(rf"rank 1: {script} stopped: error: stopped by Ctrl-C or SIGTERM\n", out)
+    a, b = (output_dir(root / name / script, script) for name in ("two", "resumed"))
+    assert differences(a, b, script) == []
+    assert [row["step"] for row in read_log(b)] == [row["step"] for row in read_log(a)] == [1, 2, 3] + \
+        [4] * (script != "dpo.py")
+    assert not [name for name in os.listdir(b.parent) if name.startswith(".")]  # no lock, no partial copy
+
+
+def test_the_state_of_two_processes_is_not_resumed_by_one(tiny, runs):
+    """A global batch is --batch_size x processes: the state left by 2 processes, resumed by one process with
+    the same flags, is refused in one line naming the processes, and kept."""
+    root, out = runs
+    assert out.count("resumed from the state saved at step 2") == len(RESUMED)
+    left = root / "left" / "sft.py"
+    state = os.path.join(stage.scratch_path(str(left), "partial"), "state.pt")
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == 2 and len(saved["rng"]) == 2  # every process's generators
+    with pytest.raises(SystemExit, match=r"^error: --resume with other settings or inputs than the "
+                                         r"interrupted run \(processes\)"):
+        sft.main(sft.Args(**stage_flags(tiny, "sft.py", left, 4), save_every=2, resume=True))
+    assert torch.load(state, weights_only=True)["step"] == 2 and not left.exists()
 
 
 def test_gradient_checkpointing_changes_neither_the_log_probs_nor_their_gradients(tiny):
@@ -338,8 +387,8 @@ def test_fsdp_in_one_process_is_refused_in_one_line(tiny, tmp_path):
 
 
 def test_stages_that_do_not_split_their_work_refuse_several_processes(tiny, tmp_path, monkeypatch):
-    """extras/rloo.py, extras/online_dpo.py and the toys in one error line under WORLD_SIZE > 1; --resume
-    too."""
+    """extras/rloo.py, extras/online_dpo.py and the toys in one error line under WORLD_SIZE > 1; --resume with
+    --fsdp too (its weights and moments are shards: no state is saved), before any output is made."""
     from extras import online_dpo, rloo
     import toy_categorical
     import toy_gaussian
@@ -353,9 +402,10 @@ def test_stages_that_do_not_split_their_work_refuse_several_processes(tiny, tmp_
     for call in calls:
         with pytest.raises(SystemExit, match="runs in one process: start it with python"):
             call()
-    for main, config in ((sft.main, sft.Args), (dpo.train, dpo.Args), (is_dpo.main, is_dpo.Args)):
-        with pytest.raises(SystemExit, match="--resume works in one process only"):
-            main(config(**({"data": str(tiny / "world"), "out_dir": str(tmp_path / "s")} if main is sft.main
-                           else {"sft_path": str(tiny / "sft"), "runs_dir": str(tmp_path / "runs")}),
-                        resume=True))
+    out, daa = {"out_dir": str(tmp_path / "out")}, {"sft_path": str(tiny / "sft"), "runs_dir": str(tmp_path)}
+    for main, config, flags in ((sft.main, sft.Args, {"data": str(tiny / "world"), **out}),
+                                (reward.main, reward.Args, {"sft_path": str(tiny / "sft"), **out}),
+                                (dpo.train, dpo.Args, daa), (is_dpo.main, is_dpo.Args, daa)):
+        with pytest.raises(SystemExit, match="^error: --resume does not go with --fsdp: its weights and "):
+            main(config(**flags, resume=True, fsdp=True))
     assert not os.listdir(tmp_path)

@@ -86,6 +86,21 @@ def test_win_rate_counts_a_tie_as_half():
     assert evaluate.win_rate([3.0, 1.0], [2.0, 2.0]) == 0.5
 
 
+@pytest.mark.core
+def test_the_papers_strict_win_rate_differs_by_the_ties_half_and_is_not_the_default():
+    """--ties loss (the paper's strict >) against --ties half (the default, unchanged): on scores with ties
+    the two differ by exactly the share of ties times the half a tie counts; without ties they are equal."""
+    rng = np.random.default_rng(0)
+    ours, reference = rng.integers(0, 4, 1000), rng.integers(0, 4, 1000)  # discrete scores: many ties
+    ties = np.mean(ours == reference)
+    half, loss = evaluate.win_rate(ours, reference, "half"), evaluate.win_rate(ours, reference, "loss")
+    assert ties > 0.2 and half - loss == pytest.approx(0.5 * ties, abs=1e-12)
+    assert loss == np.mean(ours > reference)
+    assert evaluate.win_rate(ours, reference) == half and evaluate.Args().ties == "half"
+    continuous = rng.normal(size=100), rng.normal(size=100)
+    assert evaluate.win_rate(*continuous, "loss") == evaluate.win_rate(*continuous) > 0
+
+
 def student_t_cdf(x, df, steps=200_000):
     """P(T <= x) for Student's t, by the trapezoid rule on its density (an independent check of the table)."""
     c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
@@ -317,6 +332,27 @@ def test_one_row_per_checkpoint_step_0_shared_and_a_rerun_adds_nothing(world, ev
     before = (evaluated / "e" / "results.jsonl").read_text()
     evaluate.main(eval_args(world, evaluated))
     assert (evaluated / "e" / "results.jsonl").read_text() == before
+
+
+def test_ties_loss_is_recorded_in_every_row_and_the_summary_and_never_mixed(world, evaluated, tmp_path):
+    """--ties loss on the same samples: each row's win-rate below the default's by a whole number of half-ties
+    (6 prompts; the test above has the ties), the convention in each row's settings and under summary.md's
+    table; evaluating into the default's results file is refused in one line."""
+    evaluate.main(eval_args(world, tmp_path, ties="loss"))
+    half, loss = (rows_by_checkpoint(d / "e" / "results.jsonl") for d in (evaluated, tmp_path))
+    assert half.keys() == loss.keys()
+    for key, row in loss.items():
+        assert row["settings"]["ties"] == "loss"
+        assert half[key]["settings"] == {**row["settings"], "ties": "half"}
+        assert row["true_score"] == half[key]["true_score"] and row["example"] == half[key]["example"]
+        gap = (half[key]["win_rate"] - row["win_rate"]) * 2 * 6  # ties among the 6 prompts
+        assert gap == pytest.approx(round(gap), abs=1e-9) and round(gap) >= 0
+    summary = (tmp_path / "e" / "summary.md").read_text()
+    assert summary.startswith("| method |")
+    assert summary.endswith("win-rate: a tie counts as a loss (the paper's >)\n")
+    assert "win-rate: a tie with the reference counts half" in (evaluated / "e" / "summary.md").read_text()
+    with pytest.raises(SystemExit, match=r"rows evaluated with other settings \(ties\)"):
+        evaluate.main(eval_args(world, evaluated, ties="loss"))
 
 
 def test_step_0_alone_equals_the_shared_row(world, evaluated, tmp_path):
