@@ -35,7 +35,7 @@ LAST = 3  # a run's win-rate at a point of training: the mean of LAST checkpoint
 
 def window(run, key="win_rate"):
     """The means of `key` over every LAST checkpoints in a row of a run (fewer if the run has fewer)."""
-    x, k = np.array([r[key] for r in run], dtype=float), min(LAST, len(run))
+    x, k = np.array([r.get(key, np.nan) for r in run], dtype=float), min(LAST, len(run))  # nan: not measured
     return np.convolve(x, np.ones(k) / k, mode="valid")
 
 
