@@ -9,6 +9,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 VOCAB, PAD, EOS = 29, 0, 1
+# -log sigmoid(m) = log(1 + e^-m) and sigmoid(-m) = 1 / (1 + e^m) at the margins m the tests use, each
+# computed once to 40 digits (mpmath) and rounded to a float: log(1 + e^0) = log 2, log(1 + e^4) = 4 +
+# log(1 + e^-4)
+SOFTPLUS = {-4: 4.0181499279178094, -2: 2.1269280110429727, -1: 1.3132616875182228, -0.5: 0.9740769841801067,
+            0: 0.6931471805599453, 0.5: 0.4740769841801067, 1: 0.3132616875182228, 2: 0.1269280110429725,
+            4: 0.01814992791780974}
+SIGMOID = {-4: 0.9820137900379085, -2: 0.8807970779778824, -1: 0.7310585786300049, -0.5: 0.6224593312018546,
+           0: 0.5, 0.5: 0.37754066879814546, 1: 0.2689414213699951, 2: 0.11920292202211756,
+           4: 0.01798620996209156}
 
 
 def neox_config(vocab, hidden, layers, pad):

@@ -1,5 +1,5 @@
 """Exercise 2: reward.bradley_terry_loss (METHOD.md, section 4): mean over pairs of
--log sigmoid(R(x, y_w) - R(x, y_l)), computed stably. Graded by values at known margins (written out below),
+-log sigmoid(R(x, y_w) - R(x, y_l)), computed stably. Graded by values at known margins (graded_common.py),
 properties (swapping chosen and rejected, a constant added to every score, the mean over pairs), the gradient
 at known margins and by finite differences, and margins of hundreds."""
 import math
@@ -7,15 +7,9 @@ import math
 import torch
 
 import reward
+from course.graded import graded_common as common
 
-# -log sigmoid(m) = log(1 + e^-m) and sigmoid(-m) = 1 / (1 + e^m) at the margins m used below, each computed
-# once to 40 digits (mpmath) and rounded to a float: log(1 + e^0) = log 2, log(1 + e^4) = 4 + log(1 + e^-4)
-SOFTPLUS = {-4: 4.0181499279178094, -2: 2.1269280110429727, -1: 1.3132616875182228, -0.5: 0.9740769841801067,
-            0: 0.6931471805599453, 0.5: 0.4740769841801067, 1: 0.3132616875182228, 2: 0.1269280110429725,
-            4: 0.01814992791780974}
-SIGMOID = {-4: 0.9820137900379085, -2: 0.8807970779778824, -1: 0.7310585786300049, -0.5: 0.6224593312018546,
-           0: 0.5, 0.5: 0.37754066879814546, 1: 0.2689414213699951, 2: 0.11920292202211756,
-           4: 0.01798620996209156}
+SOFTPLUS, SIGMOID = common.SOFTPLUS, common.SIGMOID  # -log sigmoid(m), sigmoid(-m) at margins m
 MARGINS = {0: (-4, -2, -1, 0, 0.5, 1, 2, 4), 1: (0, 0, 0, 0, 0, 0), 2: (2, -0.5, 1, -4, 4, -1, 0.5, 2, -2, 0)}
 
 
