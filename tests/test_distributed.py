@@ -35,7 +35,9 @@ RESUMED = ("sft.py", "reward.py", "dpo.py")
 # stage. An entry that must fail prints its error line and the next one runs; "unsynced" runs the stage
 # with stage.parallel's module replaced by the bare Forward: no DDP, so no gradient is ever averaged;
 # "stopped" stops every process as Ctrl-C would, at step 3 just after its save_state (a state saved at 2).
-# Every file a process renames into place as the reference log-probs is reported with its rank.
+# Every file a process renames into place as the reference log-probs is reported with its rank. torchrun
+# writes each process's stdout and stderr into files of their own (--log_dir, --redirects): a test reads
+# each process's lines whole, never cut by the other's.
 DRIVER = """
 import json, os, runpy, sys
 import torch
@@ -152,14 +154,21 @@ def torchrun_entries(tiny, root):
         [(argv("sft.py", flags("left", "sft.py", save_every=2)), "stopped")]
 
 
+def process_output(logs, rank):
+    """What one process of the torchrun command printed: its stdout, then its stderr (torchrun's files)."""
+    return "".join(path.read_text() for name in ("stdout", "stderr")
+                   for path in sorted(logs.glob(f"*/attempt_*/{rank}/{name}.log")))
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     """The torchrun command (DRIVER, torchrun_entries); meanwhile, in this process, every stage with
-    --batch_size 8 ("one"). Returns (root, the command's output)."""
+    --batch_size 8 ("one"). Returns (root, {rank: what that process printed})."""
     root = tmp_path_factory.mktemp("runs")
     entries = torchrun_entries(tiny, root)
     (root / "driver.py").write_text(DRIVER)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--log_dir", str(root / "logs"), "--redirects", "3"]  # each process's streams: files apart
     two = subprocess.Popen(torchrun + [root / "driver.py", json.dumps(entries)], cwd=ROOT, text=True,
                            env=cli_env(root / "hf"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -172,8 +181,10 @@ def runs(tiny, tmp_path_factory):
         out, _ = two.communicate(timeout=300)
     finally:
         two.kill()
-    assert two.returncode == 0, out[-4000:]
-    return root, out
+    outs = {rank: process_output(root / "logs", rank) for rank in (0, 1)}
+    assert two.returncode == 0, out[-2000:] + "".join(f"\n--- rank {r}: {o[-3000:]}" for r, o in outs.items())
+    assert len(list((root / "logs").glob("*/attempt_*/*/std*.log"))) == 4  # one stdout, one stderr a process
+    return root, outs
 
 
 def output_dir(out, script):
@@ -245,14 +256,14 @@ def test_two_processes_write_what_one_process_writes_with_the_same_global_batch(
 def test_only_the_main_process_writes_the_reference_log_probs_and_every_process_reads_them(runs):
     """Under torchrun the reference log-probs are computed in shards and saved by --reference_only's main
     process alone; a later run on the same pairs reads them on every process; a training run writes none."""
-    root, out = runs
-    assert not re.findall(r"rank 1: wrote", out)
-    wrote = re.findall(r"rank 0: wrote (\S+)", out)
+    root, outs = runs  # each process's lines apart: the other's never cut one
+    assert not re.findall(r"rank 1: wrote", outs[1])
+    wrote = re.findall(r"rank 0: wrote (\S+)", outs[0])
     saved = [(name, script) for name in ("two", "fsdp") for script in DAA]
     assert sorted(wrote) == sorted(str(reference_file(root, name, script)) for name, script in saved)
-    for name, script in saved:
-        assert f"reference log-probs: read from {reference_file(root, name, script)}" in out
-    assert out.count("reference log-probs: read from") == len(saved)
+    for name, script in saved:  # the main process prints (the others' stdout is /dev/null)
+        assert f"reference log-probs: read from {reference_file(root, name, script)}\n" in outs[0]
+    assert outs[0].count("reference log-probs: read from") == len(saved)
     assert not reference_file(root, "unsynced", "dpo.py").exists()
 
 
@@ -269,16 +280,17 @@ def test_processes_that_do_not_average_their_gradients_write_another_run(runs):
 def test_the_processes_keep_their_group_and_their_world_from_stage_to_stage(runs):
     """Several stages in one interpreter (DRIVER): after each, on both processes, the process group is up
     and stage.WORLD is this process's; a stage's one-line error stops that stage only, before it writes."""
-    root, out = runs
-    for rank in (0, 1):  # (a line may follow the other process's progress bar on the same line)
+    root, outs = runs
+    for rank in (0, 1):  # (a line may follow this process's progress bar on the same line)
         world = rf"World\(rank={rank}, size=2, local_rank={rank}\)"
-        done = re.findall(rf"rank {rank}: (\S+) (\S+) -> {world}", out)
+        done = re.findall(rf"rank {rank}: (\S+) (\S+) -> {world}", outs[rank])
         assert done == [("sft.py", "synced"), ("reward.py", "synced"), ("dpo.py", "fails"),
                         ("dpo.py", "reference"), ("dpo.py", "synced"), ("is_dpo.py", "reference"),
                         ("is_dpo.py", "synced"), ("dpo.py", "unsynced")] + \
             [(script, "reference") for script in DAA] + [(script, "fsdp") for script in STAGES] + \
             [(script, how) for script in RESUMED for how in ("stopped", "synced")] + [("sft.py", "stopped")]
-        assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the 48" in out
+        assert f"rank {rank}: dpo.py stopped: error: --batch_size 40 x 2 processes is more than the 48" in \
+            outs[rank]
     assert not (root / "too_big").exists()
     assert os.listdir(root / "data" / "too_big" / "dpo.py") == ["train.jsonl"]
 
@@ -289,10 +301,10 @@ def test_two_processes_stopped_after_a_saved_state_and_resumed_write_the_run_nev
     every process reads the state of step 2 (its own generators, the shared weights, AdamW moments, schedule
     and data order), the main process cuts the log back to step 2, and the run ends where the 2-process run
     never stopped ("two") ends: the same train_log and weights, to float rounding."""
-    root, out = runs
+    root, outs = runs
     assert re.search(rf"rank 0: {script} stopped: error: stopped by Ctrl-C or SIGTERM; \S+partial keeps the "
-                     "last saved state: the same command with --resume continues it", out)
-    assert re.search(rf"rank 1: {script} stopped: error: stopped by Ctrl-C or SIGTERM\n", out)
+                     "last saved state: the same command with --resume continues it", outs[0])
+    assert re.search(rf"rank 1: {script} stopped: error: stopped by Ctrl-C or SIGTERM\n", outs[1])
     a, b = (output_dir(root / name / script, script) for name in ("two", "resumed"))
     assert differences(a, b, script) == []
     assert [row["step"] for row in read_log(b)] == [row["step"] for row in read_log(a)] == [1, 2, 3] + \
@@ -303,8 +315,8 @@ def test_two_processes_stopped_after_a_saved_state_and_resumed_write_the_run_nev
 def test_the_state_of_two_processes_is_not_resumed_by_one(tiny, runs):
     """A global batch is --batch_size x processes: the state left by 2 processes, resumed by one process with
     the same flags, is refused in one line naming the processes, and kept."""
-    root, out = runs
-    assert out.count("resumed from the state saved at step 2") == len(RESUMED)
+    root, outs = runs
+    assert outs[0].count("resumed from the state saved at step 2") == len(RESUMED)
     left = root / "left" / "sft.py"
     state = os.path.join(stage.scratch_path(str(left), "partial"), "state.pt")
     saved = torch.load(state, weights_only=True)
