@@ -234,7 +234,7 @@ def train(args, weigh=None, method=None):
     """The DAA loop. weigh(args, logps, rows, model) -> (w [B], stats) weighs each pair's loss (is_dpo.py;
     model, the policy being trained, for a weight of its own distributions: extras/wpo.py)."""
     check(args)
-    world = stage.init_distributed(args)
+    world = stage.init_distributed()
     stage.seed_everything(args.seed)
     device, autocast = stage.device_and_autocast(args.precision, args.threads)
     name = args.run_name or f"{method or args.loss_type}_beta{args.beta:g}_seed{args.seed}"

@@ -227,8 +227,7 @@ def eval_settings(args, rows):
     gold = f"{os.path.realpath(args.gold_path)} (run {(stage.read_marker(args.gold_path) or {}).get('run')})"
     return {"num_prompts": len(rows), "kl_prompts": args.kl_prompts, "temperature": args.temperature,
             "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len,
-            "seed": args.seed, "ties": args.ties,
-            "judge": gold if args.judge == "rm" else "the true scorer",
+            "seed": args.seed, "ties": args.ties, "judge": gold if args.judge == "rm" else "the true scorer",
             "data": hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16],
             "kl_ref": os.path.realpath(args.sft_path) if args.sft_path else "each run's sft_path"}
 

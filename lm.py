@@ -1,9 +1,7 @@
-"""
-lm.py -- the language model every stage shares: 1. rows of local JSON lines in one form ({prompt,
+"""lm.py -- the language model every stage shares: 1. rows of local JSON lines in one form ({prompt,
 completion}, {prompt, chosen, rejected} or {prompt, reference}, any text column C's token ids as C_ids where
 known); 2. token ids; 3. batches and log pi(y|x), by its definition, then the fused gather training runs,
-tested equal; 4. models, float32 master weights; 5. sampling.
-"""
+tested equal; 4. models, float32 master weights; 5. sampling."""
 import json
 import math
 import os

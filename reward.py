@@ -271,7 +271,7 @@ def main(args):
     args.out_dir = args.out_dir or ("out/gold_rm" if args.mode == "train" else "out/prefs")
     if not os.path.isdir(args.sft_path):
         fail(f"--sft_path {args.sft_path} not found (run sft.py first)")
-    stage.init_distributed(args)
+    stage.init_distributed()
     stage.seed_everything(args.seed)
     device, autocast = stage.device_and_autocast(args.precision, args.threads)
     (train if args.mode == "train" else label)(args, device, autocast)

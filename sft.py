@@ -127,7 +127,7 @@ def main(args):
         "val_size", "warmup_steps", "weight_decay", "num_sample_eval", "save_every"))
     inputs = [args.data, args.tokenizer_path, args.model_name_or_path]
     stage.check_output(args.out_dir, "sft", inputs)  # before any work: an output not to replace is refused
-    world = stage.init_distributed(args)
+    world = stage.init_distributed()
     stage.seed_everything(args.seed)
     device, autocast = stage.device_and_autocast(args.precision, args.threads)
     tokenizer, train, val = load_examples(args)

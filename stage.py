@@ -76,13 +76,10 @@ class World:
 WORLD = World()
 
 
-def init_distributed(args=None):
-    """Join the processes torchrun started (RANK, WORLD_SIZE, LOCAL_RANK): NCCL between GPUs, gloo between
-    CPU processes. args: a stage's flags (--resume, --fsdp: save_state keeps no shards)."""
+def init_distributed():
+    """Join torchrun's processes (RANK, WORLD_SIZE, LOCAL_RANK): NCCL between GPUs, gloo between CPU ones."""
     global WORLD
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and getattr(args, "resume", False) and getattr(args, "fsdp", False):
-        fail("--resume does not go with --fsdp: its weights and moments are shards, and no state is saved")
     if size > 1 and not torch.distributed.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
@@ -360,7 +357,7 @@ class Output:
     """A stage's output directory, never half written and never lost. One writer: a lock on .<name>.lock
     (take_lock). The stage writes into .<name>.partial; publish() renames the old output aside, the new one
     in, then deletes the old (a kill in between leaves the old beside it, and the next run puts it back). A
-    partial copy holding a saved state (state.pt) is kept: --resume continues it.
+    partial copy holding a saved state (state.pt; --fsdp's shards: state-<step>/) is kept for --resume.
     Every output holds MARKER: {stage, run, record}."""
 
     def __init__(self, out_dir, stage, inputs=(), resume=False, record=None):
@@ -411,9 +408,9 @@ class Output:
         save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run, "record": record})
 
     def publish(self):
-        for name in ("state.pt", "state.pt.tmp"):  # for --resume only, not part of the output
-            with suppress(FileNotFoundError):
-                os.remove(os.path.join(self.work, name))
+        for name in os.listdir(self.work):  # --resume's state.pt (and --fsdp's state-<step>/): not output
+            if name.startswith(("state.pt", "state-")):
+                (shutil.rmtree if os.path.isdir(path := os.path.join(self.work, name)) else os.remove)(path)
         if os.path.lexists(self.out_dir):
             os.replace(self.out_dir, self.aside)
         os.replace(self.work, self.out_dir)
@@ -488,17 +485,21 @@ def save_whole(obj, path):
 
 def save_state(work, args, step, total, model, optimizer, scheduler, order, cursor, scaler):
     """Weights, AdamW, schedule, loss scale, data order, log size, each process's RNGs: main writes it."""
-    if getattr(args, "fsdp", False) or not args.save_every or step % args.save_every or step == total:
+    if not args.save_every or step % args.save_every or step == total:
         return
     numpy_rng = np.random.get_state()
     rng = unshard([{"python": random.getstate(), "torch": torch.get_rng_state(),  # a list by rank
                     "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}])
+    state = {"step": step, "order": order, "cursor": cursor, "rng": rng, "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(),
+             "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl"))}
+    if args.fsdp:  # every process writes its shards of the weights and AdamW moments; state.pt names them
+        from scale.fsdp import save_shards
+        return save_shards(work, step, model, optimizer, state)
     if WORLD.main:
-        save_whole({"step": step, "order": order, "cursor": cursor, "rng": rng, "model": model.state_dict(),
-                    "log_bytes": os.path.getsize(os.path.join(work, "train_log.jsonl")),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.is_enabled() and scaler.state_dict()}, os.path.join(work, "state.pt"))
+        save_whole({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                   os.path.join(work, "state.pt"))
 
 
 def restore_state(work, args, model, optimizer, scheduler, scaler):
@@ -510,17 +511,19 @@ def restore_state(work, args, model, optimizer, scheduler, scaler):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torn by a full disk
         fail(f"could not read the saved state {path} ({type(e).__name__}): remove {work} to start over")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if "shards" in state:  # --fsdp: every process reads its shards of the weights and AdamW moments
+        from scale.fsdp import load_shards
+        load_shards(os.path.join(work, state["shards"]), model, optimizer)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
+    scaler.load_state_dict(state["scaler"])  # nothing to load, and nothing done, without fp16
     rng = state["rng"][WORLD.rank]
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    torch.cuda.set_rng_state_all(rng["cuda"])  # [] on the CPU: nothing
     if WORLD.main:  # every process reads the state, the main one writes the log
         with open(os.path.join(work, "train_log.jsonl"), "r+b") as f:
             f.truncate(state["log_bytes"])  # the rows of steps after the save are written again
