@@ -30,6 +30,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402
 import stage  # noqa: E402
 
 
@@ -72,9 +73,8 @@ def main(argv=None):
     if not runs:
         stage.fail(f"no run directory (with args.json) matches --runs {cli.runs!r}: run bash run.sh first")
     kl = {}  # run directory name -> KL of its last evaluated checkpoint
-    if os.path.isfile(cli.results):
-        for row in sorted(map(json.loads, open(cli.results)), key=lambda r: r["step"]):
-            kl[row["run"]] = row["kl"]
+    for row in sorted(evaluate.read_results(cli.results), key=lambda r: r["step"]):
+        kl[row["run"]] = row["kl"]
     keys = ["net", "path", "straight", "cos", "late/early", "grad_cv", "ess", "w", "KL/net"]
     groups = {}
     for run in runs:
