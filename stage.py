@@ -5,6 +5,7 @@ seeds and devices, the optimizer step and its schedule, outputs that never lose 
 import dataclasses
 import fcntl
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -408,9 +409,8 @@ class Output:
         save_json(os.path.join(self.work, MARKER), {"stage": stage, "run": self.run, "record": record})
 
     def publish(self):
-        for name in os.listdir(self.work):  # --resume's state.pt (and --fsdp's state-<step>/): not output
-            if name.startswith(("state.pt", "state-")):
-                (shutil.rmtree if os.path.isdir(path := os.path.join(self.work, name)) else os.remove)(path)
+        for path in glob.glob(os.path.join(self.work, "state[.-]*")):  # state.pt, --fsdp's state-<step>/
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)  # for --resume, not output
         if os.path.lexists(self.out_dir):
             os.replace(self.out_dir, self.aside)
         os.replace(self.work, self.out_dir)

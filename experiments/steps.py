@@ -21,7 +21,6 @@ Per method and beta, mean ± std over seeds (one row a run with --by_run):
 """
 import argparse
 import glob
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
+import lm  # noqa: E402
 import stage  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def measure(run, kl=None):
     net = float((thetas[-1] - thetas[0]).norm())
     cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(steps, steps[1:])]
     sizes, half = [float(s.norm()) for s in steps], len(steps) // 2
-    log = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
+    log = lm.read_jsonl(os.path.join(run, "train_log.jsonl"))
     grads = np.array([row["grad_norm"] for row in log[-max(1, len(log) // 3):]])
     late = log[-20:]
     path = sum(sizes)

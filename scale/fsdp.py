@@ -9,6 +9,8 @@ import shutil
 
 import torch
 
+import stage
+
 
 def shard_model(module):
     """module: stage.Forward(fn, model). Each transformer layer, then the whole, is sharded: each process
@@ -40,8 +42,6 @@ def save_shards(work, step, model, optimizer, state):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    import stage
-
     name = f"state-{step}"
     if stage.WORLD.main:  # a torn copy, written by a run stopped before its state.pt named it
         shutil.rmtree(os.path.join(work, name), ignore_errors=True)
@@ -63,8 +63,6 @@ def load_shards(path, model, optimizer):
     """Each process reads its own shards of the weights and AdamW moments from path (save_shards wrote it)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    import stage
 
     weights, moments = get_state_dict(model, optimizer)  # the shards' layout (AdamW's moments made first)
     shards = {"model": weights, "optimizer": moments}
