@@ -38,6 +38,7 @@ class Args:
     data: str = field(default="out/prefs", metadata={"help": "pairs: train.jsonl or its directory"})
     loss_type: str = field(default="dpo", metadata={"help": "dpo | dpo_norm | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "dpo: P(a label is wrong): cDPO (toy: 0.3)"})
     ipo_form: str = field(default="summed", metadata={"help": "ipo: summed (Azar et al.) | per_token (TRL)"})
     rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the chosen's NLL (x beta)"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length gap |y_w| - |y_l|"})
@@ -144,8 +145,9 @@ def chipo_isdaa_loss(pi_w, pi_l, ref_w, ref_l, beta, clip):
 
 def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
     """Per-pair losses [B] of --loss_type, and what is worth logging (implicit rewards beta * r(y))."""
-    if args.loss_type == "dpo":
-        losses = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
+    if args.loss_type == "dpo":  # label_smoothing eps: the expected loss if a label is wrong w.p. eps
+        losses = ((1 - args.label_smoothing) * dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
+                  + args.label_smoothing * dpo_loss(pi_l, pi_w, ref_l, ref_w, args.beta))
     elif args.loss_type == "dpo_norm":
         losses = dpo_norm_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta)
     elif args.loss_type == "ipo":
@@ -220,6 +222,8 @@ def check(args):
                                      "chipo_clip", "chipo_rmax", "max_prompt_len", "max_response_len",
                                      "num_checkpoints"),
                      non_negative=("rpo_eta", "warmup_steps", "save_every", "logit_chunk"))
+    if not 0 <= args.label_smoothing < 0.5 or args.label_smoothing and args.loss_type != "dpo":
+        fail(f"--label_smoothing is in [0, 0.5) and goes with --loss_type dpo, got {args.label_smoothing}")
     if args.ipo_form not in ("summed", "per_token") or args.chipo_form not in ("huang", "isdaa"):
         fail(f"--ipo_form is summed or per_token, --chipo_form huang or isdaa: got {args.ipo_form!r}, "
              f"{args.chipo_form!r}")
