@@ -90,8 +90,7 @@ if (( FROM <= 5 )); then
   # --max_prompt_len/--max_response_len in DAA_FLAGS computes its own)
   $PY dpo.py --reference_only --sft_path "$OUT/sft" --data "$OUT/prefs" --threads "$JOBS"  # alone: every core
   say "5/8 DAA runs {$RUNS} x seeds {$SEEDS} ($JOBS at a time, one thread each; logs in $OUT/logs)"
-  # the toy's labels are trusted with probability 0.7 (cDPO): DPO's optimum is then finite, 1/beta out
-  common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --threads 1 --label_smoothing 0.3"
+  common="--sft_path $OUT/sft --data $OUT/prefs --runs_dir $OUT/runs --threads 1"
   jobs_file="$OUT/logs/jobs.txt"
   : > "$jobs_file"
   for seed in $SEEDS; do
