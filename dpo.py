@@ -38,6 +38,7 @@ class Args:
     data: str = field(default="out/prefs", metadata={"help": "pairs: train.jsonl or its directory"})
     loss_type: str = field(default="dpo", metadata={"help": "dpo | dpo_norm | ipo | rpo | rdpo | chipo"})
     beta: float = field(default=0.01, metadata={"help": "KL strength (paper: 0.01, 0.05, 0.1)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "dpo: P(a label is wrong): cDPO (0: DPO)"})
     ipo_form: str = field(default="summed", metadata={"help": "ipo: summed (Azar et al.) | per_token (TRL)"})
     rpo_eta: float = field(default=0.005, metadata={"help": "rpo: weight of the chosen's NLL (x beta)"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "rdpo: weight of the length gap |y_w| - |y_l|"})
@@ -69,8 +70,7 @@ class Args:
     keep_dropout: bool = field(default=False, metadata={"help": "keep pi_ref's dropout (default: all off)"})
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. the pairs
+# --- 1. the pairs -----------------------------------------------------------------------------
 
 
 def load_pairs(args, tokenizer):
@@ -85,9 +85,9 @@ def load_pairs(args, tokenizer):
     return rows, list(zip(chosen, rejected))
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. the losses (METHOD.md, section 5). Inputs per pair, [B]: summed log-probs under the policy (pi_*) and
-# the reference (ref_*) of the chosen (w) and rejected (l) response, and their lengths. Each returns [B].
+# --- 2. the losses (METHOD.md, section 5) -----------------------------------------------------
+# Inputs per pair, [B]: summed log-probs under the policy (pi_*) and the reference (ref_*) of the chosen
+# (w) and rejected (l) response, and their lengths. Each returns [B].
 
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
@@ -144,8 +144,9 @@ def chipo_isdaa_loss(pi_w, pi_l, ref_w, ref_l, beta, clip):
 
 def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
     """Per-pair losses [B] of --loss_type, and what is worth logging (implicit rewards beta * r(y))."""
-    if args.loss_type == "dpo":
-        losses = dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
+    if args.loss_type == "dpo":  # label_smoothing eps: the expected loss if a label is wrong w.p. eps
+        losses = ((1 - args.label_smoothing) * dpo_loss(pi_w, pi_l, ref_w, ref_l, args.beta)
+                  + args.label_smoothing * dpo_loss(pi_l, pi_w, ref_l, ref_w, args.beta))
     elif args.loss_type == "dpo_norm":
         losses = dpo_norm_loss(pi_w, pi_l, ref_w, ref_l, len_w, len_l, args.beta)
     elif args.loss_type == "ipo":
@@ -167,13 +168,13 @@ def daa_losses(args, pi_w, pi_l, ref_w, ref_l, len_w, len_l):
     return losses, stats
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. log pi_ref of every pair: pi_ref is where the policy starts, so they are taken once, before training;
-# `dpo.py --reference_only` saves them beside the pairs for every run that trains from that pi_ref on them
+# --- 3. log pi_ref of every pair --------------------------------------------------------------
+# pi_ref is where the policy starts, so they are taken once, before training; `dpo.py --reference_only`
+# saves them beside the pairs for every run that trains from that pi_ref on them
 
 
 def read_reference(path, key, n):
-    """The saved log-probs if `path` holds them for `key` (n finite numbers each, checksum intact)."""
+    """The saved log-probs if `path` holds them for `key` (n finite numbers each, checksum intact) or None."""
     try:
         saved = torch.load(path, weights_only=True)
         logps = saved["logps"]
@@ -181,8 +182,7 @@ def read_reference(path, key, n):
                 saved["sha256"] == hashlib.sha256(torch.stack(logps).numpy().tobytes()).hexdigest():
             return logps
     except Exception:  # missing, torn, foreign: computed again
-        pass
-    return None
+        return None
 
 
 @torch.no_grad()
@@ -209,8 +209,7 @@ def reference_logps(args, forward, pairs, pad_id, device):
     return logps[0], logps[1]
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. training
+# --- 4. training ------------------------------------------------------------------------------
 
 
 def check(args):
@@ -220,9 +219,10 @@ def check(args):
                                      "chipo_clip", "chipo_rmax", "max_prompt_len", "max_response_len",
                                      "num_checkpoints"),
                      non_negative=("rpo_eta", "warmup_steps", "save_every", "logit_chunk"))
+    if not 0 <= args.label_smoothing < 0.5 or args.label_smoothing and args.loss_type != "dpo":
+        fail(f"--label_smoothing is in [0, 0.5) and goes with --loss_type dpo, got {args.label_smoothing}")
     if args.ipo_form not in ("summed", "per_token") or args.chipo_form not in ("huang", "isdaa"):
-        fail(f"--ipo_form is summed or per_token, --chipo_form huang or isdaa: got {args.ipo_form!r}, "
-             f"{args.chipo_form!r}")
+        fail(f"--ipo_form summed|per_token, --chipo_form huang|isdaa: got {args.ipo_form}, {args.chipo_form}")
     if args.run_name in (".", "..") or os.sep in args.run_name:
         fail(f"--run_name must be a plain name (no {os.sep}), got {args.run_name!r}")
     if not os.path.isdir(args.sft_path):

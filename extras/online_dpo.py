@@ -56,7 +56,7 @@ def online_dpo_step(args, run, prompts, sampler=labelled_pairs):
         pi_w, pi_l, len_w, len_l = lm.pair_logps(run.model, pairs, pad, run.device, args.logit_chunk)
         with torch.no_grad():
             ref_w, ref_l, _, _ = lm.pair_logps(run.ref, pairs, pad, run.device, args.logit_chunk)
-    loss_args = types.SimpleNamespace(loss_type="dpo", beta=args.beta)
+    loss_args = types.SimpleNamespace(loss_type="dpo", beta=args.beta, label_smoothing=0.0)
     losses, stats = dpo.daa_losses(loss_args, pi_w, pi_l, ref_w, ref_l, len_w, len_l)
     return losses.mean(), {**stats, "pairs": len(pairs)}
 

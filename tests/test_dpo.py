@@ -57,6 +57,36 @@ def test_losses_by_hand():
     assert delta == 5
 
 
+@pytest.mark.core
+def test_label_smoothing_is_the_expected_dpo_loss_over_wrong_labels():
+    """cDPO: with probability eps a label is wrong; the loss is DPO's expectation over the two labels.
+    Against the formula by hand, against DPO on the swapped pair, and its optimum in closed form:
+    the loss of one pair is least where beta * Delta = log((1 - eps) / eps), 1/beta further out at a
+    smaller beta (hard labels, eps = 0: no finite optimum)."""
+    delta = (PI_W - REF_W) - (PI_L - REF_L)  # 5
+    for eps in (0.1, 0.3):
+        smoothed = loss_of("dpo", label_smoothing=eps)[0]
+        assert smoothed == pytest.approx(-(1 - eps) * math.log(sig(0.5)) - eps * math.log(sig(-0.5)))
+        assert smoothed == pytest.approx((1 - eps) * loss_of("dpo")[0] + eps * -math.log(sig(-0.1 * delta)))
+        assert smoothed > loss_of("dpo")[0]  # a wrong label here costs more than a right one gains
+    assert loss_of("dpo", label_smoothing=0.0)[0] == loss_of("dpo")[0]  # the default is DPO exactly
+    for beta, eps in ((0.1, 0.3), (0.01, 0.3), (0.1, 0.2)):
+        optimum = math.log((1 - eps) / eps) / beta  # Delta where d loss / d Delta = 0
+        args = dpo.Args(beta=beta, label_smoothing=eps)
+        margins = torch.tensor([optimum - 1, optimum, optimum + 1], dtype=torch.float64, requires_grad=True)
+        zero = torch.zeros(3, dtype=torch.float64)
+        losses, _ = dpo.daa_losses(args, margins, zero, zero, zero, zero, zero)
+        grad, = torch.autograd.grad(losses.sum(), margins)
+        assert grad[0] < 0 and abs(grad[1]) < 1e-12 and grad[2] > 0
+        numeric = (loss_of_margin(args, optimum + 1e-4) - loss_of_margin(args, optimum - 1e-4)) / 2e-4
+        assert abs(numeric) < 1e-7
+
+
+def loss_of_margin(args, margin):
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    return dpo.daa_losses(args, t(margin), t(0.0), t(0.0), t(0.0), t(1), t(1))[0].item()
+
+
 # ---------------------------------------------------------------------------------------------
 # importance weights
 
@@ -319,6 +349,9 @@ def test_is_dpo_runs_and_logs_weights(tmp_path_factory, tiny_world, flags):
     ("dpo", {"batch_size": 0}, "--batch_size"),
     ("is_dpo", {"behaviour_logps": True, "data": "WORLD"}, "chosen_behaviour_logp"),
     ("dpo", {"num_checkpoints": 0}, "--num_checkpoints"),
+    ("dpo", {"label_smoothing": 0.5}, "--label_smoothing"),
+    ("dpo", {"label_smoothing": -0.1}, "--label_smoothing"),
+    ("dpo", {"label_smoothing": 0.2, "loss_type": "ipo"}, "--label_smoothing"),
     ("is_dpo", {"weight": "clipped", "log_w_max": -50.0}, "--log_w_max"),
 ])
 def test_bad_input_gives_one_line(tiny_world, script, flags, message):
