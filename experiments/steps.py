@@ -20,7 +20,6 @@ Per method and beta, mean ± std over seeds (one row a run with --by_run):
              for each unit the weights moved
 """
 import argparse
-import glob
 import os
 import sys
 
@@ -42,16 +41,16 @@ def flat(checkpoint):
 
 
 def measure(run, kl=None):
-    """One run directory -> {net, path, straight, cos, late/early, grad_cv, ess, w, KL/net}."""
-    checkpoints = sorted(glob.glob(os.path.join(run, "ckpt-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
-    if len(checkpoints) < 3:
-        stage.fail(f"{run} holds {len(checkpoints)} checkpoints: at least 3 are needed (ckpt-0 and two more)")
-    thetas = [flat(c) for c in checkpoints]
+    """One evaluate.Run (its directory, args.json and checkpoints by step) -> {net, path, straight, cos,
+    late/early, grad_cv, ess, w, KL/net}."""
+    if len(run.checkpoints) < 3:
+        stage.fail(f"{run.dir} holds {len(run.checkpoints)} checkpoints; steps.py needs ckpt-0 and two more")
+    thetas = [flat(directory) for _, directory in run.checkpoints]
     steps = [b - a for a, b in zip(thetas, thetas[1:])]
     net = float((thetas[-1] - thetas[0]).norm())
     cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(steps, steps[1:])]
     sizes, half = [float(s.norm()) for s in steps], len(steps) // 2
-    log = lm.read_jsonl(os.path.join(run, "train_log.jsonl"))
+    log = lm.read_jsonl(os.path.join(run.dir, "train_log.jsonl"))
     grads = np.array([row["grad_norm"] for row in log[-max(1, len(log) // 3):]])
     late = log[-20:]
     path = sum(sizes)
@@ -69,17 +68,15 @@ def main(argv=None):
     parser.add_argument("--results", default="out/eval/results.jsonl", help="evaluate.py's rows (for the KL)")
     parser.add_argument("--by_run", action="store_true", help="one row a run, not a mean over seeds")
     cli = parser.parse_args(argv)
-    runs = sorted(r for r in glob.glob(cli.runs) if os.path.isfile(os.path.join(r, "args.json")))
-    if not runs:
-        stage.fail(f"no run directory (with args.json) matches --runs {cli.runs!r}: run bash run.sh first")
+    runs = evaluate.find_runs(cli.runs)  # the run directories, their args.json and checkpoints; else an error
     kl = {}  # run directory name -> KL of its last evaluated checkpoint
     for row in sorted(evaluate.read_results(cli.results), key=lambda r: r["step"]):
         kl[row["run"]] = row["kl"]
     keys = ["net", "path", "straight", "cos", "late/early", "grad_cv", "ess", "w", "KL/net"]
     groups = {}
     for run in runs:
-        name = os.path.basename(run)
-        label = name if cli.by_run else name.rsplit("_seed", 1)[0]
+        name = run.args["run_name"]
+        label = name if cli.by_run else f"{run.args['method']}_beta{run.args['beta']:g}"
         groups.setdefault(label, []).append(measure(run, kl.get(name)))
         print(f"measured {name}", file=sys.stderr)
     print("| run | seeds | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))

@@ -20,19 +20,27 @@ POINTS = [(1.0, -1.0), (4.0, 3.0), (4.0, 5.0), (-2.0, 13.0)]
 
 def make_run(root, name, grad_norms=(5, 5, 5, 5, 5, 5, 1, 2, 3), weights=False, scale=1.0):
     run = root / name
-    for k, (a, b) in enumerate(POINTS):  # two tensors: the flattening must take both
-        (run / f"ckpt-{10 * k}").mkdir(parents=True)
+    for k, (a, b) in enumerate(POINTS):  # two tensors; steps 0 9 18 27: ckpt-9 sorts last as text
+        (run / f"ckpt-{9 * k}").mkdir(parents=True)
+        (run / f"ckpt-{9 * k}" / "config.json").write_text("{}")  # what evaluate.find_runs looks for
         save_file({"b.weight": torch.tensor([b * scale]), "a.weight": torch.tensor([a * scale])},
-                  str(run / f"ckpt-{10 * k}" / "model.safetensors"))
+                  str(run / f"ckpt-{9 * k}" / "model.safetensors"))
     rows = [{"step": i + 1, "grad_norm": g, **({"ess": 8.0, "weight_mean": 0.25} if weights else {})}
             for i, g in enumerate(grad_norms)]
     (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "args.json").write_text("{}")
+    method, beta, seed = name.replace("_beta", "_seed").split("_seed")
+    (run / "args.json").write_text(json.dumps({"run_name": name, "method": method, "beta": float(beta),
+                                               "seed": int(seed), "total_steps": 30, "num_epochs": 4.0,
+                                               "sft_path": "out/sft"}))
     return run
 
 
+def as_run(path):
+    return steps.evaluate.find_runs(str(path))[0]
+
+
 def test_a_run_s_distances_and_angles_are_the_hand_worked_ones(tmp_path):
-    got = steps.measure(str(make_run(tmp_path, "dpo_beta0.01_seed0")), kl=20.5)
+    got = steps.measure(as_run(make_run(tmp_path, "dpo_beta0.01_seed0")), kl=20.5)
     assert got["net"] == pytest.approx(math.sqrt(3 ** 2 + 14 ** 2))  # (1, -1) -> (-2, 13)
     assert got["path"] == pytest.approx(5 + 2 + 10)
     assert got["straight"] == pytest.approx(math.sqrt(205) / 17)
@@ -54,12 +62,13 @@ def test_the_table_groups_seeds_and_reads_the_last_kl(tmp_path, capsys):
     assert table[0].split(" | ")[:4] == ["| run", "seeds", "net", "path"] and len(table) == 3
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[:2] == ["ais-dpo_beta0.01", "2"]
-    assert cells[2] == f"{1.5 * math.sqrt(205):.3g} ± {0.5 * math.sqrt(205):.2g}"  # nets sqrt(205), 2 sqrt(205)
+    # nets sqrt(205) and 2 sqrt(205)
+    assert cells[2] == f"{1.5 * math.sqrt(205):.3g} ± {0.5 * math.sqrt(205):.2g}"
     assert cells[-3:] == ["8 ± 0", "0.25 ± 0", f"{(4 + 2) / 2:.3g} ± 1"]  # ess, w; KL/net 4 and 2
 
 
 def test_no_runs_is_one_error_line(tmp_path):
     result = subprocess.run([sys.executable, "experiments/steps.py", "--runs", str(tmp_path / "*")], cwd=ROOT,
                             capture_output=True, text=True)
-    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: no run"), \
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: --runs"), \
         result.stderr[-2000:]
