@@ -463,9 +463,18 @@ def cleans_up(stage_main):
 def prepare_dir(path, stage, inputs=(), own_files=()):
     """A directory a stage adds files to (evaluate.py's results): made with a marker, or refused."""
     check_output(path, stage, inputs, own_files)
-    os.makedirs(path, exist_ok=True)
-    if read_marker(path) is None:
+    if read_marker(path) is None and os.path.isdir(path) and os.listdir(path):  # its own files, no marker
         save_json(os.path.join(path, MARKER), {"stage": stage})
+    elif read_marker(path) is None:  # made whole beside it, then renamed: a shard beside never sees it half-made
+        new = scratch_path(path, f"new{os.getpid()}")
+        os.makedirs(new, exist_ok=True)
+        save_json(os.path.join(new, MARKER), {"stage": stage})
+        try:
+            os.rename(new, path)  # onto nothing or an empty folder; another's folder with its marker stays
+        except OSError:
+            shutil.rmtree(new)
+            if read_marker(path) is None:
+                raise
 
 
 # ----------------------------------------------------------------------------------------------
