@@ -367,6 +367,9 @@ def test_two_shards_starting_together_both_get_the_results_folder(tmp_path, monk
     assert sorted(os.listdir(out)) == [stage.MARKER] and os.listdir(tmp_path) == ["eval"]  # nothing left
     stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)  # and again: it is its own
     (out / stage.MARKER).unlink()
-    (out / "results.jsonl").write_text("")  # its own file without a marker: marked where it is
+    (out / "results.jsonl").write_text("{}\n")  # its own file without a marker: taken as it is
     stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)
-    assert stage.read_marker(str(out)) == {"stage": "evaluate"}
+    assert os.listdir(out) == ["results.jsonl"] and os.listdir(tmp_path) == ["eval"]
+    (out / "x.txt").write_text("")  # a file it never wrote, and no marker: refused, nothing touched
+    with pytest.raises(SystemExit, match="no stage of this project wrote"):
+        stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)
