@@ -42,7 +42,7 @@ JUDGE=${JUDGE:-true}
 # probability 0.35 (cDPO, METHOD.md 5: each pair's margin gets an optimum, 1/beta out), and the lr drives
 # beta 0.01 far in four passes. DAA_FLAGS come after it and win ("--label_smoothing 0": DPO's hard labels;
 # needed with another --loss_type).
-TOY_DAA="--label_smoothing 0.4 --lr 8e-4 --warmup_steps 60"
+TOY_DAA="--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60"
 JOBS=${JOBS:-2}    # DAA runs (and evaluation shards) side by side, one CPU thread each
 NPROC=${NPROC:-1}  # processes of each single-job stage (SFT, gold RM, labelling): torchrun, one a GPU
 PY=${PYTHON:-python}
