@@ -6,6 +6,7 @@
 #   WORLD_FLAGS="--seed 3" OUT=out_w3 bash run.sh   # another world (posts, pi_ref, pairs: everything)
 #   RUNS="dpo:0.01 ais-dpo:0.01" bash run.sh   # the language toy without DPO at beta 0.1 (3 minutes less)
 #   RUNS="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01" bash run.sh   # other methods (see below)
+#   DAA_FLAGS="--label_smoothing 0 --lr 3e-4 --warmup_steps 20" bash run.sh   # DPO's hard labels (before)
 #   FROM=8 bash run.sh                    # only the categorical toy and the analytic toys: under a minute
 #   FROM=8 CAT_FLAGS="--world_seed 3" SEEDS="5 6 7 8 9" bash run.sh   # the categorical toy elsewhere
 #   NPROC=4 JOBS=4 bash run.sh           # a machine with 4 GPUs (see GPUs below)
