@@ -6,6 +6,7 @@
 #   WORLD_FLAGS="--seed 3" OUT=out_w3 bash run.sh   # another world (posts, pi_ref, pairs: everything)
 #   RUNS="dpo:0.01 ais-dpo:0.01" bash run.sh   # the language toy without DPO at beta 0.1 (3 minutes less)
 #   RUNS="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01" bash run.sh   # other methods (see below)
+#   DAA_FLAGS="--label_smoothing 0 --lr 3e-4 --warmup_steps 20" bash run.sh   # DPO's hard labels (before)
 #   FROM=8 bash run.sh                    # only the categorical toy and the analytic toys: under a minute
 #   FROM=8 CAT_FLAGS="--world_seed 3" SEEDS="5 6 7 8 9" bash run.sh   # the categorical toy elsewhere
 #   NPROC=4 JOBS=4 bash run.sh           # a machine with 4 GPUs (see GPUs below)
@@ -38,6 +39,11 @@ if [[ -n "${METHODS:-}${BETAS:-}" ]]; then
   RUNS=$(for m in ${METHODS:-dpo ais-dpo}; do for b in ${BETAS:-0.01 0.1}; do echo -n "$m:$b "; done; done)
 fi
 JUDGE=${JUDGE:-true}
+# The toy's DAA recipe (docs/toys.md): its judge is deterministic, so each label counts as wrong with
+# probability 0.35 (cDPO, METHOD.md 5: each pair's margin gets an optimum, 1/beta out), and the lr drives
+# beta 0.01 far in four passes. DAA_FLAGS come after it and win ("--label_smoothing 0": DPO's hard labels;
+# needed with another --loss_type).
+TOY_DAA="--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60"
 JOBS=${JOBS:-2}    # DAA runs (and evaluation shards) side by side, one CPU thread each
 NPROC=${NPROC:-1}  # processes of each single-job stage (SFT, gold RM, labelling): torchrun, one a GPU
 PY=${PYTHON:-python}
@@ -106,7 +112,7 @@ if (( FROM <= 5 )); then
            exit 2 ;;
       esac
       log="$OUT/logs/${method}_${beta}_${seed}.log"
-      echo "$PY $cmd $common --beta $beta --seed $seed ${DAA_FLAGS:-} > $log 2>&1" >> "$jobs_file"
+      echo "$PY $cmd $common --beta $beta --seed $seed $TOY_DAA ${DAA_FLAGS:-} > $log 2>&1" >> "$jobs_file"
     done
   done
   if ! side_by_side < "$jobs_file"; then

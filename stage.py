@@ -161,13 +161,11 @@ def parallel(model, fn, fsdp=False, gradient_checkpointing=False):
 @contextmanager
 def sync_gradients(module, now):
     """Around a micro-batch's forward and backward: average gradients over the processes only `now`."""
-    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not now:
-        with module.no_sync():
-            yield
-        return
     if hasattr(module, "set_requires_gradient_sync"):  # FSDP
         module.set_requires_gradient_sync(now)
-    yield
+    with module.no_sync() if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not now \
+            else nullcontext():  # DDP
+        yield
 
 
 def save_pretrained(model, path, tokenizer=None):
@@ -249,7 +247,6 @@ def parameter_norm(model):
 def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
     """Linear warm-up, then constant or a half cosine down to min_lr_ratio x peak (transformers')."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
-
     if shape not in ("cosine", "constant"):
         fail(f"--lr_schedule must be cosine or constant, got {shape!r}")
     if not 0.0 <= min_lr_ratio <= 1.0:
@@ -463,9 +460,12 @@ def cleans_up(stage_main):
 def prepare_dir(path, stage, inputs=(), own_files=()):
     """A directory a stage adds files to (evaluate.py's results): made with a marker, or refused."""
     check_output(path, stage, inputs, own_files)
-    os.makedirs(path, exist_ok=True)
-    if read_marker(path) is None:
-        save_json(os.path.join(path, MARKER), {"stage": stage})
+    if read_marker(path) is None:  # made whole beside it and renamed: a shard beside never sees it half-made
+        os.makedirs(new := scratch_path(path, f"new{os.getpid()}"), exist_ok=True)
+        save_json(os.path.join(new, MARKER), {"stage": stage})
+        with suppress(OSError):  # onto nothing or an empty folder; fails onto another shard's, which is kept
+            os.rename(new, path)
+        shutil.rmtree(new, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

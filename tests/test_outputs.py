@@ -344,3 +344,32 @@ def test_rows_of_other_settings_are_refused_not_silently_kept(tmp_path):
     retrained = [evaluate.Run("runs/r", {"run_name": "dpo_beta0.1_seed0", "run_id": "b"}, [])]
     assert evaluate.current_results(path, retrained, {**settings, "num_prompts": 6}) == []
     assert evaluate.read_results(path) == []
+
+
+def test_two_shards_starting_together_both_get_the_results_folder(tmp_path, monkeypatch):
+    """run.sh starts its evaluation shards at once on a new folder: the second may look while the first is
+    writing the folder's marker (it saw a folder with a stray .tmp and no marker, or lost the .tmp under the
+    first's rename). Here the second shard runs whole at the worst moment: between the first's write and
+    its rename."""
+    out, real_replace, calls = tmp_path / "eval", os.replace, []
+
+    def replace(src, dst):
+        if not calls:  # the first shard's first rename: the second shard (another process) runs now
+            calls.append(src)
+            with monkeypatch.context() as m:
+                m.setattr(os, "getpid", lambda: 99999)
+                stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)
+    assert calls and stage.read_marker(str(out)) == {"stage": "evaluate"}
+    assert sorted(os.listdir(out)) == [stage.MARKER] and os.listdir(tmp_path) == ["eval"]  # nothing left
+    stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)  # and again: it is its own
+    (out / stage.MARKER).unlink()
+    (out / "results.jsonl").write_text("{}\n")  # its own file without a marker: taken as it is
+    stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)
+    assert os.listdir(out) == ["results.jsonl"] and os.listdir(tmp_path) == ["eval"]
+    (out / "x.txt").write_text("")  # a file it never wrote, and no marker: refused, nothing touched
+    with pytest.raises(SystemExit, match="no stage of this project wrote"):
+        stage.prepare_dir(str(out), "evaluate", own_files=evaluate.OWN_FILES)

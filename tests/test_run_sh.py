@@ -110,3 +110,24 @@ def test_run_sh_without_gpus_changes_nothing(tmp_path, hidden):
     assert len(lines) > 10
     assert {gpu for gpu, _ in lines} == {"" if hidden else "unset"}
     assert not [cmd for _, cmd in lines if "torch.distributed" in cmd]
+
+
+def test_the_daa_runs_take_the_toys_recipe_and_daa_flags_after_it_win(tmp_path, monkeypatch):
+    """The toy's recipe (cDPO labels, its lr and warm-up) is on every DAA run's command line, before
+    DAA_FLAGS: the parser keeps a flag's last value, so DAA_FLAGS="--label_smoothing 0" gives DPO's labels."""
+    import sys
+
+    import dpo
+    import is_dpo
+    import stage
+    recipe = "--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60"
+    for flags, smoothing, lr in (("", 0.35, 8e-4), ("--label_smoothing 0 --lr 1e-3", 0.0, 1e-3)):
+        (tmp_path / str(lr)).mkdir()
+        lines, _ = run_sh(tmp_path / str(lr), [], RUNS="dpo:0.01 ais-dpo:0.01", DAA_FLAGS=flags)
+        for _, cmd in daa_runs(lines):
+            assert f"--seed {cmd.split('--seed ')[1].split()[0]} {recipe}" in cmd and cmd.endswith(
+                f"{recipe} {flags}".strip())
+            script, *argv = cmd.split(" --sft_path")[0].split()
+            monkeypatch.setattr(sys, "argv", [script, *argv, "--sft_path", *cmd.split(" --sft_path ")[1].split()])
+            args = stage.parse_args(is_dpo.Args if script == "is_dpo.py" else dpo.Args, "")
+            assert (args.label_smoothing, args.lr, args.warmup_steps) == (smoothing, lr, 60)
