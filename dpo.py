@@ -50,8 +50,9 @@ class Args:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate, AdamW (paper: 1e-6 on Pythia)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant (the DPO paper's) | cosine"})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant (DPO's) | cosine | wsd"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine's floor / --lr (IS-DAAs: 0.1)"})
+    decay_fraction: float = field(default=0.3, metadata={"help": "wsd: the last fraction of steps decays"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     num_checkpoints: int = field(default=8, metadata={"help": "ckpt-<step> at even fractions, + step 0"})
     logit_chunk: int = field(default=0, metadata={"help": "tokens per output-layer chunk (0: 128 MiB each)"})
@@ -261,7 +262,7 @@ def train(args, weigh=None, method=None):
     save_at = {round(k * total_steps / args.num_checkpoints) for k in range(args.num_checkpoints + 1)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = stage.lr_schedule(optimizer, args.warmup_steps, total_steps, args.lr_schedule,
-                                  args.min_lr_ratio)
+                                  args.min_lr_ratio, args.decay_fraction)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow
     work = stage.scratch_path(out_dir, "partial")  # output.work, known to every process
     if world.main:

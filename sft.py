@@ -61,11 +61,8 @@ class Args:
 
 
 def completion_loss(model, batch):
-    """Mean negative log-likelihood of the response tokens (prompt and padding masked out).
-
-    batch: lm.collate output, input_ids / attention_mask / response_mask [B, T].
-    Returns a scalar: -(1 / sum_i |y_i|) sum_i log pi(y_i | x_i), the usual SFT objective.
-    """
+    """The SFT objective, the mean NLL of the response tokens (prompt and padding masked out), a scalar:
+    -(1 / sum_i |y_i|) sum_i log pi(y_i | x_i). batch: lm.collate's (input_ids, masks [B, T])."""
     # --- the algorithm: next-token cross-entropy on response positions only ---
     # BEGIN SOLUTION
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]

@@ -244,19 +244,23 @@ def parameter_norm(model):
     return torch.sqrt(squares.full_tensor() if hasattr(squares, "full_tensor") else squares)  # FSDP's
 
 
-def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0):
-    """Linear warm-up, then constant or a half cosine down to min_lr_ratio x peak (transformers')."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
-    if shape not in ("cosine", "constant"):
-        fail(f"--lr_schedule must be cosine or constant, got {shape!r}")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        fail(f"--min_lr_ratio must be in [0, 1] (a fraction of --lr), got {min_lr_ratio}")
+def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0, decay_fraction=0.3):
+    """Linear warm-up, the peak, then a half cosine to min_lr_ratio x peak at total_steps, from the warm-up's
+    end (cosine: transformers', to the last bit), never (constant) or decay_fraction from the end (wsd)."""
+    if shape not in ("cosine", "constant", "wsd") or not (0 <= min_lr_ratio <= 1 and 0 < decay_fraction <= 1):
+        fail(f"--lr_schedule must be cosine, constant or wsd, --min_lr_ratio in [0, 1], --decay_fraction "
+             f"in (0, 1]; got {shape!r}, {min_lr_ratio}, {decay_fraction}")
     if warmup_steps >= total_steps:
         print(f"note: --warmup_steps {warmup_steps} >= the run's {total_steps} steps: the lr never peaks")
-    if shape == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps,
-                                                       min_lr_rate=min_lr_ratio)
+    start = {"cosine": warmup_steps, "constant": math.inf,
+             "wsd": total_steps - max(1, round(decay_fraction * total_steps))}[shape]
+
+    def factor(step):
+        if step < warmup_steps or step < start:
+            return min(1.0, step / max(1, warmup_steps))
+        progress = (step - start) / max(1, total_steps - start)
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - min_lr_ratio) + min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------

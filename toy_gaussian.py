@@ -64,14 +64,12 @@ def parse_args(argv=None) -> Args:
             parser.error(f"--{name} must be finite, got {value}")
     if not 0 <= args.seed < 2 ** 32:
         parser.error(f"--seed must be in [0, 2^32), got {args.seed}")
-    if args.n_samples < 1 or args.n_mc < 2:
-        parser.error("--n_samples must be >= 1 and --n_mc >= 2")
+    if args.n_samples < 1 or args.n_mc < 2 or args.vocab_size < 2 or args.t_max < 1:
+        parser.error("need --n_samples >= 1, --n_mc >= 2, --vocab_size >= 2 and --t_max >= 1")
     if args.theta_min >= args.theta_max or args.n_theta < 2:
         parser.error("empty theta grid: need --theta_min < --theta_max and --n_theta >= 2")
     if not all(0.0 <= a <= 1.0 for a in args.alphas):
         parser.error(f"--alphas must lie in [0, 1], got {args.alphas}")
-    if args.vocab_size < 2 or args.t_max < 1:
-        parser.error("need --vocab_size >= 2 and --t_max >= 1")
     return args
 
 

@@ -54,6 +54,22 @@ def test_schedule_matches_its_closed_form_at_warmup_middle_and_end():
     assert lrs(3, 50, 10, shape="constant")[2:] == pytest.approx([4 / 3] + [2.0] * 7)
 
 
+def test_wsd_schedule_is_constant_then_the_cosine_over_its_last_fraction():
+    """wsd (warm-up, stable, decay): peak 2.0, 10 warm-up steps, 110 in all, the last 0.3 (33 steps, from
+    step 77) a half cosine to the floor: the constant schedule until step 77, half way down at step 93.5,
+    the floor at 110, written out here from its definition."""
+    for floor in (0.0, 0.1):
+        got = lrs(10, 110, 111, shape="wsd", min_lr_ratio=floor, decay_fraction=0.3)
+        assert got[:78] == pytest.approx(lrs(10, 110, 78, shape="constant"))
+        for step in (80, 93, 100, 109, 110):
+            left = (110 - step) / 33
+            assert got[step] == pytest.approx(2.0 * (floor + (1 - floor) * (1 - math.cos(math.pi * left)) / 2))
+        assert got[93] > 2.0 * (floor + 1) / 2 > got[94] and got[110] == pytest.approx(2.0 * floor, abs=1e-12)
+        assert all(a >= b for a, b in zip(got[10:], got[11:]))  # never up again after the warm-up
+    decayed = lrs(10, 110, 111, shape="wsd", decay_fraction=1.0)  # the cosine spans the whole run
+    assert decayed[60] == pytest.approx(2.0 * (1 - math.cos(math.pi * 50 / 110)) / 2) and decayed[110] == 0.0
+
+
 def test_schedule_without_floor_is_transformers_cosine_to_the_last_bit():
     """min_lr_ratio 0 (every stage's default) leaves the toy's numbers as they were."""
     from transformers import get_cosine_schedule_with_warmup
@@ -73,6 +89,8 @@ def test_schedule_refuses_a_floor_outside_0_1():
         lrs(1, 10, 1, min_lr_ratio=1.5)
     with pytest.raises(SystemExit, match="lr_schedule"):
         lrs(1, 10, 1, shape="linear")
+    with pytest.raises(SystemExit, match="decay_fraction"):
+        lrs(1, 10, 1, shape="wsd", decay_fraction=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
