@@ -40,12 +40,10 @@ if [[ -n "${METHODS:-}${BETAS:-}" ]]; then
 fi
 JUDGE=${JUDGE:-true}
 # The toy's DAA recipe (docs/toys.md): its judge is deterministic, so each label counts as wrong with
-# probability 0.35 (cDPO, METHOD.md 5: each pair's margin gets an optimum, 1/beta out); the lr drives
-# beta 0.01 far in four passes, then falls for the last 30% of the steps (wsd) so that every run settles
-# where its loss holds it before its last checkpoints. DAA_FLAGS come after it and win ("--label_smoothing
-# 0": DPO's hard labels; needed with another --loss_type).
-TOY_DAA="--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60 --lr_schedule wsd --decay_fraction 0.3"
-TOY_DAA+=" --min_lr_ratio 0.1"
+# probability 0.35 (cDPO, METHOD.md 5: each pair's margin gets an optimum, 1/beta out), and the lr drives
+# beta 0.01 far in four passes. DAA_FLAGS come after it and win ("--label_smoothing 0": DPO's hard labels;
+# needed with another --loss_type).
+TOY_DAA="--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60"
 JOBS=${JOBS:-2}    # DAA runs (and evaluation shards) side by side, one CPU thread each
 NPROC=${NPROC:-1}  # processes of each single-job stage (SFT, gold RM, labelling): torchrun, one a GPU
 PY=${PYTHON:-python}
