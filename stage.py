@@ -255,9 +255,9 @@ def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_rat
     start = {"cosine": warmup_steps, "constant": math.inf,
              "wsd": total_steps - max(1, round(decay_fraction * total_steps))}[shape]
 
-    def factor(step):
-        if step < warmup_steps or step < start:
-            return min(1.0, step / max(1, warmup_steps))
+    def factor(step):  # the warm-up's ramp, the peak until the decay starts, then the half cosine
+        if step < max(warmup_steps, start):
+            return step / warmup_steps if step < warmup_steps else 1.0
         progress = (step - start) / max(1, total_steps - start)
         return 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - min_lr_ratio) + min_lr_ratio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

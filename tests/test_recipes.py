@@ -63,9 +63,12 @@ def test_wsd_schedule_is_constant_then_the_cosine_over_its_last_fraction():
         assert got[:78] == pytest.approx(lrs(10, 110, 78, shape="constant"))
         for step in (80, 93, 100, 109, 110):
             left = (110 - step) / 33
-            assert got[step] == pytest.approx(2.0 * (floor + (1 - floor) * (1 - math.cos(math.pi * left)) / 2))
+            expected = 2.0 * (floor + (1 - floor) * (1 - math.cos(math.pi * left)) / 2)
+            assert got[step] == pytest.approx(expected)
         assert got[93] > 2.0 * (floor + 1) / 2 > got[94] and got[110] == pytest.approx(2.0 * floor, abs=1e-12)
         assert all(a >= b for a, b in zip(got[10:], got[11:]))  # never up again after the warm-up
+    for shape in ("constant", "cosine", "wsd"):  # no warm-up: the first step already takes the peak
+        assert lrs(0, 110, 2, shape=shape) == [2.0, pytest.approx(2.0, rel=1e-3)]
     decayed = lrs(10, 110, 111, shape="wsd", decay_fraction=1.0)  # the cosine spans the whole run
     assert decayed[60] == pytest.approx(2.0 * (1 - math.cos(math.pi * 50 / 110)) / 2) and decayed[110] == 0.0
 
