@@ -71,6 +71,7 @@ class OnlineArgs:
     warmup_steps: int = dpo_flag("warmup_steps")
     lr_schedule: str = dpo_flag("lr_schedule")
     min_lr_ratio: float = dpo_flag("min_lr_ratio")
+    decay_fraction: float = dpo_flag("decay_fraction")
     grad_clip: float = dpo_flag("grad_clip")
     num_checkpoints: int = dpo_flag("num_checkpoints", default=10)
     logit_chunk: int = dpo_flag("logit_chunk")
@@ -248,7 +249,7 @@ def train(args, step_loss, method):
     output = stage.start_output(out_dir, "online run", inputs)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = stage.lr_schedule(optimizer, args.warmup_steps, args.steps, args.lr_schedule,
-                                  args.min_lr_ratio)
+                                  args.min_lr_ratio, args.decay_fraction)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow
     stage.save_json(os.path.join(output.work, "args.json"),
                     {**dataclasses.asdict(args), "method": method, "run_name": name, "run_id": output.run,
