@@ -73,18 +73,25 @@ def test_wsd_schedule_is_constant_then_the_cosine_over_its_last_fraction():
     assert decayed[60] == pytest.approx(2.0 * (1 - math.cos(math.pi * 50 / 110)) / 2) and decayed[110] == 0.0
 
 
-def test_schedule_without_floor_is_transformers_cosine_to_the_last_bit():
-    """min_lr_ratio 0 (every stage's default) leaves the toy's numbers as they were."""
-    from transformers import get_cosine_schedule_with_warmup
+def test_schedule_is_transformers_cosine_and_constant_to_the_last_bit():
+    """stage.lr_schedule computes every shape itself; the cosine (with and without a floor) and the constant
+    equal transformers' schedules to the last bit, so the toy's numbers are as they were before."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_cosine_with_min_lr_schedule_with_warmup)
 
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
-    theirs = get_cosine_schedule_with_warmup(optimizer, 20, 124)
-    expected = []
-    for _ in range(126):
-        expected.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        theirs.step()
-    assert lrs(20, 124, 126, peak=3e-4) == expected
+    cases = [(lambda o: get_cosine_schedule_with_warmup(o, 20, 124), {}),
+             (lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, 20, 124, min_lr_rate=0.1),
+              {"min_lr_ratio": 0.1}),
+             (lambda o: get_constant_schedule_with_warmup(o, 20), {"shape": "constant"})]
+    for make, ours in cases:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+        theirs = make(optimizer)
+        expected = []
+        for _ in range(126):
+            expected.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            theirs.step()
+        assert lrs(20, 124, 126, peak=3e-4, **ours) == expected
 
 
 def test_schedule_refuses_a_floor_outside_0_1():
