@@ -6,7 +6,7 @@
 #   WORLD_FLAGS="--seed 3" OUT=out_w3 bash run.sh   # another world (posts, pi_ref, pairs: everything)
 #   RUNS="dpo:0.01 ais-dpo:0.01" bash run.sh   # the language toy without DPO at beta 0.1 (3 minutes less)
 #   RUNS="dpo:0.01 ais-dpo:0.01 is-dpo:0.01 ais-sn-dpo:0.01" bash run.sh   # other methods (see below)
-#   DAA_FLAGS="--label_smoothing 0 --lr 3e-4 --warmup_steps 20" bash run.sh   # DPO's hard labels (before)
+#   DAA_FLAGS="--label_smoothing 0 --lr 3e-4 --warmup_steps 20 --lr_schedule constant" bash run.sh  # before
 #   FROM=8 bash run.sh                    # only the categorical toy and the analytic toys: under a minute
 #   FROM=8 CAT_FLAGS="--world_seed 3" SEEDS="5 6 7 8 9" bash run.sh   # the categorical toy elsewhere
 #   NPROC=4 JOBS=4 bash run.sh           # a machine with 4 GPUs (see GPUs below)
@@ -40,10 +40,12 @@ if [[ -n "${METHODS:-}${BETAS:-}" ]]; then
 fi
 JUDGE=${JUDGE:-true}
 # The toy's DAA recipe (docs/toys.md): its judge is deterministic, so each label counts as wrong with
-# probability 0.35 (cDPO, METHOD.md 5: each pair's margin gets an optimum, 1/beta out), and the lr drives
-# beta 0.01 far in four passes. DAA_FLAGS come after it and win ("--label_smoothing 0": DPO's hard labels;
-# needed with another --loss_type).
-TOY_DAA="--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60"
+# probability 0.35 (cDPO, METHOD.md 5: each pair's margin gets an optimum, 1/beta out); the lr drives
+# beta 0.01 far in four passes, then falls over the last 20% of the steps (wsd) so that every run settles
+# where its loss holds it before its last checkpoints. DAA_FLAGS come after it and win ("--label_smoothing
+# 0": DPO's hard labels; needed with another --loss_type; "--lr_schedule constant": no decay).
+TOY_DAA="--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60 --lr_schedule wsd --decay_fraction 0.2"
+TOY_DAA+=" --min_lr_ratio 0.1"
 JOBS=${JOBS:-2}    # DAA runs (and evaluation shards) side by side, one CPU thread each
 NPROC=${NPROC:-1}  # processes of each single-job stage (SFT, gold RM, labelling): torchrun, one a GPU
 PY=${PYTHON:-python}

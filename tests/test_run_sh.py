@@ -120,7 +120,8 @@ def test_the_daa_runs_take_the_toys_recipe_and_daa_flags_after_it_win(tmp_path, 
     import dpo
     import is_dpo
     import stage
-    recipe = "--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60"
+    recipe = ("--label_smoothing 0.35 --lr 8e-4 --warmup_steps 60 --lr_schedule wsd --decay_fraction 0.2 "
+              "--min_lr_ratio 0.1")
     for flags, smoothing, lr in (("", 0.35, 8e-4), ("--label_smoothing 0 --lr 1e-3", 0.0, 1e-3)):
         (tmp_path / str(lr)).mkdir()
         lines, _ = run_sh(tmp_path / str(lr), [], RUNS="dpo:0.01 ais-dpo:0.01", DAA_FLAGS=flags)
@@ -129,3 +130,4 @@ def test_the_daa_runs_take_the_toys_recipe_and_daa_flags_after_it_win(tmp_path, 
             monkeypatch.setattr(sys, "argv", cmd.split())
             args = stage.parse_args(is_dpo.Args if cmd.startswith("is_dpo.py") else dpo.Args, "")
             assert (args.label_smoothing, args.lr, args.warmup_steps) == (smoothing, lr, 60)
+            assert (args.lr_schedule, args.decay_fraction, args.min_lr_ratio) == ("wsd", 0.2, 0.1)
