@@ -52,7 +52,7 @@ class Args:
     warmup_steps: int = field(default=20, metadata={"help": "linear warm-up steps"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant (DPO's) | cosine | wsd"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "the cosine's floor / --lr (IS-DAAs: 0.1)"})
-    decay_fraction: float = field(default=0.3, metadata={"help": "wsd: the last fraction of steps decays"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: the last fraction of steps decays"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     num_checkpoints: int = field(default=8, metadata={"help": "ckpt-<step> at even fractions, + step 0"})
     logit_chunk: int = field(default=0, metadata={"help": "tokens per output-layer chunk (0: 128 MiB each)"})

@@ -244,7 +244,7 @@ def parameter_norm(model):
     return torch.sqrt(squares.full_tensor() if hasattr(squares, "full_tensor") else squares)  # FSDP's
 
 
-def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0, decay_fraction=0.3):
+def lr_schedule(optimizer, warmup_steps, total_steps, shape="cosine", min_lr_ratio=0.0, decay_fraction=0.2):
     """Linear warm-up, the peak, then a half cosine to min_lr_ratio x peak at total_steps, from the warm-up's
     end (cosine: transformers', to the last bit), never (constant) or decay_fraction from the end (wsd)."""
     if shape not in ("cosine", "constant", "wsd") or not (0 <= min_lr_ratio <= 1 and 0 < decay_fraction <= 1):
